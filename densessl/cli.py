@@ -1,0 +1,132 @@
+"""``densessl`` command line: one subcommand per stage of the data flow.
+
+User errors (recipe keys, missing files, bad values) print one ``error:`` line and exit 2;
+a traceback means a bug in densessl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from densessl.errors import DensesslError
+
+NOT_YET = {
+    "run": "pretrain → fine-tune → results table (issue #5, evaluation)",
+    "finetune": "segmentation / detection fine-tuning (issue #5, evaluation)",
+    "sweep": "noise × builder × seed sweeps (issue #6)",
+    "data": "dataset synthesis and inspection (issues #3 and #4)",
+    "bench": "throughput and memory benchmarks (issue #7)",
+    "export": "encoder export to timm / smp / torchvision formats (issue #5)",
+}
+
+
+def demo_recipe_path() -> Path:
+    """The demo recipe shipped inside the package (same as recipes/demo.yaml)."""
+    return Path(str(resources.files("densessl") / "recipes" / "demo.yaml"))
+
+
+def _recipe_arg(value: str) -> str:
+    return str(demo_recipe_path()) if value == "demo" else value
+
+
+def cmd_pretrain(args) -> int:
+    from densessl.pretrain import pretrain
+
+    metrics = pretrain(_recipe_arg(args.recipe), args.out, overrides=args.set,
+                       resume=args.resume)
+    out = Path(args.out).resolve()
+    final = metrics["final"]
+    print(f"pretrained {metrics['steps']} steps: loss {final.get('loss', float('nan')):.4f}, "
+          f"{metrics['pairs_per_s']:.1f} pairs/s, "
+          f"{100 * metrics['data_wait_fraction']:.1f}% of time waiting on data")
+    print(f"outputs in {out}: encoder.pt, encoder.json, metrics.json, recipe.yaml, "
+          "checkpoints/last.ckpt")
+    return 0
+
+
+def cmd_inspect_pairs(args) -> int:
+    from densessl.inspect_pairs import inspect_pairs
+
+    path = inspect_pairs(_recipe_arg(args.recipe), args.out, overrides=args.set, count=args.n,
+                         seed=args.seed)
+    print(f"wrote {Path(path).resolve()}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from densessl.recipe import dump_recipe, load_recipe
+
+    print(dump_recipe(load_recipe(_recipe_arg(args.recipe), args.set)), end="")
+    return 0
+
+
+def cmd_builders(args) -> int:
+    from densessl.pairs import available_pair_builders
+
+    print(json.dumps(available_pair_builders()))
+    return 0
+
+
+def not_yet(name: str):
+    def run(args) -> int:
+        print(f"error: 'densessl {name}' is not available yet: {NOT_YET[name]}", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="densessl",
+        description="Domain-specific dense contrastive pretraining (segmentation, detection).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_recipe(p):
+        p.add_argument("recipe", help="recipe YAML (or 'demo' for the built-in demo recipe)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set train.max_steps=10")
+        return p
+
+    p = with_recipe(sub.add_parser("pretrain", help="dense contrastive pretraining"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/last.ckpt")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = with_recipe(sub.add_parser("inspect-pairs", help="draw pairs with correspondences"))
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("-n", type=int, default=4, help="number of pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_inspect_pairs)
+
+    p = with_recipe(sub.add_parser("recipe", help="validate a recipe and print it resolved"))
+    p.set_defaults(func=cmd_recipe)
+
+    p = sub.add_parser("builders", help="list registered pair builders")
+    p.set_defaults(func=cmd_builders)
+
+    for name, what in NOT_YET.items():
+        p = sub.add_parser(name, help=f"(not yet available) {what}")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=not_yet(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DensesslError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

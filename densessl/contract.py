@@ -1,0 +1,149 @@
+"""The pair contract every stage speaks (see DESIGN.md, "The data contract").
+
+Two dataclasses:
+
+* :class:`PairSample` — one positive pair *before* view augmentation, produced on the CPU by a
+  pair builder inside DataLoader workers. It holds the two *source* images and the *base
+  correspondence* between them (identity for same-image and temporal pairs, a dense field for
+  anything else, e.g. cut-paste).
+* :class:`PairBatch` — a batch of augmented views on one device, with the exact correspondence
+  ``grid_ab`` / ``valid_ab`` composed from each view's 3×3 transform and the base correspondence.
+
+Coordinates: pixel coordinates are (x, y) with pixel centres at integers (OpenCV / kornia
+convention). Normalised coordinates follow ``torch.nn.functional.grid_sample`` with
+``align_corners=False``: ``x_norm = (2 * x + 1) / W - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PairSample:
+    """One positive pair of source images with their base correspondence (CPU, unbatched).
+
+    Attributes:
+        source_a: ``C×Ha×Wa`` float image, values roughly in [0, 1].
+        source_b: ``C×Hb×Wb`` float image with the same ``C``.
+        valid_a: optional ``Ha×Wa`` bool, False where source A has no data (nodata, padding).
+        valid_b: optional ``Hb×Wb`` bool, same for source B.
+        base_grid: optional ``Ha×Wa×2`` float: for every pixel of source A, the (x, y) *pixel*
+            position of the same scene point in source B. ``None`` means identity (same pixel
+            grid, e.g. same image or co-registered dates).
+        base_valid: optional ``Ha×Wa`` bool: the point of source A exists in source B (e.g. not a
+            pasted-over region). ``None`` means all True.
+        boxes_a, boxes_b: ``N×4`` float xyxy pixel boxes in source A / B; row i of both is the
+            same instance.
+        instance_ids: ``N`` long, an id per instance (unique within the sample).
+        labels: ``N`` long class ids (−1 = unknown).
+        class_map_a: optional ``Ha×Wa`` long, class of each source-A pixel where known,
+            −1 elsewhere.
+        noisy: the pair was corrupted by a noise injector (analysis only, never read by losses).
+        meta: free-form provenance (dataset, file names, noise kind/amount, …).
+    """
+
+    source_a: Tensor
+    source_b: Tensor
+    valid_a: Tensor | None = None
+    valid_b: Tensor | None = None
+    base_grid: Tensor | None = None
+    base_valid: Tensor | None = None
+    boxes_a: Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+    boxes_b: Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+    instance_ids: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    labels: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    class_map_a: Tensor | None = None
+    noisy: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceBatch:
+    """A collated batch of :class:`PairSample` (sources stacked, instances concatenated).
+
+    Shapes: ``source_a`` B×C×Ha×Wa, ``source_b`` B×C×Hb×Wb, ``valid_a`` B×Ha×Wa,
+    ``valid_b`` B×Hb×Wb, ``base_grid`` B×Ha×Wa×2 or None (all identity), ``base_valid`` B×Ha×Wa,
+    ``boxes_a``/``boxes_b`` N×4, ``box_batch``/``box_label``/``instance_ids`` N,
+    ``class_map_a`` B×Ha×Wa or None, ``noisy`` B bool. ``meta`` is a list of B dicts.
+    """
+
+    source_a: Tensor
+    source_b: Tensor
+    valid_a: Tensor
+    valid_b: Tensor
+    base_grid: Tensor | None
+    base_valid: Tensor
+    boxes_a: Tensor
+    boxes_b: Tensor
+    box_batch: Tensor
+    box_label: Tensor
+    instance_ids: Tensor
+    class_map_a: Tensor | None
+    noisy: Tensor
+    meta: list[dict[str, Any]]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SourceBatch:
+        return _move(self, device, non_blocking)
+
+    @property
+    def batch_size(self) -> int:
+        return self.source_a.shape[0]
+
+
+@dataclass
+class PairBatch:
+    """Augmented views with exact correspondence, all tensors on one device.
+
+    Attributes:
+        view_a, view_b: ``B×C×H×W`` float, the two augmented (normalised) views.
+        grid_ab: ``B×h×w×2`` float: for each cell of view A's ``h×w`` grid (cell centres, stride
+            ``H / h``), the normalised (−1..1, ``grid_sample`` with ``align_corners=False``)
+            position of the same scene point in view B.
+        valid_ab: ``B×h×w`` bool: that point exists in view B (inside both crops, not nodata,
+            not pasted over).
+        boxes_a, boxes_b: ``N×4`` float xyxy pixel boxes in view A / view B; row i of both is
+            the same instance (a positive pair).
+        box_batch: ``N`` long, image index of each box in the batch.
+        box_label: ``N`` long, class id (−1 = unknown).
+        instance_ids: ``N`` long, the instance id from the builder.
+        class_map_a: optional ``B×h×w`` long, the class of each cell of view A, −1 where unknown.
+        noisy: ``B`` bool, the pair was corrupted by a noise injector (never used by losses).
+        matrix_a, matrix_b: ``B×3×3``: source pixel → view pixel transform of each view.
+        meta: list of B dicts carried from the builder.
+    """
+
+    view_a: Tensor
+    view_b: Tensor
+    grid_ab: Tensor
+    valid_ab: Tensor
+    boxes_a: Tensor
+    boxes_b: Tensor
+    box_batch: Tensor
+    box_label: Tensor
+    instance_ids: Tensor
+    class_map_a: Tensor | None
+    noisy: Tensor
+    matrix_a: Tensor
+    matrix_b: Tensor
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
+        return _move(self, device, non_blocking)
+
+    @property
+    def batch_size(self) -> int:
+        return self.view_a.shape[0]
+
+
+def _move(obj, device, non_blocking):
+    changes = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Tensor):
+            changes[f.name] = value.to(device, non_blocking=non_blocking)
+    return replace(obj, **changes)

@@ -1,0 +1,61 @@
+"""Unlabeled images from a folder (PNG, JPEG, TIFF), for pretraining on your own imagery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from densessl.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class ImageFolder(Dataset):
+    """Every image under ``root`` (recursively), resized so its short side is ``image_size``
+    and centre-cropped to a square: ``{"image": C×S×S float in [0, 1]}``.
+
+    Geometry augmentation happens later on the device, so this stays a plain, cheap loader.
+    """
+
+    def __init__(self, root: str | Path, image_size: int = 224, channels: int = 3) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"data.path: folder {str(self.root)!r} does not exist")
+        self.files = sorted(p for p in self.root.rglob("*")
+                            if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) found under "
+                            f"{str(self.root)!r}")
+        if channels not in (1, 3):
+            raise DataError(f"data.channels: image folders give 1 or 3 channels, got {channels}; "
+                            "use a GeoTIFF source for multispectral imagery")
+        self.image_size, self.channels = image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB" if self.channels == 3 else "L")
+                scale = self.image_size / min(img.size)
+                size = (max(self.image_size, round(img.width * scale)),
+                        max(self.image_size, round(img.height * scale)))
+                img = img.resize(size, Image.BILINEAR)
+                left = (img.width - self.image_size) // 2
+                top = (img.height - self.image_size) // 2
+                img = img.crop((left, top, left + self.image_size, top + self.image_size))
+                array = np.asarray(img, dtype=np.float32) / 255.0
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read image ({exc})") from exc
+        if array.ndim == 2:
+            array = array[None]
+        else:
+            array = array.transpose(2, 0, 1)
+        return {"image": torch.from_numpy(np.ascontiguousarray(array)),
+                "meta": {"source": "folder", "file": str(path)}}

@@ -1,0 +1,16 @@
+"""Contrastive losses: functional InfoNCE, MoCo queue, dense and global objectives."""
+
+from densessl.losses.dense_contrast import DenseContrast, sample_cells
+from densessl.losses.functional import contrastive_logits, info_nce, info_nce_from_logits
+from densessl.losses.global_contrast import GlobalContrast
+from densessl.losses.queue import MoCoQueue
+
+__all__ = [
+    "DenseContrast",
+    "GlobalContrast",
+    "MoCoQueue",
+    "contrastive_logits",
+    "info_nce",
+    "info_nce_from_logits",
+    "sample_cells",
+]

@@ -1,0 +1,113 @@
+"""The Lightning pretraining task: thin glue between augmentation, model and objectives.
+
+Data flow per step: SourceBatch (from DataLoader workers) → ``on_after_batch_transfer`` runs the
+device-side view augmentation → PairBatch → online encoder on view A, momentum encoder on view B
+→ dense (and global) InfoNCE with MoCo queues.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from densessl.build import build_augmentation, build_encoder
+from densessl.contract import PairBatch, SourceBatch
+from densessl.losses import DenseContrast, GlobalContrast
+from densessl.methods.monitors import collapse_stats
+from densessl.models import MomentumPair, cosine_momentum
+from densessl.recipe import Recipe, parse_recipe
+
+
+class DensePretraining(pl.LightningModule):
+    def __init__(self, recipe: Recipe | dict) -> None:
+        super().__init__()
+        if isinstance(recipe, dict):
+            recipe = parse_recipe(recipe, "<checkpoint>")
+        self.recipe = recipe
+        # Stored as plain data so a checkpoint can rebuild the task without this object.
+        self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
+        encoder = build_encoder(recipe)
+        self.model = MomentumPair(encoder)
+        self.augment = build_augmentation(recipe, grid_stride=encoder.stride)
+        loss = recipe.loss
+        self.dense_loss = None
+        if loss.dense_weight > 0:
+            self.dense_loss = DenseContrast(
+                dim=recipe.model.dense_dim, queue_size=loss.dense_queue_size,
+                temperature=loss.temperature, samples_per_image=loss.samples_per_image,
+                batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image)
+        self.global_loss = None
+        if loss.global_weight > 0 and recipe.model.global_head:
+            self.global_loss = GlobalContrast(dim=recipe.model.global_dim,
+                                              queue_size=loss.global_queue_size,
+                                              temperature=loss.temperature)
+        self.augment_seconds = 0.0
+        self.last_stats: dict[str, float] = {}
+
+    @property
+    def encoder(self):
+        """The online encoder (what gets exported)."""
+        return self.model.online
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, SourceBatch):
+            start = time.perf_counter()
+            batch = self.augment(batch)
+            if self.recipe.train.channels_last:
+                batch.view_a = batch.view_a.contiguous(memory_format=torch.channels_last)
+                batch.view_b = batch.view_b.contiguous(memory_format=torch.channels_last)
+            self.augment_seconds += time.perf_counter() - start
+        return batch
+
+    def training_step(self, batch: PairBatch, batch_idx: int):
+        m = self.recipe.model
+        momentum = cosine_momentum(self.global_step, self.trainer.max_steps, m.momentum,
+                                   m.momentum_end)
+        self.model.update(momentum)
+        query = self.model.encode(batch.view_a, "online")
+        key = self.model.encode(batch.view_b, "momentum")
+        total = batch.view_a.new_zeros(())
+        logs: dict[str, float] = {}
+        if self.dense_loss is not None:
+            dense, stats = self.dense_loss(query["dense"], key["dense"], batch.grid_ab,
+                                           batch.valid_ab)
+            total = total + self.recipe.loss.dense_weight * dense
+            logs["loss_dense"] = dense.detach()
+            logs.update({f"dense_{k}": v for k, v in stats.items()})
+        if self.global_loss is not None:
+            glob, stats = self.global_loss(query["global"], key["global"])
+            total = total + self.recipe.loss.global_weight * glob
+            logs["loss_global"] = glob.detach()
+            logs.update({f"global_{k}": v for k, v in stats.items()})
+        pooled = query["global"] if "global" in query else query["dense"].mean(dim=(2, 3))
+        logs.update(collapse_stats(pooled))
+        logs["loss"] = total.detach()
+        logs["momentum"] = momentum
+        logs["valid_fraction"] = batch.valid_ab.float().mean()
+        self.last_stats = {k: float(v) for k, v in logs.items()}
+        self.log_dict({k: v for k, v in self.last_stats.items() if k != "loss"}, on_step=True,
+                      batch_size=batch.batch_size)
+        self.log("loss", total.detach(), prog_bar=True, on_step=True, batch_size=batch.batch_size)
+        return total
+
+    def configure_optimizers(self):
+        t = self.recipe.train
+        params = [p for p in self.model.online.parameters() if p.requires_grad]
+        if t.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        total, warmup = t.max_steps, t.warmup_steps
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,65 @@
+"""Training monitors: throughput, time waiting on data, and representation collapse."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def collapse_stats(features: Tensor) -> dict[str, float]:
+    """Collapse monitors on B×D features (SimSiam §4.1 / lightly's std monitor).
+
+    ``feature_std``: std over the batch of the L2-normalised features, averaged over dims and
+    scaled by sqrt(D) — about 1 for healthy features, 0 when all images map to one point.
+    ``mean_cosine``: mean cosine similarity between *different* images (→ 1 when collapsed).
+    """
+    z = F.normalize(features.detach().float(), dim=1)
+    b, d = z.shape
+    std = z.std(dim=0).mean().item() * d**0.5 if b > 1 else float("nan")
+    sim = z @ z.T
+    off_diag = sim[~torch.eye(b, dtype=torch.bool, device=z.device)]
+    return {"feature_std": std, "mean_cosine": off_diag.mean().item() if b > 1 else float("nan")}
+
+
+class ThroughputMonitor(pl.Callback):
+    """Pairs per second and the fraction of step time spent waiting for the next batch.
+
+    Wait time is the gap between the end of one training step and the start of the next (the
+    DataLoader fetch and host→device copy), minus the device-side view augmentation, which is
+    compute, timed separately by the task.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.pairs = 0
+        self.wait_s = 0.0
+        self.total_s = 0.0
+        self._last_end: float | None = None
+        self._start: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_end = time.perf_counter()
+        self._start = self._last_end
+        pl_module.augment_seconds = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last_end is not None:
+            self.wait_s += now - self._last_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.pairs += batch.batch_size
+        self._last_end = time.perf_counter()
+        self.total_s = self._last_end - (self._start or self._last_end)
+
+    def summary(self, augment_seconds: float) -> dict[str, float]:
+        wait = max(0.0, self.wait_s - augment_seconds)
+        return {"pairs": self.pairs, "train_seconds": round(self.total_s, 3),
+                "pairs_per_s": round(self.pairs / self.total_s, 3) if self.total_s else 0.0,
+                "data_wait_fraction": round(wait / self.total_s, 4) if self.total_s else 0.0}

@@ -1,0 +1,60 @@
+"""Collate PairSamples into a SourceBatch (stack sources, concatenate instances)."""
+
+from __future__ import annotations
+
+import torch
+
+from densessl.contract import PairSample, SourceBatch
+from densessl.errors import PairContractError
+
+
+def _ones(h: int, w: int) -> torch.Tensor:
+    return torch.ones(h, w, dtype=torch.bool)
+
+
+def identity_grid(h: int, w: int) -> torch.Tensor:
+    """H×W×2 pixel grid (x, y) — the identity base correspondence."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32),
+                            torch.arange(w, dtype=torch.float32), indexing="ij")
+    return torch.stack([xs, ys], dim=-1)
+
+
+def collate_pairs(samples: list[PairSample]) -> SourceBatch:
+    shapes_a = {tuple(s.source_a.shape) for s in samples}
+    shapes_b = {tuple(s.source_b.shape) for s in samples}
+    if len(shapes_a) != 1 or len(shapes_b) != 1:
+        raise PairContractError(f"all sources in a batch must share one shape; got source_a "
+                                f"{sorted(shapes_a)} and source_b {sorted(shapes_b)}")
+    _, ha, wa = samples[0].source_a.shape
+    _, hb, wb = samples[0].source_b.shape
+    any_grid = any(s.base_grid is not None for s in samples)
+    base_grid = None
+    if any_grid:
+        base_grid = torch.stack([s.base_grid if s.base_grid is not None else identity_grid(ha, wa)
+                                 for s in samples])
+    counts = [s.boxes_a.shape[0] for s in samples]
+    box_batch = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts))
+    class_map = None
+    if any(s.class_map_a is not None for s in samples):
+        class_map = torch.stack([
+            s.class_map_a if s.class_map_a is not None
+            else torch.full((ha, wa), -1, dtype=torch.long) for s in samples])
+    return SourceBatch(
+        source_a=torch.stack([s.source_a for s in samples]),
+        source_b=torch.stack([s.source_b for s in samples]),
+        valid_a=torch.stack([s.valid_a if s.valid_a is not None else _ones(ha, wa)
+                             for s in samples]),
+        valid_b=torch.stack([s.valid_b if s.valid_b is not None else _ones(hb, wb)
+                             for s in samples]),
+        base_grid=base_grid,
+        base_valid=torch.stack([s.base_valid if s.base_valid is not None else _ones(ha, wa)
+                                for s in samples]),
+        boxes_a=torch.cat([s.boxes_a.float() for s in samples]),
+        boxes_b=torch.cat([s.boxes_b.float() for s in samples]),
+        box_batch=box_batch,
+        box_label=torch.cat([s.labels.long() for s in samples]),
+        instance_ids=torch.cat([s.instance_ids.long() for s in samples]),
+        class_map_a=class_map,
+        noisy=torch.tensor([bool(s.noisy) for s in samples]),
+        meta=[s.meta for s in samples],
+    )

@@ -1,0 +1,55 @@
+"""Checks that a builder's output honours the PairSample contract (errors name builder + field)."""
+
+from __future__ import annotations
+
+import torch
+
+from densessl.contract import PairSample
+from densessl.errors import PairContractError
+
+
+def _fail(builder: str, field: str, problem: str) -> None:
+    raise PairContractError(f"pair builder {builder}: field {field!r} {problem}")
+
+
+def validate_pair_sample(sample: PairSample, builder: str = "custom") -> None:
+    """Raise :class:`PairContractError` when ``sample`` breaks the contract."""
+    if not isinstance(sample, PairSample):
+        _fail(builder, "return value", f"must be a PairSample, got {type(sample).__name__}")
+    for name in ("source_a", "source_b"):
+        src = getattr(sample, name)
+        if not torch.is_tensor(src) or src.ndim != 3 or not src.is_floating_point():
+            _fail(builder, name, "must be a float tensor C×H×W, got "
+                  f"{getattr(src, 'shape', type(src).__name__)}")
+    ca, ha, wa = sample.source_a.shape
+    cb, hb, wb = sample.source_b.shape
+    if ca != cb:
+        _fail(builder, "source_b", f"has {cb} channels but source_a has {ca}; both views must "
+              "have the same channel count (use per-modality stems for multi-sensor pairs)")
+    for name, (h, w) in (("valid_a", (ha, wa)), ("valid_b", (hb, wb)),
+                         ("base_valid", (ha, wa)), ("class_map_a", (ha, wa))):
+        value = getattr(sample, name)
+        if value is not None and tuple(value.shape) != (h, w):
+            _fail(builder, name, f"must have shape {(h, w)}, got {tuple(value.shape)}")
+    if sample.base_grid is not None:
+        grid = sample.base_grid
+        if tuple(grid.shape) != (ha, wa, 2):
+            _fail(builder, "base_grid", f"must have shape {(ha, wa, 2)} (pixel x, y in source_b "
+                  f"for each source_a pixel), got {tuple(grid.shape)}")
+        valid = (sample.base_valid if sample.base_valid is not None
+                 else torch.ones(ha, wa, dtype=torch.bool))
+        x, y = grid[..., 0][valid], grid[..., 1][valid]
+        outside = (x < -0.5) | (x > wb - 0.5) | (y < -0.5) | (y > hb - 0.5) | ~torch.isfinite(x)
+        if outside.any():
+            _fail(builder, "base_grid", f"has {int(outside.sum())} positions outside source_b "
+                  f"({wb}×{hb}) marked valid; set base_valid False there")
+    n = sample.boxes_a.shape[0]
+    if sample.boxes_a.shape != (n, 4) or sample.boxes_b.shape != (n, 4):
+        _fail(builder, "boxes_b", f"boxes_a and boxes_b must both be N×4 with the same N, got "
+              f"{tuple(sample.boxes_a.shape)} and {tuple(sample.boxes_b.shape)}")
+    if sample.instance_ids.shape != (n,):
+        _fail(builder, "instance_ids", f"must give one id per box (shape ({n},)), got "
+              f"{tuple(sample.instance_ids.shape)}")
+    if sample.labels.shape != (n,):
+        _fail(builder, "labels", f"must give one class per box (shape ({n},)), got "
+              f"{tuple(sample.labels.shape)}")

@@ -1,0 +1,117 @@
+"""``densessl pretrain``: recipe → pretrained encoder, metrics, resolved recipe, checkpoint."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from densessl.build import build_pair_builder
+from densessl.errors import DensesslError
+from densessl.io import save_torch, write_json, write_text
+from densessl.methods import DensePretraining, ThroughputMonitor
+from densessl.pairs import collate_pairs
+from densessl.recipe import Recipe, dump_recipe, load_recipe
+
+
+def make_dataloader(recipe: Recipe, builder=None) -> DataLoader:
+    builder = builder if builder is not None else build_pair_builder(recipe)
+    t = recipe.train
+    if len(builder) < t.batch_size:
+        raise DensesslError(f"train.batch_size ({t.batch_size}) is larger than the number of "
+                            f"pairs the builder offers ({len(builder)})")
+    generator = torch.Generator().manual_seed(recipe.seed)
+    return DataLoader(builder, batch_size=t.batch_size, shuffle=True, drop_last=True,
+                      num_workers=t.num_workers, collate_fn=collate_pairs,
+                      persistent_workers=t.num_workers > 0, generator=generator,
+                      pin_memory=torch.cuda.is_available())
+
+
+def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
+    """``encoder.pt``: the online backbone's state dict in torchvision's ResNet key layout,
+    loadable with ``torchvision.models.resnet18().load_state_dict(sd, strict=False)``."""
+    state = {k: v.detach().cpu().clone()
+             for k, v in task.encoder.backbone.state_dict().items()}
+    path = save_torch(out / "encoder.pt", state)
+    write_json(out / "encoder.json", provenance)
+    return path
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    # Resuming mid-epoch restarts the shuffled epoch; harmless for contrastive pretraining.
+    warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+
+
+def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
+             overrides: list[str] | None = None, resume: bool = False,
+             progress: bool | None = None) -> dict[str, Any]:
+    """Run dense contrastive pretraining and write the outputs into ``out``.
+
+    Writes ``encoder.pt`` (+ ``encoder.json`` provenance), ``metrics.json``, ``recipe.yaml``
+    and ``checkpoints/last.ckpt``. With ``resume=True`` training continues from
+    ``checkpoints/last.ckpt`` up to ``train.max_steps``. Returns the metrics dict.
+    """
+    recipe = load_recipe(recipe, overrides)
+    out = Path(out)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if resume and not ckpt.is_file():
+        raise DensesslError(f"--resume: no checkpoint at {ckpt}")
+    _quiet_lightning()
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    loader = make_dataloader(recipe)
+    task = DensePretraining(recipe)
+    monitor = ThroughputMonitor()
+    if progress is None:
+        progress = sys.stderr.isatty()
+    callbacks: list[pl.Callback] = [monitor]
+    if progress:
+        callbacks.append(pl.callbacks.RichProgressBar())
+    t = recipe.train
+    trainer = pl.Trainer(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
+        precision=t.precision, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every,
+        default_root_dir=str(out), num_sanity_val_steps=0,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "recipe.yaml", dump_recipe(recipe))
+    start_step = 0
+    if resume:
+        start_step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    trainer.fit(task, loader, ckpt_path=str(ckpt) if resume else None)
+    # Written after fit, atomically: an interrupted run keeps the previous checkpoint intact.
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_name(".last.ckpt.tmp")
+    trainer.save_checkpoint(str(tmp))
+    os.replace(tmp, ckpt)
+
+    stats = monitor.summary(task.augment_seconds)
+    metrics = {
+        "recipe": recipe.name,
+        "steps": int(trainer.global_step),
+        "resumed_from_step": start_step,
+        "final": task.last_stats,
+        **stats,
+        "device": str(task.device),
+        "torch": torch.__version__,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    provenance = {"backbone": recipe.model.backbone, "in_channels": recipe.data.channels,
+                  "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
+                  "steps": int(trainer.global_step), "pair_builder": recipe.pairs.builder,
+                  "data_source": recipe.data.source}
+    export_encoder(task, out, provenance)
+    write_json(out / "metrics.json", metrics)
+    return metrics

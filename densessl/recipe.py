@@ -1,0 +1,209 @@
+"""Recipes: validated YAML configuration (pydantic, unknown keys forbidden).
+
+Every user mistake becomes one :class:`RecipeError` line that names the key, what was found and
+what was expected, e.g. ``recipe demo.yaml: model.backbon: unknown key (did you mean 'backbone'?
+valid keys: backbone, in_channels, ...)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from densessl.errors import RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticData(Section):
+    num_images: int = Field(256, ge=1)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "folder"] = "synthetic"
+    path: str | None = Field(None, description="folder of images (source: folder)")
+    channels: int = Field(3, ge=1)
+    image_size: int = Field(96, ge=16, description="side of the source images given to the builder")
+    synthetic: SyntheticData = SyntheticData()
+
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.path is required when data.source is 'folder'")
+        return self
+
+
+class PairsConfig(Section):
+    builder: str = "same_image"
+    options: dict[str, Any] = {}
+
+
+class GeometryConfig(Section):
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.0, ge=0, le=1)
+    rotation_degrees: float = Field(0.0, ge=0, le=180)
+    rotation_p: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, value):
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("expected 0 < min <= max <= 1")
+        return value
+
+
+class PhotometryConfig(Section):
+    enabled: bool = True
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_p: float = Field(0.5, ge=0, le=1)
+    solarize_p: float = Field(0.0, ge=0, le=1)
+    non_rgb: Literal["per_channel", "skip"] = "per_channel"
+
+
+class AugmentConfig(Section):
+    view_size: int = Field(64, ge=16)
+    geometry: GeometryConfig = GeometryConfig()
+    photometry: PhotometryConfig = PhotometryConfig()
+    mean: float | list[float] = 0.5
+    std: float | list[float] = 0.25
+
+
+class ModelConfig(Section):
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    neck: Literal["fpn", "none"] = "fpn"
+    dense_stride: Literal[8, 16, 32] = 8
+    neck_dim: int = Field(128, ge=8)
+    dense_dim: int = Field(128, ge=8)
+    global_head: bool = True
+    global_dim: int = Field(128, ge=8)
+    momentum: float = Field(0.99, ge=0, le=1)
+    momentum_end: float = Field(1.0, ge=0, le=1)
+
+
+class LossConfig(Section):
+    dense_weight: float = Field(1.0, ge=0)
+    global_weight: float = Field(0.5, ge=0)
+    temperature: float = Field(0.2, gt=0)
+    dense_queue_size: int = Field(8192, ge=0)
+    global_queue_size: int = Field(4096, ge=0)
+    samples_per_image: int = Field(64, ge=1)
+    enqueue_per_image: int = Field(16, ge=0)
+    batch_negatives: bool = True
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(16, ge=1)
+    max_steps: int = Field(100, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    num_workers: int = Field(2, ge=0)
+    accelerator: str = "auto"
+    devices: int | str = 1
+    precision: str = "32-true"
+    log_every: int = Field(10, ge=1)
+    channels_last: bool = False
+
+
+class Recipe(Section):
+    name: str = "unnamed"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    pairs: PairsConfig = PairsConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _section_at(path: tuple) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for key in path:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(error: dict, source: str) -> str:
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int))
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        valid = sorted(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"recipe {source}: {key}: unknown key ({hint}valid keys: {', '.join(valid)})"
+    found = error.get("input")
+    found_text = "" if isinstance(found, dict) else f", got {found!r}"
+    return f"recipe {source}: {key}: {error['msg']}{found_text}"
+
+
+def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {source}: expected a mapping of sections at the top level, "
+                          f"got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc.errors()[0], source)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected key=value, e.g. train.max_steps=10")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def read_recipe_dict(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path}: not valid YAML ({exc})") from None
+    return data
+
+
+def load_recipe(path_or_dict: str | Path | dict | Recipe, overrides: list[str] | None = None
+                ) -> Recipe:
+    """A Recipe from a YAML path, a dict or a Recipe, with optional ``key=value`` overrides."""
+    if isinstance(path_or_dict, Recipe):
+        data, source = path_or_dict.model_dump(), "<Recipe>"
+    elif isinstance(path_or_dict, dict):
+        data, source = dict(path_or_dict), "<dict>"
+    else:
+        data, source = read_recipe_dict(path_or_dict), str(path_or_dict)
+    return parse_recipe(apply_overrides(data, overrides or []), source)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
