@@ -11,36 +11,48 @@ import inspect
 from torch.utils.data import Dataset
 
 from densessl.augment import ViewAugmentation
-from densessl.data import ImageFolder, SyntheticScenes
+from densessl.data.registry import SOURCES
 from densessl.errors import RecipeError
 from densessl.models import DenseEncoder
 from densessl.pairs import PairBuilder, get_pair_builder
 from densessl.recipe import Recipe
 
 
+def construct(cls: type, options: dict, where: str, defaults: dict | None = None):
+    """``cls(**options)`` with unknown keys reported as ``where.KEY`` recipe errors; ``defaults``
+    are passed only for the keywords the constructor accepts."""
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = [k for k in params if k not in ("self", "args", "kwargs")]
+    for key in options:
+        if key not in params and not takes_any:
+            raise RecipeError(f"{where}.{key}: not an option of {cls.__name__} "
+                              f"(valid: {', '.join(accepted) or 'none'})")
+    kwargs = {k: v for k, v in (defaults or {}).items() if k in params and k not in options}
+    kwargs.update(options)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise RecipeError(f"{where}: cannot build {cls.__name__}: {exc}") from None
+
+
 def build_source_dataset(recipe: Recipe) -> Dataset:
     data = recipe.data
-    if data.source == "synthetic":
-        return SyntheticScenes(data.synthetic.num_images, data.image_size, data.channels,
-                               data.synthetic.seed)
-    return ImageFolder(data.path, data.image_size, data.channels)
+    if data.source not in SOURCES:
+        raise RecipeError(f"data.source: unknown source {data.source!r}; registered sources: "
+                          f"{', '.join(sorted(SOURCES))}")
+    defaults = {"path": data.path, "image_size": data.image_size, "channels": data.channels,
+                "seed": recipe.seed, "skip_bad": data.skip_bad}
+    return construct(SOURCES[data.source], data.options, "data.options", defaults)
 
 
 def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBuilder:
     cls = get_pair_builder(recipe.pairs.builder)
-    options = dict(recipe.pairs.options)
-    accepted = inspect.signature(cls.__init__).parameters
-    for key in options:
-        if key not in accepted:
-            valid = [k for k in accepted if k not in ("self", "dataset")]
-            raise RecipeError(f"pairs.options.{key}: not an option of builder "
-                              f"{recipe.pairs.builder!r} (valid: {', '.join(valid) or 'none'})")
-    if "dataset" in accepted:
-        options["dataset"] = dataset if dataset is not None else build_source_dataset(recipe)
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise RecipeError(f"pairs.options: cannot build {recipe.pairs.builder!r}: {exc}") from None
+    defaults = {"seed": recipe.seed, "image_size": recipe.data.image_size,
+                "channels": recipe.data.channels}
+    if "dataset" in inspect.signature(cls.__init__).parameters:
+        defaults["dataset"] = dataset if dataset is not None else build_source_dataset(recipe)
+    return construct(cls, recipe.pairs.options, "pairs.options", defaults)
 
 
 def build_encoder(recipe: Recipe) -> DenseEncoder:

@@ -18,7 +18,6 @@ NOT_YET = {
     "run": "pretrain → fine-tune → results table (issue #5, evaluation)",
     "finetune": "segmentation / detection fine-tuning (issue #5, evaluation)",
     "sweep": "noise × builder × seed sweeps (issue #6)",
-    "data": "dataset synthesis and inspection (issues #3 and #4)",
     "bench": "throughput and memory benchmarks (issue #7)",
     "export": "encoder export to timm / smp / torchvision formats (issue #5)",
 }
@@ -71,6 +70,30 @@ def cmd_builders(args) -> int:
     return 0
 
 
+def cmd_data_synth(args) -> int:
+    from densessl.data import SYNTHESIZERS
+
+    if args.kind not in SYNTHESIZERS:
+        raise DensesslError(f"data synth: unknown kind {args.kind!r}; available: "
+                            f"{', '.join(sorted(SYNTHESIZERS)) or 'none'}")
+    root = SYNTHESIZERS[args.kind](Path(args.out), args.n, args.seed)
+    print(f"wrote synthetic {args.kind} dataset to {Path(root).resolve()}")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from densessl.data import INSPECTORS
+
+    if args.format not in INSPECTORS:
+        raise DensesslError(f"data inspect: unknown --format {args.format!r}; available: "
+                            f"{', '.join(sorted(INSPECTORS)) or 'none'}")
+    root = Path(args.root)
+    if not root.exists():
+        raise DensesslError(f"data inspect: {str(root)!r} does not exist")
+    print(json.dumps(INSPECTORS[args.format](root), indent=2))
+    return 0
+
+
 def not_yet(name: str):
     def run(args) -> int:
         print(f"error: 'densessl {name}' is not available yet: {NOT_YET[name]}", file=sys.stderr)
@@ -108,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("builders", help="list registered pair builders")
     p.set_defaults(func=cmd_builders)
+
+    data = sub.add_parser("data", help="synthesize or inspect datasets in real on-disk formats")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("synth", help="write a synthetic dataset in a real format")
+    p.add_argument("kind", help="what to synthesize (e.g. xray, xbd, geotiff)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=None, help="number of images (kind's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = data_sub.add_parser("inspect", help="print a dataset summary as JSON")
+    p.add_argument("root", help="dataset root")
+    p.add_argument("--format", required=True, help="dataset format (e.g. pidray, sixray, xbd)")
+    p.set_defaults(func=cmd_data_inspect)
 
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet available) {what}")

@@ -21,18 +21,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class SyntheticData(Section):
-    num_images: int = Field(256, ge=1)
-    seed: int = 0
-
-
 class DataConfig(Section):
-    source: Literal["synthetic", "folder"] = "synthetic"
-    path: str | None = Field(None, description="folder of images (source: folder)")
+    source: str = Field("synthetic", description="a registered data source: synthetic, "
+                        "folder, ... (see densessl.data.registry)")
+    path: str | None = Field(None, description="dataset root / folder, when the source reads disk")
     channels: int = Field(3, ge=1)
     image_size: int = Field(96, ge=16, description="side of the source images given to the builder")
-    synthetic: SyntheticData = SyntheticData()
-
+    options: dict[str, Any] = Field({}, description="keyword options of the data source, e.g. "
+                                    "num_images for 'synthetic'")
+    skip_bad: bool = Field(False, description="skip unreadable samples with a warning and a count "
+                           "in metrics.json instead of failing")
 
     @model_validator(mode="after")
     def _path_needed(self):

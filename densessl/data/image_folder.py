@@ -9,11 +9,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from densessl.data.registry import register_source
 from densessl.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+@register_source("folder")
 class ImageFolder(Dataset):
     """Every image under ``root`` (recursively), resized so its short side is ``image_size``
     and centre-cropped to a square: ``{"image": C×S×S float in [0, 1]}``.
@@ -21,8 +23,8 @@ class ImageFolder(Dataset):
     Geometry augmentation happens later on the device, so this stays a plain, cheap loader.
     """
 
-    def __init__(self, root: str | Path, image_size: int = 224, channels: int = 3) -> None:
-        self.root = Path(root)
+    def __init__(self, path: str | Path, image_size: int = 224, channels: int = 3) -> None:
+        self.root = Path(path)
         if not self.root.is_dir():
             raise DataError(f"data.path: folder {str(self.root)!r} does not exist")
         self.files = sorted(p for p in self.root.rglob("*")

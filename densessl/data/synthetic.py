@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from densessl.data.registry import register_source
+
 SHAPES = ("disc", "box", "triangle", "ring")
 
 
@@ -62,6 +64,7 @@ def render_scene(rng: np.random.Generator, size: int, channels: int,
     return np.clip(image, 0.0, 1.0).astype(np.float32), labels
 
 
+@register_source("synthetic")
 class SyntheticScenes(Dataset):
     """Deterministic synthetic images: ``{"image": C×H×W float, "mask": H×W long}``.
 
@@ -75,7 +78,7 @@ class SyntheticScenes(Dataset):
     num_classes = len(SHAPES) + 1
 
     def __init__(self, num_images: int = 256, image_size: int = 96, channels: int = 3,
-                 seed: int = 0) -> None:
+                 seed: int = 0) -> None:  # noqa: D107
         if num_images < 1 or image_size < 8 or channels < 1:
             raise ValueError("SyntheticScenes needs num_images >= 1, image_size >= 8, "
                              f"channels >= 1; got {num_images}, {image_size}, {channels}")
