@@ -35,6 +35,28 @@ def make_dataloader(recipe: Recipe, builder=None) -> DataLoader:
                       pin_memory=torch.cuda.is_available())
 
 
+def collect_provenance(builder) -> tuple[list[dict], list[str]]:
+    """Dataset cards and skipped samples exposed by the builder and the datasets it wraps
+    (attributes ``dataset_cards`` and ``skipped_samples``)."""
+    cards: list[dict] = []
+    skipped: list[str] = []
+    seen: set[int] = set()
+    stack = [builder]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for card in getattr(obj, "dataset_cards", None) or []:
+            if card not in cards:
+                cards.append(card)
+        skipped.extend(getattr(obj, "skipped_samples", None) or [])
+        for name in ("dataset", "datasets", "source", "backgrounds", "segments"):
+            child = getattr(obj, name, None)
+            stack.extend(child if isinstance(child, (list, tuple)) else [child])
+    return cards, skipped
+
+
 def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
     """``encoder.pt``: the online backbone's state dict in torchvision's ResNet key layout,
     loadable with ``torchvision.models.resnet18().load_state_dict(sd, strict=False)``."""
@@ -70,8 +92,11 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         raise DensesslError(f"--resume: no checkpoint at {ckpt}")
     _quiet_lightning()
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
-    loader = make_dataloader(recipe)
+    builder = build_pair_builder(recipe)
+    cards, skipped = collect_provenance(builder)
+    loader = make_dataloader(recipe, builder)
     task = DensePretraining(recipe)
+    task.dataset_cards = cards
     monitor = ThroughputMonitor()
     if progress is None:
         progress = sys.stderr.isatty()
@@ -104,6 +129,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         "resumed_from_step": start_step,
         "final": task.last_stats,
         **stats,
+        "datasets": cards,
+        "skipped_samples": len(skipped),
         "device": str(task.device),
         "torch": torch.__version__,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -111,7 +138,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     provenance = {"backbone": recipe.model.backbone, "in_channels": recipe.data.channels,
                   "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
                   "steps": int(trainer.global_step), "pair_builder": recipe.pairs.builder,
-                  "data_source": recipe.data.source}
+                  "data_source": recipe.data.source, "datasets": cards}
     export_encoder(task, out, provenance)
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -46,6 +46,11 @@ class DensePretraining(pl.LightningModule):
                                               temperature=loss.temperature)
         self.augment_seconds = 0.0
         self.last_stats: dict[str, float] = {}
+        self.dataset_cards: list[dict] = []
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Licences travel with the weights (e.g. xBD is CC BY-NC-SA 4.0).
+        checkpoint["dataset_cards"] = self.dataset_cards
 
     @property
     def encoder(self):
