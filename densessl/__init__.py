@@ -6,7 +6,7 @@ Data flow: ``data`` (samples) → ``pairs`` (PairSample) → ``augment`` (PairBa
 
 from densessl.contract import PairBatch, PairSample, SourceBatch
 from densessl.errors import DataError, DensesslError, PairContractError, RecipeError
-from densessl.pairs import PairBuilder, register_pair_builder
+from densessl.pairs import PairBuilder, get_pair_builder, register_pair_builder
 from densessl.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
@@ -21,4 +21,4 @@ def pretrain(recipe, out, overrides=None, resume=False, progress=None):
 
 __all__ = ["DataError", "DensesslError", "PairBatch", "PairBuilder", "PairContractError",
            "PairSample", "Recipe", "RecipeError", "SourceBatch", "load_recipe", "pretrain",
-           "register_pair_builder"]
+           "get_pair_builder", "register_pair_builder"]

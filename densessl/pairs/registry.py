@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from densessl.errors import RecipeError
 
@@ -30,9 +33,13 @@ def available_pair_builders() -> list[str]:
 
 
 def get_pair_builder(name: str) -> type:
-    """Look a builder up by registered name or by import path ``package.module:Class``."""
+    """Look a builder up by registered name, by import path ``package.module:Class`` or by file
+    ``path/to/file.py:Class`` (relative to the working directory)."""
     if name in _BUILDERS:
         return _BUILDERS[name]
+    file_part, _, attr = name.rpartition(":")
+    if file_part.endswith(".py"):
+        return _load_from_file(Path(file_part), attr)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -45,3 +52,18 @@ def get_pair_builder(name: str) -> type:
         return getattr(module, attr)
     raise RecipeError(f"pairs.builder: unknown builder {name!r}; registered builders: "
                       f"{', '.join(available_pair_builders())} (or give 'package.module:Class')")
+
+
+def _load_from_file(path: Path, attr: str) -> type:
+    if not path.is_file():
+        raise RecipeError(f"pairs.builder: file {str(path)!r} not found")
+    module_name = f"densessl_user_{path.resolve().stem}_{abs(hash(str(path.resolve())))}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # DataLoader workers and pickling find it again
+        spec.loader.exec_module(module)
+    module = sys.modules[module_name]
+    if not hasattr(module, attr):
+        raise RecipeError(f"pairs.builder: {str(path)!r} has no {attr!r}")
+    return getattr(module, attr)
