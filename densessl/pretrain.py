@@ -63,6 +63,12 @@ def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
     state = {k: v.detach().cpu().clone()
              for k, v in task.encoder.backbone.state_dict().items()}
     path = save_torch(out / "encoder.pt", state)
+    neck = task.encoder.neck
+    if neck is not None:
+        # The FPN too, for detectors that can start from it (densessl.eval.detection).
+        save_torch(out / "neck.pt", {k: v.detach().cpu().clone()
+                                     for k, v in neck.state_dict().items()})
+        provenance = {**provenance, "neck": "fpn", "neck_dim": neck.out_channels}
     write_json(out / "encoder.json", provenance)
     return path
 
@@ -127,7 +133,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         "recipe": recipe.name,
         "steps": int(trainer.global_step),
         "resumed_from_step": start_step,
-        "final": task.last_stats,
+        "final": task.final_stats(),
         **stats,
         "datasets": cards,
         "skipped_samples": len(skipped),

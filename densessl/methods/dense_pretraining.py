@@ -45,7 +45,7 @@ class DensePretraining(pl.LightningModule):
                                               queue_size=loss.global_queue_size,
                                               temperature=loss.temperature)
         self.augment_seconds = 0.0
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}
         self.dataset_cards: list[dict] = []
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -72,10 +72,22 @@ class DensePretraining(pl.LightningModule):
         momentum = cosine_momentum(self.global_step, self.trainer.max_steps, m.momentum,
                                    m.momentum_end)
         self.model.update(momentum)
+        total, logs = self.compute_losses(batch)
+        logs["momentum"] = torch.tensor(momentum)
+        # Tensors, not floats: no host-device sync per step (Lightning reads them when it logs).
+        self.last_stats = logs
+        self.log_dict({k: v for k, v in logs.items() if k != "loss"}, on_step=True,
+                      batch_size=batch.batch_size)
+        self.log("loss", logs["loss"], prog_bar=True, on_step=True, batch_size=batch.batch_size)
+        return total
+
+    def compute_losses(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward of both branches and every enabled objective (no optimiser, no logging):
+        the training step and ``densessl bench`` share it."""
         query = self.model.encode(batch.view_a, "online")
         key = self.model.encode(batch.view_b, "momentum")
         total = batch.view_a.new_zeros(())
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         if self.dense_loss is not None:
             dense, stats = self.dense_loss(query["dense"], key["dense"], batch.grid_ab,
                                            batch.valid_ab)
@@ -90,13 +102,12 @@ class DensePretraining(pl.LightningModule):
         pooled = query["global"] if "global" in query else query["dense"].mean(dim=(2, 3))
         logs.update(collapse_stats(pooled))
         logs["loss"] = total.detach()
-        logs["momentum"] = momentum
         logs["valid_fraction"] = batch.valid_ab.float().mean()
-        self.last_stats = {k: float(v) for k, v in logs.items()}
-        self.log_dict({k: v for k, v in self.last_stats.items() if k != "loss"}, on_step=True,
-                      batch_size=batch.batch_size)
-        self.log("loss", total.detach(), prog_bar=True, on_step=True, batch_size=batch.batch_size)
-        return total
+        return total, logs
+
+    def final_stats(self) -> dict[str, float]:
+        """The last step's losses and monitors as plain floats (for metrics.json)."""
+        return {k: float(v) for k, v in self.last_stats.items()}
 
     def configure_optimizers(self):
         t = self.recipe.train

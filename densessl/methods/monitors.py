@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def collapse_stats(features: Tensor) -> dict[str, float]:
+def collapse_stats(features: Tensor) -> dict[str, Tensor]:
     """Collapse monitors on B×D features (SimSiam §4.1 / lightly's std monitor).
 
     ``feature_std``: std over the batch of the L2-normalised features, averaged over dims and
@@ -19,10 +19,12 @@ def collapse_stats(features: Tensor) -> dict[str, float]:
     """
     z = F.normalize(features.detach().float(), dim=1)
     b, d = z.shape
-    std = z.std(dim=0).mean().item() * d**0.5 if b > 1 else float("nan")
+    if b < 2:
+        nan = z.new_tensor(float("nan"))
+        return {"feature_std": nan, "mean_cosine": nan}
     sim = z @ z.T
-    off_diag = sim[~torch.eye(b, dtype=torch.bool, device=z.device)]
-    return {"feature_std": std, "mean_cosine": off_diag.mean().item() if b > 1 else float("nan")}
+    off_diag = (sim.sum() - sim.diagonal().sum()) / (b * (b - 1))
+    return {"feature_std": z.std(dim=0).mean() * d**0.5, "mean_cosine": off_diag}
 
 
 class ThroughputMonitor(pl.Callback):
