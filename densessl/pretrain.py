@@ -112,6 +112,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     t = recipe.train
     trainer = pl.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
+        strategy=t.strategy, num_nodes=t.num_nodes,
+        sync_batchnorm=recipe.model.key_bn == "sync",
         precision=t.precision, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every,
         default_root_dir=str(out), num_sanity_val_steps=0,

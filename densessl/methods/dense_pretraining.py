@@ -12,12 +12,20 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from lightly.models.utils import (
+    batch_shuffle,
+    batch_shuffle_distributed,
+    batch_unshuffle,
+    batch_unshuffle_distributed,
+)
 
 from densessl.build import build_augmentation, build_encoder
 from densessl.contract import PairBatch, SourceBatch
+from densessl.distributed import world_size
 from densessl.losses import DenseContrast, GlobalContrast
 from densessl.methods.monitors import collapse_stats
 from densessl.models import MomentumPair, cosine_momentum
+from densessl.models.split_batchnorm import convert_to_split_batchnorm
 from densessl.recipe import Recipe, parse_recipe
 
 
@@ -30,6 +38,8 @@ class DensePretraining(pl.LightningModule):
         # Stored as plain data so a checkpoint can rebuild the task without this object.
         self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
         encoder = build_encoder(recipe)
+        if recipe.model.key_bn == "split":
+            convert_to_split_batchnorm(encoder, recipe.model.split_bn_groups)
         self.model = MomentumPair(encoder)
         self.augment = build_augmentation(recipe, grid_stride=encoder.stride)
         loss = recipe.loss
@@ -73,6 +83,7 @@ class DensePretraining(pl.LightningModule):
                                    m.momentum_end)
         self.model.update(momentum)
         total, logs = self.compute_losses(batch)
+        logs = {k: v.float() for k, v in logs.items()}
         logs["momentum"] = torch.tensor(momentum)
         # Tensors, not floats: no host-device sync per step (Lightning reads them when it logs).
         self.last_stats = logs
@@ -85,7 +96,7 @@ class DensePretraining(pl.LightningModule):
         """One forward of both branches and every enabled objective (no optimiser, no logging):
         the training step and ``densessl bench`` share it."""
         query = self.model.encode(batch.view_a, "online")
-        key = self.model.encode(batch.view_b, "momentum")
+        key = self.encode_keys(batch.view_b)
         total = batch.view_a.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         if self.dense_loss is not None:
@@ -104,6 +115,26 @@ class DensePretraining(pl.LightningModule):
         logs["loss"] = total.detach()
         logs["valid_fraction"] = batch.valid_ab.float().mean()
         return total, logs
+
+    def encode_keys(self, view_b: torch.Tensor) -> dict:
+        """Momentum branch; with ``key_bn`` shuffle/split the batch is shuffled first (across
+        processes when there are several) so BN statistics cannot leak which keys are positives.
+        """
+        if self.recipe.model.key_bn not in ("shuffle", "split"):
+            return self.model.encode(view_b, "momentum")
+        if world_size() > 1:
+            shuffled, order = batch_shuffle_distributed(view_b)
+            key = self.model.encode(shuffled, "momentum")
+            return {k: batch_unshuffle_distributed(v, order) for k, v in key.items()
+                    if torch.is_tensor(v)}
+        shuffled, order = batch_shuffle(view_b)
+        key = self.model.encode(shuffled, "momentum")
+        return {k: batch_unshuffle(v, order) for k, v in key.items() if torch.is_tensor(v)}
+
+    def configure_model(self) -> None:
+        if self.recipe.train.compile:
+            # In place: state-dict keys (and so checkpoints and encoder.pt) stay unchanged.
+            self.model.online.compile()
 
     def final_stats(self) -> dict[str, float]:
         """The last step's losses and monitors as plain floats (for metrics.json)."""
