@@ -91,6 +91,10 @@ class ModelConfig(Section):
     global_dim: int = Field(128, ge=8)
     momentum: float = Field(0.99, ge=0, le=1)
     momentum_end: float = Field(1.0, ge=0, le=1)
+    key_bn: Literal["batch", "shuffle", "sync", "split"] = Field(
+        "batch", description="BatchNorm of the key branch: plain; shuffled across processes "
+        "(lightly's batch shuffle, MoCo); SyncBN; or split-BN on one device (with shuffle)")
+    split_bn_groups: int = Field(4, ge=1, description="sub-batches for key_bn: split")
 
 
 class LossConfig(Section):
@@ -117,6 +121,68 @@ class TrainConfig(Section):
     precision: str = "32-true"
     log_every: int = Field(10, ge=1)
     channels_last: bool = False
+    strategy: str = Field("auto", description="Lightning strategy, e.g. ddp for several devices")
+    num_nodes: int = Field(1, ge=1)
+    compile: bool = Field(False, description="torch.compile the online encoder")
+
+
+class FinetuneConfig(Section):
+    """Downstream evaluation (``densessl finetune`` / ``densessl run``), see densessl/eval."""
+
+    dataset: str = Field("synthetic", description="a registered labeled dataset "
+                         "(densessl.eval.labeled_data.EVAL_DATASETS)")
+    path: str | None = Field(None, description="dataset root, when the dataset reads disk")
+    options: dict[str, Any] = Field({}, description="keyword options of the labeled dataset")
+    image_size: int = Field(64, ge=32, description="side of the fine-tuning images")
+    tasks: list[Literal["segmentation", "detection", "linear_probe"]] = ["segmentation"]
+    segmentation_archs: list[Literal["unet", "fpn", "deeplabv3plus"]] = ["fpn"]
+    detection_archs: list[Literal["faster_rcnn", "mask_rcnn"]] = ["faster_rcnn"]
+    inits: list[Literal["pretrained", "random", "supervised"]] = ["pretrained", "random"]
+    label_fractions: list[float] = [1.0]
+    seeds: list[int] = [0]
+    steps: int = Field(50, ge=1, description="optimiser steps per segmentation / probe run")
+    detection_steps: int = Field(50, ge=1, description="optimiser steps per detection run")
+    supervised_steps: int = Field(100, ge=1, description="steps of the supervised init")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (probe: 10x)")
+    weight_decay: float = Field(1e-4, ge=0)
+    detection_neck: bool = Field(False, description="also initialise the detector's FPN from "
+                                 "the pretrained neck (neck.pt next to encoder.pt)")
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _fractions(cls, value):
+        if not value or not all(0 < f <= 1 for f in value):
+            raise ValueError("expected a non-empty list of fractions in (0, 1]")
+        return value
+
+    @field_validator("tasks", "inits", "seeds", "segmentation_archs", "detection_archs")
+    @classmethod
+    def _non_empty(cls, value):
+        if not value:
+            raise ValueError("expected a non-empty list")
+        return value
+
+
+class NoiseConfig(Section):
+    """Controlled noisy positive pairs (densessl.pairs.noise.NoisyPairs wraps the builder)."""
+
+    kind: Literal["none", "mismatch", "partial_change", "misregistration", "wrong_class"] = Field(
+        "none", description="how source B is corrupted; none = clean pairs")
+    amount: float = Field(0.0, ge=0, description="strength: mismatch probability, changed area "
+                          "fraction, shift in pixels (misregistration) or fraction of instances "
+                          "swapped (wrong_class)")
+    rate: float = Field(1.0, ge=0, le=1, description="probability that a pair is corrupted")
+    patch: int = Field(8, ge=1, description="side of the replaced squares (partial_change)")
+    rotation_degrees: float = Field(0.0, ge=0, le=180, description="extra rotation of source B "
+                                    "(misregistration)")
+    seed: int | None = Field(None, description="seed of the noise draws; default: recipe seed")
+
+    @model_validator(mode="after")
+    def _fraction(self):
+        if self.kind in ("mismatch", "partial_change", "wrong_class") and self.amount > 1:
+            raise ValueError(f"noise.amount for {self.kind} is a fraction in [0, 1]")
+        return self
 
 
 class Recipe(Section):
@@ -128,6 +194,8 @@ class Recipe(Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    noise: NoiseConfig = NoiseConfig()
 
 
 def _section_at(path: tuple) -> type[BaseModel] | None:
