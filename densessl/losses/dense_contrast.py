@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from densessl.distributed import gather_concat, rank, world_size
 from densessl.losses.functional import contrastive_logits, info_nce_from_logits
 from densessl.losses.queue import MoCoQueue
 
@@ -35,9 +36,12 @@ def sample_cells(valid: Tensor, per_image: int) -> tuple[Tensor, Tensor]:
     # the valid ones, done for the whole batch at once
     scores = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, -1.0)
     top = scores.topk(n, dim=1)
-    keep = top.values >= 0
+    # sorted by cell index: when every valid cell is taken the result is deterministic, so one
+    # process and several processes on the same global batch fill queues identically
+    cells, order = top.indices.sort(dim=1)
+    keep = top.values.gather(1, order) >= 0
     image = torch.arange(b, device=valid.device)[:, None].expand(b, n)
-    return image[keep], top.indices[keep]
+    return image[keep], cells[keep]
 
 
 class DenseContrast(nn.Module):
@@ -127,8 +131,13 @@ class DenseContrast(nn.Module):
             negatives, _ = self.queue.get()
             mask = torch.ones(len(image), negatives.shape[0], dtype=torch.bool, device=q.device)
             if self.batch_negatives:
-                negatives = torch.cat([negatives.to(k_sel), k_sel], dim=0)
-                mask = torch.cat([mask, image[:, None] != image[None, :]], dim=1)
+                # other processes' cells too (MoCo-style gather): the negatives are those of the
+                # global batch, whatever the number of processes; images get global indices
+                keys_all = gather_concat(k_sel.detach()) if world_size() > 1 else k_sel
+                image_all = gather_concat(image + rank() * b)
+                negatives = torch.cat([negatives.to(k_sel), keys_all], dim=0)
+                mask = torch.cat([mask, (image + rank() * b)[:, None] != image_all[None, :]],
+                                 dim=1)
             logits = contrastive_logits(q_sel, k_sel, negatives, self.temperature, mask)
             loss = info_nce_from_logits(logits)
             with torch.no_grad():
