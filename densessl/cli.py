@@ -15,11 +15,6 @@ from pathlib import Path
 from densessl.errors import DensesslError
 
 NOT_YET = {
-    "run": "pretrain → fine-tune → results table (issue #5, evaluation)",
-    "finetune": "segmentation / detection fine-tuning (issue #5, evaluation)",
-    "sweep": "noise × builder × seed sweeps (issue #6)",
-    "bench": "throughput and memory benchmarks (issue #7)",
-    "export": "encoder export to timm / smp / torchvision formats (issue #5)",
 }
 
 
@@ -44,6 +39,40 @@ def cmd_pretrain(args) -> int:
           f"{100 * metrics['data_wait_fraction']:.1f}% of time waiting on data")
     print(f"outputs in {out}: encoder.pt, encoder.json, metrics.json, recipe.yaml, "
           "checkpoints/last.ckpt")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from densessl.run import finetune
+
+    finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set)
+    print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from densessl.run import run
+
+    run(_recipe_arg(args.recipe), args.out, overrides=args.set)
+    print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png "
+          "(pretraining outputs in pretrain/)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from densessl.sweep import run_sweep
+
+    rows = run_sweep(args.sweep, args.out, jobs=args.jobs, overrides=args.set)
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"results in {Path(args.out).resolve()}: results.csv, summary.csv, summary.md, plots/")
+    return 1 if failed else 0
+
+
+def cmd_export(args) -> int:
+    from densessl.export import export_weights
+
+    path = export_weights(args.weights, args.to, args.out, neck=args.neck)
+    print(f"wrote {path.resolve()} (model card: {path.name}.card.json, {path.name}.card.md)")
     return 0
 
 
@@ -94,6 +123,20 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from densessl.bench import run_bench
+    from densessl.io import write_json
+
+    results = run_bench(backbone=args.backbone, image_size=args.image_size,
+                        batch_size=args.batch_size, steps=args.steps, device=args.device,
+                        precision=args.precision, channels_last=args.channels_last,
+                        builders=not args.skip_builders, data_wait=not args.skip_data_wait)
+    if args.json:
+        write_json(args.json, results)
+        print(f"wrote {Path(args.json).resolve()}")
+    return 0
+
+
 def not_yet(name: str):
     def run(args) -> int:
         print(f"error: 'densessl {name}' is not available yet: {NOT_YET[name]}", file=sys.stderr)
@@ -120,6 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/checkpoints/last.ckpt")
     p.set_defaults(func=cmd_pretrain)
 
+    p = with_recipe(sub.add_parser("run", help="pretrain → fine-tune each init → results"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_run)
+
+    p = with_recipe(sub.add_parser("finetune", help="fine-tune from an encoder → results"))
+    p.add_argument("--weights", default=None, help="encoder.pt (the 'pretrained' init)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("sweep", help="grid of pretrain → fine-tune cells → results.csv + plots")
+    p.add_argument("sweep", help="sweep YAML (base recipe + grid over recipe keys)")
+    p.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key in every cell, e.g. --set train.max_steps=1000")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="encoder.pt → torchvision / smp / timm / detectron2")
+    p.add_argument("weights", help="encoder.pt written by pretraining")
+    p.add_argument("--to", required=True, choices=["torchvision", "smp", "timm", "detectron2"])
+    p.add_argument("--out", required=True, help="file to write (.pt, or .pkl for detectron2)")
+    p.add_argument("--neck", action="store_true",
+                   help="include the FPN neck (torchvision detection backbone, detectron2)")
+    p.set_defaults(func=cmd_export)
+
     p = with_recipe(sub.add_parser("inspect-pairs", help="draw pairs with correspondences"))
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("-n", type=int, default=4, help="number of pairs")
@@ -144,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="dataset root")
     p.add_argument("--format", required=True, help="dataset format (e.g. pidray, sixray, xbd)")
     p.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("bench", help="pairs/s and peak memory vs a plain MoCo-v2 step")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["32", "bf16"], default="32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--skip-builders", action="store_true", help="skip builder throughput")
+    p.add_argument("--skip-data-wait", action="store_true", help="skip the short real run")
+    p.set_defaults(func=cmd_bench)
 
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet available) {what}")

@@ -1,0 +1,270 @@
+"""``densessl bench``: what the dense objectives cost over a plain MoCo-v2 step, and where the
+time goes (builders, augmentation, waiting on data).
+
+All step configurations share one backbone, image size, batch and pre-made views, so the ratios
+measure the objectives alone: (1) a plain MoCo-v2 step assembled from lightly's parts
+(``MoCoProjectionHead``, ``NTXentLoss`` with a memory bank, ``update_momentum``); (2) our dense
+objective (dense + global InfoNCE with MoCo queues); (3) dense + instance contrast with per-class
+queues, when the recipe schema offers it.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from densessl.recipe import Recipe, load_recipe
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on GPU, sampled resident set size on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_bytes = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = self._rss()
+            self._peak, self._stop = self._base, threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = self._peak - self._base
+
+
+def bench_recipe(backbone: str, image_size: int, batch_size: int, **loss) -> Recipe:
+    return load_recipe({
+        "name": "bench",
+        "data": {"image_size": int(image_size * 1.25), "options": {"num_images": batch_size}},
+        "augment": {"view_size": image_size},
+        "model": {"backbone": backbone},
+        "loss": loss,
+        "train": {"batch_size": batch_size},
+    })
+
+
+def make_pair_batch(recipe: Recipe, device: torch.device, with_instances: bool = False):
+    """One augmented PairBatch on ``device`` (optionally with random boxes and class maps, so the
+    instance objective has work to do)."""
+    from densessl.build import build_augmentation, build_pair_builder
+    from densessl.pairs import collate_pairs
+
+    builder = build_pair_builder(recipe)
+    source = collate_pairs([builder[i] for i in range(recipe.train.batch_size)]).to(device)
+    augment = build_augmentation(recipe, recipe.model.dense_stride).to(device)
+    batch = augment(source)
+    if with_instances:
+        gen = torch.Generator().manual_seed(0)
+        b, size = batch.batch_size, recipe.augment.view_size
+        per_image, classes = 4, 12
+        xy = torch.rand(b * per_image, 2, generator=gen) * size * 0.6
+        wh = torch.rand(b * per_image, 2, generator=gen) * size * 0.3 + size * 0.1
+        boxes = torch.cat([xy, xy + wh], dim=1).to(device)
+        batch.boxes_a = boxes
+        batch.boxes_b = (boxes * 0.9 + 2).clamp(0, size)  # same instances, moved and shrunk
+        batch.box_batch = torch.arange(b).repeat_interleave(per_image).to(device)
+        batch.box_label = torch.randint(0, classes, (b * per_image,), generator=gen).to(device)
+        batch.instance_ids = torch.arange(b * per_image, device=device)
+        cells = batch.grid_ab.shape[1]
+        batch.class_map_a = torch.randint(-1, classes, (b, cells, cells), generator=gen
+                                          ).to(device)
+    return batch
+
+
+def moco_v2_step_fn(recipe: Recipe, device: torch.device) -> tuple[Callable, nn.Module]:
+    """A plain MoCo-v2 step from lightly's parts, on our backbone (same weights layout)."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    from densessl.models import ResNetBackbone
+
+    backbone = ResNetBackbone(recipe.model.backbone, recipe.data.channels)
+    online = nn.ModuleDict({
+        "backbone": backbone,
+        "head": MoCoProjectionHead(backbone.channels["c5"], 512, 128),
+    }).to(device)
+    momentum = copy.deepcopy(online)
+    deactivate_requires_grad(momentum)
+    criterion = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128))
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.03, momentum=0.9)
+
+    def embed(model, x):
+        return model["head"](model["backbone"](x)["c5"].mean(dim=(2, 3)))
+
+    def step(batch):
+        update_momentum(online, momentum, 0.99)
+        query = embed(online, batch.view_a)
+        with torch.no_grad():
+            key = embed(momentum, batch.view_b)
+        loss = criterion(query, key)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, online
+
+
+def densessl_step_fn(recipe: Recipe, device: torch.device) -> tuple[Callable, nn.Module]:
+    from densessl.methods import DensePretraining
+
+    task = DensePretraining(recipe).to(device)
+    optimizer = torch.optim.SGD(task.model.online.parameters(), lr=0.03, momentum=0.9)
+
+    def step(batch):
+        task.model.update(0.99)
+        loss, _ = task.compute_losses(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, task
+
+
+def time_steps(step: Callable, batch, steps: int, warmup: int, device: torch.device,
+               precision: str) -> dict:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    # Peak memory covers the warm-up too: the first steps allocate gradients and optimiser state.
+    with PeakMemory(device) as memory, autocast:
+        for _ in range(warmup):
+            step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step(batch)
+        loss = float(loss.detach())  # one sync at the end, none per step
+        elapsed = time.perf_counter() - start
+    return {"pairs_per_s": round(steps * batch.batch_size / elapsed, 2),
+            "step_ms": round(1000 * elapsed / steps, 2),
+            "peak_memory_mb": round(memory.peak_bytes / 2**20, 1), "final_loss": round(loss, 4)}
+
+
+def bench_builders(samples: int = 32) -> dict:
+    """Pairs/s of each recipe's pair builder in one process (= per DataLoader worker)."""
+    from densessl.build import build_pair_builder
+
+    results = {}
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for path in sorted(glob.glob(str(root / "*.yaml"))):
+        name = Path(path).stem
+        try:
+            recipe = load_recipe(path)
+            builder = build_pair_builder(recipe)
+            builder[0]  # first sample may build caches (segment bank, statistics)
+            count = min(samples, len(builder))
+            start = time.perf_counter()
+            for i in range(count):
+                builder[i % len(builder)]
+            results[name] = {"builder": recipe.pairs.builder,
+                             "pairs_per_s_per_worker": round(count / (time.perf_counter()
+                                                                      - start), 1)}
+        except Exception as exc:  # a broken recipe must not hide the other figures
+            results[name] = {"builder": None, "error": f"{type(exc).__name__}: {exc}"}
+    return results
+
+
+def bench_data_wait(steps: int = 20) -> dict:
+    """A short real pretraining run of the demo recipe with its DataLoader workers."""
+    from densessl.pretrain import pretrain
+
+    demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    with tempfile.TemporaryDirectory() as out:
+        metrics = pretrain(demo, out, overrides=[f"train.max_steps={steps}"], progress=False)
+    return {k: metrics[k] for k in ("steps", "pairs_per_s", "data_wait_fraction")}
+
+
+def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int = 32,
+              steps: int = 5, warmup: int = 2, device: str = "auto", precision: str = "32",
+              channels_last: bool = False, builders: bool = True, data_wait: bool = True,
+              log: Callable[[str], None] = print) -> dict:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    torch.manual_seed(0)
+    base = bench_recipe(backbone, image_size, batch_size)
+    batch = make_pair_batch(base, dev, with_instances=True)
+    if channels_last:
+        batch.view_a = batch.view_a.contiguous(memory_format=torch.channels_last)
+        batch.view_b = batch.view_b.contiguous(memory_format=torch.channels_last)
+    configs: dict[str, Callable] = {
+        "moco_v2_lightly": lambda: moco_v2_step_fn(base, dev),
+        "dense": lambda: densessl_step_fn(base, dev),
+    }
+    loss_keys = set(type(base.loss).model_fields)
+    if {"instance_weight", "queue"} <= loss_keys:
+        full = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
+                            queue="per_class")
+        configs["dense_instance_per_class"] = lambda: densessl_step_fn(full, dev)
+    results: dict = {"device": str(dev), "torch": torch.__version__, "backbone": backbone,
+                     "image_size": image_size, "batch_size": batch_size, "precision": precision,
+                     "channels_last": channels_last, "threads": torch.get_num_threads(),
+                     "steps": {}}
+    for name, make in configs.items():
+        step, module = make()
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+        results["steps"][name] = time_steps(step, batch, steps, warmup, dev, precision)
+        log(f"{name}: {results['steps'][name]}")
+        del step, module
+    reference = results["steps"]["moco_v2_lightly"]["pairs_per_s"]
+    for entry in results["steps"].values():
+        entry["ratio_to_moco"] = round(entry["pairs_per_s"] / reference, 3)
+    results["augmentation"] = bench_augmentation(base, dev)
+    log(f"augmentation: {results['augmentation']}")
+    if builders:
+        results["builders"] = bench_builders()
+        log(f"builders: {results['builders']}")
+    if data_wait:
+        results["data_wait"] = bench_data_wait()
+        log(f"data wait: {results['data_wait']}")
+    return results
+
+
+def bench_augmentation(recipe: Recipe, device: torch.device, repeats: int = 5) -> dict:
+    """Device-side view augmentation + correspondence throughput."""
+    from densessl.build import build_augmentation, build_pair_builder
+    from densessl.pairs import collate_pairs
+
+    builder = build_pair_builder(recipe)
+    source = collate_pairs([builder[i] for i in range(recipe.train.batch_size)]).to(device)
+    augment = build_augmentation(recipe, recipe.model.dense_stride).to(device)
+    augment(source)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        batch = augment(source)
+    float(batch.valid_ab.float().mean())
+    elapsed = time.perf_counter() - start
+    return {"pairs_per_s": round(repeats * source.batch_size / elapsed, 1)}
