@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,8 @@ def cmd_pretrain(args) -> int:
 
     metrics = pretrain(_recipe_arg(args.recipe), args.out, overrides=args.set,
                        resume=args.resume)
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return 0  # one summary per run, from the process that wrote the outputs
     out = Path(args.out).resolve()
     final = metrics["final"]
     print(f"pretrained {metrics['steps']} steps: loss {final.get('loss', float('nan')):.4f}, "

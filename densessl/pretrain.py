@@ -110,9 +110,12 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     if progress:
         callbacks.append(pl.callbacks.RichProgressBar())
     t = recipe.train
+    # Not every FPN level feeds every objective (e.g. the dense head reads one level), so DDP
+    # must look for parameters without gradients.
+    strategy = "ddp_find_unused_parameters_true" if t.strategy == "ddp" else t.strategy
     trainer = pl.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices,
-        strategy=t.strategy, num_nodes=t.num_nodes,
+        strategy=strategy, num_nodes=t.num_nodes,
         sync_batchnorm=recipe.model.key_bn == "sync",
         precision=t.precision, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every,
@@ -127,10 +130,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     # Written after fit, atomically: an interrupted run keeps the previous checkpoint intact.
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.with_name(".last.ckpt.tmp")
-    trainer.save_checkpoint(str(tmp))
-    os.replace(tmp, ckpt)
-
-    stats = monitor.summary(task.augment_seconds)
+    trainer.save_checkpoint(str(tmp))  # collective: every rank calls it, rank 0 writes
+    stats = monitor.summary(task.augment_seconds, world_size=trainer.world_size)
     metrics = {
         "recipe": recipe.name,
         "steps": int(trainer.global_step),
@@ -147,6 +148,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
                   "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
                   "steps": int(trainer.global_step), "pair_builder": recipe.pairs.builder,
                   "data_source": recipe.data.source, "datasets": cards}
-    export_encoder(task, out, provenance)
-    write_json(out / "metrics.json", metrics)
+    if trainer.is_global_zero:
+        os.replace(tmp, ckpt)
+        export_encoder(task, out, provenance)
+        write_json(out / "metrics.json", metrics)
     return metrics

@@ -59,8 +59,10 @@ class ThroughputMonitor(pl.Callback):
         self._last_end = time.perf_counter()
         self.total_s = self._last_end - (self._start or self._last_end)
 
-    def summary(self, augment_seconds: float) -> dict[str, float]:
+    def summary(self, augment_seconds: float, world_size: int = 1) -> dict[str, float]:
+        """Figures of this process, with pairs and pairs/s for all ``world_size`` processes."""
         wait = max(0.0, self.wait_s - augment_seconds)
-        return {"pairs": self.pairs, "train_seconds": round(self.total_s, 3),
-                "pairs_per_s": round(self.pairs / self.total_s, 3) if self.total_s else 0.0,
+        pairs = self.pairs * world_size
+        return {"pairs": pairs, "world_size": world_size, "train_seconds": round(self.total_s, 3),
+                "pairs_per_s": round(pairs / self.total_s, 3) if self.total_s else 0.0,
                 "data_wait_fraction": round(wait / self.total_s, 4) if self.total_s else 0.0}

@@ -1,0 +1,7 @@
+"""``python -m densessl`` = the ``densessl`` command (used by torchrun / srun launchers)."""
+
+import sys
+
+from densessl.cli import main
+
+sys.exit(main())
