@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from densessl.augment import ViewAugmentation
 from densessl.data.registry import SOURCES
-from densessl.errors import RecipeError
+from densessl.errors import PairContractError, RecipeError
 from densessl.models import DenseEncoder
 from densessl.pairs import PairBuilder, get_pair_builder
 from densessl.recipe import Recipe
@@ -49,10 +49,21 @@ def build_source_dataset(recipe: Recipe) -> Dataset:
 def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBuilder:
     cls = get_pair_builder(recipe.pairs.builder)
     defaults = {"seed": recipe.seed, "image_size": recipe.data.image_size,
-                "channels": recipe.data.channels}
+                "channels": recipe.data.channels, "skip_bad": recipe.data.skip_bad}
     if "dataset" in inspect.signature(cls.__init__).parameters:
         defaults["dataset"] = dataset if dataset is not None else build_source_dataset(recipe)
-    return construct(cls, recipe.pairs.options, "pairs.options", defaults)
+    builder = construct(cls, recipe.pairs.options, "pairs.options", defaults)
+    noise = recipe.noise
+    if noise.kind != "none":
+        from densessl.pairs.noise import NoisyPairs
+
+        try:
+            builder = NoisyPairs(builder, kind=noise.kind, amount=noise.amount, rate=noise.rate,
+                                 seed=recipe.seed if noise.seed is None else noise.seed,
+                                 patch=noise.patch, rotation_degrees=noise.rotation_degrees)
+        except PairContractError as exc:  # e.g. wrong_class on a builder without instances
+            raise RecipeError(str(exc)) from None
+    return builder
 
 
 def build_encoder(recipe: Recipe) -> DenseEncoder:

@@ -106,6 +106,17 @@ class LossConfig(Section):
     samples_per_image: int = Field(64, ge=1)
     enqueue_per_image: int = Field(16, ge=0)
     batch_negatives: bool = True
+    queue: Literal["single", "per_class"] = Field(
+        "single", description="per_class: one ring per class (SegLoc); a query's negatives never "
+        "share its class; dense_queue_size / instance_queue_size are then per class")
+    num_classes: int = Field(13, ge=1, description="class ids 0..num_classes-1 for per-class "
+                             "queues (PIDray ids 1..12 -> 13); -1 = unknown")
+    instance_weight: float = Field(0.0, ge=0, description="InsLoc instance contrast over the "
+                                   "pair's boxes (needs model.neck: fpn)")
+    instance_queue_size: int = Field(4096, ge=1)
+    roi_output_size: int = Field(7, ge=1, description="RoIAlign output side")
+    roi_canonical_scale: float = Field(224.0, gt=0, description="box side that maps to FPN "
+                                       "level 4 (Lin et al. 2017); lower it for small views")
 
 
 class TrainConfig(Section):
@@ -148,6 +159,9 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     detection_neck: bool = Field(False, description="also initialise the detector's FPN from "
                                  "the pretrained neck (neck.pt next to encoder.pt)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads while "
+                                    "fine-tuning (1 avoids OpenMP spin-waits on a shared CPU); "
+                                    "null keeps torch's default")
 
     @field_validator("label_fractions")
     @classmethod

@@ -4,10 +4,22 @@ Every module here registers itself (see :mod:`densessl.data.registry`); importin
 makes every source, synthesizer and inspector available to recipes and the CLI.
 """
 
+from densessl.data.geotiff import GeoTiffPairs  # noqa: F401  (registers geotiff)
 from densessl.data.image_folder import ImageFolder
-from densessl.data.registry import (INSPECTORS, SOURCES, SYNTHESIZERS, register_inspector,
-                                    register_source, register_synthesizer)
+from densessl.data.noisy_seg import NoisySegPairs  # noqa: F401  (registers noisy-seg)
+from densessl.data.pidray import PIDray  # noqa: F401  (registers pidray source + inspector)
+from densessl.data.registry import (
+                                    INSPECTORS,
+                                    SOURCES,
+                                    SYNTHESIZERS,
+                                    register_inspector,
+                                    register_source,
+                                    register_synthesizer,
+)
+from densessl.data.sixray import SIXray  # noqa: F401  (registers sixray source + inspector)
 from densessl.data.synthetic import SyntheticScenes
+from densessl.data.xbd import XBDDataset, XBDTiles  # noqa: F401  (registers xbd)
+from densessl.data.xray_synth import synthesize_xray  # noqa: F401  (registers xray)
 
 __all__ = ["INSPECTORS", "ImageFolder", "SOURCES", "SYNTHESIZERS", "SyntheticScenes",
            "register_inspector", "register_source", "register_synthesizer"]

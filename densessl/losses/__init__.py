@@ -3,12 +3,17 @@
 from densessl.losses.dense_contrast import DenseContrast, sample_cells
 from densessl.losses.functional import contrastive_logits, info_nce, info_nce_from_logits
 from densessl.losses.global_contrast import GlobalContrast
+from densessl.losses.instance_contrast import InstanceContrast
+from densessl.losses.per_class_queue import PerClassDenseContrast, PerClassQueue
 from densessl.losses.queue import MoCoQueue
 
 __all__ = [
     "DenseContrast",
     "GlobalContrast",
+    "InstanceContrast",
     "MoCoQueue",
+    "PerClassDenseContrast",
+    "PerClassQueue",
     "contrastive_logits",
     "info_nce",
     "info_nce_from_logits",

@@ -22,9 +22,11 @@ from lightly.models.utils import (
 from densessl.build import build_augmentation, build_encoder
 from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
-from densessl.losses import DenseContrast, GlobalContrast
+from densessl.errors import RecipeError
+from densessl.losses import DenseContrast, GlobalContrast, InstanceContrast, PerClassDenseContrast
 from densessl.methods.monitors import collapse_stats
 from densessl.models import MomentumPair, cosine_momentum
+from densessl.models.instance_head import InstanceHead
 from densessl.models.split_batchnorm import convert_to_split_batchnorm
 from densessl.recipe import Recipe, parse_recipe
 
@@ -40,11 +42,24 @@ class DensePretraining(pl.LightningModule):
         encoder = build_encoder(recipe)
         if recipe.model.key_bn == "split":
             convert_to_split_batchnorm(encoder, recipe.model.split_bn_groups)
+        if recipe.loss.instance_weight > 0:
+            self._check_instance_recipe(recipe)
+            # Part of the encoder, so MomentumPair gives it a momentum twin and the optimiser
+            # (online parameters) trains it.
+            encoder.instance_head = InstanceHead(
+                recipe.model.neck_dim, out_dim=recipe.model.dense_dim,
+                output_size=recipe.loss.roi_output_size,
+                canonical_scale=recipe.loss.roi_canonical_scale)
         self.model = MomentumPair(encoder)
         self.augment = build_augmentation(recipe, grid_stride=encoder.stride)
         loss = recipe.loss
         self.dense_loss = None
-        if loss.dense_weight > 0:
+        if loss.dense_weight > 0 and loss.queue == "per_class":
+            self.dense_loss = PerClassDenseContrast(
+                loss.num_classes, dim=recipe.model.dense_dim, queue_size=loss.dense_queue_size,
+                temperature=loss.temperature, samples_per_image=loss.samples_per_image,
+                batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image)
+        elif loss.dense_weight > 0:
             self.dense_loss = DenseContrast(
                 dim=recipe.model.dense_dim, queue_size=loss.dense_queue_size,
                 temperature=loss.temperature, samples_per_image=loss.samples_per_image,
@@ -54,6 +69,11 @@ class DensePretraining(pl.LightningModule):
             self.global_loss = GlobalContrast(dim=recipe.model.global_dim,
                                               queue_size=loss.global_queue_size,
                                               temperature=loss.temperature)
+        self.instance_loss = None
+        if loss.instance_weight > 0:
+            self.instance_loss = InstanceContrast(
+                dim=recipe.model.dense_dim, queue_size=loss.instance_queue_size,
+                temperature=loss.temperature, queue=loss.queue, num_classes=loss.num_classes)
         self.augment_seconds = 0.0
         self.last_stats: dict[str, torch.Tensor] = {}
         self.dataset_cards: list[dict] = []
@@ -100,8 +120,10 @@ class DensePretraining(pl.LightningModule):
         total = batch.view_a.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         if self.dense_loss is not None:
+            extra = ({"class_map": batch.class_map_a}
+                     if isinstance(self.dense_loss, PerClassDenseContrast) else {})
             dense, stats = self.dense_loss(query["dense"], key["dense"], batch.grid_ab,
-                                           batch.valid_ab)
+                                           batch.valid_ab, **extra)
             total = total + self.recipe.loss.dense_weight * dense
             logs["loss_dense"] = dense.detach()
             logs.update({f"dense_{k}": v for k, v in stats.items()})
@@ -110,11 +132,33 @@ class DensePretraining(pl.LightningModule):
             total = total + self.recipe.loss.global_weight * glob
             logs["loss_global"] = glob.detach()
             logs.update({f"global_{k}": v for k, v in stats.items()})
+        if self.instance_loss is not None:
+            inst, stats = self.instance_losses(batch, query, key)
+            total = total + self.recipe.loss.instance_weight * inst
+            logs["loss_instance"] = inst.detach()
+            logs.update({f"instance_{k}": v for k, v in stats.items()})
         pooled = query["global"] if "global" in query else query["dense"].mean(dim=(2, 3))
         logs.update(collapse_stats(pooled))
         logs["loss"] = total.detach()
         logs["valid_fraction"] = batch.valid_ab.float().mean()
         return total, logs
+
+    def instance_losses(self, batch: PairBatch, query: dict, key: dict):
+        """InsLoc: box i of view A (online) against box i of view B (momentum), RoIAlign on
+        the FPN level each box's size selects."""
+        size = batch.view_a.shape[-1]
+        q = self.model.online.instance_head(query["pyramid"], batch.boxes_a, batch.box_batch,
+                                            size)
+        with torch.no_grad():
+            k = self.model.momentum.instance_head(key["pyramid"], batch.boxes_b,
+                                                  batch.box_batch, size)
+        return self.instance_loss(q, k, batch.box_label)
+
+    @staticmethod
+    def _check_instance_recipe(recipe: Recipe) -> None:
+        if recipe.model.neck != "fpn":
+            raise RecipeError("loss.instance_weight > 0 needs model.neck: fpn (RoIAlign reads "
+                              "the FPN levels p2..p5, which share one width)")
 
     def encode_keys(self, view_b: torch.Tensor) -> dict:
         """Momentum branch; with ``key_bn`` shuffle/split the batch is shuffled first (across
@@ -122,14 +166,19 @@ class DensePretraining(pl.LightningModule):
         """
         if self.recipe.model.key_bn not in ("shuffle", "split"):
             return self.model.encode(view_b, "momentum")
-        if world_size() > 1:
-            shuffled, order = batch_shuffle_distributed(view_b)
-            key = self.model.encode(shuffled, "momentum")
-            return {k: batch_unshuffle_distributed(v, order) for k, v in key.items()
-                    if torch.is_tensor(v)}
-        shuffled, order = batch_shuffle(view_b)
+        distributed = world_size() > 1
+        shuffle = batch_shuffle_distributed if distributed else batch_shuffle
+        unshuffle = batch_unshuffle_distributed if distributed else batch_unshuffle
+        shuffled, order = shuffle(view_b)
         key = self.model.encode(shuffled, "momentum")
-        return {k: batch_unshuffle(v, order) for k, v in key.items() if torch.is_tensor(v)}
+
+        def restore(value):
+            # nested outputs too: the instance objective reads the whole FPN pyramid
+            if isinstance(value, dict):
+                return {k: restore(v) for k, v in value.items()}
+            return unshuffle(value, order)
+
+        return restore(key)
 
     def configure_model(self) -> None:
         if self.recipe.train.compile:

@@ -9,14 +9,21 @@ from densessl.pairs.correspondence import (
                                            identity_correspondence,
                                            instance_correspondence,
 )
+from densessl.pairs.cut_paste import CutPastePairs
+from densessl.pairs.noise import NOISE_KINDS, NoisyPairs
 from densessl.pairs.registry import available_pair_builders, get_pair_builder, register_pair_builder
 from densessl.pairs.same_image import SameImagePairs
+from densessl.pairs.temporal import TemporalPairs
 from densessl.pairs.validation import validate_pair_sample
 
 __all__ = [
+    "CutPastePairs",
+    "NOISE_KINDS",
+    "NoisyPairs",
     "PairBuilder",
     "PairSample",
     "SameImagePairs",
+    "TemporalPairs",
     "available_pair_builders",
     "collate_pairs",
     "flow_correspondence",

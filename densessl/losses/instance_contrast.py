@@ -1,0 +1,85 @@
+"""Instance-level contrast over pasted boxes (InsLoc, Yang et al. 2021), with a single or a
+per-class MoCo queue (SegLoc, Halat et al. 2023)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from densessl.losses.functional import contrastive_logits, info_nce_from_logits
+from densessl.losses.per_class_queue import PerClassQueue
+from densessl.losses.queue import MoCoQueue
+
+
+class InstanceContrast(nn.Module):
+    """InfoNCE between the two views' embeddings of the same instance.
+
+    The query is the online embedding of box i in view A, its positive the momentum embedding
+    of box i in view B; negatives are the queue plus the other boxes' keys of the batch. With
+    ``queue="per_class"`` no negative (queued or in-batch) shares the query's class; unknown
+    (−1) queries and keys are never masked.
+
+    Args:
+        dim: embedding size ``D``.
+        queue_size: ``K`` (per class with ``per_class``).
+        temperature: InfoNCE temperature.
+        queue: ``single`` (:class:`MoCoQueue`) or ``per_class`` (:class:`PerClassQueue`).
+        num_classes: class ids ``0 … num_classes − 1`` (per-class queue only).
+
+    Shapes:
+        ``forward(q N×D, k N×D, labels N) -> (loss scalar, stats)``; ``k`` is enqueued with its
+        labels after the loss, by default only in training mode.
+    """
+
+    def __init__(self, dim: int = 128, queue_size: int = 4096, temperature: float = 0.2,
+                 queue: Literal["single", "per_class"] = "single", num_classes: int = 13) -> None:
+        super().__init__()
+        if queue not in ("single", "per_class"):
+            raise ValueError(f"queue must be 'single' or 'per_class', got {queue!r}")
+        self.temperature, self.per_class = temperature, queue == "per_class"
+        self.queue = (PerClassQueue(num_classes, queue_size, dim) if self.per_class
+                      else MoCoQueue(queue_size, dim))
+
+    def forward(self, q: Tensor, k: Tensor, labels: Tensor | None = None,
+                update_queue: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if q.shape != k.shape or q.dim() != 2:
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be N×D")
+        if labels is None:
+            labels = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
+        if update_queue is None:
+            update_queue = self.training
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        n = q.shape[0]
+        if self.per_class:
+            negatives, _, mask = self.queue.negatives(labels)
+            same_class = ~PerClassQueue.negatives_mask(labels, labels)
+        else:
+            negatives, _ = self.queue.get()
+            mask = torch.ones(n, negatives.shape[0], dtype=torch.bool, device=q.device)
+            same_class = torch.zeros(n, n, dtype=torch.bool, device=q.device)
+        not_self = ~torch.eye(n, dtype=torch.bool, device=q.device)
+        negatives = torch.cat([negatives.to(k), k], dim=0)
+        mask = torch.cat([mask.to(q.device), not_self & ~same_class.to(q.device)], dim=1)
+        if n == 0:
+            loss = q.sum() * 0.0
+            stats = {"pos_cos": q.new_zeros(()), "neg_cos": q.new_zeros(())}
+        else:
+            logits = contrastive_logits(q, k, negatives, self.temperature, mask)
+            loss = info_nce_from_logits(logits)
+            with torch.no_grad():
+                cos = logits.detach() * self.temperature
+                neg = cos[:, 1:][mask]
+                stats = {"pos_cos": cos[:, 0].mean(),
+                         "neg_cos": neg.mean() if neg.numel() else cos.new_zeros(())}
+        stats["boxes"] = torch.tensor(n, device=q.device)
+        stats["queue_filled"] = self.queue.filled.sum().detach().clone()
+        if update_queue:
+            if self.per_class:
+                self.queue.enqueue(k.detach(), labels)
+            else:
+                self.queue.enqueue(k.detach())
+        return loss, stats

@@ -1,0 +1,287 @@
+"""Cut-paste positive pairs: labeled segments pasted onto unlabeled backgrounds in two views.
+
+* ``insloc`` (InsLoc, Yang et al. 2021, "Instance Localization for Self-supervised Detection
+  Pretraining"): one foreground pasted onto two *different* backgrounds at different positions
+  and scales; the positive is the instance, the backgrounds share nothing.
+* ``segloc`` (SegLoc, Halat et al. 2023, arXiv 2310.08421): ``k`` segments from the bank pasted
+  onto unlabeled bags (SIXray negatives), the same instances in both views under different
+  transforms; optionally the same bag in both views.
+
+Blending: ``alpha`` (the segment replaces the background) or ``transmission`` (X-ray physics:
+transmissions multiply, ``out = bg · (1 − a + a · segment)``, Beer–Lambert).
+
+The base correspondence is exact: a pixel of instance j in source A maps through
+``M_b,j ∘ M_a,j⁻¹`` (its paste transforms) into source B. It is valid only where the pixel shows
+instance j alone and fully (no later paste on top, opaque alpha) in *both* sources, one pixel
+away from any boundary (bilinear resampling later mixes neighbours). Background pixels
+correspond (identity) only when both views use the same bag and neither view pasted over them.
+
+``class_map_a`` holds the PIDray class id (1..12) of the top instance at each pixel and −1 on
+background: the bag clutter is *unknown*, not a class, so a background query keeps negatives
+of every class and never masks another background cell as "same class".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from densessl.contract import PairSample
+from densessl.data.segment_bank import SegmentBank, default_cache_dir
+from densessl.data.sixray import SIXray
+from densessl.errors import RecipeError
+from densessl.pairs.base import PairBuilder
+from densessl.pairs.collate import identity_grid
+from densessl.pairs.registry import register_pair_builder
+
+_OPAQUE = 0.999
+
+
+def ensure_synthetic_xray(cache_dir: str | Path | None = None, seed: int = 0,
+                          n: int = 48) -> Path:
+    """The synthetic X-ray set (``pidray/`` + ``sixray/``), generated once into the cache."""
+    from densessl.data.xray_synth import synthesize_xray
+
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
+    root = base / "xray_synth" / f"seed{seed}_n{n}"
+    if (root / ".complete").is_file():
+        return root
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    synthesize_xray(tmp, n, seed)
+    (tmp / ".complete").write_text("ok\n")
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """3×3 binary erosion of an H×W bool mask (outside the image counts as False)."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    return cv2.erode(padded, np.ones((3, 3), np.uint8))[1:-1, 1:-1].astype(bool)
+
+
+def paste_matrix(seg_h: int, seg_w: int, scale: float, angle: float, cx: float, cy: float
+                 ) -> np.ndarray:
+    """3×3 affine: segment pixel → source pixel (rotate + scale about the segment centre, then
+    move the centre to ``(cx, cy)``). Pixel centres at integers, like the rest of densessl."""
+    c, s = np.cos(angle) * scale, np.sin(angle) * scale
+    ox, oy = (seg_w - 1) / 2, (seg_h - 1) / 2
+    return np.array([[c, -s, cx - c * ox + s * oy], [s, c, cy - s * ox - c * oy], [0, 0, 1]])
+
+
+@register_pair_builder("cut_paste")
+class CutPastePairs(PairBuilder):
+    """Cut-paste pairs from a segment bank and a set of background images.
+
+    Args:
+        pidray_root: PIDray root for the segment bank; None (with ``segments`` None) uses the
+            synthetic set generated once into ``cache_dir``.
+        sixray_root: SIXray root for backgrounds (negatives of ``sixray_subset``'s train CSV);
+            None uses the synthetic set's.
+        mode: ``segloc`` (k segments, both views) or ``insloc`` (one segment, two backgrounds).
+        k: segments per pair in ``segloc``.
+        blend: ``transmission`` (multiply, X-ray) or ``alpha``.
+        scale_range: random zoom of each paste relative to its native scale, where native
+            means the segment's source image (``segment["source_size"]``, its longest side)
+            resized to ``image_size`` like the backgrounds, so items keep their true
+            relative sizes (a bullet stays smaller than a baton).
+        rotate: paste at a random angle (X-ray items lie in any orientation).
+        same_background: probability that both views use the same bag (default 0.5 in segloc,
+            0 in insloc).
+        min_visible: an instance gets a box pair only if at least this fraction of its pasted
+            area stays on top in both views.
+        num_pairs: dataset length (default: number of backgrounds).
+        image_size, channels, seed: from the recipe's data section.
+        cache_dir: base folder of the segment-bank cache and of the synthetic set.
+        skip_bad: as the data loaders (warn + ``skipped_samples`` instead of failing).
+        segments, backgrounds: ready-made sequences instead of the roots (tests, custom data):
+            ``segments[i]`` = ``{"image": C×h×w uint8 or float, "mask": h×w bool, "label": int}``,
+            ``backgrounds[i]`` = ``{"image": C×S×S float}``.
+
+    Each ``build(i)`` draws fresh random placements from torch's RNG (seeded per worker by the
+    DataLoader), so epochs differ but a seeded run is reproducible.
+    """
+
+    def __init__(self, pidray_root: str | None = None, sixray_root: str | None = None,
+                 mode: Literal["segloc", "insloc"] = "segloc", k: int = 3,
+                 blend: Literal["transmission", "alpha"] = "transmission",
+                 scale_range: Sequence[float] = (0.8, 1.4), rotate: bool = True,
+                 same_background: float | None = None, min_visible: float = 0.3,
+                 num_pairs: int | None = None, image_size: int = 96, channels: int = 3,
+                 seed: int = 0, cache_dir: str | None = None, skip_bad: bool = False,
+                 sixray_subset: str | None = None, segments: Sequence[dict] | None = None,
+                 backgrounds: Sequence[dict] | None = None) -> None:
+        if mode not in ("segloc", "insloc"):
+            raise RecipeError(f"pairs.options.mode: expected segloc or insloc, got {mode!r}")
+        if blend not in ("transmission", "alpha"):
+            raise RecipeError(f"pairs.options.blend: expected transmission or alpha, got {blend!r}")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise RecipeError(f"pairs.options.scale_range: expected 0 < min <= max, got "
+                              f"{scale_range}")
+        if k < 1:
+            raise RecipeError(f"pairs.options.k: expected >= 1, got {k}")
+        if (segments is None and pidray_root is None) or (backgrounds is None
+                                                          and sixray_root is None):
+            synth = ensure_synthetic_xray(cache_dir, seed)
+            pidray_root = pidray_root or str(synth / "pidray")
+            sixray_root = sixray_root or str(synth / "sixray")
+        bank_dir = Path(cache_dir) / "segment_bank" if cache_dir else None
+        self.segments = segments if segments is not None else SegmentBank(
+            pidray_root, channels=channels, cache_dir=bank_dir, skip_bad=skip_bad)
+        self.backgrounds = backgrounds if backgrounds is not None else SIXray(
+            sixray_root, subset=sixray_subset, which="negative", image_size=image_size,
+            channels=channels, skip_bad=skip_bad)
+        self.mode, self.blend, self.rotate = mode, blend, rotate
+        self.k = 1 if mode == "insloc" else k
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.same_background = (same_background if same_background is not None
+                                else (0.0 if mode == "insloc" else 0.5))
+        self.min_visible, self.image_size, self.seed = min_visible, image_size, seed
+        self.num_pairs = num_pairs or len(self.backgrounds)
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _background(self, index: int) -> torch.Tensor:
+        image = self.backgrounds[index]["image"].float()
+        if tuple(image.shape[1:]) != (self.image_size, self.image_size):
+            image = F.interpolate(image[None], size=(self.image_size, self.image_size),
+                                  mode="bilinear", align_corners=False, antialias=True)[0]
+        return image
+
+    def _placement(self, rng: np.random.Generator, segment: dict) -> np.ndarray:
+        size = self.image_size
+        seg_h, seg_w = segment["mask"].shape
+        native = size / float(segment.get("source_size", size))
+        scale = rng.uniform(*self.scale_range) * native
+        angle = rng.uniform(-np.pi, np.pi) if self.rotate else 0.0
+        half = 0.5 * scale * np.hypot(seg_h, seg_w) * 0.6  # keep most of the item inside
+        lo, hi = min(half, size / 2), max(size - half, size / 2)
+        return paste_matrix(seg_h, seg_w, scale, angle, rng.uniform(lo, hi), rng.uniform(lo, hi))
+
+    @staticmethod
+    def _warp(segment: dict, matrix: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(C×S×S float image, S×S alpha) of one segment pasted with ``matrix``."""
+        image = segment["image"]
+        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        warped = cv2.warpAffine(hwc, matrix[:2].astype(np.float64), (size, size),
+                                flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        alpha = cv2.warpAffine(segment["mask"].numpy().astype(np.float32),
+                               matrix[:2].astype(np.float64), (size, size),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                               borderValue=0.0)
+        if warped.ndim == 2:
+            warped = warped[:, :, None]
+        return warped.transpose(2, 0, 1), alpha
+
+    def _compose(self, background: torch.Tensor, layers: list[tuple[np.ndarray, np.ndarray]]):
+        """Paste layers in order. Returns (image, top S×S long: index+1 of the top instance
+        with alpha > 0.5, else 0, solid k×S×S bool: the pixel shows instance j alone)."""
+        image = background.numpy().astype(np.float32)
+        size = self.image_size
+        top = np.zeros((size, size), np.int64)
+        solid = np.zeros((len(layers), size, size), bool)
+        for j, (seg, alpha) in enumerate(layers):
+            a = alpha[None]
+            if self.blend == "alpha":
+                image = (1 - a) * image + a * seg
+            else:
+                image = image * (1 - a + a * seg)
+            top[alpha > 0.5] = j + 1
+            solid[:j] &= alpha[None] <= 0
+            solid[j] = alpha >= _OPAQUE
+        covered = np.zeros((size, size), bool)
+        for _, alpha in layers:
+            covered |= alpha > 0
+        return np.ascontiguousarray(image, dtype=np.float32), top, solid, ~covered
+
+    # -- the pair ---------------------------------------------------------------------------
+    def build(self, index: int) -> PairSample:
+        rng = np.random.default_rng([self.seed, index, int(torch.randint(2**31, ()).item())])
+        n_bg = len(self.backgrounds)
+        bg_a = index % n_bg
+        same_bg = n_bg == 1 or rng.random() < self.same_background
+        bg_b = bg_a if same_bg else int((bg_a + rng.integers(1, n_bg)) % n_bg)
+        picks = rng.integers(len(self.segments), size=self.k)
+        segs = [self.segments[int(i)] for i in picks]
+        size = self.image_size
+        mats_a, mats_b, layers_a, layers_b = [], [], [], []
+        for seg in segs:
+            mats_a.append(self._placement(rng, seg))
+            mats_b.append(self._placement(rng, seg))
+            layers_a.append(self._warp(seg, mats_a[-1], size))
+            layers_b.append(self._warp(seg, mats_b[-1], size))
+        source_a, top_a, solid_a, bare_a = self._compose(self._background(bg_a), layers_a)
+        source_b, top_b, solid_b, bare_b = self._compose(self._background(bg_b), layers_b)
+
+        pixels = identity_grid(size, size).numpy()  # S×S×2 (x, y)
+        base_grid = pixels.copy() if same_bg else np.zeros((size, size, 2), np.float32)
+        base_valid = np.zeros((size, size), bool)
+        if same_bg:
+            base_valid = _erode(bare_a) & _erode(bare_b)
+        for j in range(self.k):
+            in_a = _erode(solid_a[j])
+            if not in_a.any():
+                continue
+            transform = (mats_b[j] @ np.linalg.inv(mats_a[j])).astype(np.float32)
+            mapped = pixels[in_a] @ transform[:2, :2].T + transform[:2, 2]
+            ok_b = _all_neighbours(_erode(solid_b[j]), mapped)
+            ys, xs = np.nonzero(in_a)
+            base_grid[ys[ok_b], xs[ok_b]] = mapped[ok_b]
+            base_valid[ys[ok_b], xs[ok_b]] = True
+
+        labels = torch.tensor([int(s["label"]) for s in segs], dtype=torch.long)
+        class_map = np.full((size, size), -1, dtype=np.int64)
+        class_map[top_a > 0] = labels.numpy()[top_a[top_a > 0] - 1]
+        boxes_a, boxes_b, keep = [], [], []
+        for j, seg in enumerate(segs):
+            area = float(seg["mask"].sum())
+            box_a, vis_a = _visible_box(top_a == j + 1, area * abs(np.linalg.det(mats_a[j])))
+            box_b, vis_b = _visible_box(top_b == j + 1, area * abs(np.linalg.det(mats_b[j])))
+            if min(vis_a, vis_b) >= self.min_visible:
+                boxes_a.append(box_a)
+                boxes_b.append(box_b)
+                keep.append(j)
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        return PairSample(
+            source_a=torch.from_numpy(source_a), source_b=torch.from_numpy(source_b),
+            base_grid=torch.from_numpy(base_grid), base_valid=torch.from_numpy(base_valid),
+            boxes_a=torch.stack(boxes_a) if boxes_a else torch.zeros(0, 4),
+            boxes_b=torch.stack(boxes_b) if boxes_b else torch.zeros(0, 4),
+            instance_ids=keep_t + 1, labels=labels[keep_t],
+            class_map_a=torch.from_numpy(class_map),
+            meta={"builder": "cut_paste", "mode": self.mode, "blend": self.blend,
+                  "backgrounds": [bg_a, bg_b], "segments": [int(i) for i in picks],
+                  "same_background": bool(same_bg)})
+
+
+def _all_neighbours(mask: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """True where all four integer neighbours of each point ``xy`` (M×2) are inside ``mask``
+    (S×S bool) and True: a bilinear read there sees only the masked pixels."""
+    h, w = mask.shape
+    x0, y0 = np.floor(xy[:, 0]).astype(np.int64), np.floor(xy[:, 1]).astype(np.int64)
+    ok = (x0 >= 0) & (x0 + 1 < w) & (y0 >= 0) & (y0 + 1 < h)
+    x0, y0 = np.clip(x0, 0, w - 2), np.clip(y0, 0, h - 2)
+    return ok & mask[y0, x0] & mask[y0, x0 + 1] & mask[y0 + 1, x0] & mask[y0 + 1, x0 + 1]
+
+
+def _visible_box(visible: np.ndarray, pasted_area: float) -> tuple[torch.Tensor, float]:
+    """xyxy box (COCO edges) of the visible pixels and the visible fraction of the paste."""
+    ys, xs = np.nonzero(visible)
+    if xs.size == 0:
+        return torch.zeros(4), 0.0
+    box = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    return box, float(xs.size) / max(pasted_area, 1.0)

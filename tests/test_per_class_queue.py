@@ -1,0 +1,106 @@
+"""PerClassQueue against a brute-force reference, and the per-class dense loss's masking."""
+
+import torch
+
+from densessl.losses import PerClassDenseContrast, PerClassQueue
+from densessl.losses.functional import info_nce
+
+
+class ReferenceQueues:
+    """One Python list per class, written key by key: the obvious (slow) semantics."""
+
+    def __init__(self, num_classes, size):
+        self.size = size
+        self.rings = {c: [None] * size for c in list(range(num_classes)) + [-1]}
+        self.ptr = dict.fromkeys(self.rings, 0)
+        self.filled = dict.fromkeys(self.rings, 0)
+
+    def enqueue(self, keys, labels):
+        for key, label in zip(keys, labels.tolist()):
+            self.rings[label][self.ptr[label]] = key
+            self.ptr[label] = (self.ptr[label] + 1) % self.size
+            self.filled[label] = min(self.filled[label] + 1, self.size)
+
+    def entries(self):
+        out = []
+        for label, ring in self.rings.items():
+            out += [(label, k) for k in ring[: self.filled[label]]]
+        return out
+
+
+def _as_set(keys, labels):
+    return sorted((int(lab), tuple(k.round(decimals=5).tolist())) for k, lab in zip(keys, labels))
+
+
+def test_matches_reference_with_wraparound_and_unknown():
+    torch.manual_seed(0)
+    queue, ref = PerClassQueue(num_classes=4, size=5, dim=3), ReferenceQueues(4, 5)
+    batches = [torch.tensor([0, 1, 1, -1]), torch.tensor([1] * 7 + [2, -1, 0]),  # class 1 wraps
+               torch.tensor([3, 3, -1, -1, -1, -1, -1, 2]), torch.tensor([], dtype=torch.long),
+               torch.tensor([0, 0, 0, 0, 0, 0, 1])]
+    for labels in batches:
+        keys = torch.randn(len(labels), 3)
+        queue.enqueue(keys, labels)
+        ref.enqueue(keys, labels)
+        got_keys, got_labels = queue.get()
+        expected = [(lab, tuple(k.round(decimals=5).tolist())) for lab, k in ref.entries()]
+        assert _as_set(got_keys, got_labels) == sorted(expected)
+        for label in ref.rings:
+            slot = 4 if label == -1 else label
+            assert queue.ptr[slot] == ref.ptr[label] and queue.filled[slot] == ref.filled[label]
+            # same slot order as the reference, not just the same set
+            for i in range(ref.filled[label]):
+                torch.testing.assert_close(queue.keys[slot, i], ref.rings[label][i])
+
+
+def test_negatives_mask():
+    queue = PerClassQueue(num_classes=3, size=4, dim=2)
+    queue.enqueue(torch.randn(6, 2), torch.tensor([0, 0, 1, 2, -1, -1]))
+    keys, labels, mask = queue.negatives(torch.tensor([0, 1, -1]))
+    assert keys.shape == (6, 2)
+    for n, q in enumerate([0, 1, -1]):
+        for f, k in enumerate(labels.tolist()):
+            assert mask[n, f] == (q == -1 or k == -1 or k != q)
+    assert not mask[0][labels == 0].any() and mask[2].all()
+
+
+def test_state_dict_round_trip():
+    queue = PerClassQueue(num_classes=3, size=4, dim=2)
+    queue.enqueue(torch.randn(5, 2), torch.tensor([0, 1, 1, -1, 2]))
+    fresh = PerClassQueue(num_classes=3, size=4, dim=2)
+    fresh.load_state_dict(queue.state_dict())
+    for a, b in zip(queue.get(), fresh.get()):
+        torch.testing.assert_close(a, b)
+    assert set(queue.state_dict()) == {"keys", "ptr", "filled"}
+
+
+def test_dense_loss_never_uses_same_class_negatives():
+    torch.manual_seed(1)
+    loss_fn = PerClassDenseContrast(num_classes=3, dim=4, queue_size=8, temperature=0.5,
+                                    samples_per_image=100, enqueue_per_image=100)
+    b, h, w = 2, 2, 2
+    q, k = torch.randn(b, 4, h, w), torch.randn(b, 4, h, w)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    grid = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], -1).float()
+    grid = grid.expand(b, h, w, 2)
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    classes = torch.tensor([[[1, 1], [2, -1]], [[1, 2], [2, 0]]])
+    loss_fn.train()
+    loss_fn(q, k, grid, valid, classes)  # fills the queue with these cells' keys
+    loss, _ = loss_fn(q, k, grid, valid, classes, update_queue=False)
+    # brute force: each cell against queue entries + other images' cells of another class
+    qn = torch.nn.functional.normalize(q, dim=1).flatten(2)
+    kn = torch.nn.functional.normalize(k, dim=1).flatten(2)
+    queue_keys, queue_labels = loss_fn.queue.get()
+    labels = classes.flatten(1)
+    total = []
+    for i in range(b):
+        for c in range(h * w):
+            lab = int(labels[i, c])
+            negs = [queue_keys[j] for j in range(len(queue_keys))
+                    if lab == -1 or queue_labels[j] == -1 or queue_labels[j] != lab]
+            negs += [kn[o, :, d] for o in range(b) for d in range(h * w)
+                     if o != i and (lab == -1 or labels[o, d] == -1 or labels[o, d] != lab)]
+            total.append(info_nce(qn[i, :, c][None], kn[i, :, c][None],
+                                  torch.stack(negs), 0.5))
+    torch.testing.assert_close(loss, torch.stack(total).mean(), atol=1e-5, rtol=1e-5)
