@@ -1,0 +1,21 @@
+"""Downstream evaluation: fine-tune segmentation / detection heads and linear probes from an
+encoder, against random and supervised inits, over label fractions and seeds.
+
+``labeled_data`` (registry of labeled splits) → ``inits`` (pretrained / random / supervised) →
+``segmentation`` / ``detection`` / ``linear_probe`` models → ``finetune`` loops → ``metrics`` →
+``report`` (results.json / .md / .png). ``densessl.run`` ties them to pretraining.
+"""
+
+from densessl.eval.inits import EncoderInit, load_encoder_file, supervised_init
+from densessl.eval.labeled_data import (
+    EVAL_DATASETS,
+    LabeledData,
+    build_eval_dataset,
+    instances_from_mask,
+    register_eval_dataset,
+)
+from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
+
+__all__ = ["EVAL_DATASETS", "DetectionMetrics", "EncoderInit", "LabeledData",
+           "SegmentationMetrics", "build_eval_dataset", "instances_from_mask",
+           "load_encoder_file", "register_eval_dataset", "supervised_init"]

@@ -1,0 +1,262 @@
+"""Fine-tuning loops (plain PyTorch: tiny models on CPU, where Lightning's overhead shows).
+
+One run = (init, task, architecture, label fraction, seed): build the model from the init,
+train it on a seeded fraction of the labeled train split, score it on every evaluation split.
+:func:`evaluate_inits` runs the whole grid from a recipe's ``finetune`` section.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from densessl.errors import DensesslError, RecipeError
+from densessl.eval.detection import build_detector
+from densessl.eval.inits import EncoderInit
+from densessl.eval.labeled_data import TASK_KEYS, LabeledData
+from densessl.eval.linear_probe import LinearProbe
+from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
+from densessl.eval.segmentation import build_segmentation_model
+from densessl.recipe import Recipe
+
+IGNORE = 255
+
+
+def channel_stats(recipe: Recipe) -> tuple[list[float], list[float]]:
+    """Per-channel mean / std of the pretraining normalisation (fine-tuning reuses it)."""
+    c = recipe.data.channels
+
+    def expand(v):
+        v = [float(v)] * c if isinstance(v, (int, float)) else [float(x) for x in v]
+        if len(v) != c:
+            raise RecipeError(f"augment.mean/std: {len(v)} values for {c} channels")
+        return v
+
+    return expand(recipe.augment.mean), expand(recipe.augment.std)
+
+
+def label_subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """A seeded random ``fraction`` of ``dataset`` (at least one sample)."""
+    n = len(dataset)
+    if fraction >= 1.0:
+        return dataset
+    k = max(1, round(fraction * n))
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+    return Subset(dataset, sorted(idx.tolist()))
+
+
+def _batches(dataset: Dataset, batch_size: int, seed: int, collate: Callable) -> Iterator:
+    """Endless shuffled batches (the train subset may be smaller than one batch)."""
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
+                        drop_last=True, collate_fn=collate, num_workers=0,
+                        generator=torch.Generator().manual_seed(seed))
+    while True:
+        yield from loader
+
+
+def _stack(samples: list[dict]) -> tuple[Tensor, Tensor]:
+    return (torch.stack([s["image"] for s in samples]),
+            torch.stack([s["mask"] for s in samples]))
+
+
+def _as_list(samples: list[dict]) -> list[dict]:
+    return samples
+
+
+def _normalise(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
+    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
+
+
+def _optimizer(params, lr: float, weight_decay: float, steps: int):
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay)
+    warmup = max(1, steps // 10)
+    # Linear warmup then cosine decay: short runs still end on a small learning rate.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
+    return opt, sched
+
+
+def train_dense(model: nn.Module, dataset: Dataset, *, steps: int, batch_size: int, lr: float,
+                weight_decay: float, seed: int, mean: list[float], std: list[float]) -> nn.Module:
+    """Per-pixel cross-entropy (255 ignored) with random horizontal flips."""
+    model.train()
+    opt, sched = _optimizer(model.parameters(), lr, weight_decay, steps)
+    gen = torch.Generator().manual_seed(seed)
+    batches = _batches(dataset, batch_size, seed, _stack)
+    for _ in range(steps):
+        image, mask = next(batches)
+        flip = torch.rand(image.shape[0], generator=gen) < 0.5
+        image[flip], mask[flip] = image[flip].flip(-1), mask[flip].flip(-1)
+        loss = F.cross_entropy(model(_normalise(image, mean, std)), mask, ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model
+
+
+@torch.no_grad()
+def evaluate_dense(model: nn.Module, dataset: Dataset, data: LabeledData, *, batch_size: int,
+                   mean: list[float], std: list[float]) -> dict[str, float]:
+    model.eval()
+    metrics = [SegmentationMetrics(data.class_names, IGNORE)]
+    if data.extra_segmentation_metrics is not None:
+        metrics.append(data.extra_segmentation_metrics())
+    for image, mask in DataLoader(dataset, batch_size=batch_size, collate_fn=_stack):
+        pred = model(_normalise(image, mean, std)).argmax(1)
+        for m in metrics:
+            m.update(pred, mask)
+    out: dict[str, float] = {}
+    for m in metrics:
+        out.update(m.compute())
+    return out
+
+
+def _det_targets(samples: list[dict], masks: bool, flip: Tensor) -> tuple[list, list]:
+    images, targets = [], []
+    for s, f in zip(samples, flip.tolist()):
+        image, boxes = s["image"], s["boxes"].clone()
+        inst = s["instance_masks"] if masks else None
+        if f:
+            w = image.shape[-1]
+            image = image.flip(-1)
+            boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
+            inst = inst.flip(-1) if inst is not None else None
+        t = {"boxes": boxes, "labels": s["labels"]}
+        if inst is not None:
+            t["masks"] = inst.to(torch.uint8)
+        images.append(image)
+        targets.append(t)
+    return images, targets
+
+
+def train_detector(model: nn.Module, dataset: Dataset, *, steps: int, batch_size: int,
+                   lr: float, weight_decay: float, seed: int, masks: bool) -> nn.Module:
+    """torchvision's summed detection losses, random horizontal flips, gradient clipping
+    (early RPN/RoI losses from a random init can spike)."""
+    model.train()
+    opt, sched = _optimizer(model.parameters(), lr, weight_decay, steps)
+    gen = torch.Generator().manual_seed(seed)
+    batches = _batches(dataset, batch_size, seed, _as_list)
+    for _ in range(steps):
+        samples = next(batches)
+        images, targets = _det_targets(samples, masks, torch.rand(len(samples), generator=gen)
+                                       < 0.5)
+        loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        sched.step()
+    return model
+
+
+@torch.no_grad()
+def evaluate_detector(model: nn.Module, dataset: Dataset, *, batch_size: int, masks: bool
+                      ) -> dict[str, float]:
+    model.eval()
+    metric = DetectionMetrics(masks=masks)
+    for samples in DataLoader(dataset, batch_size=batch_size, collate_fn=_as_list):
+        preds = model([s["image"] for s in samples])
+        metric.update(preds, samples)
+    return metric.compute()
+
+
+def check_data(recipe: Recipe, data: LabeledData) -> None:
+    """Fail before any training when the data cannot serve the recipe's tasks."""
+    cfg = recipe.finetune
+    needed = {t for t in cfg.tasks}
+    if "detection" in cfg.tasks and "mask_rcnn" in cfg.detection_archs:
+        needed.add("instance_segmentation")
+    for task in sorted(needed):
+        lacking = [k for k in TASK_KEYS[task] if k not in data.keys]
+        if lacking:
+            raise RecipeError(f"finetune.tasks: {task} needs {lacking} labels, but dataset "
+                              f"{cfg.dataset!r} provides only {sorted(data.keys)}")
+    if len(data.train) == 0:
+        raise DensesslError(f"finetune.dataset {cfg.dataset!r}: the train split is empty")
+    for name, split in data.eval_splits().items():
+        if len(split) == 0:
+            raise DensesslError(f"finetune.dataset {cfg.dataset!r}: the {name!r} split is "
+                                "empty; results need held-out samples")
+    image = data.train[0]["image"]
+    if image.shape[0] != recipe.data.channels:
+        raise RecipeError(f"finetune.dataset {cfg.dataset!r} gives {image.shape[0]}-channel "
+                          f"images but data.channels is {recipe.data.channels}")
+
+
+def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arch: str | None,
+            fraction: float, seed: int) -> dict[str, float]:
+    """Fine-tune one model and score it. Metric names get a ``<split>/`` prefix when the data
+    has several test subsets (e.g. ``easy/box_mAP``)."""
+    cfg, backbone, c = recipe.finetune, recipe.model.backbone, recipe.data.channels
+    mean, std = channel_stats(recipe)
+    torch.manual_seed(seed)  # head init (and random encoder init) differ by seed
+    train = label_subset(data.train, fraction, seed)
+    common = {"batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "seed": seed}
+    if task == "detection":
+        masks = arch == "mask_rcnn"
+        model = build_detector(arch, backbone, c, data.num_classes - 1, cfg.image_size, mean,
+                               std, fpn_dim=recipe.model.neck_dim, encoder_state=init.encoder,
+                               neck_state=init.neck if cfg.detection_neck else None)
+        train_detector(model, train, steps=cfg.detection_steps, lr=cfg.lr, masks=masks,
+                       **common)
+        score = lambda ds: evaluate_detector(model, ds, batch_size=cfg.batch_size,  # noqa: E731
+                                             masks=masks)
+    else:
+        if task == "linear_probe":
+            model = LinearProbe(backbone, c, data.num_classes, init.encoder)
+            lr = 10 * cfg.lr  # only a linear head learns: a larger step is standard
+        else:
+            model = build_segmentation_model(arch, backbone, c, data.num_classes, init.encoder)
+            lr = cfg.lr
+        train_dense(model, train, steps=cfg.steps, lr=lr, mean=mean, std=std, **common)
+        score = lambda ds: evaluate_dense(model, ds, data, batch_size=cfg.batch_size,  # noqa: E731
+                                          mean=mean, std=std)
+    splits = data.eval_splits()
+    out: dict[str, float] = {}
+    for name, split in splits.items():
+        prefix = f"{name}/" if len(splits) > 1 else ""
+        out.update({prefix + k: v for k, v in score(split).items()})
+    return out
+
+
+def task_runs(recipe: Recipe) -> list[tuple[str, str | None, float, str]]:
+    """(task, arch, fraction, key) for every fine-tuning configuration of the recipe."""
+    cfg = recipe.finetune
+    runs = []
+    for fraction in cfg.label_fractions:
+        pct = f"{100 * fraction:g}%"
+        for task in cfg.tasks:
+            archs = {"segmentation": cfg.segmentation_archs, "detection": cfg.detection_archs,
+                     "linear_probe": [None]}[task]
+            for arch in archs:
+                runs.append((task, arch, fraction, f"{task}{'/' + arch if arch else ''}@{pct}"))
+    return runs
+
+
+def evaluate_inits(recipe: Recipe, data: LabeledData, inits: list[EncoderInit],
+                   log: Callable[[str], None] = print) -> dict[str, dict[str, list[dict]]]:
+    """Every (init × task × fraction × seed) run. Returns ``{init: {task_key: [metrics per
+    seed]}}`` for :func:`densessl.eval.report.aggregate`."""
+    check_data(recipe, data)
+    raw: dict[str, dict[str, list[dict]]] = {}
+    for init in inits:
+        for task, arch, fraction, key in task_runs(recipe):
+            for seed in recipe.finetune.seeds:
+                start = time.perf_counter()
+                metrics = run_one(recipe, data, init, task, arch, fraction, seed)
+                raw.setdefault(init.name, {}).setdefault(key, []).append(metrics)
+                head = {k: round(v, 4) for k, v in metrics.items()
+                        if k.split("/")[-1] in ("mIoU", "box_mAP", "mask_mAP")}
+                log(f"  {init.name:<10} {key:<28} seed {seed}: {head} "
+                    f"({time.perf_counter() - start:.0f}s)")
+    return raw

@@ -1,0 +1,200 @@
+"""``densessl export``: encoder.pt → the key layout of torchvision, smp, timm or detectron2.
+
+Every export writes a model card next to the file (``FILE.card.json`` and ``FILE.card.md``):
+architecture, datasets and their licences, the pretraining recipe, metrics, versions.
+
+Layouts (``encoder.pt`` is already torchvision's ResNet layout without ``fc``):
+
+* ``torchvision``: ``torchvision.models.resnetXX`` keys (load with ``strict=False``: only
+  ``fc.*`` missing, or set ``model.fc = nn.Identity()`` first). With ``neck=True``: the layout
+  of torchvision's detection ``BackboneWithFPN`` (``body.*``, ``fpn.*``), for
+  ``FasterRCNN(backbone=...)``.
+* ``smp``: ``model.encoder.load_state_dict(sd)`` of any smp model with ``encoder_name=resnetXX``.
+* ``timm``: ``timm.create_model("resnetXX", num_classes=0, in_chans=C).load_state_dict(sd)``.
+* ``detectron2``: a ``.pkl`` ``{"model": {name: ndarray}, "__author__", "matching_heuristics"}``
+  with d2's ResNet names (``stem.conv1``, ``res2..res5``, ``convK.norm``, ``shortcut``), as
+  detectron2's own torchvision converter writes; ``neck=True`` adds ``fpn_lateralK`` /
+  ``fpn_outputK``. Use as ``MODEL.WEIGHTS``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import densessl
+from densessl.errors import DensesslError
+from densessl.eval.inits import check_encoder_state, guess_backbone
+from densessl.io import _atomic, save_torch, write_json, write_text
+
+TARGETS = ("torchvision", "smp", "timm", "detectron2")
+
+LOAD_HINTS = {
+    "torchvision": "m = torchvision.models.{backbone}(); m.fc = torch.nn.Identity(); "
+                   "m.load_state_dict(torch.load(FILE))",
+    "torchvision+fpn": "b = torchvision.models.detection.backbone_utils.BackboneWithFPN(...); "
+                       "b.load_state_dict(torch.load(FILE))",
+    "smp": "m = smp.Unet('{backbone}', encoder_weights=None, in_channels={in_channels}); "
+           "m.encoder.load_state_dict(torch.load(FILE))",
+    "timm": "m = timm.create_model('{backbone}', num_classes=0, in_chans={in_channels}); "
+            "m.load_state_dict(torch.load(FILE))",
+    "detectron2": "cfg.MODEL.WEIGHTS = FILE  (RESNETS.DEPTH matching {backbone}, "
+                  "STRIDE_IN_1X1=False, RES2_OUT_CHANNELS=64 for resnet18/34)",
+}
+
+
+def detectron2_name(key: str) -> str | None:
+    """torchvision ResNet key → detectron2 name (``None``: not stored, e.g. BN step count)."""
+    if key.endswith("num_batches_tracked"):
+        return None
+    if key == "conv1.weight":
+        return "stem.conv1.weight"
+    if key.startswith("bn1."):
+        return "stem.conv1.norm." + key[4:]
+    m = re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", key)
+    if m is None:
+        raise DensesslError(f"detectron2 export: unexpected key {key!r}")
+    stage, block, rest = int(m[1]) + 1, m[2], m[3]
+    rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+    rest = rest.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    return f"res{stage}.{block}.{rest}"
+
+
+def detectron2_fpn_name(key: str) -> str:
+    """Our FPNNeck key (``fpn.inner_blocks.I.0.weight``) → d2 ``fpn_lateral{I+2}.weight``."""
+    m = re.fullmatch(r"fpn\.(inner|layer)_blocks\.(\d)\.0\.(weight|bias)", key)
+    if m is None:
+        raise DensesslError(f"detectron2 export: unexpected neck key {key!r}")
+    kind = "lateral" if m[1] == "inner" else "output"
+    return f"fpn_{kind}{int(m[2]) + 2}.{m[3]}"
+
+
+def convert(state: dict[str, Tensor], to: str, neck: dict[str, Tensor] | None = None) -> dict:
+    """The encoder (and neck) state in ``to``'s layout (see the module docstring)."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if to in ("smp", "timm"):
+        return dict(state)
+    if to == "torchvision":
+        if neck is None:
+            return dict(state)
+        return {**{f"body.{k}": v for k, v in state.items()},
+                **{k: v for k, v in neck.items()}}  # FPNNeck keys already start with "fpn."
+    if to == "detectron2":
+        model = {}
+        for key, value in state.items():
+            name = detectron2_name(key)
+            if name is not None:
+                model[name] = value.detach().cpu().numpy()
+        for key, value in (neck or {}).items():
+            model[detectron2_fpn_name(key)] = value.detach().cpu().numpy()
+        return {"model": model, "__author__": f"densessl {densessl.__version__}",
+                "matching_heuristics": True}
+    raise DensesslError(f"export --to {to!r}: unknown target; valid: {', '.join(TARGETS)}")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: int,
+               with_neck: bool) -> dict:
+    """Provenance for an exported file, from the files ``densessl pretrain``/``run`` leave
+    next to ``encoder.pt`` (encoder.json, metrics.json, recipe.yaml, ../results.json)."""
+    provenance = _read_json(weights.with_suffix(".json")) or {}
+    metrics = _read_json(weights.parent / "metrics.json") or {}
+    results = (_read_json(weights.parent / "results.json")
+               or _read_json(weights.parent.parent / "results.json"))
+    recipe_file = weights.parent / "recipe.yaml"
+    datasets = provenance.get("datasets") or metrics.get("datasets") or []
+    if not datasets:
+        source = provenance.get("data_source", "unknown")
+        licence = ("generated by densessl (Apache-2.0)" if source == "synthetic"
+                   else "unknown: no dataset card was recorded; check your data's licence")
+        datasets = [{"name": source, "licence": licence}]
+    hint_key = "torchvision+fpn" if (to == "torchvision" and with_neck) else to
+    return {
+        "file": file.name,
+        "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+        "target": to,
+        "load": LOAD_HINTS[hint_key].format(backbone=backbone, in_channels=in_channels),
+        "architecture": {"backbone": backbone, "in_channels": in_channels,
+                         "neck": "fpn" if with_neck else None},
+        "datasets": datasets,
+        "recipe": recipe_file.read_text() if recipe_file.is_file() else provenance.get("recipe"),
+        "pretraining": {k: metrics.get(k) for k in ("steps", "final", "pairs_per_s")
+                        if k in metrics} or {k: provenance.get(k) for k in ("steps",)},
+        "downstream_results": results,
+        "source_weights": str(weights.resolve()),
+        "versions": {"densessl": densessl.__version__, "torch": torch.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _card_markdown(card: dict) -> str:
+    lines = [f"# Model card: {card['file']}", "",
+             f"- target layout: **{card['target']}**; load: `{card['load']}`",
+             f"- architecture: {card['architecture']}",
+             f"- sha256: `{card['sha256']}`", f"- versions: {card['versions']}",
+             f"- created: {card['created']}", "", "## Datasets (and licences)", ""]
+    lines += [f"- {d.get('name', '?')}: {d.get('licence', d.get('license', 'unknown'))}"
+              for d in card["datasets"]]
+    lines += ["", "## Pretraining", "", "```json", json.dumps(card["pretraining"], indent=1),
+              "```", "", "## Downstream results", "", "```json",
+              json.dumps(card["downstream_results"], indent=1), "```", "", "## Recipe", "",
+              "```yaml", str(card["recipe"]), "```", ""]
+    return "\n".join(lines)
+
+
+def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = False) -> Path:
+    """Convert ``weights`` (encoder.pt) for ``to`` and write ``out`` + its model card.
+
+    ``neck=True`` also exports ``neck.pt`` (found next to ``weights``) where the target has an
+    FPN (torchvision detection backbone, detectron2). Returns the written path.
+    """
+    weights, out = Path(weights), Path(out)
+    if to not in TARGETS:
+        raise DensesslError(f"export --to {to!r}: unknown target; valid: {', '.join(TARGETS)}")
+    if not weights.is_file():
+        raise DensesslError(f"export: weights {str(weights)!r} not found")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        raise DensesslError(f"export: {weights} is not a torch state dict ({exc})") from None
+    if not isinstance(state, dict) or "conv1.weight" not in state:
+        raise DensesslError(f"export: {weights} is not a ResNet encoder in torchvision layout "
+                            "(no conv1.weight); pass the encoder.pt written by pretraining")
+    provenance = _read_json(weights.with_suffix(".json")) or {}
+    backbone = provenance.get("backbone") or guess_backbone(state)
+    if backbone is None:
+        raise DensesslError(f"export: {weights}: not a resnet18/34/50 encoder")
+    in_channels = int(state["conv1.weight"].shape[1])
+    check_encoder_state(state, backbone, in_channels, f"export: {weights}")
+    neck_state = None
+    if neck:
+        if to in ("smp", "timm"):
+            raise DensesslError(f"export --neck: {to} has no FPN matching ours; export the "
+                                "encoder alone")
+        neck_path = weights.parent / "neck.pt"
+        if not neck_path.is_file():
+            raise DensesslError(f"export --neck: no neck.pt next to {weights} (pretrained "
+                                "with model.neck: none?)")
+        neck_state = torch.load(neck_path, map_location="cpu", weights_only=True)
+    converted = convert(state, to, neck_state)
+    if to == "detectron2":
+        _atomic(out, lambda tmp: tmp.write_bytes(pickle.dumps(converted)))
+    else:
+        save_torch(out, converted)
+    card = model_card(weights, out, to, backbone, in_channels, neck_state is not None)
+    write_json(out.with_name(out.name + ".card.json"), card)
+    write_text(out.with_name(out.name + ".card.md"), _card_markdown(card))
+    return out

@@ -1,0 +1,269 @@
+"""``densessl sweep SWEEP.yaml --out DIR``: a grid of pretrain → fine-tune cells, resumable.
+
+A sweep file names a base recipe, overrides for every cell (``set``) and a ``grid`` over any
+dotted recipe keys — a mapping (the cartesian product) or a list of mappings (the union of
+their products, e.g. one block per noise kind)::
+
+    name: noise_robustness
+    base: ../noisy_seg.yaml            # relative to the sweep file, or 'demo'
+    set: {train.max_steps: 20}
+    grid:
+      noise.kind: [mismatch, partial_change]
+      noise.amount: [0.0, 0.5, 1.0]
+      seed: [0, 1]
+    report: {x: noise.amount, over: [seed]}
+
+Every cell is checked as a recipe before anything runs. Each cell works in its own folder
+``DIR/cells/<id>/`` (wiped when it starts, so an interrupted cell is redone from scratch) and,
+when it ends, one row — its grid values and every metric, or its error — goes into
+``DIR/results.csv``, which is rewritten whole through a temporary file and ``os.replace``: a
+crash at any moment leaves either the old or the new table, never half a row. Rerunning the
+same command skips the cells with an ``ok`` row and retries the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from densessl.errors import DensesslError, RecipeError
+from densessl.io import write_text
+from densessl.recipe import apply_overrides, parse_recipe, read_recipe_dict
+from densessl.sweep_report import read_results, write_results, write_summary
+
+CellFn = Callable[[dict, Path], dict[str, float]]
+
+
+class ReportSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    x: str | None = Field("noise.amount", description="grid key on the plots' x axis")
+    over: list[str] = Field(["seed"], description="grid keys averaged over (mean ± std)")
+    metrics: list[str] = Field([], description="metrics to plot; default: every pretrained "
+                               "headline metric (mIoU, box_mAP, ...)")
+    baseline: str = Field("random", description="init drawn dashed next to 'pretrained'")
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "sweep"
+    base: str = Field(..., description="base recipe: a YAML path (relative to the sweep file) "
+                      "or 'demo'")
+    set: dict[str, Any] = Field({}, description="dotted recipe keys set in every cell")
+    grid: dict[str, list] | list[dict[str, list]]
+    report: ReportSpec = ReportSpec()
+
+
+def _spec_error(exc: ValidationError, source: str) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        model = ReportSpec if error["loc"][0] == "report" else SweepSpec
+        return (f"sweep {source}: {key}: unknown key (valid keys: "
+                f"{', '.join(model.model_fields)})")
+    return f"sweep {source}: {key}: {error['msg']}"
+
+
+def load_sweep(path: str | Path | dict, overrides: list[str] | None = None
+               ) -> tuple[SweepSpec, dict, Path]:
+    """Read and validate a sweep. Returns (spec, base recipe dict with ``set`` and
+    ``overrides`` applied, folder that relative paths start from)."""
+    if isinstance(path, dict):
+        raw, source, folder = path, "<dict>", Path.cwd()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"sweep {str(path)!r} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"sweep {path}: not valid YAML ({exc})") from None
+        source, folder = str(path), path.parent
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_spec_error(exc, source)) from None
+    if spec.base == "demo":
+        from densessl.cli import demo_recipe_path
+
+        base_path = demo_recipe_path()
+    else:
+        base_path = Path(spec.base) if Path(spec.base).is_absolute() else folder / spec.base
+    base = read_recipe_dict(base_path)
+    sets = [f"{k}={json.dumps(v)}" for k, v in spec.set.items()]
+    base = apply_overrides(base, sets + list(overrides or []))
+    return spec, base, folder
+
+
+def expand_grid(grid: dict[str, list] | list[dict[str, list]]) -> list[dict[str, Any]]:
+    """Cells of a grid: the product of a mapping, or the union of products of a list."""
+    blocks = [grid] if isinstance(grid, dict) else grid
+    cells: list[dict] = []
+    for block in blocks:
+        keys = list(block)
+        for values in itertools.product(*(block[k] for k in keys)):
+            cell = dict(zip(keys, values))
+            if cell not in cells:
+                cells.append(cell)
+    return cells
+
+
+def grid_keys(grid) -> list[str]:
+    blocks = [grid] if isinstance(grid, dict) else grid
+    return list(dict.fromkeys(k for block in blocks for k in block))
+
+
+def cell_id(params: dict, recipe: dict) -> str:
+    """Stable short id of a cell from its grid values *and* its resolved recipe, so a cell
+    run under other settings (an edited ``set``, ``--set``) is never mistaken for this one."""
+    text = json.dumps({"params": params, "recipe": recipe}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def plan(sweep: str | Path | dict, overrides: list[str] | None = None
+         ) -> tuple[SweepSpec, list[tuple[dict, dict, str]]]:
+    """Validate a sweep and resolve every cell: (spec, [(params, recipe dict, cell id)])."""
+    spec, base, _ = load_sweep(sweep, overrides)
+    source = str(sweep) if not isinstance(sweep, dict) else "<dict>"
+    cells = []
+    for params in expand_grid(spec.grid):
+        recipe = cell_recipe(base, params, f"sweep {source}")
+        cells.append((params, recipe, cell_id(params, recipe)))
+    return spec, cells
+
+
+def cell_recipe(base: dict, params: dict, source: str) -> dict:
+    """The validated, fully resolved recipe dict of one cell."""
+    data = apply_overrides(json.loads(json.dumps(base)),
+                           [f"{k}={json.dumps(v)}" for k, v in params.items()])
+    where = f"{source} cell {json.dumps(params)}"
+    return parse_recipe(data, where).model_dump(mode="json")
+
+
+def flatten_results(results: dict, prefix: str = "") -> dict[str, float]:
+    """``{"init": {"task": {"metric": v}}}`` → ``{"init/task/metric": v}`` (numbers only)."""
+    flat: dict[str, float] = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_results(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
+    """The real cell: :func:`densessl.run.run` (pretrain → fine-tune every init) in
+    ``cell_dir``; returns every downstream metric, the pretrained − random gaps and the final
+    pretraining monitors."""
+    from densessl.data.noisy_seg import register_labeled
+    from densessl.run import run
+
+    register_labeled()  # densessl.eval may have been imported before densessl.data
+    with open(cell_dir / "log.txt", "a") as log_file:
+        results = run(recipe, cell_dir, log=lambda *a: print(*a, file=log_file, flush=True))
+    metrics = flatten_results(results)
+    for key, value in list(metrics.items()):
+        init, _, rest = key.partition("/")
+        other = metrics.get(f"random/{rest}")
+        if init == "pretrained" and other is not None and not rest.endswith(("_std", "n_seeds")):
+            metrics[f"gap/{rest}"] = value - other
+    pretrain_metrics = json.loads((cell_dir / "pretrain" / "metrics.json").read_text())
+    metrics.update(flatten_results(pretrain_metrics.get("final", {}), "pretrain/"))
+    metrics["pretrain/pairs_per_s"] = float(pretrain_metrics.get("pairs_per_s", float("nan")))
+    return metrics
+
+
+def execute_cell(cell_fn: CellFn, recipe: dict, params: dict, cell_dir: Path) -> dict:
+    """Run one cell in a clean folder and return its row; an exception becomes a ``failed``
+    row (interrupts such as KeyboardInterrupt still stop the sweep)."""
+    if cell_dir.exists():
+        shutil.rmtree(cell_dir)  # leftovers of an interrupted attempt
+    cell_dir.mkdir(parents=True)
+    (cell_dir / "cell.json").write_text(json.dumps({"params": params, "recipe": recipe},
+                                                   indent=2))
+    row: dict[str, Any] = {"cell_id": cell_dir.name, **params}
+    start = time.perf_counter()
+    try:
+        metrics = cell_fn(recipe, cell_dir)
+        row.update(status="ok", error="", **{k: float(v) for k, v in metrics.items()})
+    except Exception as exc:  # noqa: BLE001 — a failed cell must not stop the sweep
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        (cell_dir / "error.txt").write_text(traceback.format_exc())
+        row.update(status="failed", error=message)
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
+              overrides: list[str] | None = None, cell_fn: CellFn = run_cell,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Run every cell of ``sweep`` not yet finished in ``out``; returns the result rows.
+
+    ``jobs`` > 1 runs cells in that many processes (each with a share of the CPU threads).
+    ``cell_fn(recipe_dict, cell_dir) -> metrics`` is the per-cell work (tests inject cheap
+    ones); it must be a module-level function when ``jobs`` > 1.
+    """
+    spec, cells = plan(sweep, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "sweep.yaml", yaml.safe_dump(spec.model_dump(), sort_keys=False))
+    keys = grid_keys(spec.grid)
+    results_path = out / "results.csv"
+    rows = {r["cell_id"]: r for r in read_results(results_path)}
+    todo = [(p, r, i) for p, r, i in cells if rows.get(i, {}).get("status") != "ok"]
+    log(f"sweep {spec.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
+        f"{len(todo)} to run → {results_path}")
+
+    def record(row: dict) -> None:
+        rows[row["cell_id"]] = row
+        write_results(results_path, list(rows.values()), keys)
+        what = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
+        log(f"  cell {row['cell_id']} {json.dumps({k: row.get(k) for k in keys})}: {what} "
+            f"in {row['seconds']:.1f}s")
+
+    if jobs <= 1 or len(todo) <= 1:
+        for params, recipe, ident in todo:
+            record(execute_cell(cell_fn, recipe, params, out / "cells" / ident))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = [pool.submit(execute_cell, cell_fn, recipe, params, out / "cells" / ident)
+                       for params, recipe, ident in todo]
+            try:
+                for future in as_completed(futures):
+                    record(future.result())
+            except BrokenProcessPool:
+                raise DensesslError("a sweep worker process died (out of memory or killed); "
+                                    "rerun the same command to resume") from None
+    ordered = [rows[i] for _, _, i in cells if i in rows]
+    current = {i for _, _, i in cells}
+    # Rows of cells no longer in the grid (an edited sweep) stay in the table, after the others.
+    write_results(results_path, ordered + [r for k, r in rows.items() if k not in current], keys)
+    paths = write_summary(out, ordered, keys, spec.report.model_dump())
+    failed = sum(r["status"] != "ok" for r in ordered)
+    log(f"sweep {spec.name}: {len(ordered) - failed} ok, {failed} failed; summary "
+        f"{', '.join(str(p) for p in paths)}")
+    return ordered

@@ -1,0 +1,211 @@
+"""Sweep machinery: resume, crashes mid-cell (exception and SIGKILL), failures, summary, plots.
+
+Cells here are cheap functions injected into :func:`run_sweep`; one slow-marked test runs a
+real tiny pretrain → fine-tune cell.
+"""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from densessl.errors import RecipeError
+from densessl.sweep import cell_id, expand_grid, plan, run_sweep
+from densessl.sweep_report import read_results, summarize
+
+SPEC = {"name": "t", "base": "demo", "set": {"train.max_steps": 1},
+        "grid": [{"noise.kind": ["none"], "seed": [0, 1]},
+                 {"noise.kind": ["mismatch", "partial_change"], "noise.amount": [0.5, 1.0],
+                  "seed": [0, 1]}],
+        "report": {"x": "noise.amount"}}
+N_CELLS = 2 + 2 * 2 * 2
+
+
+def fake_cell(recipe: dict, cell_dir: Path) -> dict:
+    """A metric that depends on the cell's recipe, like a real one would."""
+    (cell_dir / "work.txt").write_text("done")
+    amount, seed = recipe["noise"]["amount"], recipe["seed"]
+    return {"pretrained/segmentation/fpn@100%/mIoU": 0.5 - 0.1 * amount + 0.01 * seed,
+            "random/segmentation/fpn@100%/mIoU": 0.3}
+
+
+def unique_rows(out):
+    rows = read_results(out / "results.csv")
+    ids = [r["cell_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "duplicated rows"
+    return rows
+
+
+def test_grid_expansion_and_ids():
+    _, cells = plan(SPEC)
+    assert len(cells) == N_CELLS and len({i for _, _, i in cells}) == N_CELLS
+    params, recipe, ident = cells[3]
+    assert recipe["noise"]["kind"] == params["noise.kind"] and recipe["train"]["max_steps"] == 1
+    _, other = plan(SPEC, overrides=["train.max_steps=2"])  # other settings → other cells
+    assert ident == cell_id(params, recipe) != other[3][2]
+    assert expand_grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+
+
+def test_resume_skips_finished_cells(tmp_path):
+    calls = []
+
+    def counting(recipe, cell_dir):
+        calls.append(recipe["seed"])
+        return fake_cell(recipe, cell_dir)
+
+    run_sweep(SPEC, tmp_path, cell_fn=counting, log=lambda *_: None)
+    assert len(calls) == N_CELLS
+    first = unique_rows(tmp_path)
+    run_sweep(SPEC, tmp_path, cell_fn=counting, log=lambda *_: None)
+    assert len(calls) == N_CELLS  # nothing rerun
+    assert unique_rows(tmp_path) == first
+    assert (tmp_path / "summary.md").is_file()
+    assert (tmp_path / "plots" / "pretrained_segmentation_fpn_100pct_mIoU.png").is_file()
+
+
+class SimulatedCrash(BaseException):
+    """Like a kill: not an Exception, so the sweep does not record it as a failed cell."""
+
+
+def test_crash_mid_cell_then_resume_redoes_it_cleanly(tmp_path):
+    def crashing(recipe, cell_dir):
+        if recipe["noise"]["kind"] == "partial_change":
+            (cell_dir / "half_written.txt").write_text("partial")
+            raise SimulatedCrash
+        return fake_cell(recipe, cell_dir)
+
+    with pytest.raises(SimulatedCrash):
+        run_sweep(SPEC, tmp_path, cell_fn=crashing, log=lambda *_: None)
+    before = unique_rows(tmp_path)
+    assert 0 < len(before) < N_CELLS and all(r["status"] == "ok" for r in before)
+    run_sweep(SPEC, tmp_path, cell_fn=fake_cell, log=lambda *_: None)
+    rows = unique_rows(tmp_path)
+    assert len(rows) == N_CELLS and all(r["status"] == "ok" for r in rows)
+    assert not list(tmp_path.glob("cells/*/half_written.txt"))  # the cell folder was wiped
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+from densessl.sweep import run_sweep
+spec, out, marker = {spec!r}, Path(sys.argv[1]), Path(sys.argv[2])
+def cell(recipe, cell_dir):
+    if recipe["noise"]["kind"] == "mismatch" and recipe["seed"] == 1:
+        (cell_dir / "half_written.txt").write_text("partial")
+        marker.write_text(str(cell_dir))
+        time.sleep(120)
+    return {{"pretrained/segmentation/fpn@100%/mIoU": 0.4,
+            "random/segmentation/fpn@100%/mIoU": 0.3}}
+run_sweep(spec, out, cell_fn=cell, log=lambda *_: None)
+"""
+
+
+def test_sigkill_mid_cell_then_resume_has_no_duplicate_or_missing_rows(tmp_path):
+    out, marker = tmp_path / "sweep", tmp_path / "started"
+    script = tmp_path / "kill_me.py"
+    script.write_text(KILL_SCRIPT.format(spec=SPEC))
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(marker)])
+    try:
+        deadline = time.time() + 90
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "sweep never reached the cell"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_dir = Path(marker.read_text())
+    done = unique_rows(out)
+    assert killed_dir.name not in {r["cell_id"] for r in done}
+    run_sweep(SPEC, out, cell_fn=fake_cell, log=lambda *_: None)
+    rows = unique_rows(out)
+    assert {r["cell_id"] for r in rows} == {i for _, _, i in plan(SPEC)[1]}
+    assert not (killed_dir / "half_written.txt").exists()
+    assert (killed_dir / "work.txt").is_file()
+
+
+def failing_on_mismatch(recipe, cell_dir):
+    if recipe["noise"]["kind"] == "mismatch" and recipe["noise"]["amount"] == 1.0:
+        raise ValueError("no GPU\nsecond line")
+    return fake_cell(recipe, cell_dir)
+
+
+def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
+    rows = run_sweep(SPEC, tmp_path, cell_fn=failing_on_mismatch, log=lambda *_: None)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 2 and len(rows) == N_CELLS
+    assert failed[0]["error"] == "ValueError: no GPU second line"
+    assert all(r["status"] == "ok" for r in rows if r not in failed)
+    on_disk = {r["cell_id"]: r for r in unique_rows(tmp_path)}
+    assert on_disk[failed[0]["cell_id"]]["error"] == "ValueError: no GPU second line"
+    rows = run_sweep(SPEC, tmp_path, cell_fn=fake_cell, log=lambda *_: None)  # retried
+    assert all(r["status"] == "ok" for r in rows) and len(unique_rows(tmp_path)) == N_CELLS
+
+
+def test_parallel_jobs_give_the_same_rows(tmp_path):
+    spec = {**SPEC, "grid": {"noise.kind": ["mismatch"], "noise.amount": [0.0, 0.5, 1.0]}}
+    rows = run_sweep(spec, tmp_path, jobs=2, cell_fn=fake_cell, log=lambda *_: None)
+    assert [float(r["pretrained/segmentation/fpn@100%/mIoU"]) for r in rows] == \
+        pytest.approx([0.5, 0.45, 0.4])
+    assert len(unique_rows(tmp_path)) == 3
+
+
+def test_summary_mean_std_on_hand_made_csv(tmp_path):
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["cell_id", "status", "error", "seconds", "noise.kind", "seed", "m"])
+        w.writerows([["a", "ok", "", 1, "mismatch", 0, 0.2], ["b", "ok", "", 1, "mismatch", 1, 0.4],
+                     ["c", "ok", "", 1, "mismatch", 2, 0.9], ["d", "ok", "", 1, "none", 0, 0.5],
+                     ["e", "failed", "boom", 1, "none", 1, ""]])
+    summary = {e["noise.kind"]: e for e in summarize(read_results(path), ["noise.kind", "seed"])}
+    assert summary["mismatch"]["n"] == 3 and summary["mismatch"]["m"] == pytest.approx(0.5)
+    assert summary["mismatch"]["m:std"] == pytest.approx(math.sqrt(0.13))  # sample std
+    assert summary["none"]["n"] == 1 and summary["none"]["m:std"] == 0.0
+
+
+def test_sweep_yaml_is_validated(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: demo\ngrid: {seed: [0]}\nrepot: {}\n")
+    with pytest.raises(RecipeError, match="repot: unknown key"):
+        run_sweep(bad, tmp_path / "o", cell_fn=fake_cell)
+    bad.write_text("base: demo\ngrid: {noise.amout: [0.5]}\n")
+    with pytest.raises(RecipeError, match="noise.amout: unknown key"):
+        run_sweep(bad, tmp_path / "o", cell_fn=fake_cell)
+    assert not (tmp_path / "o" / "results.csv").exists()  # nothing ran
+
+
+def test_shipped_sweeps_are_valid():
+    from densessl.sweep import cell_recipe, load_sweep
+
+    for path in Path(__file__).parents[1].glob("recipes/sweeps/*.yaml"):
+        spec, base, _ = load_sweep(path)
+        for params in expand_grid(spec.grid):
+            cell_recipe(base, params, str(path))
+
+
+@pytest.mark.slow
+def test_real_tiny_cell_end_to_end(tmp_path):
+    spec = {"name": "tiny", "base": "demo",
+            "set": {"train.max_steps": 2, "train.batch_size": 4, "train.num_workers": 0,
+                    "data.image_size": 32, "augment.view_size": 32,
+                    "data.options": {"num_images": 8}, "loss.dense_queue_size": 64,
+                    "loss.global_queue_size": 16, "model.neck_dim": 16, "model.dense_dim": 16,
+                    "model.global_dim": 16, "finetune.steps": 2, "finetune.image_size": 32,
+                    "finetune.batch_size": 4,
+                    "finetune.options": {"num_train": 4, "num_val": 4, "num_source": 0}},
+            "grid": {"noise.kind": ["mismatch"], "noise.amount": [0.5]}}
+    rows = run_sweep(spec, tmp_path, log=lambda *_: None)
+    assert rows[0]["status"] == "ok", rows[0]["error"]
+    row = unique_rows(tmp_path)[0]
+    for key in ("pretrained/segmentation/fpn@100%/mIoU", "random/segmentation/fpn@100%/mIoU",
+                "gap/segmentation/fpn@100%/mIoU", "pretrain/loss"):
+        assert math.isfinite(float(row[key])), key
+    assert (tmp_path / "cells" / row["cell_id"] / "pretrain" / "encoder.pt").is_file()
