@@ -199,7 +199,7 @@ def bench_builders(samples: int = 32) -> dict:
 
 def bench_data_wait(steps: int = 20) -> dict:
     """A short real pretraining run of the demo recipe with its DataLoader workers."""
-    from densessl.pretrain import pretrain
+    from densessl.pretraining import pretrain
 
     demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
     with tempfile.TemporaryDirectory() as out:

@@ -29,7 +29,7 @@ def _recipe_arg(value: str) -> str:
 
 
 def cmd_pretrain(args) -> int:
-    from densessl.pretrain import pretrain
+    from densessl.pretraining import pretrain
 
     metrics = pretrain(_recipe_arg(args.recipe), args.out, overrides=args.set,
                        resume=args.resume)
@@ -46,7 +46,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from densessl.run import finetune
+    from densessl.experiment import finetune
 
     finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set)
     print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png")
@@ -54,7 +54,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from densessl.run import run
+    from densessl.experiment import run
 
     run(_recipe_arg(args.recipe), args.out, overrides=args.set)
     print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png "

@@ -168,11 +168,11 @@ def flatten_results(results: dict, prefix: str = "") -> dict[str, float]:
 
 
 def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
-    """The real cell: :func:`densessl.run.run` (pretrain → fine-tune every init) in
+    """The real cell: :func:`densessl.experiment.run` (pretrain → fine-tune every init) in
     ``cell_dir``; returns every downstream metric, the pretrained − random gaps and the final
     pretraining monitors."""
     from densessl.data.noisy_seg import register_labeled
-    from densessl.run import run
+    from densessl.experiment import run
 
     register_labeled()  # densessl.eval may have been imported before densessl.data
     with open(cell_dir / "log.txt", "a") as log_file:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from densessl.augment import ViewAugmentation
 from densessl.augment.correspondence import cell_centers, pixel_to_normalized, sample_at
 from densessl.pairs import CutPastePairs, collate_pairs
-from densessl.pretrain import collect_provenance
+from densessl.pretraining import collect_provenance
 
 SIZE = 64
 

@@ -11,8 +11,8 @@ import torch
 
 from densessl.cli import demo_recipe_path, main
 from densessl.eval.report import aggregate, results_table
+from densessl.experiment import CollapseWarning, collapse_message, run
 from densessl.models import ResNetBackbone
-from densessl.run import CollapseWarning, collapse_message, run
 
 TINY = [
     "data.image_size=32", "data.options.num_images=16", "augment.view_size=32",

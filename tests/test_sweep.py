@@ -199,7 +199,9 @@ def test_real_tiny_cell_end_to_end(tmp_path):
                     "data.options": {"num_images": 8}, "loss.dense_queue_size": 64,
                     "loss.global_queue_size": 16, "model.neck_dim": 16, "model.dense_dim": 16,
                     "model.global_dim": 16, "finetune.steps": 2, "finetune.image_size": 32,
-                    "finetune.batch_size": 4,
+                    "finetune.batch_size": 4, "finetune.label_fractions": [1.0],
+                    "finetune.tasks": ["segmentation"], "finetune.inits": ["pretrained", "random"],
+                    "finetune.seeds": [0],
                     "finetune.options": {"num_train": 4, "num_val": 4, "num_source": 0}},
             "grid": {"noise.kind": ["mismatch"], "noise.amount": [0.5]}}
     rows = run_sweep(spec, tmp_path, log=lambda *_: None)

@@ -256,7 +256,8 @@ class PIDray(Dataset):
                                   antialias=True)[0]
             semantic = F.interpolate(semantic[None, None].float(), size=size,
                                      mode="nearest")[0, 0].long()
-            inst = F.interpolate(inst[None].float(), size=size, mode="nearest")[0] > 0.5
+            inst = (F.interpolate(inst[None].float(), size=size, mode="nearest")[0] > 0.5
+                    if inst.shape[0] else torch.zeros(0, *size, dtype=torch.bool))
         return {"image": image, "mask": semantic, "boxes": masks_to_boxes(inst),
                 "labels": torch.tensor(labels, dtype=torch.long), "instance_masks": inst,
                 "meta": {"source": "pidray", "split": self.split, "file": str(rec["file"]),

@@ -3,7 +3,7 @@ encoder, against random and supervised inits, over label fractions and seeds.
 
 ``labeled_data`` (registry of labeled splits) → ``inits`` (pretrained / random / supervised) →
 ``segmentation`` / ``detection`` / ``linear_probe`` models → ``finetune`` loops → ``metrics`` →
-``report`` (results.json / .md / .png). ``densessl.run`` ties them to pretraining.
+``report`` (results.json / .md / .png). ``densessl.experiment`` ties them to pretraining.
 """
 
 from densessl.eval.inits import EncoderInit, load_encoder_file, supervised_init

@@ -43,11 +43,12 @@ def channel_stats(recipe: Recipe) -> tuple[list[float], list[float]]:
 
 
 def label_subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
-    """A seeded random ``fraction`` of ``dataset`` (at least one sample)."""
+    """A seeded random ``fraction`` of ``dataset`` (at least two samples: BatchNorm cannot train
+    on a batch of one)."""
     n = len(dataset)
     if fraction >= 1.0:
         return dataset
-    k = max(1, round(fraction * n))
+    k = min(n, max(2, round(fraction * n)))
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
     return Subset(dataset, sorted(idx.tolist()))
 

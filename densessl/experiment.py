@@ -95,7 +95,7 @@ def finetune(recipe: str | Path | dict | Recipe, weights: str | Path | None, out
 def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str] | None = None,
         log=print) -> dict[str, Any]:
     """Pretrain into ``out/pretrain``, then :func:`finetune` every init into ``out``."""
-    from densessl.pretrain import pretrain
+    from densessl.pretraining import pretrain
 
     recipe = load_recipe(recipe, overrides)
     out = Path(out)
