@@ -24,7 +24,7 @@ from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
 from densessl.errors import RecipeError
 from densessl.losses import DenseContrast, GlobalContrast, InstanceContrast, PerClassDenseContrast
-from densessl.methods.monitors import collapse_stats
+from densessl.methods.monitors import collapse_stats, dense_cells
 from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.instance_head import InstanceHead
 from densessl.models.split_batchnorm import convert_to_split_batchnorm
@@ -137,8 +137,10 @@ class DensePretraining(pl.LightningModule):
             total = total + self.recipe.loss.instance_weight * inst
             logs["loss_instance"] = inst.detach()
             logs.update({f"instance_{k}": v for k, v in stats.items()})
-        pooled = query["global"] if "global" in query else query["dense"].mean(dim=(2, 3))
-        logs.update(collapse_stats(pooled))
+        if "global" in query:
+            logs.update(collapse_stats(query["global"]))
+        else:
+            logs.update(collapse_stats(*dense_cells(query["dense"])))
         logs["loss"] = total.detach()
         logs["valid_fraction"] = batch.valid_ab.float().mean()
         return total, logs

@@ -5,25 +5,42 @@ from __future__ import annotations
 import time
 
 import pytorch_lightning as pl
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def collapse_stats(features: Tensor) -> dict[str, Tensor]:
-    """Collapse monitors on B×D features (SimSiam §4.1 / lightly's std monitor).
+def collapse_stats(features: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
+    """Collapse monitors on N×D features (SimSiam §4.1 / lightly's std monitor).
 
-    ``feature_std``: std over the batch of the L2-normalised features, averaged over dims and
-    scaled by sqrt(D) — about 1 for healthy features, 0 when all images map to one point.
-    ``mean_cosine``: mean cosine similarity between *different* images (→ 1 when collapsed).
+    ``feature_std``: std over the N features after L2 normalisation, averaged over dims and
+    scaled by sqrt(D) — about 1 for healthy features, 0 when everything maps to one point.
+    ``mean_cosine``: mean cosine similarity between features of *different* images (→ 1 when
+    collapsed). ``groups`` (N) gives each feature's image when there are several per image
+    (dense cells); pairs within one image are left out.
     """
     z = F.normalize(features.detach().float(), dim=1)
-    b, d = z.shape
-    if b < 2:
+    n, d = z.shape
+    groups = torch.arange(n, device=z.device) if groups is None else groups
+    other = groups[:, None] != groups[None, :]
+    if n < 2:
         nan = z.new_tensor(float("nan"))
         return {"feature_std": nan, "mean_cosine": nan}
     sim = z @ z.T
-    off_diag = (sim.sum() - sim.diagonal().sum()) / (b * (b - 1))
-    return {"feature_std": z.std(dim=0).mean() * d**0.5, "mean_cosine": off_diag}
+    mean_cos = (sim * other).sum() / other.sum().clamp_min(1)
+    return {"feature_std": z.std(dim=0).mean() * d**0.5, "mean_cosine": mean_cos}
+
+
+def dense_cells(dense: Tensor, step: int = 2) -> tuple[Tensor, Tensor]:
+    """Every ``step``-th cell of B×D×h×w dense features as (B·cells)×D, with image indices.
+
+    For dense objectives the cells are what must not collapse; pooled image features of one
+    domain (X-ray bags, satellite tiles) are legitimately alike.
+    """
+    cells = dense[:, :, ::step, ::step].flatten(2)                 # B×D×L
+    b, _, length = cells.shape
+    groups = torch.arange(b, device=dense.device).repeat_interleave(length)
+    return cells.permute(0, 2, 1).reshape(b * length, -1), groups
 
 
 class ThroughputMonitor(pl.Callback):

@@ -104,6 +104,7 @@ class CutPastePairs(PairBuilder):
         num_pairs: dataset length (default: number of backgrounds).
         image_size, channels, seed: from the recipe's data section.
         cache_dir: base folder of the segment-bank cache and of the synthetic set.
+        synthetic_n: train images of the synthetic set (its test subsets get n // 8 each).
         skip_bad: as the data loaders (warn + ``skipped_samples`` instead of failing).
         segments, backgrounds: ready-made sequences instead of the roots (tests, custom data):
             ``segments[i]`` = ``{"image": C×h×w uint8 or float, "mask": h×w bool, "label": int}``,
@@ -121,7 +122,7 @@ class CutPastePairs(PairBuilder):
                  num_pairs: int | None = None, image_size: int = 96, channels: int = 3,
                  seed: int = 0, cache_dir: str | None = None, skip_bad: bool = False,
                  sixray_subset: str | None = None, segments: Sequence[dict] | None = None,
-                 backgrounds: Sequence[dict] | None = None) -> None:
+                 backgrounds: Sequence[dict] | None = None, synthetic_n: int = 48) -> None:
         if mode not in ("segloc", "insloc"):
             raise RecipeError(f"pairs.options.mode: expected segloc or insloc, got {mode!r}")
         if blend not in ("transmission", "alpha"):
@@ -133,7 +134,7 @@ class CutPastePairs(PairBuilder):
             raise RecipeError(f"pairs.options.k: expected >= 1, got {k}")
         if (segments is None and pidray_root is None) or (backgrounds is None
                                                           and sixray_root is None):
-            synth = ensure_synthetic_xray(cache_dir, seed)
+            synth = ensure_synthetic_xray(cache_dir, seed, synthetic_n)
             pidray_root = pidray_root or str(synth / "pidray")
             sixray_root = sixray_root or str(synth / "sixray")
         bank_dir = Path(cache_dir) / "segment_bank" if cache_dir else None
