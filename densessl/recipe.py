@@ -262,14 +262,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_recipe_dict(path: str | Path) -> dict:
+def read_recipe_dict(path: str | Path, kind: str = "recipe") -> dict:
+    """The YAML mapping in ``path``; a missing file or bad YAML is one RecipeError line."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} not found")
+        raise RecipeError(f"{kind} {str(path)!r} not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path}: not valid YAML ({exc})") from None
+        raise RecipeError(f"{kind} {path}: not valid YAML ({exc})") from None
     return data
 
 

@@ -87,12 +87,7 @@ def load_sweep(path: str | Path | dict, overrides: list[str] | None = None
         raw, source, folder = path, "<dict>", Path.cwd()
     else:
         path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"sweep {str(path)!r} not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"sweep {path}: not valid YAML ({exc})") from None
+        raw = read_recipe_dict(path, kind="sweep")
         source, folder = str(path), path.parent
     try:
         spec = SweepSpec.model_validate(raw)

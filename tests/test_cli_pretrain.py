@@ -1,6 +1,7 @@
 """End to end through the CLI: a tiny pretraining run writes every output; --resume continues."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torchvision
 import yaml
 
 from densessl.cli import main
+
+SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
 
 TINY = ["--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set",
         "train.num_workers=0", "--set", "data.options.num_images=8", "--set",
@@ -18,7 +21,7 @@ TINY = ["--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set",
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    assert main(["pretrain", "demo", "--out", str(out), *TINY]) == 0
+    assert main(["pretrain", SAME_IMAGE, "--out", str(out), *TINY]) == 0
     return out
 
 
@@ -46,7 +49,7 @@ def test_encoder_loads_into_torchvision(run_dir):
 def test_resume_continues_from_saved_step(run_dir):
     before = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
     queue_key = next(k for k in before["state_dict"] if k.endswith("dense_loss.queue.keys"))
-    assert main(["pretrain", "demo", "--out", str(run_dir), "--resume", *TINY,
+    assert main(["pretrain", SAME_IMAGE, "--out", str(run_dir), "--resume", *TINY,
                  "--set", "train.max_steps=3"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 3
@@ -59,7 +62,7 @@ def test_resume_continues_from_saved_step(run_dir):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert main(["pretrain", "demo", "--out", str(tmp_path), "--resume", *TINY]) == 2
+    assert main(["pretrain", SAME_IMAGE, "--out", str(tmp_path), "--resume", *TINY]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "last.ckpt" in err and "Traceback" not in err
 
@@ -72,21 +75,22 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     ("loss.temperature=-1", "loss.temperature"),
 ])
 def test_recipe_errors_are_one_clear_line(override, expected, tmp_path, capsys):
-    assert main(["pretrain", "demo", "--out", str(tmp_path), "--set", override]) == 2
+    assert main(["pretrain", SAME_IMAGE, "--out", str(tmp_path), "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1
 
 
 def test_missing_data_path_names_the_path(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    assert main(["pretrain", "demo", "--out", str(tmp_path / "o"), "--set", "data.source=folder",
-                 "--set", f"data.path={missing}", "--set", "data.options={}"]) == 2
+    assert main(["pretrain", SAME_IMAGE, "--out", str(tmp_path / "o"), "--set",
+                 "data.source=folder", "--set", f"data.path={missing}", "--set",
+                 "data.options={}"]) == 2
     assert str(missing) in capsys.readouterr().err
 
 
 def test_inspect_pairs_writes_png(tmp_path):
     out = tmp_path / "pairs.png"
-    assert main(["inspect-pairs", "demo", "--out", str(out), "-n", "2"]) == 0
+    assert main(["inspect-pairs", SAME_IMAGE, "--out", str(out), "-n", "2"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -4,15 +4,18 @@ pairs counted over both processes, the queue identical on every rank."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
 
 
 @pytest.mark.slow
 def test_ddp_pretrain_on_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "densessl", "pretrain", "demo", "--out", str(out),
+    cmd = [sys.executable, "-m", "densessl", "pretrain", SAME_IMAGE, "--out", str(out),
            "--set", "train.devices=2", "--set", "train.strategy=ddp",
            "--set", "train.accelerator=cpu", "--set", "train.max_steps=2",
            "--set", "train.batch_size=4", "--set", "train.num_workers=0",

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from densessl.cli import demo_recipe_path, main
+from densessl.cli import main
 from densessl.eval.report import aggregate, results_table
 from densessl.experiment import CollapseWarning, collapse_message, run
 from densessl.models import ResNetBackbone
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+SAME_IMAGE = str(RECIPES / "same_image.yaml")
 
 TINY = [
     "data.image_size=32", "data.options.num_images=16", "augment.view_size=32",
@@ -30,7 +34,7 @@ def test_run_end_to_end(tmp_path, capsys):
                         "finetune.inits=[pretrained,random,supervised]"]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        results = run(demo_recipe_path(), tmp_path, overrides=overrides, log=print)
+        results = run(SAME_IMAGE, tmp_path, overrides=overrides, log=print)
     # A 2-step pretraining may or may not trip the monitor; if it does, run says so in both.
     collapsed = collapse_message(json.loads((tmp_path / "pretrain" / "metrics.json").read_text()))
     assert any(r.category is CollapseWarning for r in record) == (collapsed is not None)
@@ -57,7 +61,7 @@ def test_cli_finetune_and_bad_input(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "encoder.pt"
     torch.save(ResNetBackbone("resnet18").state_dict(), weights)
-    base = ["finetune", "demo", "--out", str(tmp_path / "o")]
+    base = ["finetune", SAME_IMAGE, "--out", str(tmp_path / "o")]
     for s in TINY + ["finetune.tasks=[linear_probe]", "finetune.inits=[pretrained,random]",
                      "finetune.seeds=[0]"]:
         base += ["--set", s]
@@ -100,3 +104,37 @@ def test_aggregate_mean_std_and_table():
     assert res["pretrained"]["seg@10%"]["mIoU_std"] == pytest.approx(0.1414, abs=1e-4)
     assert res["random"]["seg@10%"]["mIoU_std"] == 0
     assert "| seg@10% | mIoU | 60.0 ± 14.1 | 20.0 ± 0.0 |" in results_table(res)
+
+
+SHORT = ["train.max_steps=2", "train.batch_size=4", "train.num_workers=0",
+         "finetune.steps=2", "finetune.detection_steps=1", "finetune.supervised_steps=2",
+         "finetune.batch_size=4", "finetune.seeds=[0]", "finetune.label_fractions=[1.0]",
+         "finetune.image_size=32", "finetune.num_threads=1"]
+
+
+@pytest.mark.slow
+def test_xray_demo_runs_end_to_end_on_its_synthetic_set(tmp_path, monkeypatch):
+    """The README's main job, shortened: SegLoc pretraining, PIDray segmentation + detection,
+    every init, each test subset reported apart."""
+    monkeypatch.setenv("DENSESSL_CACHE", str(tmp_path / "cache"))
+    results = run(str(RECIPES / "demo.yaml"), tmp_path / "out", log=lambda *a: None,
+                  overrides=SHORT + ["pairs.options.synthetic_n=16",
+                                     "finetune.options={synthetic_n: 16}"])
+    assert list(results) == ["pretrained", "random", "supervised"]
+    seg = results["pretrained"]["segmentation/fpn@100%"]
+    det = results["pretrained"]["detection/faster_rcnn@100%"]
+    for subset in ("easy", "hard", "hidden"):
+        assert 0.0 <= seg[f"{subset}/mIoU"] <= 1.0
+        assert 0.0 <= det[f"{subset}/box_mAP"] <= 1.0
+
+
+@pytest.mark.slow
+def test_xbd_recipe_runs_end_to_end_with_the_xview2_score(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSESSL_CACHE", str(tmp_path / "cache"))
+    results = run(str(RECIPES / "xbd_temporal.yaml"), tmp_path / "out", log=lambda *a: None,
+                  overrides=SHORT + ["finetune.tasks=[segmentation]",
+                                     "finetune.inits=[pretrained,random]"])
+    scores = results["pretrained"]["segmentation/fpn@100%"]
+    assert {"mIoU", "IoU_destroyed", "xview2_score", "xview2_localization_f1",
+            "xview2_damage_f1"} <= scores.keys()
+    assert 0.0 <= scores["xview2_score"] <= 1.0

@@ -193,7 +193,7 @@ def test_shipped_sweeps_are_valid():
 
 @pytest.mark.slow
 def test_real_tiny_cell_end_to_end(tmp_path):
-    spec = {"name": "tiny", "base": "demo",
+    spec = {"name": "tiny", "base": str(Path(__file__).parents[1] / "recipes/same_image.yaml"),
             "set": {"train.max_steps": 2, "train.batch_size": 4, "train.num_workers": 0,
                     "data.image_size": 32, "augment.view_size": 32,
                     "data.options": {"num_images": 8}, "loss.dense_queue_size": 64,
