@@ -205,10 +205,20 @@ def execute_cell(cell_fn: CellFn, recipe: dict, params: dict, cell_dir: Path) ->
     return row
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, gpu_ids=None) -> None:
+    """Each worker process takes its share of CPU threads and, when there are several GPUs,
+    one GPU of its own (before anything initialises CUDA)."""
+    if gpu_ids is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids.get())
     import torch
 
     torch.set_num_threads(threads)
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
@@ -216,7 +226,8 @@ def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
               log: Callable[[str], None] = print) -> list[dict]:
     """Run every cell of ``sweep`` not yet finished in ``out``; returns the result rows.
 
-    ``jobs`` > 1 runs cells in that many processes (each with a share of the CPU threads).
+    ``jobs`` > 1 runs cells in that many processes (each with a share of the CPU threads and,
+    with several GPUs, one GPU per process).
     ``cell_fn(recipe_dict, cell_dir) -> metrics`` is the per-cell work (tests inject cheap
     ones); it must be a module-level function when ``jobs`` > 1.
     """
@@ -243,8 +254,14 @@ def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
             record(execute_cell(cell_fn, recipe, params, out / "cells" / ident))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+        context = get_context("spawn")
+        gpu_ids = None
+        if (gpus := visible_gpus()) > 1:  # one GPU per worker, round robin
+            gpu_ids = context.Queue()
+            for worker in range(jobs):
+                gpu_ids.put(worker % gpus)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                 initializer=_worker_init, initargs=(threads, gpu_ids)) as pool:
             futures = [pool.submit(execute_cell, cell_fn, recipe, params, out / "cells" / ident)
                        for params, recipe, ident in todo]
             try:

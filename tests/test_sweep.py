@@ -157,6 +157,22 @@ def test_parallel_jobs_give_the_same_rows(tmp_path):
     assert len(unique_rows(tmp_path)) == 3
 
 
+def gpu_cell(recipe: dict, cell_dir: Path) -> dict:
+    """Reports which GPU the worker process was given."""
+    import os
+
+    return {"gpu": float(os.environ.get("CUDA_VISIBLE_DEVICES", "-1"))}
+
+
+def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
+    # no GPU here: pretend there are two; the workers only read CUDA_VISIBLE_DEVICES
+    monkeypatch.setattr("densessl.sweep.visible_gpus", lambda: 2)
+    spec = {**SPEC, "grid": {"noise.kind": ["mismatch"], "noise.amount": [0.0, 0.5, 1.0, 0.7]}}
+    rows = run_sweep(spec, tmp_path, jobs=2, cell_fn=gpu_cell, log=lambda *_: None)
+    assert {float(r["gpu"]) for r in rows} <= {0.0, 1.0}
+    assert all(r["status"] == "ok" for r in rows)
+
+
 def test_summary_mean_std_on_hand_made_csv(tmp_path):
     path = tmp_path / "results.csv"
     with open(path, "w", newline="") as f:
