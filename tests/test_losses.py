@@ -325,3 +325,15 @@ def test_global_contrast_moco_v2():
     expected = reference_info_nce(qn.numpy(), kn.numpy(), [negs.numpy()] * 2, 0.2)
     assert loss2.item() == pytest.approx(expected, rel=1e-5)
     assert int(stats["queue_filled"]) == 3 and int(loss_fn.queue.filled) == 5
+
+
+def test_queue_of_size_zero_means_in_batch_negatives_only():
+    queue = MoCoQueue(0, 4)
+    queue.enqueue(torch.randn(3, 4))
+    assert queue.get()[0].shape == (0, 4) and int(queue.filled) == 0
+    dense = DenseContrast(4, queue_size=0, samples_per_image=4)
+    q = torch.randn(2, 4, 2, 2, requires_grad=True)
+    grid = identity_grid(2, 2, 2)
+    loss, stats = dense(q, q.detach(), grid, torch.ones(2, 2, 2, dtype=torch.bool))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0 and int(stats["queue_filled"]) == 0

@@ -35,9 +35,9 @@ class PerClassQueue(nn.Module):
 
     def __init__(self, num_classes: int, size: int, dim: int) -> None:
         super().__init__()
-        if num_classes <= 0 or size <= 0 or dim <= 0:
-            raise ValueError(f"num_classes, size and dim must be positive, got {num_classes}, "
-                             f"{size}, {dim}")
+        if num_classes <= 0 or size < 0 or dim <= 0:
+            raise ValueError(f"num_classes and dim must be positive and size >= 0 (0 = no "
+                             f"queue), got {num_classes}, {size}, {dim}")
         self.num_classes, self.size, self.dim = num_classes, size, dim
         self.register_buffer("keys", F.normalize(torch.randn(num_classes + 1, size, dim), dim=2))
         self.register_buffer("ptr", torch.zeros(num_classes + 1, dtype=torch.long))
@@ -66,7 +66,7 @@ class PerClassQueue(nn.Module):
             raise ValueError(f"labels must be ({keys.shape[0]},), got {tuple(labels.shape)}")
         keys = gather_concat(keys.detach())
         slot = self.slot_of(gather_concat(labels.detach().long())).to(self.keys.device)
-        if slot.numel() == 0:
+        if slot.numel() == 0 or self.size == 0:
             return
         # rank of each row among the rows of its own class, by a cumulative one-hot count
         onehot = F.one_hot(slot, self.num_classes + 1)

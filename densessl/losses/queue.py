@@ -33,8 +33,9 @@ class MoCoQueue(nn.Module):
 
     def __init__(self, size: int, dim: int, with_labels: bool = False) -> None:
         super().__init__()
-        if size <= 0 or dim <= 0:
-            raise ValueError(f"size and dim must be positive, got size={size}, dim={dim}")
+        if size < 0 or dim <= 0:
+            raise ValueError(f"size must be >= 0 (0 = no queue: in-batch negatives only) and dim "
+                             f"positive, got size={size}, dim={dim}")
         self.size, self.dim, self.with_labels = size, dim, with_labels
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         if with_labels:
@@ -59,7 +60,7 @@ class MoCoQueue(nn.Module):
         if labels is not None:
             labels = gather_concat(labels.detach().long())
         m = keys.shape[0]
-        if m == 0:
+        if m == 0 or self.size == 0:
             return
         if m > self.size:
             keys = keys[-self.size :]
