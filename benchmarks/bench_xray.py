@@ -14,38 +14,9 @@ import time
 
 import torch
 
+from densessl.bench_queue import LoopQueues, bench_queue
 from densessl.losses import PerClassQueue
 from densessl.pairs import CutPastePairs
-
-
-class LoopQueues:
-    """The naive alternative: one ring per class, enqueued with a Python loop over classes."""
-
-    def __init__(self, num_classes, size, dim, device):
-        self.size = size
-        self.keys = torch.zeros(num_classes + 1, size, dim, device=device)
-        self.ptr = [0] * (num_classes + 1)
-        self.filled = [0] * (num_classes + 1)
-
-    def enqueue(self, keys, labels):
-        labels = torch.where(labels < 0, len(self.ptr) - 1, labels)
-        for c in range(len(self.ptr)):
-            rows = keys[labels == c][-self.size:]
-            m = rows.shape[0]
-            slots = (self.ptr[c] + torch.arange(m, device=keys.device)) % self.size
-            self.keys[c, slots] = rows
-            self.ptr[c] = (self.ptr[c] + m) % self.size
-            self.filled[c] = min(self.filled[c] + m, self.size)
-
-    def negatives(self, query_labels):
-        keys, labels = [], []
-        for c in range(len(self.ptr)):
-            keys.append(self.keys[c, : self.filled[c]])
-            label = -1 if c == len(self.ptr) - 1 else c
-            labels.append(torch.full((self.filled[c],), label, device=query_labels.device))
-        keys, labels = torch.cat(keys), torch.cat(labels)
-        q, k = query_labels[:, None], labels[None]
-        return keys, labels, (q != k) | (q < 0) | (k < 0)
 
 
 def bench_cut_paste(size: int, pairs: int, mode: str) -> float:
@@ -56,35 +27,6 @@ def bench_cut_paste(size: int, pairs: int, mode: str) -> float:
         for i in range(pairs):
             builder[i % len(builder)]
         return pairs / (time.perf_counter() - start)
-
-
-def bench_queue(impl, classes, size, dim, batch, device, steps=20) -> float:
-    keys = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=1)
-    labels = torch.randint(-1, classes, (batch,), device=device)
-    for _ in range(3):  # warm-up, partly filled rings
-        impl.enqueue(keys, labels)
-        impl.negatives(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        impl.enqueue(keys, labels)
-        impl.negatives(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    partial = (time.perf_counter() - start) / steps * 1000
-    for _ in range(2 * size * (classes + 1) // batch):  # steady state: every ring full
-        impl.enqueue(keys, labels)
-        impl.negatives(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        impl.enqueue(keys, labels)
-        impl.negatives(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return partial, (time.perf_counter() - start) / steps * 1000
 
 
 def main() -> None:

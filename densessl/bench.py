@@ -244,6 +244,10 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
         entry["ratio_to_moco"] = round(entry["pairs_per_s"] / reference, 3)
     results["augmentation"] = bench_augmentation(base, dev)
     log(f"augmentation: {results['augmentation']}")
+    from densessl.bench_queue import compare_queues
+
+    results["per_class_queue"] = compare_queues(device=dev)
+    log(f"per-class queue (12 classes, K=4096, D=128, batch 256): {results['per_class_queue']}")
     if builders:
         results["builders"] = bench_builders()
         log(f"builders: {results['builders']}")

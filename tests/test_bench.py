@@ -17,3 +17,4 @@ def test_bench_reports_every_configuration(tmp_path):
         assert entry["peak_memory_mb"] >= 0
     assert steps["moco_v2_lightly"]["ratio_to_moco"] == 1.0
     assert results["augmentation"]["pairs_per_s"] > 0
+    assert results["per_class_queue"]["per_class_queue"]["full_ms"] > 0

@@ -1,0 +1,81 @@
+"""PerClassQueue against the naive per-class Python loop (for ``densessl bench`` and
+``benchmarks/bench_xray.py``): enqueue + negatives of a batch, with rings filling and full."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from densessl.losses import PerClassQueue
+
+
+class LoopQueues:
+    """The naive alternative: one ring per class, enqueued with a Python loop over classes."""
+
+    def __init__(self, num_classes, size, dim, device):
+        self.size = size
+        self.keys = torch.zeros(num_classes + 1, size, dim, device=device)
+        self.ptr = [0] * (num_classes + 1)
+        self.filled = [0] * (num_classes + 1)
+
+    def enqueue(self, keys, labels):
+        labels = torch.where(labels < 0, len(self.ptr) - 1, labels)
+        for c in range(len(self.ptr)):
+            rows = keys[labels == c][-self.size:]
+            m = rows.shape[0]
+            slots = (self.ptr[c] + torch.arange(m, device=keys.device)) % self.size
+            self.keys[c, slots] = rows
+            self.ptr[c] = (self.ptr[c] + m) % self.size
+            self.filled[c] = min(self.filled[c] + m, self.size)
+
+    def negatives(self, query_labels):
+        keys, labels = [], []
+        for c in range(len(self.ptr)):
+            keys.append(self.keys[c, : self.filled[c]])
+            label = -1 if c == len(self.ptr) - 1 else c
+            labels.append(torch.full((self.filled[c],), label, device=query_labels.device))
+        keys, labels = torch.cat(keys), torch.cat(labels)
+        q, k = query_labels[:, None], labels[None]
+        return keys, labels, (q != k) | (q < 0) | (k < 0)
+
+
+def bench_queue(impl, classes, size, dim, batch, device, steps=20) -> float:
+    keys = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=1)
+    labels = torch.randint(-1, classes, (batch,), device=device)
+    for _ in range(3):  # warm-up, partly filled rings
+        impl.enqueue(keys, labels)
+        impl.negatives(labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        impl.enqueue(keys, labels)
+        impl.negatives(labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    partial = (time.perf_counter() - start) / steps * 1000
+    for _ in range(2 * size * (classes + 1) // batch):  # steady state: every ring full
+        impl.enqueue(keys, labels)
+        impl.negatives(labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        impl.enqueue(keys, labels)
+        impl.negatives(labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return partial, (time.perf_counter() - start) / steps * 1000
+
+
+def compare_queues(classes: int = 12, size: int = 4096, dim: int = 128, batch: int = 256,
+                   device: torch.device | str = "cpu") -> dict:
+    """Milliseconds per enqueue + negatives for PerClassQueue and the loop, filling and full."""
+    device = torch.device(device)
+    out = {}
+    for name, impl in (("per_class_queue", PerClassQueue(classes, size, dim).to(device)),
+                       ("python_loop", LoopQueues(classes, size, dim, device))):
+        filling, full = bench_queue(impl, classes, size, dim, batch, device)
+        out[name] = {"filling_ms": round(filling, 2), "full_ms": round(full, 2)}
+    return out
