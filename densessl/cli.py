@@ -15,10 +15,6 @@ from pathlib import Path
 
 from densessl.errors import DensesslError
 
-NOT_YET = {
-}
-
-
 def demo_recipe_path() -> Path:
     """The demo recipe shipped inside the package (same as recipes/demo.yaml)."""
     return Path(str(resources.files("densessl") / "recipes" / "demo.yaml"))
@@ -140,14 +136,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def not_yet(name: str):
-    def run(args) -> int:
-        print(f"error: 'densessl {name}' is not available yet: {NOT_YET[name]}", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densessl",
@@ -229,10 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-data-wait", action="store_true", help="skip the short real run")
     p.set_defaults(func=cmd_bench)
 
-    for name, what in NOT_YET.items():
-        p = sub.add_parser(name, help=f"(not yet available) {what}")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=not_yet(name))
     return parser
 
 
