@@ -15,6 +15,7 @@ from pathlib import Path
 
 from densessl.errors import DensesslError
 
+
 def demo_recipe_path() -> Path:
     """The demo recipe shipped inside the package (same as recipes/demo.yaml)."""
     return Path(str(resources.files("densessl") / "recipes" / "demo.yaml"))
