@@ -32,7 +32,7 @@ from torch import Tensor
 import densessl
 from densessl.errors import DensesslError
 from densessl.eval.inits import check_encoder_state, guess_backbone
-from densessl.io import _atomic, save_torch, write_json, write_text
+from densessl.io import atomic_write, save_torch, write_json, write_text
 
 TARGETS = ("torchvision", "smp", "timm", "detectron2")
 
@@ -191,7 +191,7 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
         neck_state = torch.load(neck_path, map_location="cpu", weights_only=True)
     converted = convert(state, to, neck_state)
     if to == "detectron2":
-        _atomic(out, lambda tmp: tmp.write_bytes(pickle.dumps(converted)))
+        atomic_write(out, lambda tmp: tmp.write_bytes(pickle.dumps(converted)))
     else:
         save_torch(out, converted)
     card = model_card(weights, out, to, backbone, in_channels, neck_state is not None)

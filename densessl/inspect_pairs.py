@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from densessl.augment.correspondence import cell_centers, normalized_to_pixel  # noqa: E402
 from densessl.build import build_augmentation, build_pair_builder  # noqa: E402
-from densessl.io import _atomic  # noqa: E402
+from densessl.io import atomic_write  # noqa: E402
 from densessl.pairs import collate_pairs  # noqa: E402
 from densessl.recipe import load_recipe  # noqa: E402
 
@@ -67,6 +67,6 @@ def inspect_pairs(recipe, out: str | Path, overrides: list[str] | None = None, c
         ax.axis("off")
     fig.tight_layout()
     path = Path(out)
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path

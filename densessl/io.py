@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it into place
+    (the rename is atomic, so readers see the old file or the new one, never half of it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -26,12 +28,12 @@ def _atomic(path: Path, write) -> Path:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return _atomic(Path(path), lambda tmp: tmp.write_text(text))
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
-    return _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    return atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))

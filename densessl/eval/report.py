@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densessl.io import _atomic, write_json, write_text
+from densessl.io import atomic_write, write_json, write_text
 
 HEADLINE = ("mIoU", "box_mAP", "box_AP50", "mask_mAP")
 
@@ -82,7 +82,7 @@ def plot_results(results: dict, path: str | Path) -> Path:
     ax.set_title("downstream results by encoder init (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
