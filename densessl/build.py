@@ -14,26 +14,9 @@ from densessl.augment import ViewAugmentation
 from densessl.data.registry import SOURCES
 from densessl.errors import PairContractError, RecipeError
 from densessl.models import DenseEncoder
+from densessl.options import construct
 from densessl.pairs import PairBuilder, get_pair_builder
 from densessl.recipe import Recipe
-
-
-def construct(cls: type, options: dict, where: str, defaults: dict | None = None):
-    """``cls(**options)`` with unknown keys reported as ``where.KEY`` recipe errors; ``defaults``
-    are passed only for the keywords the constructor accepts."""
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    accepted = [k for k in params if k not in ("self", "args", "kwargs")]
-    for key in options:
-        if key not in params and not takes_any:
-            raise RecipeError(f"{where}.{key}: not an option of {cls.__name__} "
-                              f"(valid: {', '.join(accepted) or 'none'})")
-    kwargs = {k: v for k, v in (defaults or {}).items() if k in params and k not in options}
-    kwargs.update(options)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise RecipeError(f"{where}: cannot build {cls.__name__}: {exc}") from None
 
 
 def build_source_dataset(recipe: Recipe) -> Dataset:

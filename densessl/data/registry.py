@@ -18,7 +18,9 @@ SYNTHESIZERS: dict[str, Callable] = {}
 INSPECTORS: dict[str, Callable] = {}
 
 
-def _register(table: dict, kind: str, name: str):
+def registrar(table: dict, kind: str, name: str):
+    """A decorator that files an object under ``name`` in ``table`` (a name taken by another
+    object is an error)."""
     def decorator(obj):
         if name in table and table[name] is not obj:
             raise ValueError(f"{kind} {name!r} is already registered")
@@ -29,12 +31,12 @@ def _register(table: dict, kind: str, name: str):
 
 
 def register_source(name: str):
-    return _register(SOURCES, "data source", name)
+    return registrar(SOURCES, "data source", name)
 
 
 def register_synthesizer(name: str):
-    return _register(SYNTHESIZERS, "synthesizer", name)
+    return registrar(SYNTHESIZERS, "synthesizer", name)
 
 
 def register_inspector(name: str):
-    return _register(INSPECTORS, "inspector", name)
+    return registrar(INSPECTORS, "inspector", name)

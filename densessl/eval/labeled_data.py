@@ -17,7 +17,6 @@ The X-ray (PIDray) and xBD adapters register themselves the same way.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,8 +25,10 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from densessl.data.registry import registrar
 from densessl.data.synthetic import SHAPES, SyntheticScenes
 from densessl.errors import RecipeError
+from densessl.options import construct
 
 EVAL_DATASETS: dict[str, Callable[..., LabeledData]] = {}
 
@@ -73,13 +74,7 @@ class LabeledData:
 
 
 def register_eval_dataset(name: str):
-    def decorator(factory):
-        if name in EVAL_DATASETS and EVAL_DATASETS[name] is not factory:
-            raise ValueError(f"eval dataset {name!r} is already registered")
-        EVAL_DATASETS[name] = factory
-        return factory
-
-    return decorator
+    return registrar(EVAL_DATASETS, "eval dataset", name)
 
 
 def build_eval_dataset(name: str, options: dict, *, path: str | None = None,
@@ -89,16 +84,9 @@ def build_eval_dataset(name: str, options: dict, *, path: str | None = None,
     if name not in EVAL_DATASETS:
         raise RecipeError(f"finetune.dataset: unknown labeled dataset {name!r}; registered: "
                           f"{', '.join(sorted(EVAL_DATASETS))}")
-    factory = EVAL_DATASETS[name]
-    params = inspect.signature(factory).parameters
-    for key in options:
-        if key not in params:
-            raise RecipeError(f"finetune.options.{key}: not an option of dataset {name!r} "
-                              f"(valid: {', '.join(params)})")
     defaults = {"path": path, "image_size": image_size, "channels": channels, "seed": seed}
-    kwargs = {k: v for k, v in defaults.items() if k in params}
-    kwargs.update(options)
-    return factory(**kwargs)
+    return construct(EVAL_DATASETS[name], options, "finetune.options", defaults,
+                     label=f"dataset {name!r}")
 
 
 def instances_from_mask(mask: torch.Tensor, min_area: int = 4, ignore_index: int = 255
