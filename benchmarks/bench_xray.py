@@ -14,8 +14,7 @@ import time
 
 import torch
 
-from densessl.bench_queue import LoopQueues, bench_queue
-from densessl.losses import PerClassQueue
+from densessl.bench_queue import compare_queues
 from densessl.pairs import CutPastePairs
 
 
@@ -36,21 +35,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-pairs", action="store_true")
     args = parser.parse_args()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
     if not args.skip_pairs:
         for mode in ("segloc", "insloc"):
             rate = bench_cut_paste(args.size, args.pairs, mode)
             print(f"cut_paste {mode} {args.size}px: {rate:.1f} pairs/s per worker")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    device = torch.device(args.device)
-    classes, size, dim, batch = 12, 4096, 128, 256
-    vectorised = PerClassQueue(classes, size, dim).to(device)
-    loop = LoopQueues(classes, size, dim, device)
-    t_vec = bench_queue(vectorised, classes, size, dim, batch, device)
-    t_loop = bench_queue(loop, classes, size, dim, batch, device)
-    print(f"PerClassQueue enqueue+negatives ({classes} classes, K={size}, D={dim}, "
-          f"batch {batch}, {device}), ms per step, [filling, full]: vectorised "
-          f"[{t_vec[0]:.2f}, {t_vec[1]:.2f}], per-class loop [{t_loop[0]:.2f}, {t_loop[1]:.2f}]")
+    torch.set_num_threads(threads)
+    times = compare_queues(device=args.device)
+    print(f"PerClassQueue enqueue+negatives (12 classes, K=4096, D=128, batch 256, "
+          f"{args.device}, {threads} threads), ms per step: {times}")
 
 
 if __name__ == "__main__":

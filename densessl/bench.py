@@ -74,15 +74,21 @@ def bench_recipe(backbone: str, image_size: int, batch_size: int, **loss) -> Rec
     })
 
 
-def make_pair_batch(recipe: Recipe, device: torch.device, with_instances: bool = False):
-    """One augmented PairBatch on ``device`` (optionally with random boxes and class maps, so the
-    instance objective has work to do)."""
+def source_batch(recipe: Recipe, device: torch.device):
+    """One collated SourceBatch of the recipe's builder on ``device``, and the recipe's view
+    augmentation (moved there too)."""
     from densessl.build import build_augmentation, build_pair_builder
     from densessl.pairs import collate_pairs
 
     builder = build_pair_builder(recipe)
     source = collate_pairs([builder[i] for i in range(recipe.train.batch_size)]).to(device)
-    augment = build_augmentation(recipe, recipe.model.dense_stride).to(device)
+    return source, build_augmentation(recipe, recipe.model.dense_stride).to(device)
+
+
+def make_pair_batch(recipe: Recipe, device: torch.device, with_instances: bool = False):
+    """One augmented PairBatch on ``device`` (optionally with random boxes and class maps, so the
+    instance objective has work to do)."""
+    source, augment = source_batch(recipe, device)
     batch = augment(source)
     if with_instances:
         gen = torch.Generator().manual_seed(0)
@@ -259,12 +265,7 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
 
 def bench_augmentation(recipe: Recipe, device: torch.device, repeats: int = 5) -> dict:
     """Device-side view augmentation + correspondence throughput."""
-    from densessl.build import build_augmentation, build_pair_builder
-    from densessl.pairs import collate_pairs
-
-    builder = build_pair_builder(recipe)
-    source = collate_pairs([builder[i] for i in range(recipe.train.batch_size)]).to(device)
-    augment = build_augmentation(recipe, recipe.model.dense_stride).to(device)
+    source, augment = source_batch(recipe, device)
     augment(source)
     start = time.perf_counter()
     for _ in range(repeats):

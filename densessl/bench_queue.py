@@ -40,33 +40,26 @@ class LoopQueues:
         return keys, labels, (q != k) | (q < 0) | (k < 0)
 
 
-def bench_queue(impl, classes, size, dim, batch, device, steps=20) -> float:
+def bench_queue(impl, classes, size, dim, batch, device, steps=20) -> tuple[float, float]:
+    """Milliseconds per enqueue + negatives: (rings still filling, every ring full)."""
     keys = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=1)
     labels = torch.randint(-1, classes, (batch,), device=device)
-    for _ in range(3):  # warm-up, partly filled rings
-        impl.enqueue(keys, labels)
-        impl.negatives(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        impl.enqueue(keys, labels)
-        impl.negatives(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    partial = (time.perf_counter() - start) / steps * 1000
-    for _ in range(2 * size * (classes + 1) // batch):  # steady state: every ring full
-        impl.enqueue(keys, labels)
-        impl.negatives(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        impl.enqueue(keys, labels)
-        impl.negatives(labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return partial, (time.perf_counter() - start) / steps * 1000
+
+    def run(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            impl.enqueue(keys, labels)
+            impl.negatives(labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / max(n, 1) * 1000
+
+    run(3)  # warm-up, partly filled rings
+    filling = run(steps)
+    run(2 * size * (classes + 1) // batch)  # steady state: every ring full
+    return filling, run(steps)
 
 
 def compare_queues(classes: int = 12, size: int = 4096, dim: int = 128, batch: int = 256,
