@@ -123,9 +123,6 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     )
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "recipe.yaml", dump_recipe(recipe))
-    start_step = 0
-    if resume:
-        start_step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
     trainer.fit(task, loader, ckpt_path=str(ckpt) if resume else None)
     # Written after fit, atomically: an interrupted run keeps the previous checkpoint intact.
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +132,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     metrics = {
         "recipe": recipe.name,
         "steps": int(trainer.global_step),
-        "resumed_from_step": start_step,
+        "resumed_from_step": monitor.start_step,
         "final": task.final_stats(),
         **stats,
         "datasets": cards,

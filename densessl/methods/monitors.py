@@ -56,12 +56,14 @@ class ThroughputMonitor(pl.Callback):
 
     def reset(self) -> None:
         self.pairs = 0
+        self.start_step = 0
         self.wait_s = 0.0
         self.total_s = 0.0
         self._last_end: float | None = None
         self._start: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.start_step = int(trainer.global_step)  # > 0 when resumed from a checkpoint
         self._last_end = time.perf_counter()
         self._start = self._last_end
         pl_module.augment_seconds = 0.0
