@@ -2,7 +2,7 @@
 
 from densessl.contract import PairSample
 from densessl.pairs.base import PairBuilder
-from densessl.pairs.collate import collate_pairs, identity_grid
+from densessl.pairs.collate import collate_pairs
 from densessl.pairs.correspondence import (
                                            flow_correspondence,
                                            homography_correspondence,
@@ -30,8 +30,8 @@ __all__ = [
     "get_pair_builder",
     "homography_correspondence",
     "identity_correspondence",
-    "identity_grid",
     "instance_correspondence",
+    "pixel_grid",
     "register_pair_builder",
     "validate_pair_sample",
 ]

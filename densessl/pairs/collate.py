@@ -6,17 +6,11 @@ import torch
 
 from densessl.contract import PairSample, SourceBatch
 from densessl.errors import PairContractError
+from densessl.pairs.correspondence import pixel_grid
 
 
 def _ones(h: int, w: int) -> torch.Tensor:
     return torch.ones(h, w, dtype=torch.bool)
-
-
-def identity_grid(h: int, w: int) -> torch.Tensor:
-    """H×W×2 pixel grid (x, y) — the identity base correspondence."""
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32),
-                            torch.arange(w, dtype=torch.float32), indexing="ij")
-    return torch.stack([xs, ys], dim=-1)
 
 
 def collate_pairs(samples: list[PairSample]) -> SourceBatch:
@@ -30,7 +24,7 @@ def collate_pairs(samples: list[PairSample]) -> SourceBatch:
     any_grid = any(s.base_grid is not None for s in samples)
     base_grid = None
     if any_grid:
-        base_grid = torch.stack([s.base_grid if s.base_grid is not None else identity_grid(ha, wa)
+        base_grid = torch.stack([s.base_grid if s.base_grid is not None else pixel_grid(ha, wa)
                                  for s in samples])
     counts = [s.boxes_a.shape[0] for s in samples]
     box_batch = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts))

@@ -39,7 +39,7 @@ from densessl.data.segment_bank import SegmentBank, default_cache_dir
 from densessl.data.sixray import SIXray
 from densessl.errors import RecipeError
 from densessl.pairs.base import PairBuilder
-from densessl.pairs.collate import identity_grid
+from densessl.pairs.correspondence import pixel_grid
 from densessl.pairs.registry import register_pair_builder
 
 _OPAQUE = 0.999
@@ -228,7 +228,7 @@ class CutPastePairs(PairBuilder):
         source_a, top_a, solid_a, bare_a = self._compose(self._background(bg_a), layers_a)
         source_b, top_b, solid_b, bare_b = self._compose(self._background(bg_b), layers_b)
 
-        pixels = identity_grid(size, size).numpy()  # S×S×2 (x, y)
+        pixels = pixel_grid(size, size).numpy()  # S×S×2 (x, y)
         base_grid = pixels.copy() if same_bg else np.zeros((size, size, 2), np.float32)
         base_valid = np.zeros((size, size), bool)
         if same_bg:
