@@ -4,10 +4,11 @@ from densessl.contract import PairSample
 from densessl.pairs.base import PairBuilder
 from densessl.pairs.collate import collate_pairs
 from densessl.pairs.correspondence import (
-                                           flow_correspondence,
-                                           homography_correspondence,
-                                           identity_correspondence,
-                                           instance_correspondence,
+    flow_correspondence,
+    homography_correspondence,
+    identity_correspondence,
+    instance_correspondence,
+    pixel_grid,
 )
 from densessl.pairs.cut_paste import CutPastePairs
 from densessl.pairs.noise import NOISE_KINDS, NoisyPairs
