@@ -1,5 +1,6 @@
 """PerClassQueue against the naive per-class Python loop (for ``densessl bench`` and
-``benchmarks/bench_xray.py``): enqueue + negatives of a batch, with rings filling and full."""
+``benchmarks/bench_xray.py``): enqueue a batch, then its queries' negative log-sum-exp, with
+rings filling and full."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import torch
 
 from densessl.losses import PerClassQueue
+from densessl.losses.functional import pairwise_negatives, ring_negatives
 
 
 class LoopQueues:
@@ -29,19 +31,26 @@ class LoopQueues:
             self.ptr[c] = (self.ptr[c] + m) % self.size
             self.filled[c] = min(self.filled[c] + m, self.size)
 
-    def negatives(self, query_labels):
+    def negatives(self, query, query_labels):
         keys, labels = [], []
         for c in range(len(self.ptr)):
             keys.append(self.keys[c, : self.filled[c]])
             label = -1 if c == len(self.ptr) - 1 else c
             labels.append(torch.full((self.filled[c],), label, device=query_labels.device))
         keys, labels = torch.cat(keys), torch.cat(labels)
-        q, k = query_labels[:, None], labels[None]
-        return keys, labels, (q != k) | (q < 0) | (k < 0)
+        allowed = PerClassQueue.negatives_mask(query_labels, labels)
+        return pairwise_negatives(query, keys, allowed, 0.2, query.new_ones(query.shape[0]))
+
+
+def per_class_negatives(queue: PerClassQueue, query, query_labels):
+    """What the losses do: one fused product over every ring, masked per ring."""
+    keys, valid = queue.snapshot()
+    rings = PerClassQueue.negatives_mask(query_labels, queue.ring_labels)
+    return ring_negatives(query, keys, valid, rings, 0.2, query.new_ones(query.shape[0]))
 
 
 def bench_queue(impl, classes, size, dim, batch, device, steps=20) -> tuple[float, float]:
-    """Milliseconds per enqueue + negatives: (rings still filling, every ring full)."""
+    """Milliseconds per enqueue + negatives' log-sum-exp: (rings filling, every ring full)."""
     keys = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=1)
     labels = torch.randint(-1, classes, (batch,), device=device)
 
@@ -51,7 +60,10 @@ def bench_queue(impl, classes, size, dim, batch, device, steps=20) -> tuple[floa
         start = time.perf_counter()
         for _ in range(n):
             impl.enqueue(keys, labels)
-            impl.negatives(labels)
+            if isinstance(impl, PerClassQueue):
+                per_class_negatives(impl, keys, labels)
+            else:
+                impl.negatives(keys, labels)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / max(n, 1) * 1000

@@ -127,9 +127,9 @@ def test_queue_ring_wraps_for_batches_not_dividing_size():
 def test_queue_more_rows_than_size_keeps_the_newest():
     q = MoCoQueue(5, 2)
     q.enqueue(rows(100, 2))
-    q.enqueue(rows(0, 12))  # only 7..11 survive, written from slot 2 on
-    assert (int(q.ptr), int(q.filled)) == (2, 5)
-    assert q.keys[:, 0].tolist() == [10, 11, 7, 8, 9]
+    q.enqueue(rows(0, 12))  # only 7..11 survive, as if written one by one from slot 2 on
+    assert (int(q.ptr), int(q.filled)) == (4, 5)
+    assert q.keys[:, 0].tolist() == [8, 9, 10, 11, 7]
 
 
 def test_queue_labels_stay_aligned():
@@ -212,11 +212,12 @@ def test_sample_cells_picks_distinct_valid_cells():
     torch.manual_seed(0)
     valid = torch.rand(3, 20) > 0.5
     valid[2] = False
-    image, cell = sample_cells(valid, 4)
-    assert valid[image, cell].all()
-    assert (image != 2).all()
-    for b in range(2):
-        picked = cell[image == b].tolist()
+    image, cell, keep = sample_cells(valid, 4)
+    assert image.shape == cell.shape == keep.shape == (12,)  # fixed shapes: 3 images × 4
+    assert (valid[image, cell] == keep).all()
+    assert not keep[image == 2].any()
+    for b in range(3):
+        picked = cell[(image == b) & keep].tolist()
         assert len(picked) == min(4, int(valid[b].sum())) and len(set(picked)) == len(picked)
 
 
@@ -337,3 +338,17 @@ def test_queue_of_size_zero_means_in_batch_negatives_only():
     loss, stats = dense(q, q.detach(), grid, torch.ones(2, 2, 2, dtype=torch.bool))
     loss.backward()
     assert torch.isfinite(loss) and loss > 0 and int(stats["queue_filled"]) == 0
+
+
+def test_grouped_logsumexp_matches_autograd():
+    """The hand-written backward of the fused log-sum-exp equals autograd's, for queries and
+    keys, with masked columns and several groups."""
+    from densessl.losses.functional import MASKED_LOGIT, grouped_logsumexp
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.where(torch.rand(5, 6, generator=g) > 0.3, 0.0, MASKED_LOGIT).double()
+    assert torch.autograd.gradcheck(lambda a, b: grouped_logsumexp(a, b, bias, 0.5, 2), (q, k))
+    reference = (bias + q @ k.T / 0.5).reshape(5, 3, 2).logsumexp(2)
+    torch.testing.assert_close(grouped_logsumexp(q, k, bias, 0.5, 3), reference)

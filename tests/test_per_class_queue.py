@@ -56,7 +56,8 @@ def test_matches_reference_with_wraparound_and_unknown():
 def test_negatives_mask():
     queue = PerClassQueue(num_classes=3, size=4, dim=2)
     queue.enqueue(torch.randn(6, 2), torch.tensor([0, 0, 1, 2, -1, -1]))
-    keys, labels, mask = queue.negatives(torch.tensor([0, 1, -1]))
+    keys, labels = queue.get()
+    mask = PerClassQueue.negatives_mask(torch.tensor([0, 1, -1]), labels)
     assert keys.shape == (6, 2)
     for n, q in enumerate([0, 1, -1]):
         for f, k in enumerate(labels.tolist()):

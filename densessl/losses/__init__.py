@@ -1,10 +1,10 @@
 """Contrastive losses: functional InfoNCE, MoCo queue, dense and global objectives."""
 
-from densessl.losses.dense_contrast import DenseContrast, sample_cells
+from densessl.losses.dense_contrast import DenseContrast, PerClassDenseContrast, sample_cells
 from densessl.losses.functional import contrastive_logits, info_nce, info_nce_from_logits
 from densessl.losses.global_contrast import GlobalContrast
 from densessl.losses.instance_contrast import InstanceContrast
-from densessl.losses.per_class_queue import PerClassDenseContrast, PerClassQueue
+from densessl.losses.per_class_queue import PerClassQueue
 from densessl.losses.queue import MoCoQueue
 
 __all__ = [

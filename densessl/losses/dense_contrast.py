@@ -1,4 +1,5 @@
-"""Pixel-level contrast over exactly corresponding cells, with a MoCo queue.
+"""Pixel-level contrast over exactly corresponding cells, with a MoCo queue (one, or one per
+class as in SegLoc).
 
 Like DenseCL (Wang et al. 2021) and PixPro (Xie et al. 2021), but positives come from the known
 correspondence ``grid_ab`` of the pair (no feature matching, no distance threshold), which also
@@ -13,25 +14,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from densessl.distributed import gather_concat, rank, world_size
-from densessl.losses.functional import contrastive_logits, info_nce_from_logits
+from densessl.losses.functional import pairwise_negatives, ring_negatives, weighted_info_nce
+from densessl.losses.per_class_queue import PerClassQueue
 from densessl.losses.queue import MoCoQueue
 
 
-def sample_cells(valid: Tensor, per_image: int) -> tuple[Tensor, Tensor]:
-    """Pick up to ``per_image`` distinct random valid cells of each image.
+def sample_cells(valid: Tensor, per_image: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pick up to ``per_image`` distinct random valid cells of each image, in fixed shapes.
+
+    Shapes never depend on how many cells are valid (a GPU step must not wait to learn a
+    count): every image gets ``n = min(per_image, L)`` slots, and ``keep`` marks the slots that
+    hold a valid cell.
 
     Args:
         valid: ``B×L`` bool (``L = h·w`` flattened cells).
         per_image: maximum cells per image.
 
     Returns:
-        ``(image_index N, cell_index N)`` long tensors, ``N ≤ B·per_image``.
+        ``(image, cell, keep)``, each of length ``B·n``, image-major (slot ``i·n + j`` is the
+        j-th pick of image i); cells of an image in increasing order.
     """
     b, length = valid.shape
-    n = min(per_image, length)
-    if n <= 0:
-        empty = torch.zeros(0, dtype=torch.long, device=valid.device)
-        return empty, empty
+    n = max(min(per_image, length), 0)
     # random scores in [0, 1) for valid cells, −1 for invalid: top-n is a uniform sample of
     # the valid ones, done for the whole batch at once
     scores = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, -1.0)
@@ -41,7 +45,29 @@ def sample_cells(valid: Tensor, per_image: int) -> tuple[Tensor, Tensor]:
     cells, order = top.indices.sort(dim=1)
     keep = top.values.gather(1, order) >= 0
     image = torch.arange(b, device=valid.device)[:, None].expand(b, n)
-    return image[keep], cells[keep]
+    return image.reshape(-1), cells.reshape(-1), keep.reshape(-1)
+
+
+def cells_of(dense: Tensor, cell: Tensor) -> Tensor:
+    """Feature vectors of ``n`` cells per image: ``dense`` B×D×h×w, ``cell`` B·n (image-major,
+    as :func:`sample_cells`) → B·n×D."""
+    b, d = dense.shape[:2]
+    index = cell.reshape(b, 1, -1).expand(b, d, -1)
+    return dense.flatten(2).gather(2, index).transpose(1, 2).reshape(-1, d)
+
+
+def keys_at(k_dense: Tensor, grid_ab: Tensor, cell: Tensor) -> Tensor:
+    """View-B features at the points of the chosen view-A cells: bilinear at ``grid_ab``, only
+    where needed → B·n×D.
+
+    Border padding: a point inside view B but past its outermost cell centre takes the edge
+    cell's feature instead of being blended with zeros.
+    """
+    b, d = k_dense.shape[:2]
+    grid = grid_ab.reshape(b, -1, 2).gather(1, cell.reshape(b, -1, 1).expand(b, -1, 2))
+    sampled = F.grid_sample(k_dense, grid[:, :, None, :].to(k_dense.dtype), mode="bilinear",
+                            padding_mode="border", align_corners=False)
+    return sampled[..., 0].transpose(1, 2).reshape(-1, d)
 
 
 class DenseContrast(nn.Module):
@@ -49,18 +75,22 @@ class DenseContrast(nn.Module):
 
     Args:
         dim: dense embedding size ``D``.
-        queue_size: keys kept as negatives across steps.
+        queue_size: keys kept as negatives across steps (per class with ``num_classes``).
         temperature: InfoNCE temperature.
         samples_per_image: query cells drawn per image (bounds memory: N ≤ B·samples_per_image).
         batch_negatives: also use the positives of the other images' drawn cells as negatives.
             Cells of the *same* image are masked out: neighbouring cells are near-duplicates and
             would be false negatives.
         enqueue_per_image: key cells per image pushed to the queue each training step.
+        num_classes: if given, one queue ring per class (:class:`PerClassQueue`, SegLoc): a
+            query cell of class c gets no negatives of class c, queued or in the batch. Cell
+            classes come from ``class_map``; a key carries the class of the A cell it
+            corresponds to; unknown cells (−1, e.g. background) see everything.
 
     Shapes:
-        ``forward(q_dense B×D×h×w, k_dense B×D×h'×w', grid_ab B×h×w×2, valid_ab B×h×w)
-        -> (loss scalar, stats)``; ``q_dense`` comes from the online encoder on view A,
-        ``k_dense`` from the momentum encoder on view B.
+        ``forward(q_dense B×D×h×w, k_dense B×D×h'×w', grid_ab B×h×w×2, valid_ab B×h×w,
+        class_map B×h×w long or None) -> (loss scalar, stats)``; ``q_dense`` comes from the
+        online encoder on view A, ``k_dense`` from the momentum encoder on view B.
     """
 
     def __init__(
@@ -71,6 +101,7 @@ class DenseContrast(nn.Module):
         samples_per_image: int = 64,
         batch_negatives: bool = True,
         enqueue_per_image: int = 16,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -78,7 +109,9 @@ class DenseContrast(nn.Module):
         self.samples_per_image = samples_per_image
         self.batch_negatives = batch_negatives
         self.enqueue_per_image = enqueue_per_image
-        self.queue = MoCoQueue(queue_size, dim)
+        self.per_class = num_classes is not None
+        self.queue = (PerClassQueue(num_classes, queue_size, dim) if self.per_class
+                      else MoCoQueue(queue_size, dim))
 
     def forward(
         self,
@@ -86,12 +119,14 @@ class DenseContrast(nn.Module):
         k_dense: Tensor,
         grid_ab: Tensor,
         valid_ab: Tensor,
+        class_map: Tensor | None = None,
         update_queue: bool | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute the loss, then (by default only in training mode) enqueue key cells.
 
         Gradients flow into ``q_dense`` and, if it requires grad, into ``k_dense`` through the
-        positives and batch negatives; queued keys are always detached.
+        positives and batch negatives; queued keys are always detached. No step reads a tensor
+        value on the host, so on a GPU nothing waits for the device.
 
         Returns:
             ``loss`` and detached scalar ``stats``: ``pairs`` (query cells), ``pos_cos`` (mean
@@ -106,57 +141,60 @@ class DenseContrast(nn.Module):
                 f"grid_ab {tuple(grid_ab.shape)} / valid_ab {tuple(valid_ab.shape)} must be "
                 f"{(b, h, w, 2)} / {(b, h, w)} to match q_dense"
             )
+        if class_map is not None and class_map.shape != (b, h, w):
+            raise ValueError(f"class_map {tuple(class_map.shape)} must be {(b, h, w)}")
         if update_queue is None:
             update_queue = self.training
-
-        # border padding: a point inside view B but past its outermost cell centre takes the
-        # edge cell's feature instead of being blended with zeros
-        k_pos = F.grid_sample(
-            k_dense,
-            grid_ab.to(k_dense.dtype),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-        q = F.normalize(q_dense, dim=1).flatten(2)
-        k = F.normalize(k_pos, dim=1).flatten(2)
         valid = valid_ab.reshape(b, h * w).bool()
+        labels = (class_map.reshape(b, h * w).long() if class_map is not None and self.per_class
+                  else None)
 
-        image, cell = sample_cells(valid, self.samples_per_image)
-        if image.numel() == 0:
-            loss = q_dense.sum() * 0.0
-            stats = self._stats(0, loss.new_zeros(()), loss.new_zeros(()))
-        else:
-            q_sel, k_sel = q[image, :, cell], k[image, :, cell]
-            negatives, _ = self.queue.get()
-            mask = torch.ones(len(image), negatives.shape[0], dtype=torch.bool, device=q.device)
-            if self.batch_negatives:
-                # other processes' cells too (MoCo-style gather): the negatives are those of the
-                # global batch, whatever the number of processes; images get global indices
-                keys_all = gather_concat(k_sel.detach()) if world_size() > 1 else k_sel
-                image_all = gather_concat(image + rank() * b)
-                negatives = torch.cat([negatives.to(k_sel), keys_all], dim=0)
-                mask = torch.cat([mask, (image + rank() * b)[:, None] != image_all[None, :]],
-                                 dim=1)
-            logits = contrastive_logits(q_sel, k_sel, negatives, self.temperature, mask)
-            loss = info_nce_from_logits(logits)
-            with torch.no_grad():
-                cos = logits.detach() * self.temperature
-                neg = cos[:, 1:][mask]
-                stats = self._stats(
-                    len(image), cos[:, 0].mean(), neg.mean() if neg.numel() else cos.new_zeros(())
-                )
+        image, cell, keep = sample_cells(valid, self.samples_per_image)
+        q = F.normalize(cells_of(q_dense, cell), dim=1)
+        k = F.normalize(keys_at(k_dense, grid_ab, cell), dim=1)
+        weight = keep.float()
+        label = (labels.gather(1, cell.reshape(b, -1)).reshape(-1) if labels is not None
+                 else torch.full_like(cell, -1))
+
+        keys, key_valid = self.queue.snapshot()
+        ring_label = (self.queue.ring_labels if self.per_class
+                      else torch.full((1,), -1, device=keys.device))
+        allowed_rings = PerClassQueue.negatives_mask(label, ring_label.to(label.device))
+        terms = [ring_negatives(q, keys.to(q), key_valid.to(q.device), allowed_rings,
+                                self.temperature, weight)]
+        if self.batch_negatives:
+            # other processes' cells too (MoCo-style gather): the negatives are those of the
+            # global batch, whatever the number of processes; images get global indices
+            image = image + rank() * b
+            distributed = world_size() > 1
+            keys_all = gather_concat(k.detach()) if distributed else k
+            image_all, keep_all, label_all = (gather_concat(t) for t in (image, keep, label))
+            allowed = (image[:, None] != image_all[None, :]) & keep_all[None, :]
+            if self.per_class:
+                allowed &= PerClassQueue.negatives_mask(label, label_all)
+            terms.append(pairwise_negatives(q, keys_all, allowed, self.temperature, weight))
+        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight)
+        stats["queue_filled"] = self.queue.filled.sum().detach()
 
         # every process enqueues (possibly nothing): the queue gathers across processes
-        if update_queue:
-            e_image, e_cell = sample_cells(valid, self.enqueue_per_image)
-            self.queue.enqueue(k[e_image, :, e_cell].detach())
+        if update_queue and self.enqueue_per_image > 0:
+            _, e_cell, e_keep = sample_cells(valid, self.enqueue_per_image)
+            e_keys = F.normalize(keys_at(k_dense.detach(), grid_ab, e_cell), dim=1)
+            if self.per_class:
+                e_label = (labels.gather(1, e_cell.reshape(b, -1)).reshape(-1)
+                           if labels is not None else torch.full_like(e_cell, -1))
+                self.queue.enqueue(e_keys, e_label, keep=e_keep)
+            else:
+                self.queue.enqueue(e_keys, keep=e_keep)
         return loss, stats
 
-    def _stats(self, pairs: int, pos_cos: Tensor, neg_cos: Tensor) -> dict[str, Tensor]:
-        return {
-            "pairs": torch.tensor(pairs, device=pos_cos.device),
-            "pos_cos": pos_cos.detach(),
-            "neg_cos": neg_cos.detach(),
-            "queue_filled": self.queue.filled.detach().clone(),
-        }
+
+class PerClassDenseContrast(DenseContrast):
+    """:class:`DenseContrast` with per-class queues (``num_classes`` required); kept as its own
+    name for recipes and code that select the SegLoc objective explicitly."""
+
+    def __init__(self, num_classes: int, dim: int = 128, queue_size: int = 1024,
+                 temperature: float = 0.2, samples_per_image: int = 64,
+                 batch_negatives: bool = True, enqueue_per_image: int = 16) -> None:
+        super().__init__(dim, queue_size, temperature, samples_per_image, batch_negatives,
+                         enqueue_per_image, num_classes=num_classes)

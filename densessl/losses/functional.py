@@ -10,6 +10,8 @@ References:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -86,3 +88,157 @@ def info_nce_from_logits(logits: Tensor) -> Tensor:
     """
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target)
+
+
+# ------------------------------------------------------------------ fused, sync-free InfoNCE
+#
+# The training losses below never build the N×(1+K) logits-with-mask matrix of
+# :func:`contrastive_logits`: each group of negatives reduces to one log-sum-exp per query, a
+# disallowed negative is pushed to ``MASKED_LOGIT`` inside the matrix product (``addmm``'s bias),
+# and nothing depends on a tensor's value on the host, so a GPU step never waits for the device.
+
+#: Added to a disallowed logit: exp() of it underflows to exactly 0 in float32, so it has no
+#: influence on the loss or its gradient, yet a row with nothing allowed stays finite (an
+#: all ``-inf`` row would give NaN gradients).
+MASKED_LOGIT = -1e4
+
+
+class NegativeTerm(NamedTuple):
+    """One group of negatives, reduced per query.
+
+    ``lse``: N, ``log Σ exp(q·k/T)`` over the allowed negatives (≈ ``MASKED_LOGIT`` if none);
+    ``cos_sum``, ``count``: detached sums of the allowed cosines and their number over the
+    weighted queries (for the ``neg_cos`` monitor).
+    """
+
+    lse: Tensor
+    cos_sum: Tensor
+    count: Tensor
+
+
+def _float32(device: torch.device):
+    # 1/T amplifies bf16 rounding: the contrastive maths runs in float32 under autocast too
+    return torch.autocast(device.type, enabled=False)
+
+
+class _GroupedLogSumExp(torch.autograd.Function):
+    """``logsumexp`` over each group of ``K`` columns of ``bias + scale · query @ keys.T``.
+
+    Autograd's own version stores the logits and walks them three more times in backward
+    (subtract, exp, multiply, each into a new buffer); here backward makes one buffer and works
+    in place. With N×M in the tens of millions (2,048 query cells × 10,000 queued keys) this
+    is most of the dense objective's cost on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, keys: Tensor, bias: Tensor, scale: float,
+                groups: int) -> Tensor:
+        logits = torch.addmm(bias, query, keys.T, alpha=scale)
+        lse = logits.reshape(logits.shape[0], groups, -1).logsumexp(dim=2)
+        ctx.save_for_backward(query, keys, logits, lse)
+        ctx.scale, ctx.groups = scale, groups
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        query, keys, logits, lse = ctx.saved_tensors
+        n = logits.shape[0]
+        # d lse / d logit = softmax within the group
+        weights = logits.reshape(n, ctx.groups, -1).sub(lse[..., None]).exp_()
+        weights = weights.mul_(grad[..., None]).reshape(n, -1)
+        grad_query = weights @ keys * ctx.scale if ctx.needs_input_grad[0] else None
+        grad_keys = weights.T @ query * ctx.scale if ctx.needs_input_grad[1] else None
+        return grad_query, grad_keys, None, None, None
+
+
+def grouped_logsumexp(query: Tensor, keys: Tensor, bias: Tensor, temperature: float,
+                      groups: int = 1) -> Tensor:
+    """``logsumexp`` of ``bias + query @ keys.T / T`` over each of ``groups`` equal column
+    blocks: query N×D, keys M×D, bias broadcastable to N×M (``MASKED_LOGIT`` drops a key)
+    → N×groups."""
+    return _GroupedLogSumExp.apply(query, keys, bias, 1.0 / temperature, groups)
+
+
+def ring_negatives(query: Tensor, keys: Tensor, key_valid: Tensor, ring_allowed: Tensor,
+                   temperature: float, weight: Tensor) -> NegativeTerm:
+    """Negatives from ``R`` rings (queues) of ``K`` keys, each ring allowed or not per query.
+
+    Args:
+        query: N×D, L2-normalised.
+        keys: R×K×D, L2-normalised (one MoCo queue is ``R = 1``; per-class queues one ring per
+            class).
+        key_valid: R×K bool, False for slots never written.
+        ring_allowed: N×R bool, False where ring r would give query n false negatives.
+        temperature: ``T``.
+        weight: N float, 0 for padding queries (stats only).
+    """
+    r, k, dim = keys.shape
+    if k == 0:  # queue of size 0: nothing to add (shapes are static, no sync)
+        zero = query.new_zeros((), dtype=torch.float32)
+        return NegativeTerm(query.new_full((query.shape[0],), MASKED_LOGIT,
+                                           dtype=torch.float32), zero, zero)
+    with _float32(query.device):
+        query, keys = query.float(), keys.float()
+        bias = torch.where(key_valid, 0.0, MASKED_LOGIT).reshape(1, r * k)
+        per_ring = grouped_logsumexp(query, keys.reshape(r * k, dim), bias, temperature, r)
+        lse = per_ring.masked_fill(~ring_allowed, MASKED_LOGIT).logsumexp(dim=1)
+        with torch.no_grad():
+            # Σ over allowed (query, key) of q·k without the N×RK matrix: q · Σ_ring keys
+            valid = key_valid.float()
+            ring_sum = torch.einsum("rkd,rk->rd", keys, valid)
+            use = ring_allowed.float() * weight[:, None]
+            cos_sum = (query.detach() @ ring_sum.T * use).sum()
+            count = (use * valid.sum(1)[None]).sum()
+    return NegativeTerm(lse, cos_sum, count)
+
+
+def pairwise_negatives(query: Tensor, keys: Tensor, allowed: Tensor, temperature: float,
+                       weight: Tensor) -> NegativeTerm:
+    """Negatives with a per-query mask, e.g. the other images' keys of the batch.
+
+    Args:
+        query: N×D; keys: M×D (both L2-normalised); allowed: N×M bool; weight: N float.
+    """
+    with _float32(query.device):
+        query, keys = query.float(), keys.float()
+        bias = torch.where(allowed, 0.0, MASKED_LOGIT)
+        lse = grouped_logsumexp(query, keys, bias, temperature)[:, 0]
+        with torch.no_grad():
+            # Σ_n Σ_m use_nm q_n·k_m as Σ_n q_n · (use @ keys)_n: a product, not a mask pass
+            use = allowed.float() * weight[:, None]
+            cos_sum = (query.detach() * (use @ keys.detach())).sum()
+            count = use.sum()
+    return NegativeTerm(lse, cos_sum, count)
+
+
+def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm],
+                      temperature: float, weight: Tensor | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    """InfoNCE from the positives and pre-reduced negative groups (MoCo eq. 1).
+
+    Args:
+        query, positive: N×D, L2-normalised; row i of ``positive`` is the positive of query i.
+        terms: groups of negatives from :func:`ring_negatives` / :func:`pairwise_negatives`.
+        weight: N float (default all 1): each query's share of the mean; 0 drops padding rows
+            kept so shapes do not depend on data. With nothing weighted the loss is a zero
+            still connected to ``query``.
+
+    Returns:
+        scalar float32 loss and detached ``stats``: ``pairs`` (Σ weight), ``pos_cos``,
+        ``neg_cos`` (means over weighted queries / their allowed negatives).
+    """
+    if weight is None:
+        weight = query.new_ones(query.shape[0], dtype=torch.float32)
+    weight = weight.float()
+    with _float32(query.device):
+        pos = (query.float() * positive.float()).sum(dim=1) / temperature
+        lse = torch.stack([pos, *(t.lse for t in terms)], dim=1).logsumexp(dim=1)
+        total = weight.sum()
+        loss = ((lse - pos) * weight).sum() / total.clamp_min(1.0)
+        with torch.no_grad():
+            cos_sum = sum((t.cos_sum for t in terms), pos.new_zeros(()))
+            count = sum((t.count for t in terms), pos.new_zeros(()))
+            stats = {"pairs": total.detach(),
+                     "pos_cos": (pos.detach() * temperature * weight).sum() / total.clamp_min(1),
+                     "neg_cos": cos_sum / count.clamp_min(1)}
+    return loss, stats

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from densessl.losses.functional import contrastive_logits, info_nce_from_logits
+from densessl.losses.functional import ring_negatives, weighted_info_nce
 from densessl.losses.queue import MoCoQueue
 
 
@@ -38,16 +38,14 @@ class GlobalContrast(nn.Module):
         if update_queue is None:
             update_queue = self.training
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        negatives, _ = self.queue.get()
-        logits = contrastive_logits(q, k, negatives, self.temperature)
-        loss = info_nce_from_logits(logits)
-        with torch.no_grad():
-            cos = logits.detach() * self.temperature
-            stats = {
-                "pos_cos": cos[:, 0].mean(),
-                "neg_cos": cos[:, 1:].mean() if cos.shape[1] > 1 else cos.new_zeros(()),
-                "queue_filled": self.queue.filled.detach().clone(),
-            }
+        keys, valid = self.queue.snapshot()
+        every_ring = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
+        weight = q.new_ones(q.shape[0], dtype=torch.float32)
+        negatives = ring_negatives(q, keys.to(q), valid.to(q.device), every_ring,
+                                   self.temperature, weight)
+        loss, stats = weighted_info_nce(q, k, [negatives], self.temperature, weight)
+        del stats["pairs"]
+        stats["queue_filled"] = self.queue.filled.detach().clone()
         if update_queue:
             self.queue.enqueue(k.detach())
         return loss, stats

@@ -10,7 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from densessl.losses.functional import contrastive_logits, info_nce_from_logits
+from densessl.losses.functional import (
+    pairwise_negatives,
+    ring_negatives,
+    weighted_info_nce,
+)
 from densessl.losses.per_class_queue import PerClassQueue
 from densessl.losses.queue import MoCoQueue
 
@@ -54,28 +58,21 @@ class InstanceContrast(nn.Module):
             update_queue = self.training
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
         n = q.shape[0]
+        labels = labels.to(q.device).long()
+        weight = q.new_ones(n, dtype=torch.float32)
+        keys, valid = self.queue.snapshot()
         if self.per_class:
-            negatives, _, mask = self.queue.negatives(labels)
+            rings = PerClassQueue.negatives_mask(labels, self.queue.ring_labels.to(q.device))
             same_class = ~PerClassQueue.negatives_mask(labels, labels)
         else:
-            negatives, _ = self.queue.get()
-            mask = torch.ones(n, negatives.shape[0], dtype=torch.bool, device=q.device)
+            rings = torch.ones(n, 1, dtype=torch.bool, device=q.device)
             same_class = torch.zeros(n, n, dtype=torch.bool, device=q.device)
         not_self = ~torch.eye(n, dtype=torch.bool, device=q.device)
-        negatives = torch.cat([negatives.to(k), k], dim=0)
-        mask = torch.cat([mask.to(q.device), not_self & ~same_class.to(q.device)], dim=1)
-        if n == 0:
-            loss = q.sum() * 0.0
-            stats = {"pos_cos": q.new_zeros(()), "neg_cos": q.new_zeros(())}
-        else:
-            logits = contrastive_logits(q, k, negatives, self.temperature, mask)
-            loss = info_nce_from_logits(logits)
-            with torch.no_grad():
-                cos = logits.detach() * self.temperature
-                neg = cos[:, 1:][mask]
-                stats = {"pos_cos": cos[:, 0].mean(),
-                         "neg_cos": neg.mean() if neg.numel() else cos.new_zeros(())}
-        stats["boxes"] = torch.tensor(n, device=q.device)
+        terms = [ring_negatives(q, keys.to(q), valid.to(q.device), rings, self.temperature,
+                                weight),
+                 pairwise_negatives(q, k, not_self & ~same_class, self.temperature, weight)]
+        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight)
+        stats["boxes"] = stats.pop("pairs")
         stats["queue_filled"] = self.queue.filled.sum().detach().clone()
         if update_queue:
             if self.per_class:

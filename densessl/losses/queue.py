@@ -44,10 +44,12 @@ class MoCoQueue(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, labels: Tensor | None = None) -> None:
-        """Gather ``keys`` (M×D) and ``labels`` (M) from all processes, then write them after
-        the newest entry, wrapping around. Any ``M`` works; if more than ``size`` rows arrive only
-        the last ``size`` are kept (the older ones would be overwritten anyway)."""
+    def enqueue(self, keys: Tensor, labels: Tensor | None = None,
+                keep: Tensor | None = None) -> None:
+        """Gather ``keys`` (M×D), ``labels`` (M) and ``keep`` (M bool, default all) from all
+        processes, then write the kept rows after the newest entry, wrapping around. Any ``M``
+        works; if more than ``size`` rows arrive only the newest ``size`` survive, as if written
+        one by one. Nothing here reads a tensor's value on the host (no GPU sync)."""
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must be M×{self.dim}, got {tuple(keys.shape)}")
         if self.with_labels and labels is None:
@@ -56,29 +58,33 @@ class MoCoQueue(nn.Module):
             raise ValueError("this queue was built with with_labels=False")
         if labels is not None and labels.shape != keys.shape[:1]:
             raise ValueError(f"labels must be ({keys.shape[0]},), got {tuple(labels.shape)}")
-        keys = gather_concat(keys.detach())
+        if keep is None:
+            keep = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
+        keys, keep = gather_concat(keys.detach()), gather_concat(keep)
         if labels is not None:
             labels = gather_concat(labels.detach().long())
-        m = keys.shape[0]
-        if m == 0 or self.size == 0:
+        if keys.shape[0] == 0 or self.size == 0:
             return
-        if m > self.size:
-            keys = keys[-self.size :]
-            labels = labels[-self.size :] if labels is not None else None
-            m = self.size
-        slots = (self.ptr + torch.arange(m, device=self.keys.device)) % self.size
-        self.keys[slots] = keys.to(self.keys)
+        ring = torch.zeros(keys.shape[0], dtype=torch.long, device=self.keys.device)
+        source, count = ring_slots(ring, keep.to(ring.device), self.ptr[None], self.size)
+        written = source >= 0
+        rows = source.clamp_min(0)
+        self.keys = torch.where(written[:, None], keys.to(self.keys)[rows], self.keys)
         if labels is not None:
-            self.labels[slots] = labels.to(self.labels.device)
-        self.ptr.copy_((self.ptr + m) % self.size)
-        self.filled.copy_(torch.clamp(self.filled + m, max=self.size))
+            self.labels = torch.where(written, labels.to(self.labels.device)[rows], self.labels)
+        self.ptr.copy_((self.ptr + count[0]) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + count[0], max=self.size))
+
+    def snapshot(self) -> tuple[Tensor, Tensor]:
+        """Every slot, without a host sync: ``(keys 1×K×D, valid 1×K)`` (one ring, the shape
+        :func:`~densessl.losses.functional.ring_negatives` takes). Enqueue replaces the buffer
+        rather than writing into it, so these stay valid for backward."""
+        valid = torch.arange(self.size, device=self.keys.device) < self.filled
+        return self.keys[None], valid[None]
 
     def get(self) -> tuple[Tensor, Tensor | None]:
-        """The valid entries: ``(keys F×D, labels F or None)`` with ``F = filled``.
-
-        Returns copies: the loss keeps them for backward while :meth:`enqueue` later overwrites
-        the buffers in place, which autograd would otherwise reject.
-        """
+        """The valid entries: ``(keys F×D, labels F or None)`` with ``F = filled``, for
+        inspection and tests (reads ``filled`` on the host; losses use :meth:`snapshot`)."""
         n = int(self.filled)
         keys = self.keys[:n].clone()
         labels = self.labels[:n].clone() if self.with_labels else None
@@ -86,3 +92,27 @@ class MoCoQueue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, with_labels={self.with_labels}"
+
+
+def ring_slots(ring: Tensor, keep: Tensor, ptr: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Where a batch of rows lands in ``R`` FIFO rings of ``size`` slots, without host syncs.
+
+    Row i (if ``keep[i]``) goes to ring ``ring[i]`` at ``ptr[ring] + (its rank among the kept
+    rows of that ring)``, wrapping around; when two rows land on one slot the later one wins, so
+    a ring that receives more than ``size`` rows keeps its newest ``size``.
+
+    Args:
+        ring: M long in ``0 … R−1``; keep: M bool; ptr: R long (next slot of each ring).
+
+    Returns:
+        ``source`` (R·size long: the row written to each flattened slot, −1 = untouched) and
+        ``count`` (R long: rows kept per ring).
+    """
+    rings = ptr.shape[0]
+    onehot = F.one_hot(ring, rings) * keep[:, None].long()
+    rank = (onehot.cumsum(0) - 1).gather(1, ring[:, None])[:, 0]
+    slot = ring * size + (ptr[ring] + rank) % size
+    row = torch.arange(ring.shape[0], device=ring.device)
+    source = torch.full((rings * size,), -1, dtype=torch.long, device=ring.device)
+    source = source.scatter_reduce(0, slot, torch.where(keep, row, -1), "amax")
+    return source, onehot.sum(0)

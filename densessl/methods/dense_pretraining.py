@@ -23,7 +23,7 @@ from densessl.build import build_augmentation, build_encoder
 from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
 from densessl.errors import RecipeError
-from densessl.losses import DenseContrast, GlobalContrast, InstanceContrast, PerClassDenseContrast
+from densessl.losses import DenseContrast, GlobalContrast, InstanceContrast
 from densessl.methods.monitors import collapse_stats, dense_cells
 from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.instance_head import InstanceHead
@@ -54,16 +54,12 @@ class DensePretraining(pl.LightningModule):
         self.augment = build_augmentation(recipe, grid_stride=encoder.stride)
         loss = recipe.loss
         self.dense_loss = None
-        if loss.dense_weight > 0 and loss.queue == "per_class":
-            self.dense_loss = PerClassDenseContrast(
-                loss.num_classes, dim=recipe.model.dense_dim, queue_size=loss.dense_queue_size,
-                temperature=loss.temperature, samples_per_image=loss.samples_per_image,
-                batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image)
-        elif loss.dense_weight > 0:
+        if loss.dense_weight > 0:
             self.dense_loss = DenseContrast(
                 dim=recipe.model.dense_dim, queue_size=loss.dense_queue_size,
                 temperature=loss.temperature, samples_per_image=loss.samples_per_image,
-                batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image)
+                batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image,
+                num_classes=loss.num_classes if loss.queue == "per_class" else None)
         self.global_loss = None
         if loss.global_weight > 0 and recipe.model.global_head:
             self.global_loss = GlobalContrast(dim=recipe.model.global_dim,
@@ -120,10 +116,8 @@ class DensePretraining(pl.LightningModule):
         total = batch.view_a.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         if self.dense_loss is not None:
-            extra = ({"class_map": batch.class_map_a}
-                     if isinstance(self.dense_loss, PerClassDenseContrast) else {})
             dense, stats = self.dense_loss(query["dense"], key["dense"], batch.grid_ab,
-                                           batch.valid_ab, **extra)
+                                           batch.valid_ab, class_map=batch.class_map_a)
             total = total + self.recipe.loss.dense_weight * dense
             logs["loss_dense"] = dense.detach()
             logs.update({f"dense_{k}": v for k, v in stats.items()})
