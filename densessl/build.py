@@ -53,7 +53,9 @@ def build_encoder(recipe: Recipe) -> DenseEncoder:
     m = recipe.model
     return DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels, neck=m.neck,
                         dense_stride=m.dense_stride, neck_dim=m.neck_dim, dense_dim=m.dense_dim,
-                        global_head=m.global_head, global_dim=m.global_dim)
+                        global_head=m.global_head, global_dim=m.global_dim,
+                        # RoIAlign reads every FPN level; the dense objectives only one
+                        pyramid="all" if recipe.loss.instance_weight > 0 else "dense")
 
 
 def build_augmentation(recipe: Recipe, grid_stride: int) -> ViewAugmentation:

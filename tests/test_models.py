@@ -157,3 +157,24 @@ def test_cosine_momentum_schedule():
     values = [cosine_momentum(s, 100, start=0.9, end=1.0) for s in range(100)]
     assert all(a <= b for a, b in zip(values, values[1:]))
     assert cosine_momentum(49.5, 100, 0.9, 1.0) == pytest.approx(0.95)
+
+
+def test_dense_only_pyramid_computes_the_same_dense_level_and_nothing_finer():
+    """pyramid="dense" stops the FPN's top-down pass at the dense level: same values, p2 and
+    its lateral/output convolutions never run (they would get no gradient anyway)."""
+    torch.manual_seed(0)
+    full = DenseEncoder(neck_dim=16, dense_dim=8, dense_hidden=16, global_dim=8,
+                        global_hidden=16).eval()
+    lean = DenseEncoder(neck_dim=16, dense_dim=8, dense_hidden=16, global_dim=8,
+                        global_hidden=16, pyramid="dense").eval()
+    lean.load_state_dict(full.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    a, b = full(x), lean(x)
+    assert set(b["pyramid"]) == {"p3"} and set(a["pyramid"]) == {"p2", "p3", "p4", "p5"}
+    torch.testing.assert_close(b["dense"], a["dense"])
+    torch.testing.assert_close(b["pyramid"]["p3"], a["pyramid"]["p3"])
+    b["dense"].sum().backward()
+    p2_out = lean.neck.fpn.layer_blocks[0][0].weight
+    assert p2_out.grad is None and lean.neck.fpn.layer_blocks[1][0].weight.grad is not None
+    with pytest.raises(ValueError, match="pyramid"):
+        DenseEncoder(pyramid="some")

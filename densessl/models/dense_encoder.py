@@ -27,13 +27,17 @@ class DenseEncoder(nn.Module):
         dense_dim, dense_hidden: dense head output / hidden channels.
         global_head: add a MoCo-v2 style head on pooled ``c5`` (Chen et al. 2020).
         global_dim, global_hidden: global head output / hidden sizes.
+        pyramid: ``"all"`` computes every FPN level (for RoIAlign over ``p2..p5``);
+            ``"dense"`` only the one the dense head reads (dense objectives alone need no more,
+            and the skipped levels would get no gradient anyway).
 
     Shapes:
         ``forward(x: B×C×H×W)`` returns a dict with
         ``"dense"``: ``B×dense_dim×H/stride×W/stride`` (not normalised),
         ``"global"``: ``B×global_dim`` (only with ``global_head``),
         ``"features"``: the map the dense head read, and
-        ``"pyramid"``: every level (``p2..p5`` with FPN, else ``c2..c5``), e.g. for RoIAlign.
+        ``"pyramid"``: every level (``p2..p5`` with FPN, else ``c2..c5``), e.g. for RoIAlign
+        (with ``pyramid="dense"`` and FPN only the dense level).
     """
 
     def __init__(
@@ -48,10 +52,13 @@ class DenseEncoder(nn.Module):
         global_head: bool = True,
         global_dim: int = 128,
         global_hidden: int = 512,
+        pyramid: Literal["all", "dense"] = "all",
     ) -> None:
         super().__init__()
         if neck not in ("fpn", "none"):
             raise ValueError(f"unknown neck {neck!r}; valid: ['fpn', 'none']")
+        if pyramid not in ("all", "dense"):
+            raise ValueError(f"unknown pyramid {pyramid!r}; valid: ['all', 'dense']")
         if dense_stride not in _LEVEL_FOR_STRIDE:
             raise ValueError(f"dense_stride must be one of {sorted(_LEVEL_FOR_STRIDE)}")
         self.backbone = ResNetBackbone(backbone, in_channels)
@@ -66,6 +73,7 @@ class DenseEncoder(nn.Module):
             else None
         )
         self._stride = dense_stride
+        self.pyramid = pyramid
 
     @property
     def stride(self) -> int:
@@ -74,7 +82,10 @@ class DenseEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
         feats = self.backbone(x)
-        pyramid = self.neck(feats) if self.neck is not None else feats
+        if self.neck is None:
+            pyramid = feats
+        else:
+            pyramid = self.neck(feats, None if self.pyramid == "all" else {self.dense_level})
         features = pyramid[self.dense_level]
         out: dict[str, Tensor | dict[str, Tensor]] = {
             "dense": self.dense_head(features),
