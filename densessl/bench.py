@@ -143,10 +143,28 @@ def moco_v2_step_fn(recipe: Recipe, device: torch.device) -> tuple[Callable, nn.
     return step, online
 
 
+def fill_queues(module: nn.Module) -> None:
+    """Fill every queue with random unit keys (every class ring too), so a few timed steps
+    measure the steady state; lightly's memory bank likewise starts full of random keys."""
+    from densessl.losses import MoCoQueue, PerClassQueue
+
+    for queue in module.modules():
+        if isinstance(queue, MoCoQueue) and queue.size:
+            keys = torch.randn(queue.size, queue.dim, device=queue.keys.device)
+            labels = (torch.full((queue.size,), -1, device=keys.device)
+                      if queue.with_labels else None)
+            queue.enqueue(nn.functional.normalize(keys, dim=1), labels)
+        elif isinstance(queue, PerClassQueue) and queue.size:
+            labels = queue.ring_labels.repeat_interleave(queue.size)
+            keys = torch.randn(labels.shape[0], queue.dim, device=labels.device)
+            queue.enqueue(nn.functional.normalize(keys, dim=1), labels)
+
+
 def densessl_step_fn(recipe: Recipe, device: torch.device) -> tuple[Callable, nn.Module]:
     from densessl.methods import DensePretraining
 
     task = DensePretraining(recipe).to(device)
+    fill_queues(task)
     optimizer = torch.optim.SGD(task.model.online.parameters(), lr=0.03, momentum=0.9)
 
     def step(batch):
