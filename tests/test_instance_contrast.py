@@ -18,7 +18,8 @@ def test_levels_match_torchvision_level_mapper():
     torch.testing.assert_close(assign_fpn_levels(boxes, 2, 5), expected.long())
 
 
-def test_pooled_features_equal_direct_roi_align():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_pooled_features_equal_direct_roi_align(sync_free):
     torch.manual_seed(0)
     size = 128
     pyramid = {f"p{k}": torch.randn(2, 8, size // 2**k, size // 2**k) for k in (2, 3, 4, 5)}
@@ -26,7 +27,7 @@ def test_pooled_features_equal_direct_roi_align():
                           [2, 3, 100, 90.0]])
     batch = torch.tensor([0, 1, 1, 0, 1])
     pooled = multiscale_roi_align(pyramid, boxes, batch, size, output_size=5,
-                                  canonical_scale=56, canonical_level=4)
+                                  canonical_scale=56, canonical_level=4, sync_free=sync_free)
     levels = assign_fpn_levels(boxes, 2, 5, canonical_scale=56)
     assert len(set(levels.tolist())) >= 3  # the test covers several levels
     for i in range(len(boxes)):

@@ -43,16 +43,12 @@ class PerClassQueue(nn.Module):
         self.register_buffer("filled", torch.zeros(num_classes + 1, dtype=torch.long))
 
     def slot_of(self, labels: Tensor) -> Tensor:
-        """Ring index of each label (−1 → the unknown ring); out-of-range labels are an error
-        (checked on the host for CPU tensors, by an asynchronous device assert on a GPU)."""
+        """Ring index of each label (−1 → the unknown ring). An out-of-range label is an error,
+        raised at once on a CPU and by an asynchronous device assert on a GPU (no host sync)."""
         labels = labels.long()
-        bad = (labels < -1) | (labels >= self.num_classes)
-        if labels.device.type == "cpu":
-            if bad.any():
-                raise ValueError(f"labels must be in -1..{self.num_classes - 1}, got "
-                                 f"{labels[bad][:5].tolist()}")
-        else:
-            torch._assert_async(~bad.any(), f"labels must be in -1..{self.num_classes - 1}")
+        ok = ((labels >= -1) & (labels < self.num_classes)).all()
+        torch._assert_async(ok, f"PerClassQueue: class labels must be in -1..{self.num_classes - 1}"
+                                f" (loss.num_classes = {self.num_classes})")
         return torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
 
     @property

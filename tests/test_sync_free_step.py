@@ -1,0 +1,60 @@
+"""The training step reads no tensor value on the host, so on a GPU it never waits for the
+device (issue #7). Checked without a GPU: under PyTorch's FakeTensorMode tensors carry shapes
+but no data, and any op whose result depends on data on the host (``.item()``, ``bool(t)``,
+``int(t)``, boolean-mask indexing, ``nonzero``) raises instead of running."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
+
+from densessl.bench import bench_recipe, make_pair_batch
+from densessl.methods import DensePretraining
+
+CONFIGS = {
+    "dense_global": {},
+    "dense_instance_per_class": {"instance_weight": 1.0, "queue": "per_class",
+                                 "dense_queue_size": 16, "instance_queue_size": 8},
+    "dense_instance_single": {"instance_weight": 1.0, "dense_queue_size": 16,
+                              "instance_queue_size": 8},
+}
+
+
+def fake_step(task: DensePretraining, batch) -> None:
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        task.model.update(0.99)
+        loss, logs = task.compute_losses(batch)
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_training_step_has_no_host_sync(name):
+    torch.manual_seed(0)
+    recipe = bench_recipe("resnet18", 64, 4, **CONFIGS[name])
+    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    task = DensePretraining(recipe)
+    for module in task.modules():
+        if hasattr(module, "sync_free"):
+            module.sync_free = True  # what a GPU run picks by itself
+    task.compute_losses(batch)  # a real step first: queues hold keys, as in training
+    fake_step(task, batch)
+
+
+def test_the_check_catches_a_host_read():
+    """The detector itself: the pre-#7 cell selection (boolean mask) and a per-level nonzero
+    must be caught."""
+    recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
+                          instance_queue_size=8)
+    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    task = DensePretraining(recipe)  # sync_free left at auto: a CPU run uses nonzero
+    with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):
+        fake_step(task, batch)
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(
+            (DataDependentOutputException, DynamicOutputShapeException)):
+        valid = torch.rand(4, 10) > 0.5
+        torch.arange(10).expand(4, 10)[valid]
