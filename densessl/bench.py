@@ -63,6 +63,10 @@ class PeakMemory:
             self.peak_bytes = self._peak - self._base
 
 
+#: queue sizes of configuration (3), per class: those of recipes/xray_segloc.yaml
+PER_CLASS_QUEUES = {"dense_queue_size": 512, "instance_queue_size": 256}
+
+
 def bench_recipe(backbone: str, image_size: int, batch_size: int, **loss) -> Recipe:
     return load_recipe({
         "name": "bench",
@@ -249,12 +253,16 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
     }
     loss_keys = set(type(base.loss).model_fields)
     if {"instance_weight", "queue"} <= loss_keys:
+        # per-class ring sizes of the X-ray SegLoc recipes (14 rings × 512 ≈ the single
+        # dense queue's 8,192 keys), so (2) and (3) contrast against about as many negatives
         full = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
-                            queue="per_class")
+                            queue="per_class", **PER_CLASS_QUEUES)
         configs["dense_instance_per_class"] = lambda: densessl_step_fn(full, dev)
     results: dict = {"device": str(dev), "torch": torch.__version__, "backbone": backbone,
                      "image_size": image_size, "batch_size": batch_size, "precision": precision,
                      "channels_last": channels_last, "threads": torch.get_num_threads(),
+                     "queues": {"moco_v2_lightly": 4096, "dense": base.loss.dense_queue_size,
+                                "dense_instance_per_class": PER_CLASS_QUEUES},
                      "steps": {}}
     for name, make in configs.items():
         step, module = make()

@@ -70,7 +70,8 @@ def bench_queue(impl, classes, size, dim, batch, device, steps=20) -> tuple[floa
 
     run(3)  # warm-up, partly filled rings
     filling = run(steps)
-    run(2 * size * (classes + 1) // batch)  # steady state: every ring full
+    for _ in range(2 * size * (classes + 1) // batch):  # steady state: every ring full
+        impl.enqueue(keys, labels)
     return filling, run(steps)
 
 
