@@ -139,9 +139,12 @@ class _GroupedLogSumExp(torch.autograd.Function):
         logits = query.new_empty(n, m)
         lse = query.new_empty(n, groups)
         bias = bias.expand(n, m)
+        scaled = query * scale  # N×D: cheaper than scaling N×M logits
         for start in range(0, n, rows):
             block = slice(start, start + rows)
-            torch.addmm(bias[block], query[block], keys.T, alpha=scale, out=logits[block])
+            # product, then the bias added in place while the block is in cache (addmm would
+            # first copy the broadcast bias into the whole output)
+            torch.mm(scaled[block], keys.T, out=logits[block]).add_(bias[block])
             lse[block] = logits[block].reshape(-1, groups, m // groups).logsumexp(dim=2)
         ctx.save_for_backward(query, keys, logits, lse)
         ctx.scale, ctx.groups, ctx.rows = scale, groups, rows
