@@ -182,23 +182,44 @@ def densessl_step_fn(recipe: Recipe, device: torch.device) -> tuple[Callable, nn
     return step, task
 
 
-def time_steps(step: Callable, batch, steps: int, warmup: int, device: torch.device,
-               precision: str) -> dict:
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    # Peak memory covers the warm-up too: the first steps allocate gradients and optimiser state.
-    with PeakMemory(device) as memory, autocast:
-        for _ in range(warmup):
-            step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
+def warm_up(step: Callable, batch, warmup: int, device: torch.device, precision: str) -> float:
+    """Run the first steps (they allocate gradients and optimiser state); peak MB."""
+    with PeakMemory(device) as memory, autocast_for(device, precision):
+        for _ in range(max(warmup, 1)):
             loss = step(batch)
-        loss = float(loss.detach())  # one sync at the end, none per step
-        elapsed = time.perf_counter() - start
-    return {"pairs_per_s": round(steps * batch.batch_size / elapsed, 2),
-            "step_ms": round(1000 * elapsed / steps, 2),
-            "peak_memory_mb": round(memory.peak_bytes / 2**20, 1), "final_loss": round(loss, 4)}
+        float(loss.detach())
+    return round(memory.peak_bytes / 2**20, 1)
+
+
+def time_interleaved(steps_by_name: dict[str, Callable], batch, steps: int, rounds: int,
+                     device: torch.device, precision: str) -> dict[str, dict]:
+    """Time ``steps`` steps of each configuration in turn, ``rounds`` times over, and keep each
+    one's median round: on a shared machine the load drifts, and timing the configurations
+    one after the other would charge the drift to whichever ran during it."""
+    per_step: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    losses: dict[str, float] = {}
+    with autocast_for(device, precision):
+        for _ in range(rounds):
+            for name, step in steps_by_name.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    loss = step(batch)
+                losses[name] = float(loss.detach())  # one sync per round, none per step
+                per_step[name].append((time.perf_counter() - start) / steps)
+    results = {}
+    for name, times in per_step.items():
+        median = sorted(times)[len(times) // 2]
+        results[name] = {"pairs_per_s": round(batch.batch_size / median, 2),
+                         "step_ms": round(1000 * median, 2),
+                         "step_ms_rounds": [round(1000 * t, 1) for t in times],
+                         "final_loss": round(losses[name], 4)}
+    return results
+
+
+def autocast_for(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def bench_builders(samples: int = 32) -> dict:
@@ -236,7 +257,8 @@ def bench_data_wait(steps: int = 20) -> dict:
 
 
 def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int = 32,
-              steps: int = 5, warmup: int = 2, device: str = "auto", precision: str = "32",
+              steps: int = 3, warmup: int = 2, device: str = "auto", precision: str = "32",
+              rounds: int = 3,
               channels_last: bool = False, builders: bool = True, data_wait: bool = True,
               log: Callable[[str], None] = print) -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -258,19 +280,29 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
         full = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
                             queue="per_class", **PER_CLASS_QUEUES)
         configs["dense_instance_per_class"] = lambda: densessl_step_fn(full, dev)
+        # the same with RoIAlign from p3 up: what the stride-4 FPN level costs
+        from_p3 = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
+                               queue="per_class", roi_min_level=3, **PER_CLASS_QUEUES)
+        configs["dense_instance_per_class_from_p3"] = lambda: densessl_step_fn(from_p3, dev)
     results: dict = {"device": str(dev), "torch": torch.__version__, "backbone": backbone,
                      "image_size": image_size, "batch_size": batch_size, "precision": precision,
                      "channels_last": channels_last, "threads": torch.get_num_threads(),
+                     "timing": f"median of {rounds} interleaved rounds of {steps} steps",
                      "queues": {"moco_v2_lightly": 4096, "dense": base.loss.dense_queue_size,
                                 "dense_instance_per_class": PER_CLASS_QUEUES},
                      "steps": {}}
+    steps_by_name, memory = {}, {}
     for name, make in configs.items():
         step, module = make()
         if channels_last:
             module.to(memory_format=torch.channels_last)
-        results["steps"][name] = time_steps(step, batch, steps, warmup, dev, precision)
-        log(f"{name}: {results['steps'][name]}")
-        del step, module
+        memory[name] = warm_up(step, batch, warmup, dev, precision)
+        steps_by_name[name] = step
+    results["steps"] = time_interleaved(steps_by_name, batch, steps, rounds, dev, precision)
+    for name, entry in results["steps"].items():
+        entry["peak_memory_mb"] = memory[name]
+        log(f"{name}: {entry}")
+    del steps_by_name
     reference = results["steps"]["moco_v2_lightly"]["pairs_per_s"]
     for entry in results["steps"].values():
         entry["ratio_to_moco"] = round(entry["pairs_per_s"] / reference, 3)

@@ -54,8 +54,15 @@ def build_encoder(recipe: Recipe) -> DenseEncoder:
     return DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels, neck=m.neck,
                         dense_stride=m.dense_stride, neck_dim=m.neck_dim, dense_dim=m.dense_dim,
                         global_head=m.global_head, global_dim=m.global_dim,
-                        # RoIAlign reads every FPN level; the dense objectives only one
-                        pyramid="all" if recipe.loss.instance_weight > 0 else "dense")
+                        pyramid=pyramid_levels(recipe))
+
+
+def pyramid_levels(recipe: Recipe) -> list[str] | str:
+    """FPN levels the objectives read: the dense head's, and RoIAlign's ``p{roi_min_level}..p5``
+    with the instance objective. The others are never computed (they would get no gradient)."""
+    if recipe.loss.instance_weight <= 0:
+        return "dense"
+    return [f"p{k}" for k in range(recipe.loss.roi_min_level, 6)]
 
 
 def build_augmentation(recipe: Recipe, grid_stride: int) -> ViewAugmentation:

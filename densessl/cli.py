@@ -128,7 +128,8 @@ def cmd_bench(args) -> int:
     from densessl.io import write_json
 
     results = run_bench(backbone=args.backbone, image_size=args.image_size,
-                        batch_size=args.batch_size, steps=args.steps, device=args.device,
+                        batch_size=args.batch_size, steps=args.steps, rounds=args.rounds,
+                        device=args.device,
                         precision=args.precision, channels_last=args.channels_last,
                         builders=not args.skip_builders, data_wait=not args.skip_data_wait)
     if args.json:
@@ -210,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over all configurations (the median round is reported)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
     p.add_argument("--channels-last", action="store_true")

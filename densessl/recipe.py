@@ -117,6 +117,9 @@ class LossConfig(Section):
     roi_output_size: int = Field(7, ge=1, description="RoIAlign output side")
     roi_canonical_scale: float = Field(224.0, gt=0, description="box side that maps to FPN "
                                        "level 4 (Lin et al. 2017); lower it for small views")
+    roi_min_level: int = Field(2, ge=2, le=5, description="finest FPN level RoIAlign reads "
+                               "(boxes below it are pooled there); 3 skips the stride-4 level "
+                               "p2, the costliest part of the FPN")
 
 
 class TrainConfig(Section):

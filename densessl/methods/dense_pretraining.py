@@ -141,13 +141,14 @@ class DensePretraining(pl.LightningModule):
 
     def instance_losses(self, batch: PairBatch, query: dict, key: dict):
         """InsLoc: box i of view A (online) against box i of view B (momentum), RoIAlign on
-        the FPN level each box's size selects."""
+        the FPN level each box's size selects (``p{roi_min_level}..p5``)."""
         size = batch.view_a.shape[-1]
-        q = self.model.online.instance_head(query["pyramid"], batch.boxes_a, batch.box_batch,
-                                            size)
+        levels = [f"p{k}" for k in range(self.recipe.loss.roi_min_level, 6)]
+        q = self.model.online.instance_head({n: query["pyramid"][n] for n in levels},
+                                            batch.boxes_a, batch.box_batch, size)
         with torch.no_grad():
-            k = self.model.momentum.instance_head(key["pyramid"], batch.boxes_b,
-                                                  batch.box_batch, size)
+            k = self.model.momentum.instance_head({n: key["pyramid"][n] for n in levels},
+                                                  batch.boxes_b, batch.box_batch, size)
         return self.instance_loss(q, k, batch.box_label)
 
     @staticmethod

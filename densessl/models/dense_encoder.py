@@ -29,7 +29,8 @@ class DenseEncoder(nn.Module):
         global_dim, global_hidden: global head output / hidden sizes.
         pyramid: ``"all"`` computes every FPN level (for RoIAlign over ``p2..p5``);
             ``"dense"`` only the one the dense head reads (dense objectives alone need no more,
-            and the skipped levels would get no gradient anyway).
+            and the skipped levels would get no gradient anyway); a list of FPN level names
+            (e.g. ``["p3", "p4", "p5"]``) those plus the dense level.
 
     Shapes:
         ``forward(x: B×C×H×W)`` returns a dict with
@@ -52,13 +53,14 @@ class DenseEncoder(nn.Module):
         global_head: bool = True,
         global_dim: int = 128,
         global_hidden: int = 512,
-        pyramid: Literal["all", "dense"] = "all",
+        pyramid: Literal["all", "dense"] | list[str] = "all",
     ) -> None:
         super().__init__()
         if neck not in ("fpn", "none"):
             raise ValueError(f"unknown neck {neck!r}; valid: ['fpn', 'none']")
-        if pyramid not in ("all", "dense"):
-            raise ValueError(f"unknown pyramid {pyramid!r}; valid: ['all', 'dense']")
+        if isinstance(pyramid, str) and pyramid not in ("all", "dense"):
+            raise ValueError(f"unknown pyramid {pyramid!r}; valid: 'all', 'dense' or a list "
+                             f"of FPN levels such as ['p3', 'p4', 'p5']")
         if dense_stride not in _LEVEL_FOR_STRIDE:
             raise ValueError(f"dense_stride must be one of {sorted(_LEVEL_FOR_STRIDE)}")
         self.backbone = ResNetBackbone(backbone, in_channels)
@@ -74,6 +76,12 @@ class DenseEncoder(nn.Module):
         )
         self._stride = dense_stride
         self.pyramid = pyramid
+        if pyramid == "all" or self.neck is None:
+            self._outputs = None
+        elif pyramid == "dense":
+            self._outputs = {self.dense_level}
+        else:
+            self._outputs = {self.dense_level, *pyramid}
 
     @property
     def stride(self) -> int:
@@ -85,7 +93,7 @@ class DenseEncoder(nn.Module):
         if self.neck is None:
             pyramid = feats
         else:
-            pyramid = self.neck(feats, None if self.pyramid == "all" else {self.dense_level})
+            pyramid = self.neck(feats, self._outputs)
         features = pyramid[self.dense_level]
         out: dict[str, Tensor | dict[str, Tensor]] = {
             "dense": self.dense_head(features),
