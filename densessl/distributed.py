@@ -23,13 +23,17 @@ def rank() -> int:
 
 
 @torch.no_grad()
-def gather_concat(x: Tensor) -> Tensor:
+def gather_concat(x: Tensor, same_shape: bool = False) -> Tensor:
     """Concatenate ``x`` from every process along dim 0, in rank order.
 
     Args:
-        x: ``M×...`` tensor; ``M`` may differ between processes (e.g. the number of valid dense
-            cells), which plain ``all_gather`` does not allow, so rows are padded to the largest
-            ``M`` before gathering and trimmed afterwards.
+        x: ``M×...`` tensor; ``M`` may differ between processes (e.g. the number of boxes),
+            which plain ``all_gather`` does not allow, so rows are padded to the largest ``M``
+            before gathering and trimmed afterwards; learning the ``M`` of the others means
+            reading a count on the host (a GPU sync).
+        same_shape: the caller guarantees every process passes the same shape (fixed-shape
+            dense cell slots of equal local batches: the pretraining DataLoader drops the last
+            incomplete batch), so the counts are not exchanged and nothing waits for the device.
 
     Returns:
         ``(ΣM)×...`` tensor, identical on every process; ``x`` itself with one process.
@@ -39,6 +43,10 @@ def gather_concat(x: Tensor) -> Tensor:
     n_proc = world_size()
     if n_proc == 1:
         return x
+    if same_shape:
+        parts = [torch.empty_like(x) for _ in range(n_proc)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
     count = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
     counts = [torch.zeros_like(count) for _ in range(n_proc)]
     dist.all_gather(counts, count)

@@ -126,7 +126,9 @@ class DenseContrast(nn.Module):
 
         Gradients flow into ``q_dense`` and, if it requires grad, into ``k_dense`` through the
         positives and batch negatives; queued keys are always detached. No step reads a tensor
-        value on the host, so on a GPU nothing waits for the device.
+        value on the host, so on a GPU nothing waits for the device. With several processes,
+        each must hold the same local batch size (cell slots are gathered without exchanging
+        counts; the pretraining DataLoader drops the last incomplete batch).
 
         Returns:
             ``loss`` and detached scalar ``stats``: ``pairs`` (query cells), ``pos_cos`` (mean
@@ -167,8 +169,10 @@ class DenseContrast(nn.Module):
             # global batch, whatever the number of processes; images get global indices
             image = image + rank() * b
             distributed = world_size() > 1
-            keys_all = gather_concat(k.detach()) if distributed else k
-            image_all, keep_all, label_all = (gather_concat(t) for t in (image, keep, label))
+            # fixed B·n slots per process: no row counts to exchange (see gather_concat)
+            keys_all = gather_concat(k.detach(), same_shape=True) if distributed else k
+            image_all, keep_all, label_all = (gather_concat(t, same_shape=True)
+                                              for t in (image, keep, label))
             allowed = (image[:, None] != image_all[None, :]) & keep_all[None, :]
             if self.per_class:
                 allowed &= PerClassQueue.negatives_mask(label, label_all)
@@ -183,9 +187,9 @@ class DenseContrast(nn.Module):
             if self.per_class:
                 e_label = (labels.gather(1, e_cell.reshape(b, -1)).reshape(-1)
                            if labels is not None else torch.full_like(e_cell, -1))
-                self.queue.enqueue(e_keys, e_label, keep=e_keep)
+                self.queue.enqueue(e_keys, e_label, keep=e_keep, same_shape=True)
             else:
-                self.queue.enqueue(e_keys, keep=e_keep)
+                self.queue.enqueue(e_keys, keep=e_keep, same_shape=True)
         return loss, stats
 
 

@@ -47,5 +47,5 @@ class GlobalContrast(nn.Module):
         del stats["pairs"]
         stats["queue_filled"] = self.queue.filled.detach().clone()
         if update_queue:
-            self.queue.enqueue(k.detach())
+            self.queue.enqueue(k.detach(), same_shape=True)  # equal local batches
         return loss, stats

@@ -58,10 +58,12 @@ class PerClassQueue(nn.Module):
         return torch.where(ring == self.num_classes, -1, ring)
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, labels: Tensor, keep: Tensor | None = None) -> None:
+    def enqueue(self, keys: Tensor, labels: Tensor, keep: Tensor | None = None,
+                same_shape: bool = False) -> None:
         """Gather ``keys`` M×D, ``labels`` M and ``keep`` M bool (default all) from every
         process, then append each kept key to its class's ring, in order, wrapping around; all
-        classes at once (no loop over classes, no host sync).
+        classes at once (no loop over classes, no host sync; ``same_shape`` as
+        :meth:`MoCoQueue.enqueue <densessl.losses.queue.MoCoQueue.enqueue>`).
 
         If a class receives more than ``K`` keys only its last ``K`` are kept, exactly as if
         they had been written one by one.
@@ -72,8 +74,10 @@ class PerClassQueue(nn.Module):
             raise ValueError(f"labels must be ({keys.shape[0]},), got {tuple(labels.shape)}")
         if keep is None:
             keep = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
-        keys, keep = gather_concat(keys.detach()), gather_concat(keep)
-        ring = self.slot_of(gather_concat(labels.detach().long())).to(self.keys.device)
+        keys = gather_concat(keys.detach(), same_shape)
+        keep = gather_concat(keep, same_shape)
+        labels = gather_concat(labels.detach().long(), same_shape)
+        ring = self.slot_of(labels).to(self.keys.device)
         if ring.numel() == 0 or self.size == 0:
             return
         source, count = ring_slots(ring, keep.to(ring.device), self.ptr, self.size)

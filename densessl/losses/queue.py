@@ -45,11 +45,13 @@ class MoCoQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, labels: Tensor | None = None,
-                keep: Tensor | None = None) -> None:
+                keep: Tensor | None = None, same_shape: bool = False) -> None:
         """Gather ``keys`` (M×D), ``labels`` (M) and ``keep`` (M bool, default all) from all
         processes, then write the kept rows after the newest entry, wrapping around. Any ``M``
         works; if more than ``size`` rows arrive only the newest ``size`` survive, as if written
-        one by one. Nothing here reads a tensor's value on the host (no GPU sync)."""
+        one by one. Nothing here reads a tensor's value on the host (no GPU sync); with several
+        processes pass ``same_shape=True`` when every process enqueues as many rows (see
+        :func:`~densessl.distributed.gather_concat`)."""
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must be M×{self.dim}, got {tuple(keys.shape)}")
         if self.with_labels and labels is None:
@@ -60,9 +62,10 @@ class MoCoQueue(nn.Module):
             raise ValueError(f"labels must be ({keys.shape[0]},), got {tuple(labels.shape)}")
         if keep is None:
             keep = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
-        keys, keep = gather_concat(keys.detach()), gather_concat(keep)
+        keys = gather_concat(keys.detach(), same_shape)
+        keep = gather_concat(keep, same_shape)
         if labels is not None:
-            labels = gather_concat(labels.detach().long())
+            labels = gather_concat(labels.detach().long(), same_shape)
         if keys.shape[0] == 0 or self.size == 0:
             return
         ring = torch.zeros(keys.shape[0], dtype=torch.long, device=self.keys.device)
