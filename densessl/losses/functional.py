@@ -94,8 +94,8 @@ def info_nce_from_logits(logits: Tensor) -> Tensor:
 #
 # The training losses below never build the N×(1+K) logits-with-mask matrix of
 # :func:`contrastive_logits`: each group of negatives reduces to one log-sum-exp per query, a
-# disallowed negative is pushed to ``MASKED_LOGIT`` inside the matrix product (``addmm``'s bias),
-# and nothing depends on a tensor's value on the host, so a GPU step never waits for the device.
+# disallowed negative is pushed to ``MASKED_LOGIT`` by a bias added to the product, and nothing
+# depends on a tensor's value on the host, so a GPU step never waits for the device.
 
 #: Added to a disallowed logit: exp() of it underflows to exactly 0 in float32, so it has no
 #: influence on the loss or its gradient, yet a row with nothing allowed stays finite (an
