@@ -256,10 +256,55 @@ def bench_data_wait(steps: int = 20) -> dict:
     return {k: metrics[k] for k in ("steps", "pairs_per_s", "data_wait_fraction")}
 
 
+#: dense bf16 tensor-core peaks (TFLOP/s) by device name, for model FLOP utilisation; any
+#: other device or precision needs ``--peak-tflops``
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def count_flops(step: Callable, batch, device: torch.device, precision: str) -> float:
+    """FLOPs of one training step (forward and backward matrix products and convolutions, as
+    PyTorch's FlopCounterMode counts them; RoIAlign and elementwise work are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, autocast_for(device, precision):
+        step(batch)
+    return float(counter.get_total_flops())
+
+
+def profile_steps(step: Callable, batch, device: torch.device, precision: str, out: Path,
+                  name: str, steps: int = 2) -> None:
+    """A torch.profiler trace (open in chrome://tracing or Perfetto) and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    with profile(activities=activities) as prof, autocast_for(device, precision):
+        for _ in range(steps):
+            step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / f"{name}.trace.json"))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    from densessl.io import write_text
+
+    write_text(out / f"{name}.top_ops.txt", table + "\n")
+
+
 def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int = 32,
               steps: int = 3, warmup: int = 2, device: str = "auto", precision: str = "32",
-              rounds: int = 3,
-              channels_last: bool = False, builders: bool = True, data_wait: bool = True,
+              rounds: int = 3, channels_last: bool = False, builders: bool = True,
+              data_wait: bool = True, peak: float | None = None,
+              profile_dir: str | Path | None = None,
               log: Callable[[str], None] = print) -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -299,8 +344,17 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
         memory[name] = warm_up(step, batch, warmup, dev, precision)
         steps_by_name[name] = step
     results["steps"] = time_interleaved(steps_by_name, batch, steps, rounds, dev, precision)
+    peak = peak if peak is not None else peak_tflops(dev, precision)
+    results["peak_tflops"] = peak
     for name, entry in results["steps"].items():
         entry["peak_memory_mb"] = memory[name]
+        flops = count_flops(steps_by_name[name], batch, dev, precision)
+        entry["gflop_per_step"] = round(flops / 1e9, 1)
+        achieved = flops / (entry["step_ms"] / 1000) / 1e12
+        entry["achieved_tflops"] = round(achieved, 3)
+        entry["mfu"] = round(achieved / peak, 4) if peak else None
+        if profile_dir is not None:
+            profile_steps(steps_by_name[name], batch, dev, precision, Path(profile_dir), name)
         log(f"{name}: {entry}")
     del steps_by_name
     reference = results["steps"]["moco_v2_lightly"]["pairs_per_s"]

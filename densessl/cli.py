@@ -131,7 +131,8 @@ def cmd_bench(args) -> int:
                         batch_size=args.batch_size, steps=args.steps, rounds=args.rounds,
                         device=args.device,
                         precision=args.precision, channels_last=args.channels_last,
-                        builders=not args.skip_builders, data_wait=not args.skip_data_wait)
+                        builders=not args.skip_builders, data_wait=not args.skip_data_wait,
+                        peak=args.peak_tflops, profile_dir=args.profile)
     if args.json:
         write_json(args.json, results)
         print(f"wrote {Path(args.json).resolve()}")
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--skip-builders", action="store_true", help="skip builder throughput")
     p.add_argument("--skip-data-wait", action="store_true", help="skip the short real run")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak TFLOP/s for model FLOP utilisation (known: bf16 on "
+                        "H100/H200/A100)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also write a torch.profiler trace and top-operator table per "
+                        "configuration to DIR")
     p.set_defaults(func=cmd_bench)
 
     return parser
