@@ -107,9 +107,10 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     if progress is None:
         progress = sys.stderr.isatty()
     callbacks: list[pl.Callback] = [monitor]
-    if progress:
-        callbacks.append(pl.callbacks.RichProgressBar())
     t = recipe.train
+    if progress:
+        # the bar reads the logged loss off the device: every log_every steps, not every step
+        callbacks.append(pl.callbacks.RichProgressBar(refresh_rate=t.log_every))
     # Not every FPN level feeds every objective (e.g. the dense head reads one level), so DDP
     # must look for parameters without gradients.
     strategy = "ddp_find_unused_parameters_true" if t.strategy == "ddp" else t.strategy
