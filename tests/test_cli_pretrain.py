@@ -1,6 +1,7 @@
 """End to end through the CLI: a tiny pretraining run writes every output; --resume continues."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,16 @@ def test_help_lists_every_subcommand(capsys):
     for name in ("pretrain", "inspect-pairs", "run", "finetune", "sweep", "data", "bench",
                  "export"):
         assert name in text
+
+
+def test_bf16_mixed_channels_last_run_on_cpu(tmp_path):
+    """The GPU settings of issue #7 also run on a CPU: Lightning's bf16-mixed autocast and
+    channels_last views, with the X-ray recipe's per-class queues and instance objective."""
+    xray = str(Path(__file__).parents[1] / "recipes" / "xray_segloc.yaml")
+    out = tmp_path / "bf16"
+    assert main(["pretrain", xray, "--out", str(out), "--set", "train.max_steps=2",
+                 "--set", "train.batch_size=4", "--set", "train.num_workers=0",
+                 "--set", "train.precision=bf16-mixed", "--set", "train.channels_last=true"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    assert all(math.isfinite(metrics["final"][k]) for k in ("loss", "loss_dense", "loss_instance"))
