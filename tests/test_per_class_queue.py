@@ -105,3 +105,17 @@ def test_dense_loss_never_uses_same_class_negatives():
             total.append(info_nce(qn[i, :, c][None], kn[i, :, c][None],
                                   torch.stack(negs), 0.5))
     torch.testing.assert_close(loss, torch.stack(total).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_enqueue_writes_the_buffers_in_place():
+    """DDP's buffer broadcast and .to() hold on to the buffer tensors: enqueue must not swap
+    them for new ones (and snapshots handed to a loss must not change after it)."""
+    from densessl.losses import MoCoQueue
+
+    for queue, args in ((PerClassQueue(num_classes=3, size=4, dim=2), (torch.tensor([0, 2]),)),
+                        (MoCoQueue(4, 2), ())):
+        buffer = queue.keys
+        before, _ = queue.snapshot()
+        queue.enqueue(torch.ones(2, 2), *args)
+        assert queue.keys is buffer and queue.keys.data_ptr() == buffer.data_ptr()
+        assert (queue.keys == 1).any() and not (before == 1).any()

@@ -81,18 +81,20 @@ class PerClassQueue(nn.Module):
         if ring.numel() == 0 or self.size == 0:
             return
         source, count = ring_slots(ring, keep.to(ring.device), self.ptr, self.size)
-        flat = self.keys.reshape(-1, self.dim)
+        flat = self.keys.view(-1, self.dim)
         rows = keys.to(flat)[source.clamp_min(0)]
-        self.keys = torch.where((source >= 0)[:, None], rows, flat).reshape(self.keys.shape)
+        # in place (the buffer stays the same tensor for DDP and .to()): every slot is
+        # rewritten, untouched ones with their own value
+        torch.where((source >= 0)[:, None], rows, flat, out=flat)
         self.ptr.copy_((self.ptr + count) % self.size)
         self.filled.copy_(torch.clamp(self.filled + count, max=self.size))
 
     def snapshot(self) -> tuple[Tensor, Tensor]:
         """Every slot of every ring, without a host sync: ``(keys (C+1)×K×D, valid (C+1)×K)``.
-        Enqueue replaces the buffer rather than writing into it, so these stay valid for
-        backward."""
+        A copy: the loss keeps it for backward while a later enqueue writes the buffer in
+        place."""
         valid = torch.arange(self.size, device=self.keys.device)[None] < self.filled[:, None]
-        return self.keys, valid
+        return self.keys.clone(), valid
 
     def get(self) -> tuple[Tensor, Tensor]:
         """The written entries of every ring: ``(keys F×D, labels F)`` (−1 for the unknown

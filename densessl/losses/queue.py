@@ -72,18 +72,21 @@ class MoCoQueue(nn.Module):
         source, count = ring_slots(ring, keep.to(ring.device), self.ptr[None], self.size)
         written = source >= 0
         rows = source.clamp_min(0)
-        self.keys = torch.where(written[:, None], keys.to(self.keys)[rows], self.keys)
+        # in place (the buffers stay the same tensors for DDP and .to()): every slot is
+        # rewritten, untouched ones with their own value
+        torch.where(written[:, None], keys.to(self.keys)[rows], self.keys, out=self.keys)
         if labels is not None:
-            self.labels = torch.where(written, labels.to(self.labels.device)[rows], self.labels)
+            torch.where(written, labels.to(self.labels.device)[rows], self.labels,
+                        out=self.labels)
         self.ptr.copy_((self.ptr + count[0]) % self.size)
         self.filled.copy_(torch.clamp(self.filled + count[0], max=self.size))
 
     def snapshot(self) -> tuple[Tensor, Tensor]:
         """Every slot, without a host sync: ``(keys 1×K×D, valid 1×K)`` (one ring, the shape
-        :func:`~densessl.losses.functional.ring_negatives` takes). Enqueue replaces the buffer
-        rather than writing into it, so these stay valid for backward."""
+        :func:`~densessl.losses.functional.ring_negatives` takes). A copy: the loss keeps it
+        for backward while a later enqueue writes the buffer in place."""
         valid = torch.arange(self.size, device=self.keys.device) < self.filled
-        return self.keys[None], valid[None]
+        return self.keys[None].clone(), valid[None]
 
     def get(self) -> tuple[Tensor, Tensor | None]:
         """The valid entries: ``(keys F×D, labels F or None)`` with ``F = filled``, for
