@@ -318,17 +318,15 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
         "moco_v2_lightly": lambda: moco_v2_step_fn(base, dev),
         "dense": lambda: densessl_step_fn(base, dev),
     }
-    loss_keys = set(type(base.loss).model_fields)
-    if {"instance_weight", "queue"} <= loss_keys:
-        # per-class ring sizes of the X-ray SegLoc recipes (14 rings × 512 ≈ the single
-        # dense queue's 8,192 keys), so (2) and (3) contrast against about as many negatives
-        full = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
-                            queue="per_class", **PER_CLASS_QUEUES)
-        configs["dense_instance_per_class"] = lambda: densessl_step_fn(full, dev)
-        # the same with RoIAlign from p3 up: what the stride-4 FPN level costs
-        from_p3 = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
-                               queue="per_class", roi_min_level=3, **PER_CLASS_QUEUES)
-        configs["dense_instance_per_class_from_p3"] = lambda: densessl_step_fn(from_p3, dev)
+    # per-class ring sizes of the X-ray SegLoc recipes (14 rings × 512 ≈ the single dense
+    # queue's 8,192 keys), so (2) and (3) contrast against about as many negatives
+    full = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
+                        queue="per_class", **PER_CLASS_QUEUES)
+    configs["dense_instance_per_class"] = lambda: densessl_step_fn(full, dev)
+    # the same with RoIAlign from p3 up: what the stride-4 FPN level costs
+    from_p3 = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
+                           queue="per_class", roi_min_level=3, **PER_CLASS_QUEUES)
+    configs["dense_instance_per_class_from_p3"] = lambda: densessl_step_fn(from_p3, dev)
     results: dict = {"device": str(dev), "torch": torch.__version__, "backbone": backbone,
                      "image_size": image_size, "batch_size": batch_size, "precision": precision,
                      "channels_last": channels_last, "threads": torch.get_num_threads(),
