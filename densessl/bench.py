@@ -5,7 +5,9 @@ All step configurations share one backbone, image size, batch and pre-made views
 measure the objectives alone: (1) a plain MoCo-v2 step assembled from lightly's parts
 (``MoCoProjectionHead``, ``NTXentLoss`` with a memory bank, ``update_momentum``); (2) our dense
 objective (dense + global InfoNCE with MoCo queues); (3) dense + instance contrast with per-class
-queues, when the recipe schema offers it.
+queues (and (3) with RoIAlign from p3). Queues start full; the configurations are timed in
+interleaved rounds (median reported) with their model FLOPs, achieved TFLOP/s and, when the
+device's peak is known, model FLOP utilisation.
 """
 
 from __future__ import annotations
