@@ -159,11 +159,8 @@ class DenseContrast(nn.Module):
                  else torch.full_like(cell, -1))
 
         keys, key_valid = self.queue.snapshot()
-        ring_label = (self.queue.ring_labels if self.per_class
-                      else torch.full((1,), -1, device=keys.device))
-        allowed_rings = PerClassQueue.negatives_mask(label, ring_label.to(label.device))
-        terms = [ring_negatives(q, keys.to(q), key_valid.to(q.device), allowed_rings,
-                                self.temperature, weight)]
+        allowed_rings = PerClassQueue.negatives_mask(label, self.queue.ring_labels)
+        terms = [ring_negatives(q, keys, key_valid, allowed_rings, self.temperature, weight)]
         if self.batch_negatives:
             # other processes' cells too (MoCo-style gather): the negatives are those of the
             # global batch, whatever the number of processes; images get global indices

@@ -41,8 +41,7 @@ class GlobalContrast(nn.Module):
         keys, valid = self.queue.snapshot()
         every_ring = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
         weight = q.new_ones(q.shape[0], dtype=torch.float32)
-        negatives = ring_negatives(q, keys.to(q), valid.to(q.device), every_ring,
-                                   self.temperature, weight)
+        negatives = ring_negatives(q, keys, valid, every_ring, self.temperature, weight)
         loss, stats = weighted_info_nce(q, k, [negatives], self.temperature, weight)
         del stats["pairs"]
         stats["queue_filled"] = self.queue.filled.detach().clone()

@@ -61,15 +61,13 @@ class InstanceContrast(nn.Module):
         labels = labels.to(q.device).long()
         weight = q.new_ones(n, dtype=torch.float32)
         keys, valid = self.queue.snapshot()
+        rings = PerClassQueue.negatives_mask(labels, self.queue.ring_labels)
         if self.per_class:
-            rings = PerClassQueue.negatives_mask(labels, self.queue.ring_labels.to(q.device))
             same_class = ~PerClassQueue.negatives_mask(labels, labels)
         else:
-            rings = torch.ones(n, 1, dtype=torch.bool, device=q.device)
             same_class = torch.zeros(n, n, dtype=torch.bool, device=q.device)
         not_self = ~torch.eye(n, dtype=torch.bool, device=q.device)
-        terms = [ring_negatives(q, keys.to(q), valid.to(q.device), rings, self.temperature,
-                                weight),
+        terms = [ring_negatives(q, keys, valid, rings, self.temperature, weight),
                  pairwise_negatives(q, k, not_self & ~same_class, self.temperature, weight)]
         loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight)
         stats["boxes"] = stats.pop("pairs")

@@ -81,6 +81,12 @@ class MoCoQueue(nn.Module):
         self.ptr.copy_((self.ptr + count[0]) % self.size)
         self.filled.copy_(torch.clamp(self.filled + count[0], max=self.size))
 
+    @property
+    def ring_labels(self) -> Tensor:
+        """One ring of unknown class (−1): its keys are negatives for every query, as in
+        :class:`~densessl.losses.per_class_queue.PerClassQueue`'s unknown ring."""
+        return torch.full((1,), -1, dtype=torch.long, device=self.keys.device)
+
     def snapshot(self) -> tuple[Tensor, Tensor]:
         """Every slot, without a host sync: ``(keys 1×K×D, valid 1×K)`` (one ring, the shape
         :func:`~densessl.losses.functional.ring_negatives` takes). A copy: the loss keeps it
