@@ -49,8 +49,8 @@ def sample_cells(valid: Tensor, per_image: int) -> tuple[Tensor, Tensor, Tensor]
 
 
 def cells_of(dense: Tensor, cell: Tensor) -> Tensor:
-    """Feature vectors of ``n`` cells per image: ``dense`` B×D×h×w, ``cell`` B·n (image-major,
-    as :func:`sample_cells`) → B·n×D."""
+    """Feature vectors of ``n`` cells per image: ``dense`` B×D×h×w (or B×D×L), ``cell`` B·n
+    (image-major, as :func:`sample_cells`) → B·n×D."""
     b, d = dense.shape[:2]
     index = cell.reshape(b, 1, -1).expand(b, d, -1)
     return dense.flatten(2).gather(2, index).transpose(1, 2).reshape(-1, d)
@@ -148,15 +148,16 @@ class DenseContrast(nn.Module):
         if update_queue is None:
             update_queue = self.training
         valid = valid_ab.reshape(b, h * w).bool()
-        labels = (class_map.reshape(b, h * w).long() if class_map is not None and self.per_class
-                  else None)
+        if class_map is not None and self.per_class:
+            labels = class_map.reshape(b, h * w).long()
+        else:  # unknown class everywhere: no cell is masked for another's class
+            labels = torch.full((b, h * w), -1, dtype=torch.long, device=valid.device)
 
         image, cell, keep = sample_cells(valid, self.samples_per_image)
         q = F.normalize(cells_of(q_dense, cell), dim=1)
         k = F.normalize(keys_at(k_dense, grid_ab, cell), dim=1)
         weight = keep.float()
-        label = (labels.gather(1, cell.reshape(b, -1)).reshape(-1) if labels is not None
-                 else torch.full_like(cell, -1))
+        label = cells_of(labels[:, None], cell)[:, 0]
 
         keys, key_valid = self.queue.snapshot()
         allowed_rings = PerClassQueue.negatives_mask(label, self.queue.ring_labels)
@@ -182,8 +183,7 @@ class DenseContrast(nn.Module):
             _, e_cell, e_keep = sample_cells(valid, self.enqueue_per_image)
             e_keys = F.normalize(keys_at(k_dense.detach(), grid_ab, e_cell), dim=1)
             if self.per_class:
-                e_label = (labels.gather(1, e_cell.reshape(b, -1)).reshape(-1)
-                           if labels is not None else torch.full_like(e_cell, -1))
+                e_label = cells_of(labels[:, None], e_cell)[:, 0]
                 self.queue.enqueue(e_keys, e_label, keep=e_keep, same_shape=True)
             else:
                 self.queue.enqueue(e_keys, keep=e_keep, same_shape=True)
