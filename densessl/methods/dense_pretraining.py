@@ -19,7 +19,7 @@ from lightly.models.utils import (
     batch_unshuffle_distributed,
 )
 
-from densessl.build import build_augmentation, build_encoder
+from densessl.build import build_augmentation, build_encoder, roi_levels
 from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
 from densessl.errors import RecipeError
@@ -46,6 +46,7 @@ class DensePretraining(pl.LightningModule):
             self._check_instance_recipe(recipe)
             # Part of the encoder, so MomentumPair gives it a momentum twin and the optimiser
             # (online parameters) trains it.
+            self.roi_levels = roi_levels(recipe)
             encoder.instance_head = InstanceHead(
                 recipe.model.neck_dim, out_dim=recipe.model.dense_dim,
                 output_size=recipe.loss.roi_output_size,
@@ -143,12 +144,12 @@ class DensePretraining(pl.LightningModule):
         """InsLoc: box i of view A (online) against box i of view B (momentum), RoIAlign on
         the FPN level each box's size selects (``p{roi_min_level}..p5``)."""
         size = batch.view_a.shape[-1]
-        levels = [f"p{k}" for k in range(self.recipe.loss.roi_min_level, 6)]
-        q = self.model.online.instance_head({n: query["pyramid"][n] for n in levels},
+        q = self.model.online.instance_head({n: query["pyramid"][n] for n in self.roi_levels},
                                             batch.boxes_a, batch.box_batch, size)
         with torch.no_grad():
-            k = self.model.momentum.instance_head({n: key["pyramid"][n] for n in levels},
-                                                  batch.boxes_b, batch.box_batch, size)
+            k = self.model.momentum.instance_head(
+                {n: key["pyramid"][n] for n in self.roi_levels}, batch.boxes_b, batch.box_batch,
+                size)
         return self.instance_loss(q, k, batch.box_label)
 
     @staticmethod

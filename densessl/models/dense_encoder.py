@@ -75,7 +75,6 @@ class DenseEncoder(nn.Module):
             else None
         )
         self._stride = dense_stride
-        self.pyramid = pyramid
         if pyramid == "all" or self.neck is None:
             self._outputs = None
         elif pyramid == "dense":
