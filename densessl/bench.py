@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from densessl.bench_queue import compare_queues, synchronize
 from densessl.recipe import Recipe, load_recipe
 
 
@@ -184,6 +185,10 @@ def densessl_step_fn(recipe: Recipe, device: torch.device) -> tuple[Callable, nn
     return step, task
 
 
+def autocast_for(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def warm_up(step: Callable, batch, warmup: int, device: torch.device, precision: str) -> float:
     """Run the first steps (they allocate gradients and optimiser state); peak MB."""
     with PeakMemory(device) as memory, autocast_for(device, precision):
@@ -203,8 +208,7 @@ def time_interleaved(steps_by_name: dict[str, Callable], batch, steps: int, roun
     with autocast_for(device, precision):
         for _ in range(rounds):
             for name, step in steps_by_name.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
                 for _ in range(steps):
                     loss = step(batch)
@@ -218,10 +222,6 @@ def time_interleaved(steps_by_name: dict[str, Callable], batch, steps: int, roun
                          "step_ms_rounds": [round(1000 * t, 1) for t in times],
                          "final_loss": round(losses[name], 4)}
     return results
-
-
-def autocast_for(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def bench_builders(samples: int = 32) -> dict:
@@ -291,8 +291,7 @@ def profile_steps(step: Callable, batch, device: torch.device, precision: str, o
     with profile(activities=activities) as prof, autocast_for(device, precision):
         for _ in range(steps):
             step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
     out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out / f"{name}.trace.json"))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -362,8 +361,6 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
         entry["ratio_to_moco"] = round(entry["pairs_per_s"] / reference, 3)
     results["augmentation"] = bench_augmentation(base, dev)
     log(f"augmentation: {results['augmentation']}")
-    from densessl.bench_queue import compare_queues
-
     results["per_class_queue"] = compare_queues(device=dev)
     log(f"per-class queue (12 classes, K=4096, D=128, batch 256): {results['per_class_queue']}")
     if builders:

@@ -49,23 +49,26 @@ def per_class_negatives(queue: PerClassQueue, query, query_labels):
     return ring_negatives(query, keys, valid, rings, 0.2, query.new_ones(query.shape[0]))
 
 
-def bench_queue(impl, classes, size, dim, batch, device, steps=20) -> tuple[float, float]:
-    """Milliseconds per enqueue + negatives' log-sum-exp: (rings filling, every ring full)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timers read the host clock); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_queue(impl, negatives, classes, size, dim, batch, device,
+                steps=20) -> tuple[float, float]:
+    """Milliseconds per enqueue + ``negatives(impl, query, labels)``: (rings filling, every
+    ring full)."""
     keys = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=1)
     labels = torch.randint(-1, classes, (batch,), device=device)
 
     def run(n: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(n):
             impl.enqueue(keys, labels)
-            if isinstance(impl, PerClassQueue):
-                per_class_negatives(impl, keys, labels)
-            else:
-                impl.negatives(keys, labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            negatives(impl, keys, labels)
+        synchronize(device)
         return (time.perf_counter() - start) / max(n, 1) * 1000
 
     run(3)  # warm-up, partly filled rings
@@ -80,8 +83,9 @@ def compare_queues(classes: int = 12, size: int = 4096, dim: int = 128, batch: i
     """Milliseconds per enqueue + negatives for PerClassQueue and the loop, filling and full."""
     device = torch.device(device)
     out = {}
-    for name, impl in (("per_class_queue", PerClassQueue(classes, size, dim).to(device)),
-                       ("python_loop", LoopQueues(classes, size, dim, device))):
-        filling, full = bench_queue(impl, classes, size, dim, batch, device)
+    for name, impl, negatives in (
+            ("per_class_queue", PerClassQueue(classes, size, dim).to(device), per_class_negatives),
+            ("python_loop", LoopQueues(classes, size, dim, device), LoopQueues.negatives)):
+        filling, full = bench_queue(impl, negatives, classes, size, dim, batch, device)
         out[name] = {"filling_ms": round(filling, 2), "full_ms": round(full, 2)}
     return out
