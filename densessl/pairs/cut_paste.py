@@ -90,7 +90,10 @@ class CutPastePairs(PairBuilder):
         sixray_root: SIXray root for backgrounds (negatives of ``sixray_subset``'s train CSV);
             None uses the synthetic set's.
         mode: ``segloc`` (k segments, both views) or ``insloc`` (one segment, two backgrounds).
-        k: segments per pair in ``segloc``.
+        k: segments per pair in ``segloc``, drawn without replacement: the same segment twice
+            in one pair would be its own negative (a false negative by construction). A bank
+            with fewer than ``k`` segments is a :class:`RecipeError` at construction, not a
+            silent smaller ``k``.
         blend: ``transmission`` (multiply, X-ray) or ``alpha``.
         scale_range: random zoom of each paste relative to its native scale, where native
             means the segment's source image (``segment["source_size"]``, its longest side)
@@ -148,6 +151,10 @@ class CutPastePairs(PairBuilder):
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.same_background = (same_background if same_background is not None
                                 else (0.0 if mode == "insloc" else 0.5))
+        if len(self.segments) < self.k:
+            raise RecipeError(f"pairs.options.k: {self.k} distinct segments per pair, but the "
+                              f"segment bank has only {len(self.segments)}; lower k or add "
+                              "labeled segments")
         self.min_visible, self.image_size, self.seed = min_visible, image_size, seed
         self.num_pairs = num_pairs or len(self.backgrounds)
 
@@ -216,7 +223,7 @@ class CutPastePairs(PairBuilder):
         bg_a = index % n_bg
         same_bg = n_bg == 1 or rng.random() < self.same_background
         bg_b = bg_a if same_bg else int((bg_a + rng.integers(1, n_bg)) % n_bg)
-        picks = rng.integers(len(self.segments), size=self.k)
+        picks = rng.choice(len(self.segments), size=self.k, replace=False)
         segs = [self.segments[int(i)] for i in picks]
         size = self.image_size
         mats_a, mats_b, layers_a, layers_b = [], [], [], []
