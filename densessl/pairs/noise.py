@@ -126,8 +126,10 @@ class NoisyPairs(PairBuilder):
         other = self.source[other_index]
         _, h, w = sample.source_b.shape
         sample.source_b = _resize_like(other.source_b, h, w)
-        if other.valid_b is not None:
-            sample.valid_b = _resize_like(other.valid_b, h, w, mode="nearest").bool()
+        # valid_b describes the pixels of source B, so it follows the donor: a donor without
+        # a nodata mask is all valid (None), whatever the replaced B had.
+        sample.valid_b = (None if other.valid_b is None
+                          else _resize_like(other.valid_b, h, w, mode="nearest").bool())
         return {"applied": True, "other_index": other_index}
 
     def _partial_change(self, sample: PairSample, index: int, rng: np.random.Generator) -> dict:
