@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from densessl.data.registry import register_source, register_synthesizer
+from densessl.data.resize import resize_image, resize_labels
 from densessl.data.synthetic import SHAPES, shape_mask, smooth_noise
 from densessl.errors import DataError, RecipeError
 from densessl.io import write_json
@@ -216,13 +217,12 @@ def resolve_root(path: str | None, n: int | None, seed: int, cache_dir: str | No
 
 
 def _load(root: Path, files: dict, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image = Image.open(root / files["image"]).convert("RGB")
-    labels = Image.open(root / files["label"])
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BILINEAR)
-        labels = labels.resize((image_size, image_size), Image.NEAREST)
-    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return tensor.contiguous(), torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
+    image = np.asarray(Image.open(root / files["image"]).convert("RGB"), dtype=np.float32)
+    labels = np.asarray(Image.open(root / files["label"]), dtype=np.int64)
+    tensor = torch.from_numpy(image / 255.0).permute(2, 0, 1).contiguous()
+    # one filter and sampling grid for image and labels (densessl.data.resize)
+    size = (image_size, image_size)
+    return resize_image(tensor, size), resize_labels(torch.from_numpy(labels.copy()), size)
 
 
 def _check_channels(channels: int) -> None:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from densessl.data.registry import register_inspector, register_source
+from densessl.data.resize import resize_image, resize_labels
 from densessl.data.xray_synth import PIDRAY_CLASSES
 from densessl.errors import DataError
 
@@ -252,12 +252,10 @@ class PIDray(Dataset):
         inst = torch.stack(inst_masks) if inst_masks else torch.zeros(0, h, w, dtype=torch.bool)
         if self.image_size is not None:
             size = (self.image_size, self.image_size)
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
-            semantic = F.interpolate(semantic[None, None].float(), size=size,
-                                     mode="nearest")[0, 0].long()
-            inst = (F.interpolate(inst[None].float(), size=size, mode="nearest")[0] > 0.5
-                    if inst.shape[0] else torch.zeros(0, *size, dtype=torch.bool))
+            # one sampling grid for image and labels (densessl.data.resize)
+            image = resize_image(image, size)
+            semantic = resize_labels(semantic, size)
+            inst = resize_labels(inst, size)
         return {"image": image, "mask": semantic, "boxes": masks_to_boxes(inst),
                 "labels": torch.tensor(labels, dtype=torch.long), "instance_masks": inst,
                 "meta": {"source": "pidray", "split": self.split, "file": str(rec["file"]),

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from densessl.data.resize import resize_image, resize_labels
 from densessl.data.xbd import XBD_CARD, XBDDataset
 from densessl.errors import RecipeError
 from densessl.eval.labeled_data import LabeledData, register_eval_dataset
@@ -39,9 +39,8 @@ class XBDSegmentation(Dataset):
         image = item["image_t1"] if self.task == "damage" else item["image_t0"]
         mask = item["damage"] if self.task == "damage" else item["mask"]
         size = (self.image_size, self.image_size)
-        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
-                              antialias=True)[0]
-        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        # one sampling grid for image and labels (densessl.data.resize)
+        image, mask = resize_image(image, size), resize_labels(mask.long(), size)
         return {"image": image, "mask": mask}
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from densessl.contract import PairSample
+from densessl.data.resize import resize_image, resize_labels
 from densessl.errors import PairContractError
 from densessl.pairs.base import PairBuilder
 
@@ -42,16 +43,6 @@ KIND_UNITS = {"mismatch": "fraction", "partial_change": "fraction", "wrong_class
               "misregistration": "pixels"}
 _DIRECTIONS = ((1, 0), (0, 1), (-1, 0), (0, -1))
 _DONOR_TRIES = 32
-
-
-def _resize_like(image: Tensor, height: int, width: int, mode: str = "bilinear") -> Tensor:
-    """``image`` (C×H×W or H×W) resized to ``height×width`` (no-op when it already fits)."""
-    if tuple(image.shape[-2:]) == (height, width):
-        return image
-    flat = image[None].float() if image.ndim == 3 else image[None, None].float()
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    out = F.interpolate(flat, size=(height, width), mode=mode, **kwargs)[0]
-    return out if image.ndim == 3 else out[0].to(image.dtype)
 
 
 class NoisyPairs(PairBuilder):
@@ -125,11 +116,11 @@ class NoisyPairs(PairBuilder):
         other_index = self._other_index(rng, index)
         other = self.source[other_index]
         _, h, w = sample.source_b.shape
-        sample.source_b = _resize_like(other.source_b, h, w)
+        sample.source_b = resize_image(other.source_b, (h, w))
         # valid_b describes the pixels of source B, so it follows the donor: a donor without
         # a nodata mask is all valid (None), whatever the replaced B had.
         sample.valid_b = (None if other.valid_b is None
-                          else _resize_like(other.valid_b, h, w, mode="nearest").bool())
+                          else resize_labels(other.valid_b.bool(), (h, w)))
         return {"applied": True, "other_index": other_index}
 
     def _partial_change(self, sample: PairSample, index: int, rng: np.random.Generator) -> dict:
@@ -138,7 +129,7 @@ class NoisyPairs(PairBuilder):
         other_index = self._other_index(rng, index)
         other = self.source[other_index]
         _, h, w = sample.source_b.shape
-        donor = _resize_like(other.source_b, h, w)
+        donor = resize_image(other.source_b, (h, w))
         mask = self._patch_mask(rng, h, w)
         source_b = sample.source_b.clone()
         source_b[:, mask] = donor[:, mask]
@@ -191,7 +182,7 @@ class NoisyPairs(PairBuilder):
             x1, y1, x2, y2 = _box_pixels(sample.boxes_b[i], h, w)
             if x2 <= x1 or y2 <= y1:
                 continue
-            source_b[:, y1:y2, x1:x2] = _resize_like(patch, y2 - y1, x2 - x1)
+            source_b[:, y1:y2, x1:x2] = resize_image(patch, (y2 - y1, x2 - x1))
             swaps.append({"instance": int(sample.instance_ids[i]), "label": labels[i],
                           "new_label": donor_label, "from_index": donor_index})
         sample.source_b = source_b
