@@ -2,6 +2,10 @@
 
 ``run``: pretrain (``OUT/pretrain``) → fine-tune every init of ``finetune.inits`` on the recipe's
 labeled dataset → ``OUT/results.json``, ``OUT/results.md`` (printed), ``OUT/results.png``.
+
+Each ``results.json`` cell also holds ``parameters``: ``{"loaded": [...], "fresh": [...]}``, the
+model's parameter groups that started from the init's weights (e.g. a detector's ``backbone``,
+``fpn``, ``box_head``) and those that started fresh (``rpn``, ``box_predictor``, ...).
 """
 
 from __future__ import annotations
@@ -74,9 +78,14 @@ def finetune(recipe: str | Path | dict | Recipe, weights: str | Path | None, out
         inits.append(supervised_init(recipe, data, log=log))
     inits.sort(key=lambda i: cfg.inits.index(i.name))
     start = time.perf_counter()
-    raw = evaluate_inits(recipe, data, inits, log=log)
+    parameters: dict = {}
+    raw = evaluate_inits(recipe, data, inits, log=log, parameters=parameters)
     torch.set_num_threads(threads)
     results = aggregate(raw)
+    # what each run started from: the same for every seed (the last run's record)
+    for init, tasks in parameters.items():
+        for key, groups in tasks.items():
+            results[init][key]["parameters"] = groups
     splits = ", ".join(f"{k} ({len(v)} images)" for k, v in data.eval_splits().items())
     header = (f"## {recipe.name}: {cfg.dataset}, {recipe.model.backbone}, scores (%) on "
               f"{splits}, mean ± std over seeds {cfg.seeds}\n")

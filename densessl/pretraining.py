@@ -13,11 +13,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from densessl.build import build_pair_builder
 from densessl.errors import DensesslError
 from densessl.io import save_torch, write_json, write_text
 from densessl.methods import DensePretraining, ThroughputMonitor
+from densessl.models.box_head import conv_fc_head_spec
 from densessl.pairs import collate_pairs
 from densessl.recipe import Recipe, dump_recipe, load_recipe
 
@@ -59,16 +61,31 @@ def collect_provenance(builder) -> tuple[list[dict], list[str]]:
 
 def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
     """``encoder.pt``: the online backbone's state dict in torchvision's ResNet key layout,
-    loadable with ``torchvision.models.resnet18().load_state_dict(sd, strict=False)``."""
-    state = {k: v.detach().cpu().clone()
-             for k, v in task.encoder.backbone.state_dict().items()}
-    path = save_torch(out / "encoder.pt", state)
+    loadable with ``torchvision.models.resnet18().load_state_dict(sd, strict=False)``.
+
+    Next to it, the parts a detector can start from (densessl.eval.detection): ``neck.pt``
+    (the FPN; ``encoder.json`` records its ``fpn_upsample``) and ``box_head.pt`` (InsLoc's
+    4conv-1fc head, torchvision's FastRCNNConvFCHead; ``encoder.json`` ``box_head`` holds
+    its construction parameters). A part this run does not have is removed, so a stale one
+    from an earlier run in ``out`` is never taken for this run's."""
+
+    def cpu(module) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    path = save_torch(out / "encoder.pt", cpu(task.encoder.backbone))
     neck = task.encoder.neck
     if neck is not None:
-        # The FPN too, for detectors that can start from it (densessl.eval.detection).
-        save_torch(out / "neck.pt", {k: v.detach().cpu().clone()
-                                     for k, v in neck.state_dict().items()})
-        provenance = {**provenance, "neck": "fpn", "neck_dim": neck.out_channels}
+        save_torch(out / "neck.pt", cpu(neck))
+        provenance = {**provenance, "neck": "fpn", "neck_dim": neck.out_channels,
+                      "fpn_upsample": neck.fpn.upsample}
+    else:
+        (out / "neck.pt").unlink(missing_ok=True)
+    box_head = getattr(getattr(task.encoder, "instance_head", None), "box_head", None)
+    if isinstance(box_head, FastRCNNConvFCHead):
+        save_torch(out / "box_head.pt", cpu(box_head))
+        provenance = {**provenance, "box_head": conv_fc_head_spec(box_head)}
+    else:
+        (out / "box_head.pt").unlink(missing_ok=True)
     write_json(out / "encoder.json", provenance)
     return path
 

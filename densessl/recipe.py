@@ -7,6 +7,7 @@ valid keys: backbone, in_channels, ...)``.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -160,8 +161,14 @@ class FinetuneConfig(Section):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (probe: 10x)")
     weight_decay: float = Field(1e-4, ge=0)
-    detection_neck: bool = Field(False, description="also initialise the detector's FPN from "
-                                 "the pretrained neck (neck.pt next to encoder.pt)")
+    detection_neck: bool | Literal["auto"] = Field(
+        "auto", description="initialise the detector's FPN from the pretrained neck (neck.pt "
+        "next to encoder.pt): auto = whenever the weights have one; true = they must (an "
+        "error otherwise); false = a fresh FPN")
+    detection_box_head: bool | Literal["auto"] = Field(
+        "auto", description="initialise the detector's box head from the pretrained one "
+        "(box_head.pt, InsLoc's 4conv-1fc head): auto / true / false as detection_neck. The "
+        "detector of every init uses that head's architecture whenever the weights have one")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads while "
                                     "fine-tuning (1 avoids OpenMP spin-waits on a shared CPU); "
                                     "null keeps torch's default")
@@ -171,6 +178,14 @@ class FinetuneConfig(Section):
     def _fractions(cls, value):
         if not value or not all(0 < f <= 1 for f in value):
             raise ValueError("expected a non-empty list of fractions in (0, 1]")
+        return value
+
+    @field_validator("detection_neck", "detection_box_head", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value):
+        # One message instead of pydantic's one per union member.
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError("expected auto, true or false")
         return value
 
     @field_validator("tasks", "inits", "seeds", "segmentation_archs", "detection_archs")
@@ -283,7 +298,8 @@ def load_recipe(path_or_dict: str | Path | dict | Recipe, overrides: list[str] |
     if isinstance(path_or_dict, Recipe):
         data, source = path_or_dict.model_dump(), "<Recipe>"
     elif isinstance(path_or_dict, dict):
-        data, source = dict(path_or_dict), "<dict>"
+        # deep: overrides write into nested sections, which must not be the caller's
+        data, source = copy.deepcopy(path_or_dict), "<dict>"
     else:
         data, source = read_recipe_dict(path_or_dict), str(path_or_dict)
     return parse_recipe(apply_overrides(data, overrides or []), source)

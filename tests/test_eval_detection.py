@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from densessl.eval.detection import build_detector, build_fpn_backbone
 from densessl.eval.finetune import evaluate_detector, train_detector
@@ -21,19 +27,78 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("in_channels", [3, 2])
-def test_backbone_and_neck_load_exactly_and_match_our_encoder(in_channels):
+def _randomise_bn(module):
+    """Non-trivial BatchNorm statistics, so a buffer that was not loaded shows."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def _centred_up(coarse, size):
+    """Independent reference of the centred upsampling, by index: fine cell i sits at coarse
+    position i/2, so even cells copy coarse cell i/2 and odd cells average their two coarse
+    neighbours (past the last coarse cell, the edge repeats)."""
+    def along(x, dim, n):
+        m = x.shape[dim]
+        lo = torch.tensor([min(i // 2, m - 1) for i in range(n)])
+        hi = torch.tensor([min((i + 1) // 2, m - 1) for i in range(n)])
+        return (x.index_select(dim, lo) + x.index_select(dim, hi)) / 2
+    return along(along(coarse, -2, size[0]), -1, size[1])
+
+
+def _reference_fpn(fpn, feats, upsample):
+    """The FPN's top-down pass written out with its own lateral / output convolutions."""
+    laterals = [fpn.inner_blocks[i](f) for i, f in enumerate(feats)]
+    inner = laterals[-1]
+    outs = [fpn.layer_blocks[-1](inner)]
+    for i in range(len(feats) - 2, -1, -1):
+        size = laterals[i].shape[-2:]
+        up = (F.interpolate(inner, size=size, mode="nearest") if upsample == "nearest"
+              else _centred_up(inner, size))
+        inner = laterals[i] + up
+        outs.insert(0, fpn.layer_blocks[i](inner))
+    return outs
+
+
+@pytest.mark.parametrize("in_channels,upsample", [(3, "centred"), (2, "centred"),
+                                                  (3, "nearest")])
+def test_backbone_and_neck_load_exactly_and_match_our_encoder(in_channels, upsample):
     torch.manual_seed(0)
-    ours = DenseEncoder("resnet18", in_channels, neck="fpn", neck_dim=32).eval()
+    ours = _randomise_bn(DenseEncoder("resnet18", in_channels, neck="fpn", neck_dim=32,
+                                      fpn_upsample=upsample)).eval()
     body = build_fpn_backbone("resnet18", in_channels, 32, ours.backbone.state_dict(),
-                              ours.neck.state_dict()).eval()
+                              ours.neck.state_dict(), fpn_upsample=upsample).eval()
     assert set(body.body.state_dict()) == set(ours.backbone.state_dict())
-    x = torch.rand(1, in_channels, 64, 64)
+    assert body.loaded_groups == ["backbone", "fpn"]
+    x = torch.rand(1, in_channels, 80, 80)  # 80: odd-sized c4/c5 (5×5, 3×3) test the edge
     with torch.no_grad():
         mine, theirs = ours(x)["pyramid"], body(x)
-    for level, name in zip(("p2", "p3", "p4", "p5"), ("0", "1", "2", "3")):
+        feats = list(ours.backbone(x).values())
+        reference = _reference_fpn(body.fpn, feats, upsample)
+    for i, (level, name) in enumerate(zip(("p2", "p3", "p4", "p5"), ("0", "1", "2", "3"))):
         assert torch.allclose(mine[level], theirs[name], atol=1e-5), level
-    assert theirs["pool"].shape[-1] == 1  # p6 by max-pooling p5, as torchvision does
+        assert torch.allclose(reference[i], theirs[name], atol=1e-5), level
+    assert theirs["pool"].shape[-1] == 2  # p6 by max-pooling p5, as torchvision does
+    if upsample == "nearest":  # torchvision's own FPN is then a reference too
+        tv = FeaturePyramidNetwork([64, 128, 256, 512], 32, extra_blocks=LastLevelMaxPool())
+        tv.load_state_dict(body.fpn.state_dict())
+        with torch.no_grad():
+            tv_out = tv(OrderedDict(zip("0123", feats)))
+        for name in ("0", "1", "2", "3", "pool"):
+            assert torch.allclose(tv_out[name], theirs[name], atol=1e-5), name
+
+
+def test_detector_fpn_with_the_other_upsampling_computes_something_else():
+    """The mode matters: the same weights under the other upsampling differ on p2..p4."""
+    torch.manual_seed(0)
+    ours = DenseEncoder("resnet18", 3, neck="fpn", neck_dim=32, fpn_upsample="centred").eval()
+    body = build_fpn_backbone("resnet18", 3, 32, ours.backbone.state_dict(),
+                              ours.neck.state_dict(), fpn_upsample="nearest").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(ours(x)["pyramid"]["p2"], body(x)["0"], atol=1e-3)
 
 
 def test_neck_with_other_width_is_an_error():

@@ -1,11 +1,21 @@
 """Faster R-CNN / Mask R-CNN (torchvision) on a ResNet-FPN backbone from ``encoder.pt``.
 
-torchvision's ``BackboneWithFPN`` wraps the ResNet as ``body`` (torchvision keys, no ``fc``)
-and the pyramid as ``fpn`` (a ``FeaturePyramidNetwork``, the same module our pretraining neck
-wraps), so both the encoder and, optionally, the pretrained neck load key for key.
+What pretraining wrote with a counterpart in the detector loads key for key:
+
+* ``encoder.pt`` → the backbone ``body`` (torchvision's ``BackboneWithFPN``, ResNet keys);
+* ``neck.pt`` → the pyramid ``fpn``: a :class:`CentredFeaturePyramidNetwork`, torchvision's FPN
+  with the pretraining neck's top-down upsampling, so it computes what was pretrained;
+* ``box_head.pt`` → ``roi_heads.box_head``: InsLoc's 4conv-1fc ``FastRCNNConvFCHead``, rebuilt
+  from its recorded construction parameters.
+
+The RPN and the box predictor (and Mask R-CNN's mask branch) have no counterpart and start
+fresh. :func:`detector_groups` names these parameter groups; the built model's
+``loaded_groups`` says which of them were loaded.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch.nn as nn
 import torchvision
@@ -13,47 +23,71 @@ from torch import Tensor
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from densessl.errors import DensesslError
 from densessl.eval.segmentation import load_encoder
 from densessl.models.backbone import _CHANNELS
+from densessl.models.box_head import build_conv_fc_head
+from densessl.models.neck import CentredFeaturePyramidNetwork
 
 ARCHS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
+FPN_LEVELS = ["0", "1", "2", "3"]  # BackboneWithFPN's names for p2..p5 (p6 is "pool")
 
 
 def build_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int = 128,
                        encoder_state: dict[str, Tensor] | None = None,
-                       neck_state: dict[str, Tensor] | None = None) -> BackboneWithFPN:
+                       neck_state: dict[str, Tensor] | None = None,
+                       fpn_upsample: Literal["centred", "nearest"] = "centred"
+                       ) -> BackboneWithFPN:
     """ResNet (+FPN over c2..c5 and a max-pooled p6) for torchvision detectors.
 
     Trainable BatchNorm rather than torchvision's default FrozenBatchNorm2d: frozen statistics
     are meaningless for the random init, and every init must be fine-tuned the same way.
 
+    Args:
+        fpn_upsample: the FPN's top-down upsampling; must be the pretrained neck's
+            (``model.fpn_upsample``), or the loaded weights compute something else.
+
     Shapes:
         ``forward(x: B×C×H×W) -> {"0": …H/4, "1": …H/8, "2": …H/16, "3": …H/32, "pool": …H/64}``,
         each with ``fpn_dim`` channels.
+
+    The returned module's ``loaded_groups`` lists ``"backbone"`` / ``"fpn"`` when loaded.
     """
     net = getattr(torchvision.models, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    channels = list(_CHANNELS[backbone])
     model = BackboneWithFPN(net, return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
-                            in_channels_list=list(_CHANNELS[backbone]), out_channels=fpn_dim,
+                            in_channels_list=channels, out_channels=fpn_dim,
                             extra_blocks=LastLevelMaxPool())
+    # torchvision's FPN upsamples top-down with nearest; the pretraining neck may not.
+    model.fpn = CentredFeaturePyramidNetwork(channels, fpn_dim, extra_blocks=LastLevelMaxPool(),
+                                             upsample=fpn_upsample)
+    model.loaded_groups = []
     if encoder_state is not None:
         load_encoder(model.body, encoder_state, "detection backbone")
+        model.loaded_groups.append("backbone")
     if neck_state is not None:
-        # FPNNeck keeps torchvision's FeaturePyramidNetwork as ``fpn``: strip that prefix.
+        # FPNNeck keeps the FeaturePyramidNetwork as ``fpn``: strip that prefix.
         fpn = {k.removeprefix("fpn."): v for k, v in neck_state.items()}
         load_encoder(model.fpn, fpn, "detection FPN neck (recipe model.neck_dim must equal "
                      "the pretrained neck's channels)")
+        model.loaded_groups.append("fpn")
     return model
 
 
 def build_detector(arch: str, backbone: str, in_channels: int, num_classes: int,
                    image_size: int, mean: list[float], std: list[float], fpn_dim: int = 128,
                    encoder_state: dict[str, Tensor] | None = None,
-                   neck_state: dict[str, Tensor] | None = None) -> nn.Module:
+                   neck_state: dict[str, Tensor] | None = None,
+                   fpn_upsample: Literal["centred", "nearest"] = "centred",
+                   box_head_spec: dict | None = None,
+                   box_head_state: dict[str, Tensor] | None = None) -> nn.Module:
     """A torchvision detector sized for small images on CPU.
 
     Args:
@@ -62,21 +96,69 @@ def build_detector(arch: str, backbone: str, in_channels: int, num_classes: int,
         image_size: images are used at this size (``min_size = max_size``, no resizing).
         mean, std: per-channel input normalisation — the pretraining one, so the encoder sees
             inputs distributed as during pretraining.
+        encoder_state, neck_state: ``encoder.pt`` / ``neck.pt`` contents (``None``: fresh).
+        fpn_upsample: top-down upsampling of the FPN (see :func:`build_fpn_backbone`).
+        box_head_spec: construction parameters of a ``FastRCNNConvFCHead`` box head
+            (:func:`densessl.models.box_head.conv_fc_head_spec`, ``encoder.json``'s
+            ``box_head``); ``None``: torchvision's default two-layer MLP head.
+        box_head_state: ``box_head.pt`` contents for that head (needs ``box_head_spec``).
 
     Usage follows torchvision: ``model(images, targets)`` → loss dict in train mode,
     ``model(images)`` → ``[{"boxes", "labels", "scores"(, "masks")}]`` in eval mode.
+    ``model.loaded_groups`` lists the :func:`detector_groups` that were loaded.
     """
     if arch not in ARCHS:
         raise DensesslError(f"unknown detection architecture {arch!r}; valid: {sorted(ARCHS)}")
-    body = build_fpn_backbone(backbone, in_channels, fpn_dim, encoder_state, neck_state)
+    if box_head_state is not None and box_head_spec is None:
+        raise DensesslError("detection box head: weights given without their construction "
+                            "parameters (encoder.json 'box_head')")
+    body = build_fpn_backbone(backbone, in_channels, fpn_dim, encoder_state, neck_state,
+                              fpn_upsample)
     # Anchors scaled to the image: the default 32..512 px anchors never match objects in
     # 64-128 px images.
     base = max(4, image_size // 16)
     anchors = AnchorGenerator(sizes=tuple((base * 2**i,) for i in range(5)),
                               aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    return ARCHS[arch](
-        body, num_classes=num_classes + 1, min_size=image_size, max_size=image_size,
+    heads: dict = {"num_classes": num_classes + 1}
+    if box_head_spec is not None:
+        try:
+            box_head = build_conv_fc_head(box_head_spec, "detection box head")
+        except ValueError as exc:
+            raise DensesslError(str(exc)) from None
+        c, side, _ = box_head_spec["input_size"]
+        if c != fpn_dim:
+            raise DensesslError(f"detection box head takes {c}-channel RoIs but the FPN has "
+                                f"{fpn_dim} (recipe model.neck_dim)")
+        if box_head_state is not None:
+            load_encoder(box_head, box_head_state, "detection box head (box_head.pt)")
+        # RoIs pooled at the side the head was built for; the predictor reads its last fc.
+        heads = {"num_classes": None, "box_head": box_head,
+                 "box_roi_pool": MultiScaleRoIAlign(FPN_LEVELS, int(side), sampling_ratio=2),
+                 "box_predictor": FastRCNNPredictor(box_head_spec["fc_layers"][-1],
+                                                    num_classes + 1)}
+        if arch == "mask_rcnn":
+            # num_classes=None (the box predictor is given) reaches the default mask predictor
+            # too; build torchvision's default (256-channel mask head) with the class count.
+            heads["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes + 1)
+    model = ARCHS[arch](
+        body, min_size=image_size, max_size=image_size,
         image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-        rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=50)
+        rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=50,
+        **heads)
+    model.loaded_groups = list(body.loaded_groups)
+    if box_head_state is not None:
+        model.loaded_groups.append("box_head")
+    return model
+
+
+def detector_groups(model: nn.Module) -> dict[str, nn.Module]:
+    """The detector's parameter groups by what they are, from input to output: ``backbone``,
+    ``fpn``, ``rpn``, ``box_head``, ``box_predictor`` (+ ``mask_head``, ``mask_predictor``)."""
+    roi = model.roi_heads
+    groups = {"backbone": model.backbone.body, "fpn": model.backbone.fpn, "rpn": model.rpn,
+              "box_head": roi.box_head, "box_predictor": roi.box_predictor}
+    if roi.has_mask():
+        groups.update(mask_head=roi.mask_head, mask_predictor=roi.mask_predictor)
+    return groups

@@ -7,6 +7,7 @@ train it on a seeded fraction of the labeled train split, score it on every eval
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from densessl.errors import DensesslError, RecipeError
-from densessl.eval.detection import build_detector
+from densessl.eval.detection import build_detector, detector_groups
 from densessl.eval.inits import EncoderInit
 from densessl.eval.labeled_data import TASK_KEYS, LabeledData
 from densessl.eval.linear_probe import LinearProbe
@@ -195,9 +196,16 @@ def check_data(recipe: Recipe, data: LabeledData) -> None:
 
 
 def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arch: str | None,
-            fraction: float, seed: int) -> dict[str, float]:
+            fraction: float, seed: int, *, box_head_spec: dict | None = None,
+            parameters: dict | None = None) -> dict[str, float]:
     """Fine-tune one model and score it. Metric names get a ``<split>/`` prefix when the data
-    has several test subsets (e.g. ``easy/box_mAP``)."""
+    has several test subsets (e.g. ``easy/box_mAP``).
+
+    ``box_head_spec``: the detectors' box head, the same for every init
+    (:func:`detection_box_head_spec`). ``parameters``, when given, receives ``{"loaded": [...],
+    "fresh": [...]}``: the model's parameter groups that started from the init's weights and
+    those that started fresh.
+    """
     cfg, backbone, c = recipe.finetune, recipe.model.backbone, recipe.data.channels
     mean, std = channel_stats(recipe)
     torch.manual_seed(seed)  # head init (and random encoder init) differ by seed
@@ -205,9 +213,12 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
     common = {"batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "seed": seed}
     if task == "detection":
         masks = arch == "mask_rcnn"
+        neck, box_head = detection_start(recipe, init)
         model = build_detector(arch, backbone, c, data.num_classes - 1, cfg.image_size, mean,
                                std, fpn_dim=recipe.model.neck_dim, encoder_state=init.encoder,
-                               neck_state=init.neck if cfg.detection_neck else None)
+                               neck_state=neck, fpn_upsample=recipe.model.fpn_upsample,
+                               box_head_spec=box_head_spec, box_head_state=box_head)
+        _record(parameters, detector_groups(model), model.loaded_groups)
         train_detector(model, train, steps=cfg.detection_steps, lr=cfg.lr, masks=masks,
                        **common)
         score = lambda ds: evaluate_detector(model, ds, batch_size=cfg.batch_size,  # noqa: E731
@@ -215,9 +226,16 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
     else:
         if task == "linear_probe":
             model = LinearProbe(backbone, c, data.num_classes, init.encoder)
+            # a frozen encoder (from the init, or random) under a fresh linear head
+            _record(parameters, {"encoder": None, "head": None},
+                    ["encoder"] if init.encoder is not None else [])
             lr = 10 * cfg.lr  # only a linear head learns: a larger step is standard
         else:
             model = build_segmentation_model(arch, backbone, c, data.num_classes, init.encoder)
+            # smp's encoder / decoder / segmentation_head; only the encoder has a counterpart
+            _record(parameters, {n: m for n, m in model.named_children()
+                                 if any(True for _ in m.parameters())},
+                    ["encoder"] if init.encoder is not None else [])
             lr = cfg.lr
         train_dense(model, train, steps=cfg.steps, lr=lr, mean=mean, std=std, **common)
         score = lambda ds: evaluate_dense(model, ds, data, batch_size=cfg.batch_size,  # noqa: E731
@@ -228,6 +246,50 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
         prefix = f"{name}/" if len(splits) > 1 else ""
         out.update({prefix + k: v for k, v in score(split).items()})
     return out
+
+
+def _record(parameters: dict | None, groups: dict, loaded: list[str]) -> None:
+    """Fill ``parameters`` (when asked for) with the loaded and the fresh parameter groups."""
+    if parameters is not None:
+        parameters.update(loaded=list(loaded), fresh=[g for g in groups if g not in loaded])
+
+
+def detection_start(recipe: Recipe, init: EncoderInit
+                    ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
+    """The (neck, box head) states the detector of ``init`` loads, as ``finetune.detection_neck``
+    / ``detection_box_head`` say: ``auto`` loads what the weights have, ``true`` requires it
+    (an init read from a file without it is an error naming the file), ``false`` loads
+    nothing. A neck pretrained with another top-down upsampling than ``model.fpn_upsample``
+    is an error: the detector's FPN would compute something else with its weights."""
+    cfg = recipe.finetune
+    chosen = []
+    for setting, state, file, key in (
+            (cfg.detection_neck, init.neck, "neck.pt", "detection_neck"),
+            (cfg.detection_box_head, init.box_head, "box_head.pt", "detection_box_head")):
+        if state is None and setting is True and init.path is not None:
+            raise RecipeError(f"finetune.{key}: true, but {init.path.parent / file} does not "
+                              f"exist (the pretraining had no such part); set finetune.{key}: "
+                              "auto or false")
+        chosen.append(state if setting is not False else None)
+    trained = init.provenance.get("fpn_upsample")
+    if chosen[0] is not None and trained is not None and trained != recipe.model.fpn_upsample:
+        where = init.path.with_suffix(".json") if init.path is not None else "encoder.json"
+        raise RecipeError(f"model.fpn_upsample: the recipe has {recipe.model.fpn_upsample!r} but "
+                          f"the neck was pretrained with {trained!r} ({where}); set "
+                          f"model.fpn_upsample: {trained} (or finetune.detection_neck: false)")
+    return chosen[0], chosen[1]
+
+
+def detection_box_head_spec(inits: list[EncoderInit]) -> dict | None:
+    """The box head every init's detector is built with: the pretrained one's (``encoder.json``
+    ``box_head``) whenever an init has one, so that inits differ in weights only; ``None``
+    (torchvision's two-layer MLP head) otherwise."""
+    specs = {json.dumps(i.provenance["box_head"], sort_keys=True): i for i in inits
+             if i.box_head is not None}
+    if len(specs) > 1:
+        raise DensesslError("inits " + ", ".join(f"{i.name} ({i.path})" for i in specs.values())
+                            + " have box heads of different shapes; fine-tune them apart")
+    return json.loads(next(iter(specs))) if specs else None
 
 
 def task_runs(recipe: Recipe) -> list[tuple[str, str | None, float, str]]:
@@ -245,16 +307,30 @@ def task_runs(recipe: Recipe) -> list[tuple[str, str | None, float, str]]:
 
 
 def evaluate_inits(recipe: Recipe, data: LabeledData, inits: list[EncoderInit],
-                   log: Callable[[str], None] = print) -> dict[str, dict[str, list[dict]]]:
+                   log: Callable[[str], None] = print, parameters: dict | None = None
+                   ) -> dict[str, dict[str, list[dict]]]:
     """Every (init × task × fraction × seed) run. Returns ``{init: {task_key: [metrics per
-    seed]}}`` for :func:`densessl.eval.report.aggregate`."""
+    seed]}}`` for :func:`densessl.eval.report.aggregate`.
+
+    ``parameters``, when given, receives ``{init: {task_key: {"loaded": [...], "fresh":
+    [...]}}}``: which parameter groups each run loaded from the init and which started fresh.
+    """
     check_data(recipe, data)
+    box_head_spec = None
+    if "detection" in recipe.finetune.tasks:
+        box_head_spec = detection_box_head_spec(inits)
+        for init in inits:  # transfer errors before any training
+            detection_start(recipe, init)
     raw: dict[str, dict[str, list[dict]]] = {}
     for init in inits:
         for task, arch, fraction, key in task_runs(recipe):
             for seed in recipe.finetune.seeds:
                 start = time.perf_counter()
-                metrics = run_one(recipe, data, init, task, arch, fraction, seed)
+                groups: dict = {}
+                metrics = run_one(recipe, data, init, task, arch, fraction, seed,
+                                  box_head_spec=box_head_spec, parameters=groups)
+                if parameters is not None:
+                    parameters.setdefault(init.name, {})[key] = groups
                 raw.setdefault(init.name, {}).setdefault(key, []).append(metrics)
                 head = {k: round(v, 4) for k, v in metrics.items()
                         if k.split("/")[-1] in ("mIoU", "box_mAP", "mask_mAP")}

@@ -33,13 +33,18 @@ class EncoderInit:
         name: ``pretrained`` / ``random`` / ``supervised``.
         encoder: ResNet state dict in torchvision key layout without ``fc.*``, or ``None``.
         neck: ``FPNNeck`` state dict (keys ``fpn.inner_blocks…``), or ``None``.
-        provenance: encoder.json contents (backbone, in_channels, datasets, …).
+        provenance: encoder.json contents (backbone, in_channels, datasets, …; ``box_head``
+            holds the box head's construction parameters, ``fpn_upsample`` the neck's).
+        box_head: the pretrained ``FastRCNNConvFCHead`` state dict (``box_head.pt``), or ``None``.
+        path: the ``encoder.pt`` the weights came from (``None``: not read from a file).
     """
 
     name: str
     encoder: dict[str, Tensor] | None = None
     neck: dict[str, Tensor] | None = None
     provenance: dict = field(default_factory=dict)
+    box_head: dict[str, Tensor] | None = None
+    path: Path | None = None
 
 
 def reference_state(backbone: str, in_channels: int) -> dict[str, Tensor]:
@@ -88,7 +93,8 @@ def guess_backbone(state: dict) -> str | None:
 
 
 def load_encoder_file(path: str | Path, backbone: str, in_channels: int) -> EncoderInit:
-    """Read ``encoder.pt`` (+ ``encoder.json`` and ``neck.pt`` next to it) and check it."""
+    """Read ``encoder.pt`` (+ ``encoder.json``, ``neck.pt`` and ``box_head.pt`` next to it) and
+    check it."""
     path = Path(path)
     if not path.is_file():
         raise DensesslError(f"weights {str(path)!r} not found")
@@ -105,10 +111,27 @@ def load_encoder_file(path: str | Path, backbone: str, in_channels: int) -> Enco
     provenance = {}
     if path.with_suffix(".json").is_file():
         provenance = json.loads(path.with_suffix(".json").read_text())
-    neck = None
-    if (path.parent / "neck.pt").is_file():
-        neck = torch.load(path.parent / "neck.pt", map_location="cpu", weights_only=True)
-    return EncoderInit("pretrained", state, neck, provenance)
+    neck = _load_part(path.parent / "neck.pt")
+    box_head = _load_part(path.parent / "box_head.pt")
+    if box_head is not None and not isinstance(provenance.get("box_head"), dict):
+        raise DensesslError(f"weights {path.parent / 'box_head.pt'}: its construction "
+                            f"parameters are missing from {path.with_suffix('.json')} "
+                            "('box_head': input_size, conv_layers, fc_layers, norm_layer)")
+    return EncoderInit("pretrained", state, neck, provenance, box_head, path)
+
+
+def _load_part(path: Path) -> dict[str, Tensor] | None:
+    """A state dict written next to encoder.pt (neck.pt, box_head.pt), or ``None`` if absent."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        raise DensesslError(f"weights {path}: cannot be read as a torch state dict ({exc})"
+                            ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise DensesslError(f"weights {path}: not a state dict of tensors")
+    return state
 
 
 def supervised_init(recipe, data, log=print) -> EncoderInit:
