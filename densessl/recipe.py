@@ -121,6 +121,37 @@ class LossConfig(Section):
     roi_min_level: int = Field(2, ge=2, le=5, description="finest FPN level RoIAlign reads "
                                "(boxes below it are pooled there); 3 skips the stride-4 level "
                                "p2, the costliest part of the FPN")
+    roi_levels: Literal["by_size", "all"] = Field(
+        "by_size", description="by_size: each box pooled once, on the level its size selects "
+        "(lean); all: every box pooled on every level p{roi_min_level}..p5, one InfoNCE and "
+        "one queue per level, losses averaged (InsLoc)")
+    roi_head: Literal["mlp", "conv"] = Field(
+        "mlp", description="instance head: mlp (Linear-ReLU-Linear, no BatchNorm); conv: "
+        "InsLoc's 4conv-1fc box head with BatchNorm (torchvision's FastRCNNConvFCHead, the "
+        "detector's box head) and a projector; conv needs roi_output_size >= 2")
+    roi_head_fc_dim: int = Field(1024, ge=8, description="fc width of the conv head "
+                                 "(InsLoc and torchvision: 1024)")
+    box_jitter: bool = Field(False, description="jitter view A's (query) boxes: a random box "
+                             "with IoU > box_jitter_min_iou to the instance's box, inside the "
+                             "view (InsLoc's localisation pretext)")
+    box_jitter_min_iou: float = Field(0.5, ge=0, lt=1, description="jittered query boxes keep "
+                                      "IoU > this with the true box (InsLoc: 0.5)")
+    box_jitter_levels: Literal["coarsest", "all"] = Field(
+        "coarsest", description="with roi_levels: all, the levels that pool the jittered query "
+        "box: coarsest (p5 only, InsLoc) or all; the others pool the true box")
+
+    @model_validator(mode="after")
+    def _instance_options(self):
+        if self.roi_head == "conv" and self.roi_output_size < 2:
+            raise ValueError(f"loss.roi_head: conv needs loss.roi_output_size >= 2 (its "
+                             f"BatchNorm needs 2 values per channel from one box), got "
+                             f"{self.roi_output_size}")
+        if self.box_jitter and self.box_jitter_levels == "coarsest" and \
+                self.roi_levels == "by_size":
+            raise ValueError("loss.box_jitter_levels: coarsest needs loss.roi_levels: all (with "
+                             "by_size each box is pooled on one level); set "
+                             "box_jitter_levels: all to jitter by_size boxes")
+        return self
 
 
 class TrainConfig(Section):

@@ -26,26 +26,35 @@ def test_pooled_features_equal_direct_roi_align(sync_free):
     boxes = torch.tensor([[4, 4, 14, 12], [10, 20, 60, 70], [0, 0, 128, 128], [30, 40, 50, 50],
                           [2, 3, 100, 90.0]])
     batch = torch.tensor([0, 1, 1, 0, 1])
-    pooled = multiscale_roi_align(pyramid, boxes, batch, size, output_size=5,
+    pooled = multiscale_roi_align(pyramid, boxes, batch, output_size=5,
                                   canonical_scale=56, canonical_level=4, sync_free=sync_free)
     levels = assign_fpn_levels(boxes, 2, 5, canonical_scale=56)
     assert len(set(levels.tolist())) >= 3  # the test covers several levels
     for i in range(len(boxes)):
         k = int(levels[i])
-        direct = roi_align(pyramid[f"p{k}"], [boxes[i:i + 1]] if batch[i] == 0 else
-                           [torch.zeros(0, 4), boxes[i:i + 1]], 5, 1 / 2**k, 2, aligned=True)
-        torch.testing.assert_close(pooled[i], direct[0])
+        torch.testing.assert_close(pooled[i], direct_roi_align(pyramid[f"p{k}"], boxes[i],
+                                                               int(batch[i]), 2**k, 5))
+
+
+def direct_roi_align(feature, box, image, stride, output_size):
+    """One box, written independently of densessl.cells: a ResNet's stride-s cell i is centred
+    on pixel s·i, and a COCO edge x is pixel coordinate x − 0.5, so the edge sits at feature
+    coordinate (x − 0.5)/s, which ``aligned=False`` samples as given (every box here is at
+    least one cell wide, so its minimum-size clamp does not apply)."""
+    assert float(box[2] - box[0]) >= stride and float(box[3] - box[1]) >= stride
+    rois = torch.cat([torch.tensor([float(image)]), box - 0.5])[None]
+    return roi_align(feature, rois, output_size, 1 / stride, 2, aligned=False)[0]
 
 
 def test_head_shapes_and_gradients():
     head = InstanceHead(8, hidden_dim=16, out_dim=6, output_size=3)
     pyramid = {f"p{k}": torch.randn(1, 8, 64 // 2**k, 64 // 2**k, requires_grad=True)
                for k in (2, 3)}
-    out = head(pyramid, torch.tensor([[0, 0, 20, 20.0]]), torch.tensor([0]), 64)
+    out = head(pyramid, torch.tensor([[0, 0, 20, 20.0]]), torch.tensor([0]))
     assert out.shape == (1, 6)
     out.sum().backward()
     assert pyramid["p2"].grad.abs().sum() > 0
-    assert head(pyramid, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 64).shape == (0, 6)
+    assert head(pyramid, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)).shape == (0, 6)
 
 
 @pytest.mark.parametrize("queue", ["single", "per_class"])

@@ -22,6 +22,13 @@ CONFIGS = {
                                  "dense_queue_size": 16, "instance_queue_size": 8},
     "dense_instance_single": {"instance_weight": 1.0, "dense_queue_size": 16,
                               "instance_queue_size": 8},
+    # InsLoc's pretext: every level, query boxes jittered on the device, 4conv-1fc BN head
+    "instance_insloc": {"instance_weight": 1.0, "dense_queue_size": 16,
+                        "instance_queue_size": 8, "roi_levels": "all", "box_jitter": True,
+                        "roi_head": "conv", "roi_head_fc_dim": 32},
+    "instance_by_size_jitter": {"instance_weight": 1.0, "queue": "per_class",
+                                "dense_queue_size": 16, "instance_queue_size": 8,
+                                "box_jitter": True, "box_jitter_levels": "all"},
 }
 
 

@@ -3,7 +3,7 @@
 from densessl.losses.dense_contrast import DenseContrast, PerClassDenseContrast, sample_cells
 from densessl.losses.functional import contrastive_logits, info_nce, info_nce_from_logits
 from densessl.losses.global_contrast import GlobalContrast
-from densessl.losses.instance_contrast import InstanceContrast
+from densessl.losses.instance_contrast import InstanceContrast, LevelwiseInstanceContrast
 from densessl.losses.per_class_queue import PerClassQueue
 from densessl.losses.queue import MoCoQueue
 
@@ -11,6 +11,7 @@ __all__ = [
     "DenseContrast",
     "GlobalContrast",
     "InstanceContrast",
+    "LevelwiseInstanceContrast",
     "MoCoQueue",
     "PerClassDenseContrast",
     "PerClassQueue",

@@ -78,3 +78,43 @@ class InstanceContrast(nn.Module):
             else:
                 self.queue.enqueue(k.detach())
         return loss, stats
+
+
+class LevelwiseInstanceContrast(nn.Module):
+    """InsLoc's all-level objective: one :class:`InstanceContrast`, with its own queue, per FPN
+    level; the loss is the mean over levels.
+
+    InsLoc sums its per-level losses (``level_loss_weights`` all 1.0 in
+    ``insloc_fpn_200ep.py``); the mean is that sum over ``L``, so ``loss.instance_weight`` keeps
+    one meaning whichever ``roi_levels`` is chosen.
+
+    Args:
+        levels: level names, finest first (``["p2", …, "p5"]``): row l of ``q``/``k`` is level l.
+        **kwargs: of :class:`InstanceContrast`, shared by the levels.
+
+    Shapes:
+        ``forward(q L×N×D, k L×N×D, labels N) -> (loss scalar, stats)``; stats: ``loss_<level>``
+        per level, and ``boxes``, ``queue_filled``, ``pos_cos``, ``neg_cos`` as means over levels.
+    """
+
+    def __init__(self, levels: list[str], **kwargs) -> None:
+        super().__init__()
+        if not levels:
+            raise ValueError("levels must name at least one FPN level")
+        self.level = nn.ModuleDict({name: InstanceContrast(**kwargs) for name in levels})
+
+    def forward(self, q: Tensor, k: Tensor, labels: Tensor | None = None,
+                update_queue: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if q.shape != k.shape or q.dim() != 3 or q.shape[0] != len(self.level):
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be L×N×D "
+                             f"with L = {len(self.level)} levels")
+        losses, per_level = [], []
+        stats: dict[str, Tensor] = {}
+        for (name, contrast), q_level, k_level in zip(self.level.items(), q, k):
+            loss, level_stats = contrast(q_level, k_level, labels, update_queue)
+            losses.append(loss)
+            per_level.append(level_stats)
+            stats[f"loss_{name}"] = loss.detach()
+        for key in per_level[0]:
+            stats[key] = torch.stack([s[key].float() for s in per_level]).mean()
+        return torch.stack(losses).mean(), stats

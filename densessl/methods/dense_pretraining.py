@@ -19,11 +19,17 @@ from lightly.models.utils import (
     batch_unshuffle_distributed,
 )
 
+from densessl.augment.box_jitter import jitter_boxes
 from densessl.build import build_augmentation, build_encoder, roi_levels
 from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
 from densessl.errors import RecipeError
-from densessl.losses import DenseContrast, GlobalContrast, InstanceContrast
+from densessl.losses import (
+    DenseContrast,
+    GlobalContrast,
+    InstanceContrast,
+    LevelwiseInstanceContrast,
+)
 from densessl.methods.monitors import collapse_stats, dense_cells
 from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.instance_head import InstanceHead
@@ -50,7 +56,9 @@ class DensePretraining(pl.LightningModule):
             encoder.instance_head = InstanceHead(
                 recipe.model.neck_dim, out_dim=recipe.model.dense_dim,
                 output_size=recipe.loss.roi_output_size,
-                canonical_scale=recipe.loss.roi_canonical_scale)
+                canonical_scale=recipe.loss.roi_canonical_scale,
+                levels=recipe.loss.roi_levels, head=recipe.loss.roi_head,
+                fc_dim=recipe.loss.roi_head_fc_dim)
         self.model = MomentumPair(encoder)
         self.augment = build_augmentation(recipe, grid_stride=encoder.stride)
         loss = recipe.loss
@@ -68,9 +76,12 @@ class DensePretraining(pl.LightningModule):
                                               temperature=loss.temperature)
         self.instance_loss = None
         if loss.instance_weight > 0:
-            self.instance_loss = InstanceContrast(
-                dim=recipe.model.dense_dim, queue_size=loss.instance_queue_size,
-                temperature=loss.temperature, queue=loss.queue, num_classes=loss.num_classes)
+            options = dict(dim=recipe.model.dense_dim, queue_size=loss.instance_queue_size,
+                           temperature=loss.temperature, queue=loss.queue,
+                           num_classes=loss.num_classes)
+            # all levels (InsLoc): one loss and one queue per level
+            self.instance_loss = (InstanceContrast(**options) if loss.roi_levels == "by_size"
+                                  else LevelwiseInstanceContrast(self.roi_levels, **options))
         self.augment_seconds = 0.0
         self.last_stats: dict[str, torch.Tensor] = {}
         self.dataset_cards: list[dict] = []
@@ -142,15 +153,29 @@ class DensePretraining(pl.LightningModule):
 
     def instance_losses(self, batch: PairBatch, query: dict, key: dict):
         """InsLoc: box i of view A (online) against box i of view B (momentum), RoIAlign on
-        the FPN level each box's size selects (``p{roi_min_level}..p5``)."""
-        size = batch.view_a.shape[-1]
-        q = self.model.online.instance_head({n: query["pyramid"][n] for n in self.roi_levels},
-                                            batch.boxes_a, batch.box_batch, size)
+        the FPN level each box's size selects, or on every level ``p{roi_min_level}..p5``
+        (``loss.roi_levels``). With ``loss.box_jitter`` the query pools a random box around
+        its instance (the localisation pretext); the key always pools the true box."""
+        return self.instance_loss(self.instance_queries(batch, query),
+                                  self.instance_keys(batch, key), batch.box_label)
+
+    def instance_queries(self, batch: PairBatch, query: dict) -> torch.Tensor:
+        loss = self.recipe.loss
+        boxes = batch.boxes_a
+        if loss.box_jitter:
+            jittered = jitter_boxes(boxes, *batch.view_a.shape[-2:], loss.box_jitter_min_iou)
+            if loss.roi_levels == "all" and loss.box_jitter_levels == "coarsest":
+                # InsLoc's box_replaced_with_gt=[True, True, True, False]: P5 only
+                boxes = torch.stack([boxes] * (len(self.roi_levels) - 1) + [jittered])
+            else:
+                boxes = jittered
+        return self.model.online.instance_head(
+            {n: query["pyramid"][n] for n in self.roi_levels}, boxes, batch.box_batch)
+
+    def instance_keys(self, batch: PairBatch, key: dict) -> torch.Tensor:
         with torch.no_grad():
-            k = self.model.momentum.instance_head(
-                {n: key["pyramid"][n] for n in self.roi_levels}, batch.boxes_b, batch.box_batch,
-                size)
-        return self.instance_loss(q, k, batch.box_label)
+            return self.model.momentum.instance_head(
+                {n: key["pyramid"][n] for n in self.roi_levels}, batch.boxes_b, batch.box_batch)
 
     @staticmethod
     def _check_instance_recipe(recipe: Recipe) -> None:
