@@ -140,18 +140,20 @@ def test_homography_and_flow_helpers_agree():
 
 
 def test_instance_helper_handles_paste_order_and_occlusion():
-    size = (8, 8)
+    # (exactness at every pixel, by colour against a brute force: test_instance_correspondence)
+    size = (12, 12)
     first = torch.zeros(size, dtype=torch.bool)
-    first[1:5, 1:5] = True
+    first[1:8, 1:8] = True
     second = torch.zeros(size, dtype=torch.bool)
-    second[3:7, 3:7] = True                      # pasted later: covers part of `first` in A
+    second[5:11, 5:11] = True                    # pasted later: covers part of `first` in A
     shift = lambda dx: torch.tensor([[1.0, 0, dx], [0, 1, 0], [0, 0, 1]])  # noqa: E731
-    visible_b = [torch.ones(size, dtype=torch.bool), torch.ones(size, dtype=torch.bool)]
-    visible_b[0][:, 1] = False                   # part of `first` hidden in B
-    grid, valid = instance_correspondence(size, size, [first, second], [shift(0), shift(2)],
-                                          masks_b=visible_b)
-    assert grid[4, 4].tolist() == [6.0, 4.0]     # covered pixel follows the later paste
-    assert grid[1, 2].tolist() == [2.0, 1.0] and valid[1, 2]
-    assert not valid[2, 1]                       # lands on the hidden part in B
+    second_b = torch.zeros(size, dtype=torch.bool)
+    second_b[5:11, 2:8] = True                   # in B it moves 3 px left, over `first`
+    grid, valid = instance_correspondence(size, size, [first, second], [shift(0), shift(-3)],
+                                          [first, second_b])
+    assert grid[6, 6].tolist() == [3.0, 6.0]     # covered pixel follows the later paste
+    assert grid[3, 3].tolist() == [3.0, 3.0] and valid[3, 3]
+    assert not valid[1, 3]                       # on the edge of `first` in A
+    assert not valid[6, 3]                       # interior in A, covered by `second` in B
+    assert valid[7, 9] and not valid[7, 10]      # second: interior; edge of the paste
     assert not valid[0, 0]                       # background has no match
-    assert valid[4, 5] and not valid[4, 6]       # x 6 + 2 moves out of source B

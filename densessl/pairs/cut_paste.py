@@ -15,6 +15,8 @@ The base correspondence is exact: a pixel of instance j in source A maps through
 instance j alone and fully (no later paste on top, opaque alpha) in *both* sources, one pixel
 away from any boundary (bilinear resampling later mixes neighbours). Background pixels
 correspond (identity) only when both views use the same bag and neither view pasted over them.
+The rule is :func:`~densessl.pairs.correspondence.instance_correspondence`, the public helper,
+called with the paste alphas: one implementation for this builder and custom ones.
 
 ``class_map_a`` holds the PIDray class id (1..12) of the top instance at each pixel and −1 on
 background: the bag clutter is *unknown*, not a class, so a background query keeps negatives
@@ -39,10 +41,8 @@ from densessl.data.segment_bank import SegmentBank, default_cache_dir
 from densessl.data.sixray import SIXray
 from densessl.errors import RecipeError
 from densessl.pairs.base import PairBuilder
-from densessl.pairs.correspondence import pixel_grid
+from densessl.pairs.correspondence import instance_correspondence
 from densessl.pairs.registry import register_pair_builder
-
-_OPAQUE = 0.999
 
 
 def ensure_synthetic_xray(cache_dir: str | Path | None = None, seed: int = 0,
@@ -63,12 +63,6 @@ def ensure_synthetic_xray(cache_dir: str | Path | None = None, seed: int = 0,
     except OSError:  # another process finished first: use theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """3×3 binary erosion of an H×W bool mask (outside the image counts as False)."""
-    padded = np.pad(mask.astype(np.uint8), 1)
-    return cv2.erode(padded, np.ones((3, 3), np.uint8))[1:-1, 1:-1].astype(bool)
 
 
 def paste_matrix(seg_h: int, seg_w: int, scale: float, angle: float, cx: float, cy: float
@@ -197,11 +191,9 @@ class CutPastePairs(PairBuilder):
 
     def _compose(self, background: torch.Tensor, layers: list[tuple[np.ndarray, np.ndarray]]):
         """Paste layers in order. Returns (image, top S×S long: index+1 of the top instance
-        with alpha > 0.5, else 0, solid k×S×S bool: the pixel shows instance j alone)."""
+        with alpha > 0.5, else 0)."""
         image = background.numpy().astype(np.float32)
-        size = self.image_size
-        top = np.zeros((size, size), np.int64)
-        solid = np.zeros((len(layers), size, size), bool)
+        top = np.zeros((self.image_size, self.image_size), np.int64)
         for j, (seg, alpha) in enumerate(layers):
             a = alpha[None]
             if self.blend == "alpha":
@@ -209,12 +201,7 @@ class CutPastePairs(PairBuilder):
             else:
                 image = image * (1 - a + a * seg)
             top[alpha > 0.5] = j + 1
-            solid[:j] &= alpha[None] <= 0
-            solid[j] = alpha >= _OPAQUE
-        covered = np.zeros((size, size), bool)
-        for _, alpha in layers:
-            covered |= alpha > 0
-        return np.ascontiguousarray(image, dtype=np.float32), top, solid, ~covered
+        return np.ascontiguousarray(image, dtype=np.float32), top
 
     # -- the pair ---------------------------------------------------------------------------
     def build(self, index: int) -> PairSample:
@@ -232,24 +219,13 @@ class CutPastePairs(PairBuilder):
             mats_b.append(self._placement(rng, seg))
             layers_a.append(self._warp(seg, mats_a[-1], size))
             layers_b.append(self._warp(seg, mats_b[-1], size))
-        source_a, top_a, solid_a, bare_a = self._compose(self._background(bg_a), layers_a)
-        source_b, top_b, solid_b, bare_b = self._compose(self._background(bg_b), layers_b)
-
-        pixels = pixel_grid(size, size).numpy()  # S×S×2 (x, y)
-        base_grid = pixels.copy() if same_bg else np.zeros((size, size, 2), np.float32)
-        base_valid = np.zeros((size, size), bool)
-        if same_bg:
-            base_valid = _erode(bare_a) & _erode(bare_b)
-        for j in range(self.k):
-            in_a = _erode(solid_a[j])
-            if not in_a.any():
-                continue
-            transform = (mats_b[j] @ np.linalg.inv(mats_a[j])).astype(np.float32)
-            mapped = pixels[in_a] @ transform[:2, :2].T + transform[:2, 2]
-            ok_b = _all_neighbours(_erode(solid_b[j]), mapped)
-            ys, xs = np.nonzero(in_a)
-            base_grid[ys[ok_b], xs[ok_b]] = mapped[ok_b]
-            base_valid[ys[ok_b], xs[ok_b]] = True
+        source_a, top_a = self._compose(self._background(bg_a), layers_a)
+        source_b, top_b = self._compose(self._background(bg_b), layers_b)
+        base_grid, base_valid = instance_correspondence(
+            (size, size), (size, size), [torch.from_numpy(alpha) for _, alpha in layers_a],
+            [mb @ np.linalg.inv(ma) for ma, mb in zip(mats_a, mats_b)],
+            [torch.from_numpy(alpha) for _, alpha in layers_b],
+            background=np.eye(3) if same_bg else None)
 
         labels = torch.tensor([int(s["label"]) for s in segs], dtype=torch.long)
         class_map = np.full((size, size), -1, dtype=np.int64)
@@ -266,7 +242,7 @@ class CutPastePairs(PairBuilder):
         keep_t = torch.tensor(keep, dtype=torch.long)
         return PairSample(
             source_a=torch.from_numpy(source_a), source_b=torch.from_numpy(source_b),
-            base_grid=torch.from_numpy(base_grid), base_valid=torch.from_numpy(base_valid),
+            base_grid=base_grid, base_valid=base_valid,
             boxes_a=torch.stack(boxes_a) if boxes_a else torch.zeros(0, 4),
             boxes_b=torch.stack(boxes_b) if boxes_b else torch.zeros(0, 4),
             instance_ids=keep_t + 1, labels=labels[keep_t],
@@ -274,16 +250,6 @@ class CutPastePairs(PairBuilder):
             meta={"builder": "cut_paste", "mode": self.mode, "blend": self.blend,
                   "backgrounds": [bg_a, bg_b], "segments": [int(i) for i in picks],
                   "same_background": bool(same_bg)})
-
-
-def _all_neighbours(mask: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """True where all four integer neighbours of each point ``xy`` (M×2) are inside ``mask``
-    (S×S bool) and True: a bilinear read there sees only the masked pixels."""
-    h, w = mask.shape
-    x0, y0 = np.floor(xy[:, 0]).astype(np.int64), np.floor(xy[:, 1]).astype(np.int64)
-    ok = (x0 >= 0) & (x0 + 1 < w) & (y0 >= 0) & (y0 + 1 < h)
-    x0, y0 = np.clip(x0, 0, w - 2), np.clip(y0, 0, h - 2)
-    return ok & mask[y0, x0] & mask[y0, x0 + 1] & mask[y0 + 1, x0] & mask[y0 + 1, x0 + 1]
 
 
 def _visible_box(visible: np.ndarray, pasted_area: float) -> tuple[torch.Tensor, float]:
