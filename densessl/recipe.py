@@ -260,6 +260,19 @@ class Recipe(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     noise: NoiseConfig = NoiseConfig()
 
+    @model_validator(mode="after")
+    def _split_bn_divides_batch(self):
+        # SplitBatchNorm2d needs equal sub-batches; otherwise it would quietly fall back to
+        # whole-batch statistics, the leak split-BN exists to stop.
+        groups, batch = self.model.split_bn_groups, self.train.batch_size
+        if self.model.key_bn == "split" and batch % groups:
+            divisors = [d for d in range(2, batch + 1) if batch % d == 0]
+            raise ValueError(f"model.split_bn_groups: {groups} sub-batches do not divide "
+                             f"train.batch_size {batch} (model.key_bn: split gives each "
+                             f"sub-batch its own BatchNorm statistics); use one of {divisors} "
+                             "or another batch size")
+        return self
+
 
 def _section_at(path: tuple) -> type[BaseModel] | None:
     model: Any = Recipe
@@ -282,7 +295,8 @@ def _describe(error: dict, source: str) -> str:
         return f"recipe {source}: {key}: unknown key ({hint}valid keys: {', '.join(valid)})"
     found = error.get("input")
     found_text = "" if isinstance(found, dict) else f", got {found!r}"
-    return f"recipe {source}: {key}: {error['msg']}{found_text}"
+    where = f"{key}: " if key else ""  # recipe-wide checks name their keys in the message
+    return f"recipe {source}: {where}{error['msg']}{found_text}"
 
 
 def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
