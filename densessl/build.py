@@ -52,7 +52,8 @@ def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBu
 def build_encoder(recipe: Recipe) -> DenseEncoder:
     m = recipe.model
     return DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels, neck=m.neck,
-                        dense_stride=m.dense_stride, neck_dim=m.neck_dim, dense_dim=m.dense_dim,
+                        dense_stride=m.dense_stride, neck_dim=m.neck_dim,
+                        fpn_upsample=m.fpn_upsample, dense_dim=m.dense_dim,
                         global_head=m.global_head, global_dim=m.global_dim,
                         pyramid=pyramid_levels(recipe))
 

@@ -122,13 +122,25 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
                    else "unknown: no dataset card was recorded; check your data's licence")
         datasets = [{"name": source, "licence": licence}]
     hint_key = "torchvision+fpn" if (to == "torchvision" and with_neck) else to
+    # weights from before model.fpn_upsample existed were trained with torchvision's nearest
+    upsample = provenance.get("fpn_upsample", "nearest")
+    warnings = []
+    if with_neck and upsample != "nearest":
+        warnings.append(
+            f"the FPN was pretrained with {upsample} top-down upsampling (cells stay where "
+            "their features are centred); torchvision's and detectron2's FPN upsample "
+            "nearest, so there its odd cells see a neighbour's top-down value: fine-tune, or "
+            "load the neck into densessl.models.neck.CentredFeaturePyramidNetwork for the "
+            "pretrained features exactly")
     return {
         "file": file.name,
         "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
         "target": to,
         "load": LOAD_HINTS[hint_key].format(backbone=backbone, in_channels=in_channels),
         "architecture": {"backbone": backbone, "in_channels": in_channels,
-                         "neck": "fpn" if with_neck else None},
+                         "neck": "fpn" if with_neck else None,
+                         **({"fpn_upsample": upsample} if with_neck else {})},
+        "warnings": warnings,
         "datasets": datasets,
         "recipe": recipe_file.read_text() if recipe_file.is_file() else provenance.get("recipe"),
         "pretraining": {k: metrics.get(k) for k in ("steps", "final", "pairs_per_s")
@@ -145,7 +157,9 @@ def _card_markdown(card: dict) -> str:
              f"- target layout: **{card['target']}**; load: `{card['load']}`",
              f"- architecture: {card['architecture']}",
              f"- sha256: `{card['sha256']}`", f"- versions: {card['versions']}",
-             f"- created: {card['created']}", "", "## Datasets (and licences)", ""]
+             f"- created: {card['created']}", ""]
+    lines += [f"**Warning:** {w}" for w in card["warnings"]] + ["", "## Datasets (and licences)",
+                                                                ""]
     lines += [f"- {d.get('name', '?')}: {d.get('licence', d.get('license', 'unknown'))}"
               for d in card["datasets"]]
     lines += ["", "## Pretraining", "", "```json", json.dumps(card["pretraining"], indent=1),

@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from densessl.augment.correspondence import cell_centers, normalized_to_pixel  # noqa: E402
+from densessl.augment.correspondence import normalized_to_pixel  # noqa: E402
+from densessl.cells import cell_centres  # noqa: E402
 from densessl.build import build_augmentation, build_pair_builder  # noqa: E402
 from densessl.io import atomic_write  # noqa: E402
 from densessl.pairs import collate_pairs  # noqa: E402
@@ -38,7 +39,7 @@ def inspect_pairs(recipe, out: str | Path, overrides: list[str] | None = None, c
     batch = augment(collate_pairs([builder[i] for i in indices]))
     size = augment.view_size
     cells = size // stride
-    centres = cell_centers(cells, cells, size, size)
+    centres = cell_centres(cells, cells, stride)
     fig, axes = plt.subplots(len(indices), 1, figsize=(6, 3.1 * len(indices)), squeeze=False)
     for row, ax in enumerate(axes[:, 0]):
         a = _displayable(batch.view_a[row], augment.mean, augment.std)

@@ -87,6 +87,10 @@ class ModelConfig(Section):
     neck: Literal["fpn", "none"] = "fpn"
     dense_stride: Literal[8, 16, 32] = 8
     neck_dim: int = Field(128, ge=8)
+    fpn_upsample: Literal["centred", "nearest"] = Field(
+        "centred", description="FPN top-down upsampling: centred keeps each cell on the pixel "
+        "its feature is centred on (densessl.cells); nearest is torchvision's, which gives odd "
+        "cells a neighbour's top-down value")
     dense_dim: int = Field(128, ge=8)
     global_head: bool = True
     global_dim: int = Field(128, ge=8)
@@ -112,6 +116,12 @@ class LossConfig(Section):
         "share its class; dense_queue_size / instance_queue_size are then per class")
     num_classes: int = Field(13, ge=1, description="class ids 0..num_classes-1 for per-class "
                              "queues (PIDray ids 1..12 -> 13); -1 = unknown")
+    background: Literal["negative", "own_class", "ignore"] = Field(
+        "negative", description="dense cells a class map marks -1 (the bag under pasted "
+        "segments): negative = unknown, a negative for every query and every key a negative "
+        "for them; own_class = a class with its own ring (no background negatives for "
+        "background queries; needs queue: per_class); ignore = neither queries nor keys "
+        "(contrast the segments only, as SegLoc/InsLoc do)")
     instance_weight: float = Field(0.0, ge=0, description="InsLoc instance contrast over the "
                                    "pair's boxes (needs model.neck: fpn)")
     instance_queue_size: int = Field(4096, ge=1)
@@ -142,6 +152,9 @@ class LossConfig(Section):
 
     @model_validator(mode="after")
     def _instance_options(self):
+        if self.background == "own_class" and self.queue != "per_class":
+            raise ValueError("loss.background: own_class needs loss.queue: per_class (one "
+                             "queue has no class to give the background)")
         if self.roi_head == "conv" and self.roi_output_size < 2:
             raise ValueError(f"loss.roi_head: conv needs loss.roi_output_size >= 2 (its "
                              f"BatchNorm needs 2 values per channel from one box), got "

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from densessl.augment import ViewAugmentation
-from densessl.augment.correspondence import cell_centers, pixel_to_normalized
+from densessl.cells import cell_centres
+from densessl.augment.correspondence import pixel_to_normalized
 from densessl.contract import PairSample
 from densessl.pairs import collate_pairs
 
@@ -29,7 +30,7 @@ def strong_augmentation(channels=3, view=48, stride=4):
 
 
 def colours_at_cells(pair, cells_per_side, view):
-    centres = cell_centers(cells_per_side, cells_per_side, view, view)
+    centres = cell_centres(cells_per_side, cells_per_side, view / cells_per_side)
     grid_a = pixel_to_normalized(centres, view, view)[None].expand(pair.batch_size, -1, -1, -1)
     colour_a = F.grid_sample(pair.view_a, grid_a, align_corners=False, padding_mode="border")
     colour_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False,
@@ -83,7 +84,7 @@ def test_identity_without_augmentation():
                            photometry=None, mean=0.0, std=1.0)
     pair = aug(batch)
     assert pair.valid_ab.all()
-    centres = pixel_to_normalized(cell_centers(8, 8, SIZE, SIZE), SIZE, SIZE)
+    centres = pixel_to_normalized(cell_centres(8, 8, SIZE / 8), SIZE, SIZE)
     torch.testing.assert_close(pair.grid_ab[0], centres, atol=1e-4, rtol=0)
     torch.testing.assert_close(pair.view_a, image[None], atol=1e-4, rtol=0)
 

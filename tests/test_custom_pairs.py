@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from densessl.augment import ViewAugmentation
-from densessl.augment.correspondence import cell_centers, pixel_to_normalized
+from densessl.cells import cell_centres
+from densessl.augment.correspondence import pixel_to_normalized
 from densessl.cli import main
 from densessl.contract import PairSample
 from densessl.errors import PairContractError, RecipeError
@@ -76,7 +77,7 @@ def test_known_motion_correspondence_by_colour(monkeypatch):
                                              rotation_degrees=20, rotation_p=1.0),
                                photometry=None, mean=0.0, std=1.0)
     pair = augment(collate_pairs([builder[i] for i in range(8)]))
-    centres = pixel_to_normalized(cell_centers(12, 12, 48, 48), 48, 48)[None].expand(8, -1, -1, -1)
+    centres = pixel_to_normalized(cell_centres(12, 12, 48 / 12), 48, 48)[None].expand(8, -1, -1, -1)
     colour_a = F.grid_sample(pair.view_a, centres, align_corners=False, padding_mode="border")
     colour_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False,
                              padding_mode="border")

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from densessl.augment import ViewAugmentation
-from densessl.augment.correspondence import cell_centers, pixel_to_normalized, sample_at
+from densessl.cells import cell_centres
+from densessl.augment.correspondence import pixel_to_normalized, sample_at
 from densessl.pairs import CutPastePairs, collate_pairs
 from densessl.pretraining import collect_provenance
 
@@ -75,7 +76,7 @@ def test_colours_agree_after_augmentation():
     aug = ViewAugmentation(3, view_size=view, grid_stride=4, geometry=geometry,
                            photometry=None, mean=0.0, std=1.0)
     pair = aug(batch)
-    centres = pixel_to_normalized(cell_centers(12, 12, view, view), view, view)
+    centres = pixel_to_normalized(cell_centres(12, 12, view / 12), view, view)
     colour_a = F.grid_sample(pair.view_a, centres[None].expand(16, -1, -1, -1),
                              align_corners=False, padding_mode="border")
     colour_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False,

@@ -25,7 +25,8 @@ def weights(tmp_path):
     """encoder.pt / neck.pt / encoder.json as ``densessl pretrain`` writes them (BN stats set
     to non-trivial values so eval-mode features depend on every buffer)."""
     torch.manual_seed(0)
-    enc = DenseEncoder("resnet18", 4, neck="fpn", neck_dim=32)
+    # torchvision's FPN upsamples nearest: the exported neck matches it exactly only then
+    enc = DenseEncoder("resnet18", 4, neck="fpn", neck_dim=32, fpn_upsample="nearest")
     for m in enc.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
@@ -34,6 +35,7 @@ def weights(tmp_path):
     save_torch(tmp_path / "neck.pt", enc.neck.state_dict())
     write_json(tmp_path / "encoder.json", {
         "backbone": "resnet18", "in_channels": 4, "recipe": "t", "data_source": "x",
+        "fpn_upsample": "nearest",
         "datasets": [{"name": "PIDray", "licence": "CC BY-NC 4.0"}]})
     return tmp_path / "encoder.pt", enc.eval()
 
@@ -75,6 +77,20 @@ def test_torchvision_with_neck_is_a_detection_backbone(weights, tmp_path):
     body.eval()
     with torch.no_grad():
         assert torch.allclose(body(_x())["1"], enc(_x())["pyramid"]["p3"], atol=1e-5)
+
+
+def test_centred_neck_export_warns_in_the_card(weights, tmp_path):
+    path, _ = weights
+    provenance = json.loads((tmp_path / "encoder.json").read_text())
+    assert provenance["fpn_upsample"] == "nearest"
+    export_weights(path, "torchvision", tmp_path / "plain.pt", neck=True)
+    assert json.loads((tmp_path / "plain.pt.card.json").read_text())["warnings"] == []
+    write_json(tmp_path / "encoder.json", {**provenance, "fpn_upsample": "centred"})
+    export_weights(path, "torchvision", tmp_path / "centred.pt", neck=True)
+    card = json.loads((tmp_path / "centred.pt.card.json").read_text())
+    assert card["architecture"]["fpn_upsample"] == "centred"
+    assert any("nearest" in w for w in card["warnings"])
+    assert "Warning" in (tmp_path / "centred.pt.card.md").read_text()
 
 
 def test_smp_round_trip(weights, tmp_path):

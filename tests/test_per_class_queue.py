@@ -1,8 +1,10 @@
 """PerClassQueue against a brute-force reference, and the per-class dense loss's masking."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from densessl.losses import PerClassDenseContrast, PerClassQueue
+from densessl.losses import DenseContrast, PerClassDenseContrast, PerClassQueue
 from densessl.losses.functional import info_nce
 
 
@@ -82,7 +84,9 @@ def test_dense_loss_never_uses_same_class_negatives():
     b, h, w = 2, 2, 2
     q, k = torch.randn(b, 4, h, w), torch.randn(b, 4, h, w)
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    grid = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], -1).float()
+    s = loss_fn.stride  # cell (i, j) at pixel (s·j, s·i) of an (s·h)×(s·w) view
+    grid = torch.stack([(2 * s * xs + 1) / (s * w) - 1, (2 * s * ys + 1) / (s * h) - 1],
+                       -1).float()
     grid = grid.expand(b, h, w, 2)
     valid = torch.ones(b, h, w, dtype=torch.bool)
     classes = torch.tensor([[[1, 1], [2, -1]], [[1, 2], [2, 0]]])
@@ -119,3 +123,68 @@ def test_enqueue_writes_the_buffers_in_place():
         queue.enqueue(torch.ones(2, 2), *args)
         assert queue.keys is buffer and queue.keys.data_ptr() == buffer.data_ptr()
         assert (queue.keys == 1).any() and not (before == 1).any()
+
+
+@pytest.mark.parametrize("background", ["negative", "own_class", "ignore"])
+def test_dense_background_modes_match_brute_force(background):
+    """loss.background: the queue's content and the loss against a loop over cells that
+    applies each mode's rule by hand (SegLoc's background: unknown, its own class, or out)."""
+    torch.manual_seed(2)
+    classes_n, t = 3, 0.5
+    loss_fn = DenseContrast(dim=4, queue_size=16, temperature=t, samples_per_image=100,
+                            enqueue_per_image=100, num_classes=classes_n, background=background)
+    b, h, w = 2, 3, 3
+    q, k = torch.randn(b, 4, h, w), torch.randn(b, 4, h, w)
+    s = loss_fn.stride
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    grid = torch.stack([(2 * s * xs + 1) / (s * w) - 1, (2 * s * ys + 1) / (s * h) - 1],
+                       -1).float().expand(b, h, w, 2)
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    valid[1, 2, 2] = False
+    classes = torch.tensor([[[1, -1, -1], [2, -1, 0], [1, 1, -1]],
+                            [[-1, -1, 2], [-1, 0, 0], [2, -1, -1]]])
+    loss_fn.train()
+    loss_fn(q, k, grid, valid, classes)  # fills the queue with these cells' keys
+    loss, _ = loss_fn(q, k, grid, valid, classes, update_queue=False)
+
+    # each mode's rule, by hand: the class a cell counts as, and whether it takes part
+    def label_of(c):
+        return classes_n if (c < 0 and background == "own_class") else c
+
+    qn = F.normalize(q, dim=1).flatten(2)
+    kn = F.normalize(k, dim=1).flatten(2)
+    labels = classes.flatten(1)
+    cells = [(i, c) for i in range(b) for c in range(h * w)
+             if valid.flatten(1)[i, c] and not (background == "ignore" and labels[i, c] < 0)]
+    # the queue holds exactly the taking-part cells' keys, each in its class's ring
+    queue_keys, queue_labels = loss_fn.queue.get()
+    expected = sorted((label_of(int(labels[i, c])), kn[i, :, c].tolist()) for i, c in cells)
+    got = sorted((int(lab), key.tolist()) for lab, key in zip(queue_labels, queue_keys))
+    assert [e[0] for e in expected] == [g[0] for g in got]
+    torch.testing.assert_close(torch.tensor([e[1] for e in expected]),
+                               torch.tensor([g[1] for g in got]))
+    if background == "ignore":
+        assert all(int(lab) >= 0 for lab in queue_labels)
+
+    def may_be_negative(query_label, key_label):
+        return query_label == -1 or key_label == -1 or query_label != key_label
+
+    total = []
+    for i, c in cells:
+        lab = label_of(int(labels[i, c]))
+        negs = [queue_keys[j] for j in range(len(queue_keys))
+                if may_be_negative(lab, int(queue_labels[j]))]
+        negs += [kn[o, :, d] for o, d in cells
+                 if o != i and may_be_negative(lab, label_of(int(labels[o, d])))]
+        total.append(info_nce(qn[i, :, c][None], kn[i, :, c][None], torch.stack(negs), t))
+    torch.testing.assert_close(loss, torch.stack(total).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_background_own_class_needs_per_class_queues():
+    with pytest.raises(ValueError, match="own_class"):
+        DenseContrast(dim=4, background="own_class")
+    from densessl.errors import RecipeError
+    from densessl.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="own_class needs loss.queue: per_class"):
+        parse_recipe({"loss": {"background": "own_class", "queue": "single"}}, "<test>")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densessl.augment import ViewAugmentation
-from densessl.augment.correspondence import apply_homography, cell_centers, pixel_to_normalized
+from densessl.augment.correspondence import apply_homography, pixel_to_normalized
+from densessl.cells import cell_centres
 from densessl.data.geotiff import GeoTiffPairs
 from densessl.data.xbd import XBDTiles
 from densessl.errors import PairContractError
@@ -27,7 +28,7 @@ def augmentation(channels):
 
 
 def colours(pair):
-    centres = pixel_to_normalized(cell_centers(CELLS, CELLS, VIEW, VIEW), VIEW, VIEW)
+    centres = pixel_to_normalized(cell_centres(CELLS, CELLS, VIEW / CELLS), VIEW, VIEW)
     grid_a = centres[None].expand(pair.batch_size, -1, -1, -1)
     at_a = F.grid_sample(pair.view_a, grid_a, align_corners=False, padding_mode="border")
     at_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False, padding_mode="border")
@@ -64,7 +65,7 @@ def check_pairs(batch, channels, decode, nodata, pixel_units=1.0):
     # where each cell of view A comes from in the full image / raster: the view's geometry
     # plus the tile's window (the colours near nodata are mixed with the fill, see above)
     offsets = torch.tensor([m["window"][:2] for m in pair.meta], dtype=torch.float32)
-    centres = cell_centers(CELLS, CELLS, VIEW, VIEW).expand(pair.batch_size, -1, -1, -1)
+    centres = cell_centres(CELLS, CELLS, VIEW / CELLS).expand(pair.batch_size, -1, -1, -1)
     points = apply_homography(torch.linalg.inv(pair.matrix_a), centres) + offsets[:, None, None]
     assert not nodata(points[valid], 0.0).any()
     clean = valid & ~nodata(points, 3.0)

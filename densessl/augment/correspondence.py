@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densessl.cells import cell_centres
+
 # Bilinear samples of a 0/1 mask below this mean some neighbour was invalid.
 _STRICT = 0.999
 
@@ -27,14 +29,6 @@ def pixel_to_normalized(xy: Tensor, width: int, height: int) -> Tensor:
 def normalized_to_pixel(xy: Tensor, width: int, height: int) -> Tensor:
     scale = torch.tensor([width / 2.0, height / 2.0], device=xy.device, dtype=xy.dtype)
     return (xy + 1.0) * scale - 0.5
-
-
-def cell_centers(h: int, w: int, height: int, width: int, device=None) -> Tensor:
-    """Pixel (x, y) of the centres of an h×w grid of cells over a height×width image: h×w×2."""
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * (height / h) - 0.5
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * (width / w) - 0.5
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([xx, yy], dim=-1)
 
 
 def apply_homography(matrix: Tensor, xy: Tensor) -> Tensor:
@@ -81,7 +75,8 @@ def compose_correspondence(
 
     Args:
         matrix_a, matrix_b: B×3×3, source pixel → view pixel for each view.
-        grid_size: (h, w) cells over view A.
+        grid_size: (h, w) feature cells over view A; the stride is ``H / h`` and each cell
+            sits where :mod:`densessl.cells` says (a ResNet's cell i at pixel ``s·i``).
         view_size_a, view_size_b: (H, W) of each view.
         valid_a, valid_b: B×Ha×Wa / B×Hb×Wb bool data masks of the sources.
         base_grid: B×Ha×Wa×2 pixel positions in source B of each source-A pixel, None = identity.
@@ -96,7 +91,9 @@ def compose_correspondence(
     (view_h_a, view_w_a), (view_h_b, view_w_b) = view_size_a, view_size_b
     height_a, width_a = valid_a.shape[-2:]
     height_b, width_b = valid_b.shape[-2:]
-    cells = cell_centers(h, w, view_h_a, view_w_a, device=matrix_a.device)
+    if view_h_a * w != view_w_a * h:
+        raise ValueError(f"grid {grid_size} and view {view_size_a} need one stride on both axes")
+    cells = cell_centres(h, w, view_h_a / h, device=matrix_a.device)
     cells = cells.expand(batch, h, w, 2)
 
     src_a = apply_homography(torch.linalg.inv(matrix_a.float()), cells)

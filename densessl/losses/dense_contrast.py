@@ -8,11 +8,14 @@ works for temporal and cut-paste pairs.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from densessl.cells import image_to_feature_grid
 from densessl.distributed import gather_concat, rank, world_size
 from densessl.losses.functional import pairwise_negatives, ring_negatives, weighted_info_nce
 from densessl.losses.per_class_queue import PerClassQueue
@@ -56,15 +59,18 @@ def cells_of(dense: Tensor, cell: Tensor) -> Tensor:
     return dense.flatten(2).gather(2, index).transpose(1, 2).reshape(-1, d)
 
 
-def keys_at(k_dense: Tensor, grid_ab: Tensor, cell: Tensor) -> Tensor:
+def keys_at(k_dense: Tensor, grid_ab: Tensor, cell: Tensor, stride: int) -> Tensor:
     """View-B features at the points of the chosen view-A cells: bilinear at ``grid_ab``, only
     where needed → B·n×D.
 
-    Border padding: a point inside view B but past its outermost cell centre takes the edge
-    cell's feature instead of being blended with zeros.
+    ``grid_ab`` is in view-B image coordinates; ``k_dense`` is view B's stride-``stride`` map,
+    whose cells sit where :mod:`densessl.cells` says. Border padding: a point inside view B but
+    past its outermost cell centre takes the edge cell's feature instead of being blended with
+    zeros.
     """
-    b, d = k_dense.shape[:2]
+    b, d, fh, fw = k_dense.shape
     grid = grid_ab.reshape(b, -1, 2).gather(1, cell.reshape(b, -1, 1).expand(b, -1, 2))
+    grid = image_to_feature_grid(grid, (fh * stride, fw * stride), (fh, fw), stride)
     sampled = F.grid_sample(k_dense, grid[:, :, None, :].to(k_dense.dtype), mode="bilinear",
                             padding_mode="border", align_corners=False)
     return sampled[..., 0].transpose(1, 2).reshape(-1, d)
@@ -82,10 +88,26 @@ class DenseContrast(nn.Module):
             Cells of the *same* image are masked out: neighbouring cells are near-duplicates and
             would be false negatives.
         enqueue_per_image: key cells per image pushed to the queue each training step.
+        stride: input pixels per cell of the dense maps (the encoder's dense stride); places
+            the key map's cells (:mod:`densessl.cells`) when sampling it at ``grid_ab``.
         num_classes: if given, one queue ring per class (:class:`PerClassQueue`, SegLoc): a
             query cell of class c gets no negatives of class c, queued or in the batch. Cell
             classes come from ``class_map``; a key carries the class of the A cell it
-            corresponds to; unknown cells (−1, e.g. background) see everything.
+            corresponds to; unknown cells (−1) see everything.
+        background: what a ``class_map``'s −1 cells (background: the bag a segment was pasted
+            on) are, when a class map is given:
+
+            * ``"negative"``: unknown, as without a class map: a background query takes every
+              key as a negative, and background keys (one shared ring) are negatives for
+              everyone — including other background cells, which, with half the SegLoc pairs
+              sharing a bag, are mostly the same material (false negatives);
+            * ``"own_class"``: background is a class of its own (its own ring, label
+              ``num_classes``): a background query takes no background negatives, and
+              background keys are negatives for the segments' cells;
+            * ``"ignore"``: background cells are neither queries nor keys (InsLoc / SegLoc
+              contrast instances and segments only).
+
+            ``own_class`` needs ``num_classes``; ``ignore`` also works with the single queue.
 
     Shapes:
         ``forward(q_dense B×D×h×w, k_dense B×D×h'×w', grid_ab B×h×w×2, valid_ab B×h×w,
@@ -102,16 +124,43 @@ class DenseContrast(nn.Module):
         batch_negatives: bool = True,
         enqueue_per_image: int = 16,
         num_classes: int | None = None,
+        stride: int = 8,
+        background: Literal["negative", "own_class", "ignore"] = "negative",
     ) -> None:
         super().__init__()
+        if background not in ("negative", "own_class", "ignore"):
+            raise ValueError(f"background must be 'negative', 'own_class' or 'ignore', got "
+                             f"{background!r}")
+        if background == "own_class" and num_classes is None:
+            raise ValueError("background='own_class' needs per-class queues (num_classes)")
         self.dim = dim
+        self.stride = stride
+        self.background = background
         self.temperature = temperature
         self.samples_per_image = samples_per_image
         self.batch_negatives = batch_negatives
         self.enqueue_per_image = enqueue_per_image
         self.per_class = num_classes is not None
-        self.queue = (PerClassQueue(num_classes, queue_size, dim) if self.per_class
+        # own_class: background takes the ring after the real classes
+        rings = num_classes + (background == "own_class") if self.per_class else 0
+        self.queue = (PerClassQueue(rings, queue_size, dim) if self.per_class
                       else MoCoQueue(queue_size, dim))
+
+    def cell_labels(self, class_map: Tensor | None, b: int, length: int,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+        """Class of each cell as the loss uses it, and the cells that take part at all:
+        ``(labels B×L long, allowed B×L bool)`` (see ``background``)."""
+        if class_map is None:  # unknown class everywhere: no cell is masked for another's class
+            labels = torch.full((b, length), -1, dtype=torch.long, device=device)
+            return labels, torch.ones_like(labels, dtype=torch.bool)
+        labels = class_map.reshape(b, length).long()
+        background = labels < 0
+        takes_part = ~background if self.background == "ignore" else torch.ones_like(background)
+        if self.background == "own_class":
+            labels = labels.masked_fill(background, self.queue.num_classes - 1)
+        if not self.per_class:  # one queue: classes only decide who takes part
+            labels = torch.full_like(labels, -1)
+        return labels, takes_part
 
     def forward(
         self,
@@ -147,15 +196,12 @@ class DenseContrast(nn.Module):
             raise ValueError(f"class_map {tuple(class_map.shape)} must be {(b, h, w)}")
         if update_queue is None:
             update_queue = self.training
-        valid = valid_ab.reshape(b, h * w).bool()
-        if class_map is not None and self.per_class:
-            labels = class_map.reshape(b, h * w).long()
-        else:  # unknown class everywhere: no cell is masked for another's class
-            labels = torch.full((b, h * w), -1, dtype=torch.long, device=valid.device)
+        labels, takes_part = self.cell_labels(class_map, b, h * w, valid_ab.device)
+        valid = valid_ab.reshape(b, h * w).bool() & takes_part
 
         image, cell, keep = sample_cells(valid, self.samples_per_image)
         q = F.normalize(cells_of(q_dense, cell), dim=1)
-        k = F.normalize(keys_at(k_dense, grid_ab, cell), dim=1)
+        k = F.normalize(keys_at(k_dense, grid_ab, cell, self.stride), dim=1)
         weight = keep.float()
         label = cells_of(labels[:, None], cell)[:, 0]
 
@@ -181,7 +227,7 @@ class DenseContrast(nn.Module):
         # every process enqueues (possibly nothing): the queue gathers across processes
         if update_queue and self.enqueue_per_image > 0:
             _, e_cell, e_keep = sample_cells(valid, self.enqueue_per_image)
-            e_keys = F.normalize(keys_at(k_dense.detach(), grid_ab, e_cell), dim=1)
+            e_keys = F.normalize(keys_at(k_dense.detach(), grid_ab, e_cell, self.stride), dim=1)
             if self.per_class:
                 e_label = cells_of(labels[:, None], e_cell)[:, 0]
                 self.queue.enqueue(e_keys, e_label, keep=e_keep, same_shape=True)
@@ -196,6 +242,7 @@ class PerClassDenseContrast(DenseContrast):
 
     def __init__(self, num_classes: int, dim: int = 128, queue_size: int = 1024,
                  temperature: float = 0.2, samples_per_image: int = 64,
-                 batch_negatives: bool = True, enqueue_per_image: int = 16) -> None:
+                 batch_negatives: bool = True, enqueue_per_image: int = 16,
+                 stride: int = 8) -> None:
         super().__init__(dim, queue_size, temperature, samples_per_image, batch_negatives,
-                         enqueue_per_image, num_classes=num_classes)
+                         enqueue_per_image, num_classes=num_classes, stride=stride)

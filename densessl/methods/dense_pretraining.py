@@ -68,7 +68,8 @@ class DensePretraining(pl.LightningModule):
                 dim=recipe.model.dense_dim, queue_size=loss.dense_queue_size,
                 temperature=loss.temperature, samples_per_image=loss.samples_per_image,
                 batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image,
-                num_classes=loss.num_classes if loss.queue == "per_class" else None)
+                num_classes=loss.num_classes if loss.queue == "per_class" else None,
+                stride=encoder.stride, background=loss.background)
         self.global_loss = None
         if loss.global_weight > 0 and recipe.model.global_head:
             self.global_loss = GlobalContrast(dim=recipe.model.global_dim,

@@ -24,6 +24,9 @@ class DenseEncoder(nn.Module):
             backbone level ``c{3,4,5}``).
         dense_stride: 8, 16 or 32: the stride of the dense output, picks the level.
         neck_dim: FPN channels.
+        fpn_upsample: the FPN's top-down upsampling: ``"centred"`` keeps every cell where
+            :mod:`densessl.cells` places it; ``"nearest"`` is torchvision's (odd cells take a
+            neighbour's top-down value, one cell off).
         dense_dim, dense_hidden: dense head output / hidden channels.
         global_head: add a MoCo-v2 style head on pooled ``c5`` (Chen et al. 2020).
         global_dim, global_hidden: global head output / hidden sizes.
@@ -48,6 +51,7 @@ class DenseEncoder(nn.Module):
         neck: Literal["fpn", "none"] = "fpn",
         dense_stride: int = 8,
         neck_dim: int = 128,
+        fpn_upsample: Literal["centred", "nearest"] = "centred",
         dense_dim: int = 128,
         dense_hidden: int = 256,
         global_head: bool = True,
@@ -64,7 +68,7 @@ class DenseEncoder(nn.Module):
         if dense_stride not in _LEVEL_FOR_STRIDE:
             raise ValueError(f"dense_stride must be one of {sorted(_LEVEL_FOR_STRIDE)}")
         self.backbone = ResNetBackbone(backbone, in_channels)
-        self.neck = FPNNeck(self.backbone.channels, neck_dim) if neck == "fpn" else None
+        self.neck = FPNNeck(self.backbone.channels, neck_dim, fpn_upsample) if neck == "fpn" else None
         prefix = "p" if self.neck is not None else "c"
         self.dense_level = prefix + _LEVEL_FOR_STRIDE[dense_stride]
         dense_in = neck_dim if self.neck is not None else self.backbone.channels[self.dense_level]

@@ -1,8 +1,10 @@
-"""FPN neck (Lin et al. 2017, "Feature Pyramid Networks for Object Detection")."""
+"""FPN neck (Lin et al. 2017, "Feature Pyramid Networks for Object Detection") whose top-down
+path keeps every cell where :mod:`densessl.cells` places it."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Literal
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,8 +12,66 @@ from torch import Tensor
 from torchvision.ops import FeaturePyramidNetwork
 
 
+def upsample_centred(coarse: Tensor, size: tuple[int, int]) -> Tensor:
+    """2× upsampling that puts coarse cell ``j`` on fine cell ``2j``.
+
+    A ResNet's stride-2s cell ``j`` sits on pixel ``2s·j`` and stride-s cell ``i`` on ``s·i``,
+    so fine cell ``i`` is at coarse position ``i / 2``: even cells copy a coarse cell, odd cells
+    are the mean of their two neighbours (the last one, past the coarse grid, repeats the edge).
+    torchvision's nearest upsampling gives odd cell ``2j + 1`` the value of coarse cell ``j``,
+    one fine cell (s pixels) away from where the cell is.
+
+    Bilinear with ``align_corners=True`` onto ``2n − 1`` cells is exactly that; the replicate
+    pad covers a fine map of ``2n`` cells (a ResNet halves ``H`` to ``ceil(H / 2)``).
+    """
+    h, w = coarse.shape[-2:]
+    if not (2 * h - 1 <= size[0] <= 2 * h and 2 * w - 1 <= size[1] <= 2 * w):
+        raise ValueError(f"upsample_centred: {tuple(size)} is not 2× of {(h, w)}")
+    up = F.interpolate(coarse, size=(2 * h - 1, 2 * w - 1), mode="bilinear",
+                       align_corners=True)
+    return F.pad(up, (0, size[1] - up.shape[-1], 0, size[0] - up.shape[-2]), mode="replicate")
+
+
+class CentredFeaturePyramidNetwork(FeaturePyramidNetwork):
+    """torchvision's FPN (same modules, same state-dict keys, same ``extra_blocks``) with a
+    choice of top-down upsampling, and optionally only some output levels.
+
+    Args:
+        upsample: ``"centred"`` (:func:`upsample_centred`, the default) or ``"nearest"``
+            (torchvision's own, for weights trained with it).
+    """
+
+    def __init__(self, in_channels_list: list[int], out_channels: int, extra_blocks=None,
+                 upsample: Literal["centred", "nearest"] = "centred") -> None:
+        super().__init__(in_channels_list, out_channels, extra_blocks=extra_blocks)
+        if upsample not in ("centred", "nearest"):
+            raise ValueError(f"unknown FPN upsampling {upsample!r}; valid: 'centred', 'nearest'")
+        self.upsample = upsample
+
+    def _up(self, inner: Tensor, size: tuple[int, int]) -> Tensor:
+        if self.upsample == "nearest":
+            return F.interpolate(inner, size=size, mode="nearest")
+        return upsample_centred(inner, size)
+
+    def forward(self, x: dict[str, Tensor], finest: int = 0) -> dict[str, Tensor]:
+        """``x`` ordered from high to low resolution, as torchvision's; levels finer than
+        index ``finest`` are not computed (and ``extra_blocks`` only run with all levels)."""
+        names, feats = list(x.keys()), list(x.values())
+        top = len(feats) - 1
+        inner = self.get_result_from_inner_blocks(feats[top], top)
+        results = [self.get_result_from_layer_blocks(inner, top)]
+        for idx in range(top - 1, finest - 1, -1):
+            lateral = self.get_result_from_inner_blocks(feats[idx], idx)
+            inner = lateral + self._up(inner, tuple(lateral.shape[-2:]))
+            results.insert(0, self.get_result_from_layer_blocks(inner, idx))
+        names = names[finest:]
+        if self.extra_blocks is not None and finest == 0:
+            results, names = self.extra_blocks(results, feats, names)
+        return OrderedDict(zip(names, results))
+
+
 class FPNNeck(nn.Module):
-    """Wraps ``torchvision.ops.FeaturePyramidNetwork`` with our level names.
+    """The FPN with our level names.
 
     Dense pretraining benefits from a stride-8 map with high-level semantics, which an FPN gives
     (DenseCL / PixPro / SegLoc pretrain through one for the same reason).
@@ -19,40 +79,32 @@ class FPNNeck(nn.Module):
     Args:
         in_channels: channels of each backbone level, e.g. ``{"c2": 64, …, "c5": 512}``.
         out_channels: channels of every output level.
+        upsample: top-down upsampling, see :class:`CentredFeaturePyramidNetwork`.
 
     Shapes:
         ``forward({"cK": B×Ck×hK×wK}) -> {"pK": B×out_channels×hK×wK}`` for the same K.
     """
 
-    def __init__(self, in_channels: dict[str, int], out_channels: int = 128) -> None:
+    def __init__(self, in_channels: dict[str, int], out_channels: int = 128,
+                 upsample: Literal["centred", "nearest"] = "centred") -> None:
         super().__init__()
         self.levels = list(in_channels)
         self.out_channels = out_channels
-        self.fpn = FeaturePyramidNetwork([in_channels[k] for k in self.levels], out_channels)
+        self.fpn = CentredFeaturePyramidNetwork([in_channels[k] for k in self.levels],
+                                                out_channels, upsample=upsample)
 
     def forward(self, features: dict[str, Tensor],
                 outputs: set[str] | None = None) -> dict[str, Tensor]:
         """FPN levels ``pK``; with ``outputs`` (e.g. ``{"p3"}``) only those, and the top-down
         path stops at the finest one asked for: levels nobody reads would get no gradient and
         only cost time (p2 alone is about a quarter of a ResNet-18's forward)."""
-        if outputs is None:
-            # torchvision expects levels ordered from high to low resolution
-            out = self.fpn(OrderedDict((k, features[k]) for k in self.levels))
-            return {"p" + k[1:]: v for k, v in out.items()}
         names = ["p" + k[1:] for k in self.levels]
-        unknown = set(outputs) - set(names)
-        if unknown:
-            raise ValueError(f"unknown FPN levels {sorted(unknown)}; valid: {names}")
-        finest = min(names.index(n) for n in outputs)
-        # torchvision's own top-down pass (lateral 1×1, nearest upsampling, 3×3 output), run
-        # from the coarsest level down to ``finest`` only; same weights, same results
-        fpn, top = self.fpn, len(self.levels) - 1
-        inner = fpn.get_result_from_inner_blocks(features[self.levels[top]], top)
-        result = {}
-        for idx in range(top, finest - 1, -1):
-            if idx < top:
-                lateral = fpn.get_result_from_inner_blocks(features[self.levels[idx]], idx)
-                inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
-            if names[idx] in outputs:
-                result[names[idx]] = fpn.get_result_from_layer_blocks(inner, idx)
-        return result
+        finest = 0
+        if outputs is not None:
+            unknown = set(outputs) - set(names)
+            if unknown:
+                raise ValueError(f"unknown FPN levels {sorted(unknown)}; valid: {names}")
+            finest = min(names.index(n) for n in outputs)
+        out = self.fpn(OrderedDict((k, features[k]) for k in self.levels), finest)
+        out = {"p" + k[1:]: v for k, v in out.items()}
+        return out if outputs is None else {k: v for k, v in out.items() if k in outputs}
