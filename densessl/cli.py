@@ -45,7 +45,8 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     from densessl.experiment import finetune
 
-    finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set)
+    finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set,
+             label_free_weights=args.label_free_weights)
     print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png")
     return 0
 
@@ -162,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = with_recipe(sub.add_parser("finetune", help="fine-tune from an encoder → results"))
-    p.add_argument("--weights", default=None, help="encoder.pt (the 'pretrained' init)")
+    p.add_argument("--weights", default=None, nargs="+",
+                   help="encoder.pt (the 'pretrained' init); several: one per seed")
+    p.add_argument("--label-free-weights", default=None, nargs="+",
+                   help="encoder.pt of the label-free control (the 'label_free' init)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_finetune)
 

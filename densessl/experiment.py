@@ -10,7 +10,9 @@ model's parameter groups that started from the init's weights (e.g. a detector's
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import math
 import platform
 import time
@@ -20,13 +22,13 @@ from typing import Any
 
 import torch
 
-from densessl.errors import DensesslError
-from densessl.eval.finetune import check_data, evaluate_inits
+from densessl.errors import DensesslError, RecipeError
+from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
 from densessl.eval.inits import EncoderInit, load_encoder_file, supervised_init
 from densessl.eval.labeled_data import build_eval_dataset
-from densessl.eval.report import aggregate, write_report
+from densessl.eval.report import build_results, write_report
 from densessl.io import write_json
-from densessl.recipe import Recipe, load_recipe
+from densessl.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 
 # Collapse thresholds on pretraining's monitors (densessl.methods.monitors.collapse_stats).
 MIN_FEATURE_STD = 0.1
@@ -52,19 +54,79 @@ def collapse_message(metrics: dict) -> str | None:
             "feature; try a lower learning rate, a larger queue or more augmentation")
 
 
-def finetune(recipe: str | Path | dict | Recipe, weights: str | Path | None, out: str | Path,
-             overrides: list[str] | None = None, log=print) -> dict[str, Any]:
-    """Fine-tune each init of ``finetune.inits`` (``pretrained`` = ``weights``) and write
-    ``out/results.{json,md,png}`` plus ``out/runs.json`` (every seed). Returns the results."""
+def pretraining_labels(recipe: Recipe) -> str:
+    """Which annotations a pretraining recipe reads, in words (``none`` when it reads none):
+    the table discloses it next to each init."""
+    uses = []
+    if recipe.pairs.builder == "cut_paste":
+        uses.append("segment masks (cut-paste segment bank)")
+    objectives = recipe.loss.dense_weight > 0 or recipe.loss.instance_weight > 0
+    if recipe.loss.queue == "per_class" and objectives:
+        uses.append("class ids (per-class queues)")
+    if recipe.noise.kind == "wrong_class":
+        uses.append("class ids (wrong_class noise)")
+    return " + ".join(uses) or "none"
+
+
+def label_free_recipe(recipe: Recipe) -> Recipe:
+    """The label-free control: ``recipe`` with ``finetune.label_free_set`` applied (same
+    budget). It must read no class ids, else a RecipeError naming the setting."""
+    data = apply_overrides(recipe.model_dump(mode="json"),
+                           [f"{k}={json.dumps(v)}" for k, v in
+                            recipe.finetune.label_free_set.items()])
+    control = parse_recipe(data, "finetune.label_free_set")
+    if "class ids" in pretraining_labels(control):
+        raise RecipeError(f"finetune.label_free_set {recipe.finetune.label_free_set}: the "
+                          f"control still reads {pretraining_labels(control)}; set "
+                          "loss.queue: single (and no wrong_class noise)")
+    return control
+
+
+def _weights_labels(path: Path) -> str:
+    recipe_file = path.parent / "recipe.yaml"
+    if not recipe_file.is_file():
+        return "not recorded (no recipe.yaml next to the weights)"
+    try:
+        return pretraining_labels(load_recipe(recipe_file))
+    except DensesslError:
+        return "not recorded (recipe.yaml next to the weights does not parse)"
+
+
+def _as_paths(weights) -> list[Path]:
+    if weights is None:
+        return []
+    return [Path(w) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
+
+
+def finetune(recipe: str | Path | dict | Recipe,
+             weights: str | Path | list[str | Path] | None, out: str | Path,
+             overrides: list[str] | None = None, log=print, *,
+             label_free_weights: str | Path | list[str | Path] | None = None
+             ) -> dict[str, Any]:
+    """Fine-tune each init of ``finetune.inits`` (``pretrained`` = ``weights``, ``label_free``
+    = ``label_free_weights``; several files = one pretraining per seed, zipped with
+    ``finetune.seeds``), score the floor, and write ``out/results.{json,md,png}`` plus
+    ``out/runs.json`` (every seed). Returns the results."""
     recipe = load_recipe(recipe, overrides)
     cfg = recipe.finetune
     out = Path(out)
     inits: list[EncoderInit] = []
-    if "pretrained" in cfg.inits:
-        if weights is None:
-            raise DensesslError("finetune.inits has 'pretrained' but no weights were given "
-                                "(--weights encoder.pt)")
-        inits.append(load_encoder_file(weights, recipe.model.backbone, recipe.data.channels))
+    labels: dict[str, str] = {}
+    for name, files, flag in (("pretrained", _as_paths(weights), "--weights encoder.pt"),
+                              ("label_free", _as_paths(label_free_weights),
+                               "--label-free-weights encoder.pt")):
+        if name not in cfg.inits:
+            continue
+        if not files:
+            raise DensesslError(f"finetune.inits has {name!r} but no weights were given "
+                                f"({flag})")
+        if len(files) not in (1, len(cfg.seeds)):
+            raise DensesslError(f"{name}: {len(files)} weight files for {len(cfg.seeds)} "
+                                f"finetune.seeds; expected 1 or {len(cfg.seeds)}")
+        for f in files:
+            init = load_encoder_file(f, recipe.model.backbone, recipe.data.channels)
+            inits.append(dataclasses.replace(init, name=name))
+        labels[name] = _weights_labels(files[0])
     data = build_eval_dataset(cfg.dataset, cfg.options, path=cfg.path,
                               image_size=cfg.image_size, channels=recipe.data.channels,
                               seed=recipe.seed)
@@ -74,25 +136,34 @@ def finetune(recipe: str | Path | dict | Recipe, weights: str | Path | None, out
         torch.set_num_threads(cfg.num_threads)
     if "random" in cfg.inits:
         inits.append(EncoderInit("random"))
+        labels["random"] = "none"
     if "supervised" in cfg.inits:
-        inits.append(supervised_init(recipe, data, log=log))
+        sup = supervised_init(recipe, data, log=log)
+        inits.append(sup)
+        labels["supervised"] = (f"all segmentation labels of the "
+                                f"{sup.provenance.get('trained_on', 'train')} split")
     inits.sort(key=lambda i: cfg.inits.index(i.name))
     start = time.perf_counter()
     parameters: dict = {}
+    floor = floor_metrics(recipe, data)
     raw = evaluate_inits(recipe, data, inits, log=log, parameters=parameters)
     torch.set_num_threads(threads)
-    results = aggregate(raw)
+    results = build_results(raw, floor, {k: labels[k] for k in cfg.inits if k in labels})
     # what each run started from: the same for every seed (the last run's record)
     for init, tasks in parameters.items():
         for key, groups in tasks.items():
             results[init][key]["parameters"] = groups
     splits = ", ".join(f"{k} ({len(v)} images)" for k, v in data.eval_splits().items())
+    pretrain_seeds = (f", pretraining seeds {[s for s in cfg.pretrain_seeds]}"
+                      if cfg.pretrain_seeds and len(cfg.pretrain_seeds) > 1 else "")
     header = (f"## {recipe.name}: {cfg.dataset}, {recipe.model.backbone}, scores (%) on "
-              f"{splits}, mean ± std over seeds {cfg.seeds}\n")
+              f"{splits}, mean ± std over seeds {cfg.seeds}{pretrain_seeds}\n")
     table = write_report(results, out, header)
     write_json(out / "runs.json", {
         "recipe": recipe.name, "dataset": cfg.dataset, "datasets": data.cards,
-        "weights": str(weights) if weights is not None else None, "runs": raw,
+        "weights": [str(w) for w in _as_paths(weights)],
+        "label_free_weights": [str(w) for w in _as_paths(label_free_weights)], "runs": raw,
+        "floor": floor,
         "finetune_seconds": round(time.perf_counter() - start, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_threads": torch.get_num_threads(),
@@ -101,22 +172,42 @@ def finetune(recipe: str | Path | dict | Recipe, weights: str | Path | None, out
     return results
 
 
-def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str] | None = None,
-        log=print) -> dict[str, Any]:
-    """Pretrain into ``out/pretrain``, then :func:`finetune` every init into ``out``."""
+def _pretrain_all(recipe: Recipe, folder: Path, log) -> list[Path]:
+    """One pretraining per ``finetune.pretrain_seeds`` (``folder``, or ``folder/seed<s>`` with
+    several); returns the encoder files."""
     from densessl.pretraining import pretrain
 
+    seeds = recipe.finetune.pretrain_seeds or [recipe.seed]
+    files = []
+    for seed in seeds:
+        where = folder if len(seeds) == 1 else folder / f"seed{seed}"
+        log(f"pretraining {recipe.train.max_steps} steps, seed {seed} → {where}")
+        metrics = pretrain(recipe.model_copy(update={"seed": seed}), where)
+        final = metrics["final"]
+        log(f"  loss {final.get('loss', math.nan):.4f}, feature_std "
+            f"{final.get('feature_std', math.nan):.3f}, mean_cosine "
+            f"{final.get('mean_cosine', math.nan):.3f}, {metrics['pairs_per_s']:.1f} pairs/s")
+        message = collapse_message(metrics)
+        if message:
+            warnings.warn(message, CollapseWarning, stacklevel=3)
+            log(f"warning: {message}")
+        files.append(where / "encoder.pt")
+    return files
+
+
+def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str] | None = None,
+        log=print) -> dict[str, Any]:
+    """Pretrain into ``out/pretrain`` (and the label-free control into
+    ``out/pretrain_label_free``; one folder ``seed<s>`` per pretraining seed when there are
+    several), then :func:`finetune` every init into ``out``."""
     recipe = load_recipe(recipe, overrides)
+    cfg = recipe.finetune
     out = Path(out)
-    log(f"pretraining {recipe.train.max_steps} steps → {out / 'pretrain'}")
-    metrics = pretrain(recipe, out / "pretrain")
-    final = metrics["final"]
-    log(f"  loss {final.get('loss', math.nan):.4f}, feature_std "
-        f"{final.get('feature_std', math.nan):.3f}, mean_cosine "
-        f"{final.get('mean_cosine', math.nan):.3f}, {metrics['pairs_per_s']:.1f} pairs/s")
-    message = collapse_message(metrics)
-    if message:
-        warnings.warn(message, CollapseWarning, stacklevel=2)
-        log(f"warning: {message}")
-    log("fine-tuning " + ", ".join(recipe.finetune.inits))
-    return finetune(recipe, out / "pretrain" / "encoder.pt", out, log=log)
+    control = label_free_recipe(recipe) if "label_free" in cfg.inits else None
+    weights = _pretrain_all(recipe, out / "pretrain", log) if "pretrained" in cfg.inits else None
+    label_free = None
+    if control is not None:
+        log(f"label-free control: {cfg.label_free_set} (reads: {pretraining_labels(control)})")
+        label_free = _pretrain_all(control, out / "pretrain_label_free", log)
+    log("fine-tuning " + ", ".join(cfg.inits))
+    return finetune(recipe, weights, out, log=log, label_free_weights=label_free)

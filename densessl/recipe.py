@@ -196,15 +196,42 @@ class FinetuneConfig(Section):
     tasks: list[Literal["segmentation", "detection", "linear_probe"]] = ["segmentation"]
     segmentation_archs: list[Literal["unet", "fpn", "deeplabv3plus"]] = ["fpn"]
     detection_archs: list[Literal["faster_rcnn", "mask_rcnn"]] = ["faster_rcnn"]
-    inits: list[Literal["pretrained", "random", "supervised"]] = ["pretrained", "random"]
+    inits: list[Literal["pretrained", "label_free", "random", "supervised"]] = Field(
+        ["pretrained", "random"], description="encoders compared: pretrained (this recipe), "
+        "label_free (the same pretraining with label_free_set applied: the control that reads "
+        "no class labels), random, supervised (the ceiling)")
+    label_free_set: dict[str, Any] = Field(
+        {"loss.queue": "single"}, description="dotted recipe overrides that turn this "
+        "pretraining into the label-free control (same budget, no class labels)")
+    pretrain_seeds: list[int] | None = Field(
+        None, description="densessl run: pretrain once per seed (one seed, or as many as "
+        "finetune.seeds, zipped with them), so the spread covers pretraining runs; null: one "
+        "pretraining at the recipe seed")
     label_fractions: list[float] = [1.0]
     seeds: list[int] = [0]
     steps: int = Field(50, ge=1, description="optimiser steps per segmentation / probe run")
     detection_steps: int = Field(50, ge=1, description="optimiser steps per detection run")
     supervised_steps: int = Field(100, ge=1, description="steps of the supervised init")
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (probe: 10x)")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the heads")
+    encoder_lr_mult: float = Field(0.1, ge=0, description="encoder lr = lr x this, for inits "
+                                   "with weights (a random encoder trains at lr: it has "
+                                   "nothing to keep)")
+    class_balance: Literal["none", "balanced"] = Field(
+        "none", description="per-pixel loss weights: balanced = n_pixels / (K n_c) over the "
+        "train subset's classes (segmentation and probe)")
     weight_decay: float = Field(1e-4, ge=0)
+    probe_steps: int = Field(200, ge=1, description="steps of the linear probe on cached "
+                             "features")
+    probe_lr: float = Field(0.01, gt=0, description="AdamW learning rate of the linear probe")
+    probe_batch_size: int = Field(2048, ge=2, description="pixels per linear-probe step")
+    probe_pixels_per_image: int = Field(256, ge=1, description="labelled pixels drawn from "
+                                        "each train image as the probe's training rows")
+    probe_levels: list[Literal["c2", "c3", "c4", "c5"]] = Field(
+        ["c2", "c3", "c4", "c5"], description="backbone stages in the probe's hypercolumn")
+    probe_recompute_bn: Literal["random", "all", "none"] = Field(
+        "random", description="re-estimate the encoder's BatchNorm statistics on the train "
+        "images before the probe: for the random init only, for every init, or never")
     detection_neck: bool | Literal["auto"] = Field(
         "auto", description="initialise the detector's FPN from the pretrained neck (neck.pt "
         "next to encoder.pt): auto = whenever the weights have one; true = they must (an "
@@ -232,12 +259,21 @@ class FinetuneConfig(Section):
             raise ValueError("expected auto, true or false")
         return value
 
-    @field_validator("tasks", "inits", "seeds", "segmentation_archs", "detection_archs")
+    @field_validator("tasks", "inits", "seeds", "segmentation_archs", "detection_archs",
+                     "probe_levels")
     @classmethod
     def _non_empty(cls, value):
         if not value:
             raise ValueError("expected a non-empty list")
         return value
+
+    @model_validator(mode="after")
+    def _pretrain_seeds(self):
+        n = self.pretrain_seeds
+        if n is not None and len(n) not in (1, len(self.seeds)):
+            raise ValueError(f"finetune.pretrain_seeds: expected 1 seed or as many as "
+                             f"finetune.seeds ({len(self.seeds)}), got {len(n)}")
+        return self
 
 
 class NoiseConfig(Section):

@@ -25,6 +25,7 @@ TINY = [
     "finetune.supervised_steps=2", "finetune.batch_size=4", "finetune.seeds=[0,1]",
     "finetune.label_fractions=[0.5]", "finetune.num_threads=1",
     "finetune.options={num_train: 8, num_val: 4, num_source: 4}",
+    "model.split_bn_groups=2",  # split key BN needs 2+ samples per group at batch 4
 ]
 
 
@@ -40,14 +41,20 @@ def test_run_end_to_end(tmp_path, capsys):
     assert any(r.category is CollapseWarning for r in record) == (collapsed is not None)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert list(on_disk) == ["pretrained", "random", "supervised"]
+    assert list(on_disk) == ["floor", "pretrained", "random", "supervised", "differences",
+                             "protocol"]
     tasks = {"segmentation/fpn@50%", "linear_probe@50%", "detection/faster_rcnn@50%"}
-    for init in on_disk.values():
+    assert on_disk["protocol"]["primary"] == "linear_probe@50%/mIoU"
+    assert set(on_disk["differences"]) == {"pretrained - random", "supervised - random"}
+    assert on_disk["floor"]["detection/faster_rcnn@50%"]["box_mAP"] == 0.0
+    for name in ("pretrained", "random", "supervised"):
+        init = on_disk[name]
         assert set(init) == tasks
         assert {"mIoU", "mIoU_std", "IoU_disc"} <= set(init["segmentation/fpn@50%"])
         assert {"box_mAP", "box_AP50", "box_AP75", "box_AR100", "box_mAP_std"} <= set(
             init["detection/faster_rcnn@50%"])
         assert init["linear_probe@50%"]["n_seeds"] == 2
+        assert "fg_mIoU" in init["linear_probe@50%"]
     table = (tmp_path / "results.md").read_text()
     assert "| segmentation/fpn@50% | mIoU |" in table and "supervised" in table
     assert table.splitlines()[-1] in capsys.readouterr().out  # printed too
@@ -67,7 +74,7 @@ def test_cli_finetune_and_bad_input(tmp_path, capsys):
         base += ["--set", s]
     assert main(base + ["--weights", str(weights)]) == 0
     results = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert set(results) == {"pretrained", "random"}
+    assert set(results) == {"floor", "pretrained", "random", "differences", "protocol"}
     assert 0 <= results["pretrained"]["linear_probe@50%"]["mIoU"] <= 1
 
     torch.save(ResNetBackbone("resnet18", 4).state_dict(), tmp_path / "four.pt")
@@ -114,18 +121,53 @@ SHORT = ["train.max_steps=2", "train.batch_size=4", "train.num_workers=0",
 
 @pytest.mark.slow
 def test_xray_demo_runs_end_to_end_on_its_synthetic_set(tmp_path, monkeypatch):
-    """The README's main job, shortened: SegLoc pretraining, PIDray segmentation + detection,
-    every init, each test subset reported apart."""
+    """The README's main job, shortened: SegLoc pretraining and its label-free control, the
+    probe on every init next to the floor, each test subset reported apart, label use said."""
     monkeypatch.setenv("DENSESSL_CACHE", str(tmp_path / "cache"))
     results = run(str(RECIPES / "demo.yaml"), tmp_path / "out", log=lambda *a: None,
                   overrides=SHORT + ["pairs.options.synthetic_n=16",
-                                     "finetune.options={synthetic_n: 16}"])
-    assert list(results) == ["pretrained", "random", "supervised"]
-    seg = results["pretrained"]["segmentation/fpn@100%"]
-    det = results["pretrained"]["detection/faster_rcnn@100%"]
-    for subset in ("easy", "hard", "hidden"):
-        assert 0.0 <= seg[f"{subset}/mIoU"] <= 1.0
-        assert 0.0 <= det[f"{subset}/box_mAP"] <= 1.0
+                                     "finetune.options={synthetic_n: 16}",
+                                     "finetune.seeds=[0,1]", "finetune.probe_steps=5"])
+    assert list(results) == ["floor", "pretrained", "label_free", "random", "supervised",
+                             "differences", "protocol"]
+    for init in ("floor", "pretrained", "label_free", "random", "supervised"):
+        probe = results[init]["linear_probe@100%"]
+        for subset in ("easy", "hard", "hidden"):
+            assert 0.0 <= probe[f"{subset}/mIoU"] <= 1.0
+            assert 0.0 <= probe[f"{subset}/fg_mIoU"] <= 1.0
+    labels = results["protocol"]["labels"]
+    assert "class ids" in labels["pretrained"] and "class ids" not in labels["label_free"]
+    assert labels["random"] == "none"
+    assert {"pretrained - random", "label_free - random", "supervised - random"} == set(
+        results["differences"])
+    control = (tmp_path / "out" / "pretrain_label_free" / "recipe.yaml").read_text()
+    assert "queue: single" in control
+    assert (tmp_path / "out" / "pretrain" / "encoder.pt").is_file()
+
+
+def test_label_free_control_must_not_read_class_ids():
+    from densessl.errors import RecipeError
+    from densessl.experiment import label_free_recipe, pretraining_labels
+    from densessl.recipe import load_recipe
+
+    demo = load_recipe(str(RECIPES / "demo.yaml"))
+    assert pretraining_labels(demo).endswith("class ids (per-class queues)")
+    assert pretraining_labels(label_free_recipe(demo)) == \
+        "segment masks (cut-paste segment bank)"
+    assert pretraining_labels(load_recipe(SAME_IMAGE)) == "none"
+    bad = load_recipe(str(RECIPES / "demo.yaml"),
+                      ["finetune.label_free_set={loss.temperature: 0.1}"])
+    with pytest.raises(RecipeError, match="still reads .*class ids"):
+        label_free_recipe(bad)
+
+
+def test_pretrain_seeds_are_one_or_one_per_seed():
+    from densessl.errors import RecipeError
+    from densessl.recipe import load_recipe
+
+    load_recipe(SAME_IMAGE, ["finetune.seeds=[0,1,2]", "finetune.pretrain_seeds=[5,6,7]"])
+    with pytest.raises(RecipeError, match="pretrain_seeds: expected 1 seed or as many"):
+        load_recipe(SAME_IMAGE, ["finetune.seeds=[0,1,2]", "finetune.pretrain_seeds=[5,6]"])
 
 
 @pytest.mark.slow
@@ -138,3 +180,31 @@ def test_xbd_recipe_runs_end_to_end_with_the_xview2_score(tmp_path, monkeypatch)
     assert {"mIoU", "IoU_destroyed", "xview2_score", "xview2_localization_f1",
             "xview2_damage_f1"} <= scores.keys()
     assert 0.0 <= scores["xview2_score"] <= 1.0
+
+
+def test_pretraining_seeds_zip_with_probe_seeds(tmp_path):
+    """Two pretraining seeds: two encoders, the i-th probe seed on the i-th encoder."""
+    overrides = TINY + ["finetune.tasks=[linear_probe]", "finetune.inits=[pretrained,random]",
+                        "finetune.pretrain_seeds=[3,4]", "finetune.probe_steps=3"]
+    results = run(SAME_IMAGE, tmp_path, overrides=overrides, log=lambda *a: None)
+    for seed in (3, 4):
+        assert (tmp_path / "pretrain" / f"seed{seed}" / "encoder.pt").is_file()
+    a, b = (torch.load(tmp_path / "pretrain" / f"seed{s}" / "encoder.pt") for s in (3, 4))
+    assert not torch.equal(a["conv1.weight"], b["conv1.weight"])
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert [Path(w).parent.name for w in runs["weights"]] == ["seed3", "seed4"]
+    assert results["pretrained"]["linear_probe@50%"]["n_seeds"] == 2
+    diff = results["differences"]["pretrained - random"]["linear_probe@50%"]["mIoU"]
+    assert diff["n"] == 2
+
+
+def test_replicas_must_match_the_seeds():
+    from densessl.errors import DensesslError
+    from densessl.eval.finetune import group_replicas
+    from densessl.eval.inits import EncoderInit
+
+    inits = [EncoderInit("pretrained", {}), EncoderInit("pretrained", {}), EncoderInit("random")]
+    groups = group_replicas(inits, [0, 1])
+    assert [len(g) for g in groups.values()] == [2, 1]
+    with pytest.raises(DensesslError, match="2 encoders for 3 finetune.seeds"):
+        group_replicas(inits, [0, 1, 2])

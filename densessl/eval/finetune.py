@@ -22,9 +22,20 @@ from densessl.errors import DensesslError, RecipeError
 from densessl.eval.detection import build_detector, detector_groups
 from densessl.eval.inits import EncoderInit
 from densessl.eval.labeled_data import TASK_KEYS, LabeledData
-from densessl.eval.linear_probe import LinearProbe
+from densessl.eval.linear_probe import (
+    PixelFeatures,
+    ProbeFeatures,
+    check_levels,
+    class_weights,
+    encode_pixels,
+    encode_split,
+    predict_probe,
+    recompute_bn_stats,
+    train_probe,
+)
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
-from densessl.eval.segmentation import build_segmentation_model
+from densessl.eval.segmentation import build_segmentation_model, load_encoder
+from densessl.models.backbone import ResNetBackbone
 from densessl.recipe import Recipe
 
 IGNORE = 255
@@ -76,9 +87,24 @@ def _normalise(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
     return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
 
 
+def param_groups(model: nn.Module, slow: list[nn.Module], lr: float, mult: float
+                 ) -> list[dict]:
+    """AdamW groups: the parameters of the ``slow`` modules (transferred weights) at
+    ``lr * mult``, everything else at ``lr``; frozen parameters left out."""
+    slow_ids = {id(p) for m in slow for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters()
+                          if p.requires_grad and id(p) in slow_ids], "lr": lr * mult},
+              {"params": [p for p in model.parameters()
+                          if p.requires_grad and id(p) not in slow_ids], "lr": lr}]
+    return [g for g in groups if g["params"]]
+
+
 def _optimizer(params, lr: float, weight_decay: float, steps: int):
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr,
-                            weight_decay=weight_decay)
+    """``params``: parameters or :func:`param_groups` (each group keeps its own lr)."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [{"params": [p for p in params if p.requires_grad], "lr": lr}]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
     # Linear warmup then cosine decay: short runs still end on a small learning rate.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
@@ -87,17 +113,22 @@ def _optimizer(params, lr: float, weight_decay: float, steps: int):
 
 
 def train_dense(model: nn.Module, dataset: Dataset, *, steps: int, batch_size: int, lr: float,
-                weight_decay: float, seed: int, mean: list[float], std: list[float]) -> nn.Module:
-    """Per-pixel cross-entropy (255 ignored) with random horizontal flips."""
+                weight_decay: float, seed: int, mean: list[float], std: list[float],
+                slow: list[nn.Module] = (), encoder_lr_mult: float = 1.0,
+                class_weights: Tensor | None = None) -> nn.Module:
+    """Per-pixel cross-entropy (255 ignored, optional class weights) with random horizontal
+    flips; the ``slow`` modules train at ``lr * encoder_lr_mult``."""
     model.train()
-    opt, sched = _optimizer(model.parameters(), lr, weight_decay, steps)
+    opt, sched = _optimizer(param_groups(model, list(slow), lr, encoder_lr_mult), lr,
+                            weight_decay, steps)
     gen = torch.Generator().manual_seed(seed)
     batches = _batches(dataset, batch_size, seed, _stack)
     for _ in range(steps):
         image, mask = next(batches)
         flip = torch.rand(image.shape[0], generator=gen) < 0.5
         image[flip], mask[flip] = image[flip].flip(-1), mask[flip].flip(-1)
-        loss = F.cross_entropy(model(_normalise(image, mean, std)), mask, ignore_index=IGNORE)
+        loss = F.cross_entropy(model(_normalise(image, mean, std)), mask, weight=class_weights,
+                               ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -141,11 +172,14 @@ def _det_targets(samples: list[dict], masks: bool, flip: Tensor) -> tuple[list, 
 
 
 def train_detector(model: nn.Module, dataset: Dataset, *, steps: int, batch_size: int,
-                   lr: float, weight_decay: float, seed: int, masks: bool) -> nn.Module:
+                   lr: float, weight_decay: float, seed: int, masks: bool,
+                   slow: list[nn.Module] = (), encoder_lr_mult: float = 1.0) -> nn.Module:
     """torchvision's summed detection losses, random horizontal flips, gradient clipping
-    (early RPN/RoI losses from a random init can spike)."""
+    (early RPN/RoI losses from a random init can spike); the ``slow`` modules (transferred
+    weights) train at ``lr * encoder_lr_mult``."""
     model.train()
-    opt, sched = _optimizer(model.parameters(), lr, weight_decay, steps)
+    opt, sched = _optimizer(param_groups(model, list(slow), lr, encoder_lr_mult), lr,
+                            weight_decay, steps)
     gen = torch.Generator().manual_seed(seed)
     batches = _batches(dataset, batch_size, seed, _as_list)
     for _ in range(steps):
@@ -195,11 +229,123 @@ def check_data(recipe: Recipe, data: LabeledData) -> None:
                           f"images but data.channels is {recipe.data.channels}")
 
 
+def _split_metrics(data: LabeledData, score: Callable[[str, Dataset], dict[str, float]]
+                   ) -> dict[str, float]:
+    """``score`` on every evaluation split; names get a ``<split>/`` prefix when the data has
+    several test subsets (e.g. ``easy/box_mAP``)."""
+    splits = data.eval_splits()
+    out: dict[str, float] = {}
+    for name, split in splits.items():
+        prefix = f"{name}/" if len(splits) > 1 else ""
+        out.update({prefix + k: v for k, v in score(name, split).items()})
+    return out
+
+
+def _masks(dataset: Dataset) -> Tensor:
+    return torch.stack([dataset[i]["mask"] for i in range(len(dataset))])
+
+
+def _segmentation_scores(data: LabeledData, preds: Tensor, masks: Tensor) -> dict[str, float]:
+    metrics = [SegmentationMetrics(data.class_names, IGNORE)]
+    if data.extra_segmentation_metrics is not None:
+        metrics.append(data.extra_segmentation_metrics())
+    out: dict[str, float] = {}
+    for m in metrics:
+        m.update(preds, masks)
+        out.update(m.compute())
+    return out
+
+
+class ProbeCache:
+    """Features of every labelled image under one encoder, computed once and reused by every
+    probe seed and label fraction (``get`` re-encodes only when the encoder changes)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.train: PixelFeatures | None = None
+        self.splits: dict[str, ProbeFeatures] = {}
+
+    def get(self, recipe: Recipe, data: LabeledData, init: EncoderInit, seed: int
+            ) -> tuple[PixelFeatures, dict[str, ProbeFeatures]]:
+        cfg = recipe.finetune
+        # a random encoder differs by seed; a loaded one is the same for every seed
+        key = (init.name, id(init.encoder), seed if init.encoder is None else None)
+        if key != self.key:
+            self.key, self.train, self.splits = None, None, {}  # free the previous features
+            mean, std = channel_stats(recipe)
+            torch.manual_seed(seed)  # random encoder weights
+            encoder = ResNetBackbone(recipe.model.backbone, recipe.data.channels)
+            if init.encoder is not None:
+                load_encoder(encoder, init.encoder, f"{init.name} encoder (linear probe)")
+            if cfg.probe_recompute_bn == "all" or (cfg.probe_recompute_bn == "random"
+                                                   and init.encoder is None):
+                recompute_bn_stats(encoder, data.train, mean, std, cfg.batch_size)
+            levels = check_levels(cfg.probe_levels)
+            self.train = encode_pixels(encoder, data.train, levels, mean, std,
+                                       cfg.probe_pixels_per_image, seed=recipe.seed,
+                                       batch_size=cfg.batch_size, ignore_index=IGNORE)
+            self.splits = {name: encode_split(encoder, split, levels, mean, std,
+                                              cfg.batch_size)
+                           for name, split in data.eval_splits().items()}
+            self.key = key
+        return self.train, self.splits
+
+
+def run_probe(recipe: Recipe, data: LabeledData, init: EncoderInit, fraction: float,
+              seed: int, cache: ProbeCache | None = None) -> dict[str, float]:
+    """Frozen dense linear probe (:mod:`densessl.eval.linear_probe`) on cached features."""
+    cfg = recipe.finetune
+    train, splits = (cache or ProbeCache()).get(recipe, data, init, seed)
+    train = train.of_images(label_subset(list(range(train.num_images)), fraction, seed))
+    weights = (class_weights(train.labels, data.num_classes, IGNORE)
+               if cfg.class_balance == "balanced" else None)
+    head = train_probe(train, data.num_classes, steps=cfg.probe_steps, lr=cfg.probe_lr,
+                       batch_size=cfg.probe_batch_size, seed=seed, weights=weights)
+    return _split_metrics(data, lambda name, _: _segmentation_scores(
+        data, predict_probe(head, splits[name]), splits[name].masks))
+
+
+def floor_metrics(recipe: Recipe, data: LabeledData) -> dict[str, list[dict[str, float]]]:
+    """The floor: what predicting the train split's majority class at every pixel scores
+    (segmentation, probe), and what predicting no box scores (detection) — shaped like one
+    seed of an init, ``{task_key: [metrics]}``."""
+    majority = None
+    raw: dict[str, list[dict[str, float]]] = {}
+    for task, arch, _, key in task_runs(recipe):
+        if task == "detection":
+            masks = arch == "mask_rcnn"
+
+            def score(_, split, masks=masks):
+                metric = DetectionMetrics(masks=masks)
+                for i in range(len(split)):
+                    sample = split[i]
+                    h, w = sample["image"].shape[-2:]
+                    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                             "labels": torch.zeros(0, dtype=torch.long)}
+                    if masks:
+                        empty["masks"] = torch.zeros(0, 1, h, w)
+                    metric.update([empty], [sample])
+                return metric.compute()
+        else:
+            if majority is None:
+                train = _masks(data.train)
+                counts = torch.bincount(train[train != IGNORE].flatten(),
+                                        minlength=data.num_classes)
+                majority = int(counts.argmax())
+
+            def score(_, split, majority=majority):
+                masks = _masks(split)
+                return _segmentation_scores(data, torch.full_like(masks, majority), masks)
+        raw[key] = [_split_metrics(data, score)]
+    return raw
+
+
 def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arch: str | None,
-            fraction: float, seed: int, *, box_head_spec: dict | None = None,
-            parameters: dict | None = None) -> dict[str, float]:
-    """Fine-tune one model and score it. Metric names get a ``<split>/`` prefix when the data
-    has several test subsets (e.g. ``easy/box_mAP``).
+            fraction: float, seed: int, probe_cache: ProbeCache | None = None, *,
+            box_head_spec: dict | None = None, parameters: dict | None = None
+            ) -> dict[str, float]:
+    """Fine-tune one model (or fit one probe) and score it. Metric names get a ``<split>/``
+    prefix when the data has several test subsets (e.g. ``easy/box_mAP``).
 
     ``box_head_spec``: the detectors' box head, the same for every init
     (:func:`detection_box_head_spec`). ``parameters``, when given, receives ``{"loaded": [...],
@@ -207,9 +353,16 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
     those that started fresh.
     """
     cfg, backbone, c = recipe.finetune, recipe.model.backbone, recipe.data.channels
+    if task == "linear_probe":
+        # a frozen encoder (from the init, or random) under a fresh linear head
+        _record(parameters, {"encoder": None, "head": None},
+                ["encoder"] if init.encoder is not None else [])
+        return run_probe(recipe, data, init, fraction, seed, probe_cache)
     mean, std = channel_stats(recipe)
     torch.manual_seed(seed)  # head init (and random encoder init) differ by seed
     train = label_subset(data.train, fraction, seed)
+    # transferred weights move slowly; a random encoder has nothing to keep
+    mult = cfg.encoder_lr_mult if init.encoder is not None else 1.0
     common = {"batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "seed": seed}
     if task == "detection":
         masks = arch == "mask_rcnn"
@@ -218,34 +371,27 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
                                std, fpn_dim=recipe.model.neck_dim, encoder_state=init.encoder,
                                neck_state=neck, fpn_upsample=recipe.model.fpn_upsample,
                                box_head_spec=box_head_spec, box_head_state=box_head)
-        _record(parameters, detector_groups(model), model.loaded_groups)
+        groups = detector_groups(model)
+        _record(parameters, groups, model.loaded_groups)
         train_detector(model, train, steps=cfg.detection_steps, lr=cfg.lr, masks=masks,
-                       **common)
+                       slow=[groups[g] for g in getattr(model, "loaded_groups", [])],
+                       encoder_lr_mult=mult, **common)
         score = lambda ds: evaluate_detector(model, ds, batch_size=cfg.batch_size,  # noqa: E731
                                              masks=masks)
     else:
-        if task == "linear_probe":
-            model = LinearProbe(backbone, c, data.num_classes, init.encoder)
-            # a frozen encoder (from the init, or random) under a fresh linear head
-            _record(parameters, {"encoder": None, "head": None},
-                    ["encoder"] if init.encoder is not None else [])
-            lr = 10 * cfg.lr  # only a linear head learns: a larger step is standard
-        else:
-            model = build_segmentation_model(arch, backbone, c, data.num_classes, init.encoder)
-            # smp's encoder / decoder / segmentation_head; only the encoder has a counterpart
-            _record(parameters, {n: m for n, m in model.named_children()
-                                 if any(True for _ in m.parameters())},
-                    ["encoder"] if init.encoder is not None else [])
-            lr = cfg.lr
-        train_dense(model, train, steps=cfg.steps, lr=lr, mean=mean, std=std, **common)
+        model = build_segmentation_model(arch, backbone, c, data.num_classes, init.encoder)
+        # smp's encoder / decoder / segmentation_head; only the encoder has a counterpart
+        _record(parameters, {n: m for n, m in model.named_children()
+                             if any(True for _ in m.parameters())},
+                ["encoder"] if init.encoder is not None else [])
+        weights = (class_weights(_masks(train), data.num_classes, IGNORE)
+                   if cfg.class_balance == "balanced" else None)
+        train_dense(model, train, steps=cfg.steps, lr=cfg.lr, mean=mean, std=std,
+                    slow=[model.encoder], encoder_lr_mult=mult, class_weights=weights,
+                    **common)
         score = lambda ds: evaluate_dense(model, ds, data, batch_size=cfg.batch_size,  # noqa: E731
                                           mean=mean, std=std)
-    splits = data.eval_splits()
-    out: dict[str, float] = {}
-    for name, split in splits.items():
-        prefix = f"{name}/" if len(splits) > 1 else ""
-        out.update({prefix + k: v for k, v in score(split).items()})
-    return out
+    return _split_metrics(data, lambda _, split: score(split))
 
 
 def _record(parameters: dict | None, groups: dict, loaded: list[str]) -> None:
@@ -306,11 +452,26 @@ def task_runs(recipe: Recipe) -> list[tuple[str, str | None, float, str]]:
     return runs
 
 
+def group_replicas(inits: list[EncoderInit], seeds: list[int]
+                   ) -> dict[str, list[EncoderInit]]:
+    """Inits by name, in order. Several inits of one name are replicas (e.g. one pretraining
+    per seed): there must be one, or one per fine-tuning seed (zipped with the seeds)."""
+    groups: dict[str, list[EncoderInit]] = {}
+    for init in inits:
+        groups.setdefault(init.name, []).append(init)
+    for name, group in groups.items():
+        if len(group) not in (1, len(seeds)):
+            raise DensesslError(f"init {name!r}: {len(group)} encoders for {len(seeds)} "
+                                f"finetune.seeds; expected 1 or {len(seeds)}")
+    return groups
+
+
 def evaluate_inits(recipe: Recipe, data: LabeledData, inits: list[EncoderInit],
                    log: Callable[[str], None] = print, parameters: dict | None = None
                    ) -> dict[str, dict[str, list[dict]]]:
-    """Every (init × task × fraction × seed) run. Returns ``{init: {task_key: [metrics per
-    seed]}}`` for :func:`densessl.eval.report.aggregate`.
+    """Every (init × seed × task × fraction) run. Several inits with one name are replicas
+    zipped with ``finetune.seeds`` (:func:`group_replicas`). Returns ``{init: {task_key:
+    [metrics per seed]}}`` for :func:`densessl.eval.report.aggregate`.
 
     ``parameters``, when given, receives ``{init: {task_key: {"loaded": [...], "fresh":
     [...]}}}``: which parameter groups each run loaded from the init and which started fresh.
@@ -321,19 +482,22 @@ def evaluate_inits(recipe: Recipe, data: LabeledData, inits: list[EncoderInit],
         box_head_spec = detection_box_head_spec(inits)
         for init in inits:  # transfer errors before any training
             detection_start(recipe, init)
+    seeds = recipe.finetune.seeds
     raw: dict[str, dict[str, list[dict]]] = {}
-    for init in inits:
-        for task, arch, fraction, key in task_runs(recipe):
-            for seed in recipe.finetune.seeds:
+    cache = ProbeCache()
+    for name, group in group_replicas(inits, seeds).items():
+        for i, seed in enumerate(seeds):
+            init = group[i] if len(group) > 1 else group[0]
+            for task, arch, fraction, key in task_runs(recipe):
                 start = time.perf_counter()
                 groups: dict = {}
-                metrics = run_one(recipe, data, init, task, arch, fraction, seed,
+                metrics = run_one(recipe, data, init, task, arch, fraction, seed, cache,
                                   box_head_spec=box_head_spec, parameters=groups)
                 if parameters is not None:
-                    parameters.setdefault(init.name, {})[key] = groups
-                raw.setdefault(init.name, {}).setdefault(key, []).append(metrics)
+                    parameters.setdefault(name, {})[key] = groups
+                raw.setdefault(name, {}).setdefault(key, []).append(metrics)
                 head = {k: round(v, 4) for k, v in metrics.items()
-                        if k.split("/")[-1] in ("mIoU", "box_mAP", "mask_mAP")}
-                log(f"  {init.name:<10} {key:<28} seed {seed}: {head} "
+                        if k.split("/")[-1] in ("mIoU", "fg_mIoU", "box_mAP", "mask_mAP")}
+                log(f"  {name:<10} {key:<28} seed {seed}: {head} "
                     f"({time.perf_counter() - start:.0f}s)")
     return raw

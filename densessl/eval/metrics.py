@@ -11,7 +11,9 @@ from torchmetrics.detection import MeanAveragePrecision
 
 
 class SegmentationMetrics:
-    """Accumulates a confusion over batches; ``compute()`` gives ``mIoU`` and ``IoU_<class>``.
+    """Accumulates a confusion over batches; ``compute()`` gives ``mIoU``, ``fg_mIoU`` (the
+    mean over classes 1..K, i.e. without background, which a predict-background model scores
+    0 on) and ``IoU_<class>``.
 
     A class absent from both predictions and targets of the whole split has no IoU (NaN, left
     out of the mean) rather than 0, so rare classes do not drag mIoU down by convention alone.
@@ -30,9 +32,13 @@ class SegmentationMetrics:
 
     def compute(self) -> dict[str, float]:
         iou = self.metric.compute().float()
-        out = {"mIoU": float(torch.nanmean(iou)) if not torch.isnan(iou).all() else math.nan}
+        out = {"mIoU": _nanmean(iou), "fg_mIoU": _nanmean(iou[1:])}
         out.update({f"IoU_{name}": float(v) for name, v in zip(self.class_names, iou)})
         return out
+
+
+def _nanmean(values: Tensor) -> float:
+    return float(torch.nanmean(values)) if not torch.isnan(values).all() else math.nan
 
 
 _COCO_KEYS = {"map": "mAP", "map_50": "AP50", "map_75": "AP75", "mar_100": "AR100"}

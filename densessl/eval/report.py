@@ -1,7 +1,20 @@
-"""Results: mean ± std over seeds → results.json, a markdown table and a bar plot.
+"""Results: mean ± std over seeds, the floor, the ceiling and paired differences with their
+95 % intervals → results.json, a markdown table (printed) and a bar plot.
 
-``results.json`` is ``{"<init>": {"<task>": {"<metric>": mean, "<metric>_std": std}}}`` with
-task keys like ``segmentation/fpn@10%`` (see :func:`densessl.eval.finetune.task_runs`).
+``results.json``::
+
+    {"floor":      {"<task>": {"<metric>": v, "<metric>_std": 0.0, "n_seeds": 1}},
+     "<init>":     {"<task>": {"<metric>": mean, "<metric>_std": std, "n_seeds": n}}, ...
+     "differences": {"<init> - random": {"<task>": {"<metric>": {"mean", "std", "n",
+                                                               "ci_low", "ci_high"}}}},
+     "protocol":   {"primary": "<task>/<metric>", "ceiling": "supervised",
+                    "discriminates": true | false | null, "warnings": [...],
+                    "labels": {"<init>": "what labels it used"}}}
+
+Task keys look like ``segmentation/fpn@10%`` (see :func:`densessl.eval.finetune.task_runs`).
+``floor`` is what predicting the majority class everywhere (no box, for detection) scores,
+shaped like an init. A difference pairs the i-th seed of an init with the i-th seed of the
+random init; its interval is Student's t over those paired differences.
 """
 
 from __future__ import annotations
@@ -10,10 +23,20 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from densessl.io import atomic_write, write_json, write_text
 
-HEADLINE = ("mIoU", "box_mAP", "box_AP50", "mask_mAP")
+HEADLINE = ("mIoU", "fg_mIoU", "box_mAP", "box_AP50", "mask_mAP")
+#: top-level keys of results.json that are not inits
+RESERVED = ("differences", "protocol")
+BASELINE, CEILING, FLOOR = "random", "supervised", "floor"
+CONFIDENCE = 0.95
+
+
+def inits_of(results: dict) -> list[str]:
+    """The init-shaped entries of a results dict (``floor`` included), in order."""
+    return [k for k in results if k not in RESERVED]
 
 
 def aggregate(raw: dict[str, dict[str, list[dict]]]) -> dict:
@@ -31,6 +54,84 @@ def aggregate(raw: dict[str, dict[str, list[dict]]]) -> dict:
     return results
 
 
+def paired_interval(a: list[float], b: list[float], confidence: float = CONFIDENCE
+                    ) -> dict[str, float]:
+    """Mean, sample std, count and the two-sided Student-t interval of ``a[i] − b[i]`` (pairs
+    with a NaN are left out; fewer than two pairs give a NaN interval)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired difference: {len(a)} values against {len(b)}")
+    d = np.array(a, dtype=np.float64) - np.array(b, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    std = float(d.std(ddof=1)) if n > 1 else math.nan
+    half = (float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+            if n > 1 else math.nan)
+    return {"mean": mean, "std": std, "n": n, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def paired_differences(raw: dict[str, dict[str, list[dict]]], baseline: str = BASELINE
+                       ) -> dict:
+    """``{"<init> - <baseline>": {task: {metric: paired_interval}}}`` for every init other
+    than the baseline, over the headline metrics both have (seed i paired with seed i)."""
+    out: dict = {}
+    if baseline not in raw:
+        return out
+    for init, tasks in raw.items():
+        if init in (baseline, FLOOR):
+            continue
+        for task, runs in tasks.items():
+            base = raw[baseline].get(task)
+            if base is None:
+                continue
+            if len(base) != len(runs):
+                raise ValueError(f"paired difference {init} - {baseline} on {task}: "
+                                 f"{len(runs)} seeds against {len(base)}")
+            for metric in headline_metrics(runs[0]):
+                if all(metric in r for r in base):
+                    out.setdefault(f"{init} - {baseline}", {}).setdefault(task, {})[metric] = \
+                        paired_interval([r[metric] for r in runs], [r[metric] for r in base])
+    return out
+
+
+def primary_task(tasks: list[str]) -> str | None:
+    """The task the protocol is judged on: the first linear probe, else the first task."""
+    return next((t for t in tasks if t.startswith("linear_probe")), tasks[0] if tasks else None)
+
+
+def protocol_check(results: dict, metric: str = "mIoU") -> dict:
+    """Can the protocol tell inits apart? It cannot when the ceiling (the supervised init)
+    scores under twice the floor on the primary metric, on any evaluation split."""
+    tasks = list(dict.fromkeys(t for i in inits_of(results) for t in results[i]))
+    task = primary_task(tasks)
+    check: dict = {"primary": f"{task}/{metric}" if task else None, "ceiling": CEILING,
+                   "discriminates": None, "warnings": []}
+    floor = results.get(FLOOR, {}).get(task)
+    ceiling = results.get(CEILING, {}).get(task)
+    if task is None or floor is None or ceiling is None:
+        return check
+    keys = [k for k in floor if k.split("/")[-1] == metric and k in ceiling]
+    bad = [k for k in keys if not ceiling[k] >= 2 * floor[k]]
+    check["discriminates"] = bool(keys) and not bad
+    for k in bad:
+        check["warnings"].append(
+            f"warning: {task} {k}: the ceiling ({CEILING}, {100 * ceiling[k]:.1f}) is under "
+            f"2 × the floor ({100 * floor[k]:.1f}): the protocol cannot discriminate at this "
+            "budget")
+    return check
+
+
+def build_results(raw: dict[str, dict[str, list[dict]]],
+                  floor: dict[str, list[dict]] | None = None,
+                  labels: dict[str, str] | None = None) -> dict:
+    """Everything results.json holds (see the module docstring) from per-seed runs."""
+    results = aggregate({FLOOR: floor} if floor else {})
+    results.update(aggregate(raw))
+    results["differences"] = paired_differences(raw)
+    results["protocol"] = {**protocol_check(results), "labels": dict(labels or {})}
+    return results
+
+
 def headline_metrics(cell: dict) -> list[str]:
     """Headline metric names present in a result cell (split prefixes kept, e.g. ``easy/``)."""
     return [k for k in cell if not k.endswith("_std") and k.split("/")[-1] in HEADLINE]
@@ -42,18 +143,50 @@ def _fmt(cell: dict, key: str) -> str:
     return f"{100 * cell[key]:.1f} ± {100 * cell.get(key + '_std', 0.0):.1f}"
 
 
+def _fmt_diff(entry: dict | None) -> str:
+    if not entry or math.isnan(entry["mean"]):
+        return "–"
+    if math.isnan(entry["ci_low"]):
+        return f"{100 * entry['mean']:+.1f} (n={entry['n']}, no interval)"
+    low, high = 100 * entry["ci_low"], 100 * entry["ci_high"]
+    return f"{100 * entry['mean']:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
 def results_table(results: dict) -> str:
-    """Markdown: one row per (task, headline metric), one column per init; values in %."""
-    inits = list(results)
+    """Markdown: one row per (task, headline metric), one column per init (the floor first,
+    the supervised init marked as the ceiling), then each paired difference against the
+    random init with its 95 % interval; values in %. Warnings and label use follow."""
+    inits = inits_of(results)
+    diffs = results.get("differences", {})
     tasks = list(dict.fromkeys(t for init in inits for t in results[init]))
-    lines = ["| task | metric | " + " | ".join(inits) + " |",
-             "|---|---|" + "---|" * len(inits)]
+    names = [f"{i} (ceiling)" if i == CEILING else i for i in inits]
+    names += [f"{d} [{100 * CONFIDENCE:g} % CI]" for d in diffs]
+    lines = ["| task | metric | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
     for task in tasks:
         first = next(results[i][task] for i in inits if task in results[i])
         for metric in headline_metrics(first):
             cells = [_fmt(results[i].get(task, {}), metric) for i in inits]
+            cells += [_fmt_diff(d.get(task, {}).get(metric)) for d in diffs.values()]
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    protocol = results.get("protocol", {})
+    notes = []
+    if protocol.get("primary"):
+        verdict = {True: "ceiling ≥ 2 × floor on every split",
+                   False: "ceiling < 2 × floor: it cannot discriminate at this budget",
+                   None: "no floor or ceiling to judge it by"}[protocol.get("discriminates")]
+        notes.append(f"primary metric: {protocol['primary']} ({verdict})")
+    if FLOOR in results:
+        notes.append("floor: the majority class at every pixel (no box for detection)")
+    if protocol.get("labels"):
+        notes.append("labels used: " + "; ".join(f"{k}: {v}"
+                                                 for k, v in protocol["labels"].items()))
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    if protocol.get("warnings"):
+        text += "\n" + "\n".join(protocol["warnings"]) + "\n"
+    return text
 
 
 def plot_results(results: dict, path: str | Path) -> Path:
@@ -64,7 +197,7 @@ def plot_results(results: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inits = list(results)
+    inits = inits_of(results)
     tasks = list(dict.fromkeys(t for init in inits for t in results[init]))
     groups = [(t, m) for t in tasks
               for m in headline_metrics(next(results[i][t] for i in inits if t in results[i]))]

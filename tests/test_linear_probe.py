@@ -1,0 +1,175 @@
+"""The frozen dense linear probe: its dense prediction is the same linear map it trains on,
+random BN statistics are re-estimated exactly, pixel rows are the upsampled hypercolumn, the
+probe's mIoU is the hand-counted one, class weights follow the inverse-frequency rule, and the
+floor is the majority class."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from densessl.errors import DensesslError
+from densessl.eval.finetune import ProbeCache, floor_metrics, run_probe
+from densessl.eval.inits import EncoderInit
+from densessl.eval.labeled_data import build_eval_dataset
+from densessl.eval.linear_probe import (
+    DenseLinearHead,
+    LinearProbe,
+    class_weights,
+    encode_pixels,
+    encode_split,
+    predict_probe,
+    recompute_bn_stats,
+    train_probe,
+    upsampled,
+)
+from densessl.models.backbone import ResNetBackbone
+from densessl.recipe import load_recipe
+
+MEAN, STD = [0.5] * 3, [0.25] * 3
+
+
+def _data(num_train=12, num_val=6, size=32):
+    return build_eval_dataset("synthetic", {"num_train": num_train, "num_val": num_val,
+                                            "num_source": 0}, image_size=size)
+
+
+def test_dense_prediction_is_the_trained_linear_map():
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)]
+    head = DenseLinearHead([3, 5], 4)
+    head.norm.running_mean.uniform_(-1, 1)
+    head.norm.running_var.uniform_(0.5, 2)
+    head.eval()
+    dense = head.dense(feats, (16, 16))
+    # independent: upsample and concatenate first, then BN + linear on every pixel row
+    rows = upsampled(feats, (16, 16)).permute(0, 2, 3, 1).reshape(-1, 8)
+    ref = head(rows).reshape(2, 16, 16, 4).permute(0, 3, 1, 2)
+    torch.testing.assert_close(dense, ref, atol=1e-5, rtol=1e-5)
+    head.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        head.dense(feats, (16, 16))
+
+
+def test_pixel_rows_are_the_upsampled_hypercolumn():
+    data = _data()
+    torch.manual_seed(0)
+    enc = ResNetBackbone("resnet18").eval()
+    levels = ("c2", "c3", "c5")
+    pix = encode_pixels(enc, data.train, levels, MEAN, STD, pixels_per_image=20, seed=3)
+    assert pix.x.shape == (12 * 20, 64 + 128 + 512) and pix.channels == [64, 128, 512]
+    image = torch.stack([data.train[i]["image"] for i in range(12)])
+    masks = torch.stack([data.train[i]["mask"] for i in range(12)])
+    with torch.no_grad():
+        out = enc((image - 0.5) / 0.25)
+        full = upsampled([out[k] for k in levels], (32, 32))  # B×C×32×32
+    # every row equals the full hypercolumn at some pixel of its image with the same label
+    for r in range(0, len(pix.x), 37):
+        i = int(pix.image[r])
+        dist = (full[i] - pix.x[r][:, None, None]).abs().amax(0)
+        y, x = divmod(int(dist.argmin()), 32)
+        assert float(dist[y, x]) < 1e-4
+        assert int(masks[i, y, x]) == int(pix.labels[r])
+    sub = pix.of_images([1, 4])
+    assert set(sub.image.tolist()) == {1, 4} and len(sub.x) == 40
+
+
+def test_recompute_bn_stats_matches_dataset_moments():
+    data = _data(num_train=10)
+    torch.manual_seed(0)
+    enc = ResNetBackbone("resnet18")
+    count = recompute_bn_stats(enc, data.train, MEAN, STD, batch_size=4)
+    assert count == sum(isinstance(m, nn.BatchNorm2d) for m in enc.modules())
+    # the stem BN sees conv1's output; its moments over all 10 images, computed apart
+    image = torch.stack([data.train[i]["image"] for i in range(10)])
+    with torch.no_grad():
+        z = enc.conv1((image - 0.5) / 0.25).double()
+    # the average of per-batch moments over one pass (batches of 4, 4, 2)
+    batches = [z[:4], z[4:8], z[8:]]
+    mean = sum(b.mean((0, 2, 3)) for b in batches) / 3
+    torch.testing.assert_close(enc.bn1.running_mean.double(), mean, atol=1e-4, rtol=1e-4)
+    var = sum(b.var((0, 2, 3), unbiased=True) for b in batches) / 3
+    torch.testing.assert_close(enc.bn1.running_var.double(), var, atol=1e-3, rtol=1e-3)
+    assert enc.bn1.momentum == 0.1 and enc.training  # settings restored
+
+
+def test_probe_miou_equals_hand_counted_confusion():
+    data = _data()
+    torch.manual_seed(0)
+    enc = ResNetBackbone("resnet18")
+    recompute_bn_stats(enc, data.train, MEAN, STD)
+    levels = ("c2", "c3")
+    train = encode_pixels(enc, data.train, levels, MEAN, STD, pixels_per_image=64)
+    head = train_probe(train, 5, steps=30, lr=0.05, batch_size=256, seed=0)
+    val = encode_split(enc, data.val, levels, MEAN, STD)
+    pred = predict_probe(head, val)
+    # hand count in numpy: IoU_c = TP / (TP + FP + FN), classes absent everywhere left out
+    p, t = pred.numpy().ravel(), val.masks.numpy().ravel()
+    ious = []
+    for c in range(5):
+        tp = np.sum((p == c) & (t == c))
+        union = np.sum((p == c) | (t == c))
+        if union:
+            ious.append(tp / union)
+    from densessl.eval.finetune import _segmentation_scores
+
+    scores = _segmentation_scores(data, pred, val.masks)
+    assert scores["mIoU"] == pytest.approx(float(np.mean(ious)), abs=1e-6)
+
+
+def test_probe_learns_and_is_seeded():
+    data = _data(num_train=24, num_val=8)
+    recipe = load_recipe({"finetune": {"probe_steps": 60, "probe_pixels_per_image": 128,
+                                       "probe_levels": ["c2", "c3"]}})
+    cache = ProbeCache()
+    a = run_probe(recipe, data, EncoderInit("random"), 1.0, 0, cache)
+    b = run_probe(recipe, data, EncoderInit("random"), 1.0, 0, ProbeCache())
+    assert a == b  # same seed, same numbers (with or without a warm cache)
+    floor = floor_metrics(recipe.model_copy(update={"finetune": recipe.finetune.model_copy(
+        update={"tasks": ["linear_probe"]})}), data)["linear_probe@100%"][0]
+    assert a["mIoU"] > floor["mIoU"] and a["fg_mIoU"] > 0.0
+
+
+def test_floor_is_the_majority_class_everywhere():
+    data = _data()
+    recipe = load_recipe({"finetune": {"tasks": ["linear_probe", "detection"]}})
+    floor = floor_metrics(recipe, data)
+    seg, det = floor["linear_probe@100%"][0], floor["detection/faster_rcnn@100%"][0]
+    masks = torch.stack([data.val[i]["mask"] for i in range(len(data.val))])
+    # background is the majority: its IoU is its pixel share, every other class scores 0
+    share = float((masks == 0).float().mean())
+    present = len(torch.unique(masks))
+    assert seg["IoU_background"] == pytest.approx(share)
+    assert seg["mIoU"] == pytest.approx(share / present) and seg["fg_mIoU"] == 0.0
+    assert det["box_mAP"] == 0.0
+
+
+def test_class_weights_inverse_frequency():
+    labels = torch.tensor([0] * 6 + [1] * 3 + [3] * 1 + [255] * 5)
+    w = class_weights(labels, 4)
+    # n / (K n_c) with n = 10 labelled pixels, K = 3 present classes
+    torch.testing.assert_close(w, torch.tensor([10 / 18, 10 / 9, 0.0, 10 / 3]))
+    # the weighted pixel count of every present class is the same
+    counts = torch.tensor([6.0, 3.0, 0.0, 1.0])
+    assert torch.allclose((w * counts)[counts > 0], torch.full((3,), 10 / 3))
+    with pytest.raises(DensesslError, match="labels outside 0..3"):
+        class_weights(torch.tensor([0, 4]), 4)
+
+
+def test_end_to_end_linear_probe_module_and_bad_levels():
+    torch.manual_seed(0)
+    probe = LinearProbe("resnet18", 3, 5, levels=("c3", "c4"))
+    x = torch.randn(2, 3, 32, 32)
+    probe.train()
+    y = probe(x)
+    assert y.shape == (2, 5, 32, 32)
+    probe.eval()
+    feats = probe.encoder(x)
+    ref = F.interpolate(probe.head.dense([feats["c3"], feats["c4"]], (8, 8)), size=(32, 32),
+                        mode="bilinear", align_corners=False)
+    assert probe(x).shape == y.shape and not torch.allclose(probe(x), ref)  # full-res, not 8×8
+    with pytest.raises(DensesslError, match="probe_levels"):
+        LinearProbe("resnet18", 3, 5, levels=("c6",))
