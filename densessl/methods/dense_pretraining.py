@@ -46,8 +46,6 @@ class DensePretraining(pl.LightningModule):
         # Stored as plain data so a checkpoint can rebuild the task without this object.
         self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
         encoder = build_encoder(recipe)
-        if recipe.model.key_bn == "split":
-            convert_to_split_batchnorm(encoder, recipe.model.split_bn_groups)
         if recipe.loss.instance_weight > 0:
             self._check_instance_recipe(recipe)
             # Part of the encoder, so MomentumPair gives it a momentum twin and the optimiser
@@ -59,6 +57,10 @@ class DensePretraining(pl.LightningModule):
                 canonical_scale=recipe.loss.roi_canonical_scale,
                 levels=recipe.loss.roi_levels, head=recipe.loss.roi_head,
                 fc_dim=recipe.loss.roi_head_fc_dim)
+        if recipe.model.key_bn == "split":
+            # after the instance head is attached: its conv head's BN must not see the whole
+            # key batch either (a RoI count the groups do not divide falls back to it)
+            convert_to_split_batchnorm(encoder, recipe.model.split_bn_groups)
         self.model = MomentumPair(encoder)
         self.augment = build_augmentation(recipe, grid_stride=encoder.stride)
         loss = recipe.loss
