@@ -22,7 +22,7 @@ from typing import Any
 from densessl.io import write_text
 
 FIXED = ("cell_id", "status", "error", "seconds")
-HEADLINE = ("mIoU", "box_mAP", "box_AP50", "mask_mAP", "accuracy")
+HEADLINE = ("mIoU", "fg_mIoU", "box_mAP", "box_AP50", "mask_mAP", "accuracy")
 
 
 def as_text(value: Any) -> str:

@@ -216,14 +216,17 @@ def test_real_tiny_cell_end_to_end(tmp_path):
                     "loss.global_queue_size": 16, "model.neck_dim": 16, "model.dense_dim": 16,
                     "model.global_dim": 16, "finetune.steps": 2, "finetune.image_size": 32,
                     "finetune.batch_size": 4, "finetune.label_fractions": [1.0],
-                    "finetune.tasks": ["segmentation"], "finetune.inits": ["pretrained", "random"],
-                    "finetune.seeds": [0],
+                    "finetune.tasks": ["segmentation", "linear_probe"],
+                    "finetune.inits": ["pretrained", "random"], "finetune.seeds": [0],
+                    "finetune.probe_steps": 3, "model.split_bn_groups": 2,
                     "finetune.options": {"num_train": 4, "num_val": 4, "num_source": 0}},
             "grid": {"noise.kind": ["mismatch"], "noise.amount": [0.5]}}
     rows = run_sweep(spec, tmp_path, log=lambda *_: None)
     assert rows[0]["status"] == "ok", rows[0]["error"]
     row = unique_rows(tmp_path)[0]
     for key in ("pretrained/segmentation/fpn@100%/mIoU", "random/segmentation/fpn@100%/mIoU",
-                "gap/segmentation/fpn@100%/mIoU", "pretrain/loss"):
+                "gap/segmentation/fpn@100%/mIoU", "pretrain/loss",
+                "pretrained/linear_probe@100%/fg_mIoU", "floor/linear_probe@100%/mIoU",
+                "differences/pretrained - random/linear_probe@100%/mIoU/mean"):
         assert math.isfinite(float(row[key])), key
     assert (tmp_path / "cells" / row["cell_id"] / "pretrain" / "encoder.pt").is_file()
