@@ -45,6 +45,9 @@ class PairSample:
             −1 elsewhere.
         noisy: the pair was corrupted by a noise injector (analysis only, never read by losses).
         meta: free-form provenance (dataset, file names, noise kind/amount, …).
+        paste: optional :class:`PastePlan`: segments to composite on the device; then the
+            sources are the bare backgrounds and the correspondence, class map and boxes are
+            filled in after collation.
     """
 
     source_a: Tensor
@@ -60,6 +63,65 @@ class PairSample:
     class_map_a: Tensor | None = None
     noisy: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    paste: PastePlan | None = None
+
+
+@dataclass
+class PastePlan:
+    """Segments still to be pasted onto a PairSample's two sources, on the batch's device.
+
+    A builder that defers compositing (``cut_paste`` with ``device_composite``) returns the two
+    *backgrounds* as ``source_a`` / ``source_b`` and this plan; its base correspondence, class
+    map and boxes are left empty and :func:`densessl.pairs.device_paste.composite_pastes` fills
+    them in after collation. Instances are in paste order (a later one covers earlier ones).
+
+    Attributes:
+        crops: ``k`` tight crops ``C×h×w`` (uint8 0..255 or float 0..1), one per instance.
+        masks: ``k`` ``h×w`` bool masks, same sizes as the crops.
+        matrix_a, matrix_b: ``k×3×3`` affine maps, segment pixel → source pixel (pixel centres
+            at integers), one per instance and view.
+        labels: ``k`` long class ids.
+        same_background: both sources show one background (its pixels then correspond).
+        blend: ``alpha`` or ``transmission``.
+        min_visible: an instance gets a box pair only if at least this fraction of its pasted
+            area stays on top in both sources.
+    """
+
+    crops: list[Tensor]
+    masks: list[Tensor]
+    matrix_a: Tensor
+    matrix_b: Tensor
+    labels: Tensor
+    same_background: bool
+    blend: str
+    min_visible: float
+
+
+@dataclass
+class PasteBatch:
+    """Collated :class:`PastePlan` s: crops zero-padded to the batch's largest (``B×k×…``).
+
+    ``crop_size`` (B×k×2) holds each crop's true (w, h); ``inverse_a`` / ``inverse_b`` (B×k×3×3)
+    map source pixels back into the crop; ``matrix_ab`` (B×k×3×3) maps a pixel of instance j
+    in source A to source B; ``pasted_area`` (B×k×2) is each instance's mask area times its
+    paste scale in A and B. Matrices are inverted in float64 on the host (k 3×3 inverses),
+    so the device never inverts and the reference's precision is kept.
+    """
+
+    crops: Tensor
+    masks: Tensor
+    crop_size: Tensor
+    inverse_a: Tensor
+    inverse_b: Tensor
+    matrix_ab: Tensor
+    pasted_area: Tensor
+    labels: Tensor
+    same_background: Tensor
+    blend: str
+    min_visible: float
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteBatch:
+        return _move(self, device, non_blocking)
 
 
 @dataclass
@@ -86,6 +148,11 @@ class SourceBatch:
     class_map_a: Tensor | None
     noisy: Tensor
     meta: list[dict[str, Any]]
+    #: cut-paste still to be composited on the device (None once done, or for other builders)
+    paste: PasteBatch | None = None
+    #: N bool, the box pair may be used (None: all); the view augmentation drops the others,
+    #: so the device-side compositing keeps fixed shapes
+    box_valid: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SourceBatch:
         return _move(self, device, non_blocking)
@@ -144,6 +211,6 @@ def _move(obj, device, non_blocking):
     changes = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
-        if isinstance(value, Tensor):
+        if isinstance(value, (Tensor, PasteBatch)):
             changes[f.name] = value.to(device, non_blocking=non_blocking)
     return replace(obj, **changes)

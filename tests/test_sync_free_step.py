@@ -65,3 +65,25 @@ def test_the_check_catches_a_host_read():
             (DataDependentOutputException, DynamicOutputShapeException)):
         valid = torch.rand(4, 10) > 0.5
         torch.arange(10).expand(4, 10)[valid]
+
+
+def test_device_cut_paste_has_no_host_sync():
+    """The device-side compositing (issue #15) reads no value on the host either: pasting,
+    blending, occlusion-aware correspondence, class map and boxes keep fixed shapes."""
+    from densessl.pairs import CutPastePairs, collate_pairs
+    from densessl.pairs.device_paste import composite_pastes
+
+    torch.manual_seed(0)
+    mask = torch.ones(10, 14, dtype=torch.bool)
+    segments = [{"image": torch.full((3, 10, 14), 40 * (i + 1), dtype=torch.uint8),
+                 "mask": mask, "label": i + 1, "source_size": 32} for i in range(3)]
+    builder = CutPastePairs(k=2, image_size=32, segments=segments, device_composite=True,
+                            backgrounds=[{"image": torch.rand(3, 32, 32)} for _ in range(2)])
+    batch = collate_pairs([builder[i] for i in range(4)])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = composite_pastes(batch)
+    assert out.paste is None and out.box_valid.shape == (8,)
+    # the detector: the host builder's box of the visible pixels (a nonzero) is caught
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(
+            (DataDependentOutputException, DynamicOutputShapeException)):
+        torch.nonzero(out.class_map_a[0] == 1)

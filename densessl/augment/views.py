@@ -1,7 +1,8 @@
 """The device-side stage that turns a SourceBatch into a PairBatch (see DESIGN.md data flow).
 
 Runs on whatever device the batch is on (called from the Lightning task's
-``on_after_batch_transfer``, like torchgeo's datamodules): samples each view's geometry and
+``on_after_batch_transfer``, like torchgeo's datamodules): composites deferred cut-paste
+(:func:`~densessl.pairs.device_paste.composite_pastes`), samples each view's geometry and
 photometry independently, warps boxes, and composes the exact correspondence.
 """
 
@@ -16,6 +17,7 @@ from densessl.augment.correspondence import compose_correspondence, sample_at, t
 from densessl.augment.geometry import ViewGeometry
 from densessl.augment.photometric import ViewPhotometry
 from densessl.contract import PairBatch, SourceBatch
+from densessl.pairs.device_paste import composite_pastes
 
 
 def _per_channel(value: float | Sequence[float], channels: int, name: str) -> Tensor:
@@ -63,6 +65,8 @@ class ViewAugmentation(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: SourceBatch, photometric: bool = True) -> PairBatch:
+        # deferred cut-paste is composited first, on this device (see pairs.device_paste)
+        batch = composite_pastes(batch)
         view_a, matrix_a = self.geometry_a(batch.source_a)
         view_b, matrix_b = self.geometry_b(batch.source_b)
         if photometric and self.photometry is not None:
@@ -92,6 +96,8 @@ class ViewAugmentation(nn.Module):
             return empty, empty.clone(), torch.zeros(0, dtype=torch.bool,
                                                       device=batch.boxes_a.device)
         keep = torch.ones(batch.boxes_a.shape[0], dtype=torch.bool, device=batch.boxes_a.device)
+        if batch.box_valid is not None:  # instances the compositing found mostly hidden
+            keep &= batch.box_valid
         moved = []
         for boxes, matrix in ((batch.boxes_a, matrix_a), (batch.boxes_b, matrix_b)):
             hull = transform_boxes(boxes, matrix[batch.box_batch])

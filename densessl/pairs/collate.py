@@ -1,4 +1,5 @@
-"""Collate PairSamples into a SourceBatch (stack sources, concatenate instances)."""
+"""Collate PairSamples into a SourceBatch (stack sources, concatenate instances, collate paste
+plans for the device-side compositing)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from densessl.contract import PairSample, SourceBatch
 from densessl.errors import PairContractError
 from densessl.pairs.correspondence import pixel_grid
+from densessl.pairs.device_paste import collate_pastes
 
 
 def _ones(h: int, w: int) -> torch.Tensor:
@@ -19,6 +21,10 @@ def collate_pairs(samples: list[PairSample]) -> SourceBatch:
     if len(shapes_a) != 1 or len(shapes_b) != 1:
         raise PairContractError(f"all sources in a batch must share one shape; got source_a "
                                 f"{sorted(shapes_a)} and source_b {sorted(shapes_b)}")
+    planned = [s.paste is not None for s in samples]
+    if any(planned) and not all(planned):
+        raise PairContractError("a batch mixes samples with and without a paste plan; a "
+                                "builder must defer compositing for all of its samples or none")
     _, ha, wa = samples[0].source_a.shape
     _, hb, wb = samples[0].source_b.shape
     any_grid = any(s.base_grid is not None for s in samples)
@@ -51,4 +57,5 @@ def collate_pairs(samples: list[PairSample]) -> SourceBatch:
         class_map_a=class_map,
         noisy=torch.tensor([bool(s.noisy) for s in samples]),
         meta=[s.meta for s in samples],
+        paste=collate_pastes([s.paste for s in samples]) if all(planned) else None,
     )

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from densessl.contract import PairSample
+from densessl.contract import PairSample, PastePlan
 from densessl.data.segment_bank import SegmentBank, default_cache_dir
 from densessl.data.sixray import SIXray
 from densessl.errors import RecipeError
@@ -103,6 +103,11 @@ class CutPastePairs(PairBuilder):
         cache_dir: base folder of the segment-bank cache and of the synthetic set.
         synthetic_n: train images of the synthetic set (its test subsets get n // 8 each).
         skip_bad: as the data loaders (warn + ``skipped_samples`` instead of failing).
+        device_composite: leave the compositing to the batch's device: ``build`` returns the
+            two backgrounds and a :class:`~densessl.contract.PastePlan` (same draws as the host
+            path), and :func:`~densessl.pairs.device_paste.composite_pastes` pastes, blends and
+            derives correspondence, class map and boxes for the whole batch (the view
+            augmentation calls it). False composites here, on the CPU (the reference path).
         segments, backgrounds: ready-made sequences instead of the roots (tests, custom data):
             ``segments[i]`` = ``{"image": C×h×w uint8 or float, "mask": h×w bool, "label": int}``,
             ``backgrounds[i]`` = ``{"image": C×S×S float}``.
@@ -119,7 +124,8 @@ class CutPastePairs(PairBuilder):
                  num_pairs: int | None = None, image_size: int = 96, channels: int = 3,
                  seed: int = 0, cache_dir: str | None = None, skip_bad: bool = False,
                  sixray_subset: str | None = None, segments: Sequence[dict] | None = None,
-                 backgrounds: Sequence[dict] | None = None, synthetic_n: int = 48) -> None:
+                 backgrounds: Sequence[dict] | None = None, synthetic_n: int = 48,
+                 device_composite: bool = False) -> None:
         if mode not in ("segloc", "insloc"):
             raise RecipeError(f"pairs.options.mode: expected segloc or insloc, got {mode!r}")
         if blend not in ("transmission", "alpha"):
@@ -129,6 +135,9 @@ class CutPastePairs(PairBuilder):
                               f"{scale_range}")
         if k < 1:
             raise RecipeError(f"pairs.options.k: expected >= 1, got {k}")
+        if not isinstance(device_composite, bool):
+            raise RecipeError(f"pairs.options.device_composite: expected true or false, got "
+                              f"{device_composite!r}")
         if (segments is None and pidray_root is None) or (backgrounds is None
                                                           and sixray_root is None):
             synth = ensure_synthetic_xray(cache_dir, seed, synthetic_n)
@@ -141,6 +150,7 @@ class CutPastePairs(PairBuilder):
             sixray_root, subset=sixray_subset, which="negative", image_size=image_size,
             channels=channels, skip_bad=skip_bad)
         self.mode, self.blend, self.rotate = mode, blend, rotate
+        self.device_composite = device_composite
         self.k = 1 if mode == "insloc" else k
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.same_background = (same_background if same_background is not None
@@ -204,7 +214,8 @@ class CutPastePairs(PairBuilder):
         return np.ascontiguousarray(image, dtype=np.float32), top
 
     # -- the pair ---------------------------------------------------------------------------
-    def build(self, index: int) -> PairSample:
+    def _draw(self, index: int) -> tuple:
+        """Every random choice of pair ``index``: backgrounds, segments, paste transforms."""
         rng = np.random.default_rng([self.seed, index, int(torch.randint(2**31, ()).item())])
         n_bg = len(self.backgrounds)
         bg_a = index % n_bg
@@ -212,13 +223,32 @@ class CutPastePairs(PairBuilder):
         bg_b = bg_a if same_bg else int((bg_a + rng.integers(1, n_bg)) % n_bg)
         picks = rng.choice(len(self.segments), size=self.k, replace=False)
         segs = [self.segments[int(i)] for i in picks]
-        size = self.image_size
-        mats_a, mats_b, layers_a, layers_b = [], [], [], []
+        mats_a, mats_b = [], []
         for seg in segs:
             mats_a.append(self._placement(rng, seg))
             mats_b.append(self._placement(rng, seg))
-            layers_a.append(self._warp(seg, mats_a[-1], size))
-            layers_b.append(self._warp(seg, mats_b[-1], size))
+        return bg_a, bg_b, bool(same_bg), picks, segs, mats_a, mats_b
+
+    def _meta(self, bg_a: int, bg_b: int, picks, same_bg: bool) -> dict:
+        return {"builder": "cut_paste", "mode": self.mode, "blend": self.blend,
+                "backgrounds": [bg_a, bg_b], "segments": [int(i) for i in picks],
+                "same_background": bool(same_bg)}
+
+    def build(self, index: int) -> PairSample:
+        bg_a, bg_b, same_bg, picks, segs, mats_a, mats_b = self._draw(index)
+        labels = torch.tensor([int(s["label"]) for s in segs], dtype=torch.long)
+        if self.device_composite:
+            # the worker's whole job: decode the two backgrounds, hand over crops and matrices
+            plan = PastePlan(
+                crops=[s["image"] for s in segs], masks=[s["mask"] for s in segs],
+                matrix_a=torch.from_numpy(np.stack(mats_a)),
+                matrix_b=torch.from_numpy(np.stack(mats_b)), labels=labels,
+                same_background=same_bg, blend=self.blend, min_visible=self.min_visible)
+            return PairSample(source_a=self._background(bg_a), source_b=self._background(bg_b),
+                              paste=plan, meta=self._meta(bg_a, bg_b, picks, same_bg))
+        size = self.image_size
+        layers_a = [self._warp(seg, m, size) for seg, m in zip(segs, mats_a)]
+        layers_b = [self._warp(seg, m, size) for seg, m in zip(segs, mats_b)]
         source_a, top_a = self._compose(self._background(bg_a), layers_a)
         source_b, top_b = self._compose(self._background(bg_b), layers_b)
         base_grid, base_valid = instance_correspondence(
@@ -227,7 +257,6 @@ class CutPastePairs(PairBuilder):
             [torch.from_numpy(alpha) for _, alpha in layers_b],
             background=np.eye(3) if same_bg else None)
 
-        labels = torch.tensor([int(s["label"]) for s in segs], dtype=torch.long)
         class_map = np.full((size, size), -1, dtype=np.int64)
         class_map[top_a > 0] = labels.numpy()[top_a[top_a > 0] - 1]
         boxes_a, boxes_b, keep = [], [], []
@@ -247,9 +276,7 @@ class CutPastePairs(PairBuilder):
             boxes_b=torch.stack(boxes_b) if boxes_b else torch.zeros(0, 4),
             instance_ids=keep_t + 1, labels=labels[keep_t],
             class_map_a=torch.from_numpy(class_map),
-            meta={"builder": "cut_paste", "mode": self.mode, "blend": self.blend,
-                  "backgrounds": [bg_a, bg_b], "segments": [int(i) for i in picks],
-                  "same_background": bool(same_bg)})
+            meta=self._meta(bg_a, bg_b, picks, same_bg))
 
 
 def _visible_box(visible: np.ndarray, pasted_area: float) -> tuple[torch.Tensor, float]:

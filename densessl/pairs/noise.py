@@ -36,6 +36,7 @@ from densessl.contract import PairSample
 from densessl.data.resize import resize_image, resize_labels
 from densessl.errors import PairContractError
 from densessl.pairs.base import PairBuilder
+from densessl.pairs.device_paste import composite_sample
 
 NOISE_KINDS = ("mismatch", "partial_change", "misregistration", "wrong_class")
 #: unit of ``amount`` for each kind (plots put kinds with different units on different axes)
@@ -98,7 +99,8 @@ class NoisyPairs(PairBuilder):
         return other + (other >= index)  # uniform over every index but ``index``
 
     def build(self, index: int) -> PairSample:
-        sample = self.source[index]
+        # a deferred cut-paste pair has no pixels to corrupt yet: composite it here
+        sample = composite_sample(self.source[index])
         rng = self._rng(index)
         touched = bool(rng.random() < self.rate)
         info = {"kind": self.kind, "amount": self.amount, "applied": False}

@@ -43,6 +43,8 @@ def validate_pair_sample(sample: PairSample, builder: str = "custom") -> None:
         if outside.any():
             _fail(builder, "base_grid", f"has {int(outside.sum())} positions outside source_b "
                   f"({wb}×{hb}) marked valid; set base_valid False there")
+    if sample.paste is not None:
+        _validate_plan(sample, builder, ca)
     n = sample.boxes_a.shape[0]
     if sample.boxes_a.shape != (n, 4) or sample.boxes_b.shape != (n, 4):
         _fail(builder, "boxes_b", f"boxes_a and boxes_b must both be N×4 with the same N, got "
@@ -53,3 +55,31 @@ def validate_pair_sample(sample: PairSample, builder: str = "custom") -> None:
     if sample.labels.shape != (n,):
         _fail(builder, "labels", f"must give one class per box (shape ({n},)), got "
               f"{tuple(sample.labels.shape)}")
+
+
+def _validate_plan(sample: PairSample, builder: str, channels: int) -> None:
+    plan = sample.paste
+    k = len(plan.crops)
+    if k == 0 or len(plan.masks) != k:
+        _fail(builder, "paste.masks", f"must give one mask per crop (at least one crop), got "
+              f"{len(plan.masks)} masks for {k} crops")
+    for j, (crop, mask) in enumerate(zip(plan.crops, plan.masks)):
+        if crop.ndim != 3 or crop.shape[0] != channels:
+            _fail(builder, "paste.crops", f"[{j}] must be C×h×w with the sources' {channels} "
+                  f"channels, got {tuple(crop.shape)}")
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(crop.shape[1:]):
+            _fail(builder, "paste.masks", f"[{j}] must be a bool mask of the crop's size "
+                  f"{tuple(crop.shape[1:])}, got {mask.dtype} {tuple(mask.shape)}")
+    affine_row = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    for name in ("matrix_a", "matrix_b"):
+        matrix = torch.as_tensor(getattr(plan, name), dtype=torch.float64)
+        if tuple(matrix.shape) != (k, 3, 3):
+            _fail(builder, f"paste.{name}", f"must be k×3×3 = ({k}, 3, 3), got "
+                  f"{tuple(matrix.shape)}")
+        if not torch.allclose(matrix[:, 2], affine_row.expand(k, 3)):
+            _fail(builder, f"paste.{name}", "must hold affine maps (last row 0, 0, 1)")
+    if tuple(plan.labels.shape) != (k,):
+        _fail(builder, "paste.labels", f"must give one class per crop (shape ({k},)), got "
+              f"{tuple(plan.labels.shape)}")
+    if plan.blend not in ("alpha", "transmission"):
+        _fail(builder, "paste.blend", f"must be 'alpha' or 'transmission', got {plan.blend!r}")
