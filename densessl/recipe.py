@@ -320,6 +320,11 @@ class Recipe(Section):
                              f"train.batch_size {batch} (model.key_bn: split gives each "
                              f"sub-batch its own BatchNorm statistics); use one of {divisors} "
                              "or another batch size")
+        if self.model.key_bn == "split" and batch // groups < 2:
+            raise ValueError(f"model.split_bn_groups: {groups} sub-batches of train.batch_size "
+                             f"{batch} leave fewer than 2 samples each (BatchNorm of a 1×1 map "
+                             f"then has one value per channel); use at most {max(1, batch // 2)}"
+                             " groups or a larger batch")
         return self
 
 

@@ -42,6 +42,14 @@ def test_split_groups_must_divide_the_batch():
     load_recipe(path, ["train.batch_size=6", "model.key_bn=batch"])  # only split needs it
 
 
+def test_split_groups_need_two_samples_each():
+    path = next(p for p in RECIPES if p.stem == "demo")
+    with pytest.raises(RecipeError, match=r"4 sub-batches of train\.batch_size 4 leave fewer "
+                                          r"than 2 samples each.*at most 2 groups"):
+        load_recipe(path, ["train.batch_size=4"])
+    load_recipe(path, ["train.batch_size=4", "model.split_bn_groups=2"])
+
+
 def test_one_step_segloc_pretrain_with_split_key_bn(tmp_path, capsys):
     path = next(p for p in RECIPES if p.stem == "xray_segloc")
     overrides = ["train.max_steps=1", "train.batch_size=4", "train.num_workers=0",
