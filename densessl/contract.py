@@ -99,22 +99,22 @@ class PastePlan:
 
 @dataclass
 class PasteBatch:
-    """Collated :class:`PastePlan` s: crops zero-padded to the batch's largest (``B×k×…``).
+    """Collated :class:`PastePlan` s (see :func:`densessl.pairs.device_paste.collate_pastes`).
 
-    ``crop_size`` (B×k×2) holds each crop's true (w, h); ``inverse_a`` / ``inverse_b`` (B×k×3×3)
-    map source pixels back into the crop; ``matrix_ab`` (B×k×3×3) maps a pixel of instance j
-    in source A to source B; ``pasted_area`` (B×k×2) is each instance's mask area times its
-    paste scale in A and B. Matrices are inverted in float64 on the host (k 3×3 inverses),
-    so the device never inverts and the reference's precision is kept.
+    ``layers`` (B×k×(C+1)×h×w, uint8 or float): each crop's C image channels and its mask as
+    the last channel, one pixel in from the corner of a zero canvas the size of the batch's
+    largest crop, the image's edge repeated on that one-pixel ring. ``inverse_a`` /
+    ``inverse_b`` (B×k×3×3) map source pixels back to crop pixels; ``matrix_ab`` (B×k×3×3)
+    maps a pixel of instance j in source A to source B; ``paste_scale`` (B×k×2) is each
+    paste's area scale (|det|) in A and B. Matrices are inverted in float64 on the host
+    (k 3×3 inverses), so the device never inverts and the reference's precision is kept.
     """
 
-    crops: Tensor
-    masks: Tensor
-    crop_size: Tensor
+    layers: Tensor
     inverse_a: Tensor
     inverse_b: Tensor
     matrix_ab: Tensor
-    pasted_area: Tensor
+    paste_scale: Tensor
     labels: Tensor
     same_background: Tensor
     blend: str

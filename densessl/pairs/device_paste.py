@@ -47,7 +47,10 @@ def _round_up(value: int) -> int:
 
 
 def collate_pastes(plans: list[PastePlan]) -> PasteBatch:
-    """Stack per-sample plans (host side): crops zero-padded to the batch's largest crop."""
+    """Stack per-sample plans (host side): each crop and its mask as one ``C + 1``-channel
+    layer, placed one pixel in from the corner of a zero canvas the size of the batch's largest
+    crop, with that one-pixel ring repeating the crop's edge in the image channels (so one
+    bilinear read gives OpenCV's replicated border for the image and zero for the mask)."""
     counts = {len(p.crops) for p in plans}
     if len(counts) != 1 or any(len(p.masks) != len(p.crops) for p in plans):
         raise PairContractError(f"paste plans in one batch need the same number of segments "
@@ -60,31 +63,31 @@ def collate_pastes(plans: list[PastePlan]) -> PasteBatch:
     k, size = counts.pop(), len(plans)
     every = [c for p in plans for c in p.crops]
     channels = every[0].shape[0]
-    height = _round_up(max(c.shape[1] for c in every))
-    width = _round_up(max(c.shape[2] for c in every))
+    height = _round_up(max(c.shape[1] for c in every) + 2)
+    width = _round_up(max(c.shape[2] for c in every) + 2)
     as_uint8 = all(c.dtype == torch.uint8 for c in every)  # 4× less to copy to the device
-    crops = torch.zeros(size, k, channels, height, width,
-                        dtype=torch.uint8 if as_uint8 else torch.float32)
-    masks = torch.zeros(size, k, height, width, dtype=torch.bool)
-    crop_size = torch.zeros(size, k, 2)
+    layers = torch.zeros(size, k, channels + 1, height, width,
+                         dtype=torch.uint8 if as_uint8 else torch.float32)
+    opaque = 255 if as_uint8 else 1.0
     for b, plan in enumerate(plans):
         for j, (crop, mask) in enumerate(zip(plan.crops, plan.masks)):
             _, h, w = crop.shape
             if crop.dtype == torch.uint8 and not as_uint8:
                 crop = crop.float() / 255.0
-            crops[b, j, :, :h, :w] = crop
-            masks[b, j, :h, :w] = mask
-            crop_size[b, j] = torch.tensor([w, h])
+            image = layers[b, j, :channels]
+            image[:, 1:h + 1, 1:w + 1] = crop
+            image[:, 0, 1:w + 1], image[:, h + 1, 1:w + 1] = crop[:, 0], crop[:, -1]
+            image[:, :h + 2, 0] = image[:, :h + 2, 1]
+            image[:, :h + 2, w + 1] = image[:, :h + 2, w]
+            layers[b, j, channels, 1:h + 1, 1:w + 1] = mask.to(layers.dtype) * opaque
     matrix_a = torch.stack([torch.as_tensor(p.matrix_a, dtype=torch.float64) for p in plans])
     matrix_b = torch.stack([torch.as_tensor(p.matrix_b, dtype=torch.float64) for p in plans])
-    inverse_a, inverse_b = torch.linalg.inv(matrix_a), torch.linalg.inv(matrix_b)
-    area = masks.sum((2, 3)).double()
-    scale_a = torch.linalg.det(matrix_a[..., :2, :2]).abs()
-    scale_b = torch.linalg.det(matrix_b[..., :2, :2]).abs()
+    inverse_a = torch.linalg.inv(matrix_a)
+    scale = torch.stack([torch.linalg.det(m[..., :2, :2]).abs() for m in (matrix_a, matrix_b)],
+                        -1)
     return PasteBatch(
-        crops=crops, masks=masks, crop_size=crop_size, inverse_a=inverse_a.float(),
-        inverse_b=inverse_b.float(), matrix_ab=(matrix_b @ inverse_a).float(),
-        pasted_area=torch.stack([area * scale_a, area * scale_b], -1).float(),
+        layers=layers, inverse_a=inverse_a.float(), inverse_b=torch.linalg.inv(matrix_b).float(),
+        matrix_ab=(matrix_b @ inverse_a).float(), paste_scale=scale.float(),
         labels=torch.stack([torch.as_tensor(p.labels, dtype=torch.long) for p in plans]),
         same_background=torch.tensor([bool(p.same_background) for p in plans]),
         blend=plans[0].blend, min_visible=float(plans[0].min_visible))
@@ -92,33 +95,33 @@ def collate_pastes(plans: list[PastePlan]) -> PasteBatch:
 
 def _affine(matrix: Tensor, points: Tensor) -> Tensor:
     """Affine ``matrix`` (…×3×3) applied to an H×W×2 point grid → …×H×W×2."""
-    linear, shift = matrix[..., :2, :2], matrix[..., :2, 2]
-    out = torch.einsum("...ij,hwj->...hwi", linear, points)
-    return out + shift[..., None, None, :]
+    m = matrix[..., None, None, :2, :]  # …×1×1×2×3
+    x, y = points[..., 0, None], points[..., 1, None]
+    return m[..., 0] * x + m[..., 1] * y + m[..., 2]
 
 
 def _warp(paste: PasteBatch, inverse: Tensor, size: tuple[int, int], dtype: torch.dtype
           ) -> tuple[Tensor, Tensor]:
-    """Every crop pasted on an ``size`` canvas: (B×k×C×H×W image, B×k×H×W coverage)."""
-    batch, k, channels, crop_h, crop_w = paste.crops.shape
-    crops = paste.crops.to(dtype)
-    if paste.crops.dtype == torch.uint8:
-        crops = crops / 255.0
-    at = _affine(inverse, pixel_grid(*size, device=inverse.device))  # crop pixel of each pixel
-    scale = at.new_tensor([2.0 / crop_w, 2.0 / crop_h])
-    # the image repeats its edge beyond the crop (BORDER_REPLICATE); the mask is zero there,
-    # which the zero padding up to the batch's crop size and grid_sample's zeros both give
-    edge = (paste.crop_size - 1.0)[:, :, None, None, :].to(at)
-    inside = torch.minimum(at.clamp_min(0.0), edge)
-    flat = (batch * k, *size, 2)
-    image = F.grid_sample(crops.reshape(batch * k, channels, crop_h, crop_w),
-                          ((inside + 0.5) * scale - 1.0).reshape(flat).to(dtype),
-                          mode="bilinear", padding_mode="zeros", align_corners=False)
-    alpha = F.grid_sample(paste.masks.to(dtype).reshape(batch * k, 1, crop_h, crop_w),
-                          ((at + 0.5) * scale - 1.0).reshape(flat).to(dtype),
-                          mode="bilinear", padding_mode="zeros", align_corners=False)
-    return (image.reshape(batch, k, channels, *size),
-            alpha.reshape(batch, k, *size).clamp(0.0, 1.0))
+    """Every crop pasted on an ``size`` canvas: (B×k×C×H×W image, B×k×H×W coverage), with one
+    bilinear ``grid_sample`` of the image and mask channels together."""
+    batch, k, channels, crop_h, crop_w = paste.layers.shape
+    layers = paste.layers.to(dtype)
+    if paste.layers.dtype == torch.uint8:
+        layers = layers / 255.0
+    # source pixel → crop pixel (+ 1: the crop starts one pixel in, after the replicated
+    # edge), written between grid_sample's normalised coordinates (align_corners=False) so
+    # that affine_grid builds the sampling grid in one batched product
+    height, width = size
+    to_pixel = inverse.new_tensor([[width / 2, 0, (width - 1) / 2],
+                                   [0, height / 2, (height - 1) / 2], [0, 0, 1]])
+    to_crop = inverse.new_tensor([[2 / crop_w, 0, 3 / crop_w - 1],
+                                  [0, 2 / crop_h, 3 / crop_h - 1], [0, 0, 1]])
+    theta = (to_crop @ inverse @ to_pixel)[..., :2, :].reshape(batch * k, 2, 3)
+    grid = F.affine_grid(theta.to(dtype), [batch * k, channels, *size], align_corners=False)
+    out = F.grid_sample(layers.reshape(batch * k, channels, crop_h, crop_w), grid,
+                        mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = out.reshape(batch, k, channels, *size)
+    return out[:, :, :-1], out[:, :, -1].clamp(0.0, 1.0)
 
 
 def _blend(background: Tensor, layers: Tensor, alpha: Tensor, blend: str) -> Tensor:
@@ -132,27 +135,27 @@ def _blend(background: Tensor, layers: Tensor, alpha: Tensor, blend: str) -> Ten
     return image
 
 
-def _erode(mask: Tensor) -> Tensor:
-    """3×3 erosion of …×H×W bool masks, outside the image counting as False."""
-    shape = mask.shape
-    holes = F.pad((~mask).reshape(-1, 1, *shape[-2:]).float(), (1, 1, 1, 1), value=1.0)
-    return (F.max_pool2d(holes, 3, stride=1) < 0.5).reshape(shape)
-
-
-def _solid_labels(alpha: Tensor, background_label: Tensor) -> Tensor:
-    """B×H×W long: j + 1 where instance j shows alone and fully with its eight neighbours
-    (coverage >= OPAQUE, nothing pasted later), ``background_label`` (B, 0 = none) where no
-    instance covers the pixel or its neighbours, 0 elsewhere."""
+def _last(alpha: Tensor, threshold: float) -> Tensor:
+    """B×H×W long: 1 + index of the last instance with coverage above ``threshold`` (0 if
+    none): the instance on top there."""
     k = alpha.shape[1]
-    covered = alpha > 0
-    # covered by instance j or a later one; shifted by one: covered by a later one only
-    from_here = covered.flip(1).to(torch.int32).cumsum(1).flip(1) > 0
-    later = torch.cat([from_here[:, 1:], torch.zeros_like(from_here[:, :1])], dim=1)
-    solid = _erode((alpha >= OPAQUE) & ~later)  # disjoint across j
     ranks = torch.arange(1, k + 1, device=alpha.device).view(1, k, 1, 1)
-    labels = (solid.long() * ranks).sum(1)
-    bare = _erode(~covered.any(1))
-    return torch.where(bare, background_label[:, None, None], labels)
+    return torch.where(alpha > threshold, ranks, 0).amax(1)
+
+
+def _eroded_labels(alpha: Tensor, background_label: Tensor) -> Tensor:
+    """B×H×W long: j + 1 where instance j shows alone and fully (coverage >= OPAQUE, nothing
+    pasted later covers it), ``background_label`` (B, 0 = none) where no instance covers the
+    pixel, 0 elsewhere; then kept only where the pixel and its eight neighbours carry the same
+    label, outside the image counting as 0: the 3×3 erosion of every region at once."""
+    last = _last(alpha, 0.0)  # the last instance covering the pixel at all
+    on_top = alpha.gather(1, (last - 1).clamp_min(0)[:, None])[:, 0]
+    labels = torch.where(on_top >= OPAQUE, last, 0)
+    labels = torch.where(last == 0, background_label[:, None, None], labels)
+    padded = F.pad(labels[:, None].float(), (1, 1, 1, 1), value=0.0)
+    high = F.max_pool2d(padded, 3, stride=1)[:, 0]
+    low = -F.max_pool2d(-padded, 3, stride=1)[:, 0]
+    return torch.where((high == low) & (labels > 0), labels, 0)
 
 
 def _reads_only(labels: Tensor, xy: Tensor, want: Tensor) -> Tensor:
@@ -203,12 +206,10 @@ def composite_pastes(batch: SourceBatch) -> SourceBatch:
     source_a = _blend(batch.source_a, layers_a, alpha_a, paste.blend)
     source_b = _blend(batch.source_b, layers_b, alpha_b, paste.blend)
 
-    ranks = torch.arange(1, k + 1, device=device).view(1, k, 1, 1)
-    top_a = torch.where(alpha_a > 0.5, ranks, 0).amax(1)  # last instance with alpha > 0.5
-    top_b = torch.where(alpha_b > 0.5, ranks, 0).amax(1)
+    top_a, top_b = _last(alpha_a, 0.5), _last(alpha_b, 0.5)  # as the host builder's ``top``
     same = paste.same_background
-    label_a = _solid_labels(alpha_a, torch.where(same, k + 1, 0))
-    label_b = _solid_labels(alpha_b, torch.full_like(same, k + 1, dtype=torch.long))
+    label_a = _eroded_labels(alpha_a, torch.where(same, k + 1, 0))
+    label_b = _eroded_labels(alpha_b, torch.full_like(same, k + 1, dtype=torch.long))
 
     # the top instance's map (A pixel → B pixel), the shared background's identity elsewhere
     pixels = pixel_grid(*size_a, device=device)
@@ -221,8 +222,9 @@ def composite_pastes(batch: SourceBatch) -> SourceBatch:
     labels = paste.labels
     class_map = torch.where(top_a > 0, labels.gather(1, (top_a - 1).clamp_min(0).view(b, -1))
                             .view_as(top_a), -1)
-    boxes_a, seen_a = _visible_boxes(top_a, k, paste.pasted_area[..., 0])
-    boxes_b, seen_b = _visible_boxes(top_b, k, paste.pasted_area[..., 1])
+    mask_area = (paste.layers[:, :, -1] > 0).sum((2, 3))  # the mask's pixels, exactly
+    boxes_a, seen_a = _visible_boxes(top_a, k, mask_area * paste.paste_scale[..., 0])
+    boxes_b, seen_b = _visible_boxes(top_b, k, mask_area * paste.paste_scale[..., 1])
     keep = torch.minimum(seen_a, seen_b) >= paste.min_visible
     return replace(
         batch, source_a=source_a, source_b=source_b, base_grid=grid, base_valid=valid,
