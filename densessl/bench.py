@@ -7,7 +7,8 @@ measure the objectives alone: (1) a plain MoCo-v2 step assembled from lightly's 
 objective (dense + global InfoNCE with MoCo queues); (3) dense + instance contrast with per-class
 queues (and (3) with RoIAlign from p3). Queues start full; the configurations are timed in
 interleaved rounds (median reported) with their model FLOPs, achieved TFLOP/s and, when the
-device's peak is known, model FLOP utilisation.
+device's peak is known, model FLOP utilisation. With the builders, the data pipeline at real
+image sizes too (:mod:`densessl.bench_data`).
 """
 
 from __future__ import annotations
@@ -366,6 +367,16 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
     if builders:
         results["builders"] = bench_builders()
         log(f"builders: {results['builders']}")
+        # the same builders at real image sizes, against decoding alone, and the device-side
+        # cut-paste stage next to this run's training step (same device, same batch)
+        from densessl.bench_data import bench_real_sizes
+
+        real = bench_real_sizes(dev, batch_size=batch_size, log=log)
+        stage = real.get("xray", {}).get("device_stage")
+        if stage:
+            step_ms = results["steps"]["dense_instance_per_class"]["step_ms"]
+            stage["fraction_of_training_step"] = round(stage["ms_per_batch"] / step_ms, 3)
+        results["real_sizes"] = real
     if data_wait:
         results["data_wait"] = bench_data_wait()
         log(f"data wait: {results['data_wait']}")

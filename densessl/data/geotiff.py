@@ -18,13 +18,16 @@ import datetime as dt
 import glob
 import hashlib
 import json
+import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import torch
+from rasterio.enums import MaskFlags
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import Resampling, transform_bounds
 from rasterio.windows import Window
@@ -214,23 +217,80 @@ def load_or_compute_stats(rasters: list[RasterInfo], bands: list[int],
     return stats
 
 
-def _read(info: RasterInfo, grid: RasterInfo, window: Window, bands: list[int],
-          aligned: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Bands (float64) and validity of ``info`` over ``window`` of ``grid``'s pixel grid."""
-    with rasterio.open(info.path) as src:
+def _valid(handle, data: np.ndarray, bands: list[int], window: Window) -> np.ndarray:
+    """H×W bool: every band has data. A mask that only says "value == nodata" is computed from
+    the values already read (``read_masks`` would read and decode the window a second time);
+    alpha bands and mask bands are read."""
+    flags = [handle.mask_flag_enums[b - 1] for b in bands]
+    if all(f == [MaskFlags.all_valid] for f in flags):
+        valid = np.ones(data.shape[1:], bool)
+    elif all(MaskFlags.nodata in f for f in flags) and handle.nodata is not None:
+        nodata = handle.nodata
+        valid = (~np.isnan(data) if np.isnan(nodata) else data != nodata).all(0)
+    else:
+        valid = (handle.read_masks(bands, window=window) > 0).all(0)
+    return valid & np.isfinite(data).all(0)
+
+
+class RasterHandles:
+    """Open rasters and warped views, each opened once per process and reused by every read.
+
+    Opening a GeoTIFF and building a ``WarpedVRT`` (its reprojection setup) cost more than
+    reading a 256-px window, so the handles stay open. Forked DataLoader workers must not share
+    GDAL handles: a process that finds handles opened by another pid drops them and opens its
+    own, and pickling (spawned workers) carries none. At most ``max_open`` files stay open
+    (least recently used closed first), so long series do not run out of file descriptors.
+    """
+
+    def __init__(self, max_open: int = 64) -> None:
+        self.max_open, self._pid, self._open = max_open, os.getpid(), OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_open"])
+
+    def get(self, info: RasterInfo, grid: RasterInfo, aligned: bool):
+        """``info``'s raster (aligned) or its view warped onto ``grid``'s pixel grid."""
+        if self._pid != os.getpid():
+            self._pid, self._open = os.getpid(), OrderedDict()
+        key = (str(info.path), None if aligned else (grid.crs, grid.transform, grid.width,
+                                                     grid.height))
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key][-1]
+        src = rasterio.open(info.path)
         if aligned:
-            data = src.read(bands, window=window, out_dtype="float64")
-            masks = src.read_masks(bands, window=window)
+            handles = (src,)
         else:
             # Without a nodata value GDAL would report the area outside the source as valid
             # zeros; an alpha band makes the warped footprint part of the mask.
-            with WarpedVRT(src, crs=grid.crs, transform=rasterio.Affine(*grid.transform),
-                           width=grid.width, height=grid.height, resampling=Resampling.bilinear,
-                           add_alpha=src.nodata is None, tolerance=WARP_TOLERANCE) as vrt:
-                data = vrt.read(bands, window=window, out_dtype="float64")
-                masks = vrt.read_masks(bands, window=window)
-    valid = (masks > 0).all(0) & np.isfinite(data).all(0)
-    return data, valid
+            handles = (src, WarpedVRT(src, crs=grid.crs,
+                                      transform=rasterio.Affine(*grid.transform),
+                                      width=grid.width, height=grid.height,
+                                      resampling=Resampling.bilinear,
+                                      add_alpha=src.nodata is None, tolerance=WARP_TOLERANCE))
+        self._open[key] = handles
+        while len(self._open) > self.max_open:
+            for handle in reversed(self._open.popitem(last=False)[1]):
+                handle.close()
+        return handles[-1]
+
+    def close(self) -> None:
+        for handles in self._open.values():
+            for handle in reversed(handles):
+                handle.close()
+        self._open.clear()
+
+
+def _read(handles: RasterHandles, info: RasterInfo, grid: RasterInfo, window: Window,
+          bands: list[int], aligned: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Bands (float64) and validity of ``info`` over ``window`` of ``grid``'s pixel grid: a
+    windowed read, never the whole scene."""
+    handle = handles.get(info, grid, aligned)
+    data = handle.read(bands, window=window, out_dtype="float64")
+    return data, _valid(handle, data, bands, window)
 
 
 @register_source("geotiff")
@@ -318,6 +378,7 @@ class GeoTiffPairs(Dataset):
         self.stats_path = stats_file
         self.image_size, self.tiles_per_pair, self.seed = image_size, tiles_per_pair, seed
         self.min_valid, self.tries = min_valid, tries
+        self.handles = RasterHandles()
         self.dataset_cards = [SYNTHETIC_CARD if synthetic else {
             "name": f"GeoTIFF series {Path(str(path)).name}", "licence": licence,
             "source": str(path), "attribution": attribution}]
@@ -342,8 +403,10 @@ class GeoTiffPairs(Dataset):
             col = int(rng.integers(max(0, c0 - s + 1), min(c0 + w - 1, pair.early.width - s) + 1))
             row = int(rng.integers(max(0, r0 - s + 1), min(r0 + h - 1, pair.early.height - s) + 1))
             window = Window(col, row, s, s)
-            a, valid_a = _read(pair.early, pair.early, window, self.bands, aligned=True)
-            b, valid_b = _read(pair.late, pair.early, window, self.bands, pair.aligned)
+            a, valid_a = _read(self.handles, pair.early, pair.early, window, self.bands,
+                               aligned=True)
+            b, valid_b = _read(self.handles, pair.late, pair.early, window, self.bands,
+                               pair.aligned)
             fraction = min(valid_a.mean(), valid_b.mean())
             if best is None or fraction > best[0]:
                 best = (fraction, (col, row), a, valid_a, b, valid_b)

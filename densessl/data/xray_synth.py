@@ -248,8 +248,10 @@ def _annotation(segmentation, height, width, ann_id, image_id, category_id, crow
 
 
 def write_pidray_split(root: Path, json_name: str, folder: str, count: int, seed: int,
-                       items: tuple[int, int], clutter: int, specials: bool) -> None:
-    """One PIDray split: PNG images under ``root/folder`` and ``annotations/json_name``.
+                       items: tuple[int, int], clutter: int, specials: bool,
+                       size: int = 128) -> None:
+    """One PIDray split: PNG images under ``root/folder`` and ``annotations/json_name``
+    (``size`` px high, 1 to 1.25 × as wide).
 
     With ``specials`` image 0 has no annotations and image 1 gets a crowd of bullets.
     """
@@ -257,7 +259,7 @@ def write_pidray_split(root: Path, json_name: str, folder: str, count: int, seed
     (root / folder).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(count):
-        height, width = 128, int(rng.choice([128, 144, 160]))
+        height, width = _bag_size(rng, size)
         attenuation = render_bag(rng, height, width, clutter)
         n_items = 0 if specials and i == 0 else int(rng.integers(items[0], items[1] + 1))
         for _ in range(n_items):
@@ -306,14 +308,14 @@ def _voc_xml(name: str, height: int, width: int, objects: list[tuple[str, list[i
     return ET.tostring(ann, encoding="unicode")
 
 
-def write_sixray(root: Path, count: int, seed: int, subset: str = "10") -> None:
+def write_sixray(root: Path, count: int, seed: int, subset: str = "10", size: int = 128) -> None:
     """SIXray layout: one positive in four, the rest negatives (empty bags)."""
     rng = np.random.default_rng(seed)
     for sub in ("JPEGImage", f"ImageSet/{subset}", "positive-Annotation/Annotation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
-        height, width = 128, int(rng.choice([128, 144, 160]))
+        height, width = _bag_size(rng, size)
         attenuation = render_bag(rng, height, width, clutter=int(rng.integers(4, 10)))
         positive = i % 4 == 0
         name = f"P{i:05d}" if positive else f"N{i:06d}"
@@ -339,17 +341,24 @@ def write_sixray(root: Path, count: int, seed: int, subset: str = "10") -> None:
             "\n".join([header] + part) + "\n")
 
 
+def _bag_size(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    """(height, width): ``size`` high, 1, 9/8 or 5/4 × as wide (128 → 128, 144 or 160)."""
+    return size, int(rng.choice([size, size * 9 // 8, size * 5 // 4]))
+
+
 @register_synthesizer("xray")
-def synthesize_xray(out: Path, n: int | None = None, seed: int = 0) -> Path:
-    """Write ``out/pidray`` (``n`` train images, default 48) and ``out/sixray`` (``n`` images)."""
+def synthesize_xray(out: Path, n: int | None = None, seed: int = 0, size: int = 128) -> Path:
+    """Write ``out/pidray`` (``n`` train images, default 48) and ``out/sixray`` (``n`` images),
+    ``size`` px high (real PIDray / SIXray images are larger than the default 128)."""
     out = Path(out)
     n = 48 if n is None else int(n)
     if n < 2:
         raise ValueError(f"data synth xray: --n must be at least 2, got {n}")
     pidray = out / "pidray"
-    write_pidray_split(pidray, "xray_train.json", "train", n, seed * 7919 + 1, (1, 3), 6, True)
+    write_pidray_split(pidray, "xray_train.json", "train", n, seed * 7919 + 1, (1, 3), 6, True,
+                       size)
     for k, (stem, folder, items, clutter) in enumerate(_PIDRAY_TESTS):
         write_pidray_split(pidray, f"{stem}.json", folder, max(4, n // 8),
-                           seed * 7919 + 2 + k, items, clutter, False)
-    write_sixray(out / "sixray", n, seed * 7919 + 5)
+                           seed * 7919 + 2 + k, items, clutter, False, size)
+    write_sixray(out / "sixray", n, seed * 7919 + 5, size=size)
     return out
