@@ -10,6 +10,7 @@ checked by colour without the reference, before and after view augmentation.
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cut_paste import SIZE, painted_background, painted_segment
 
 from densessl.augment import ViewAugmentation
 from densessl.augment.correspondence import pixel_to_normalized, sample_at
@@ -19,7 +20,6 @@ from densessl.errors import PairContractError, RecipeError
 from densessl.pairs import CutPastePairs, NoisyPairs, collate_pairs
 from densessl.pairs.device_paste import composite_pastes, composite_sample
 from densessl.recipe import load_recipe
-from test_cut_paste import SIZE, painted_background, painted_segment
 
 
 def builder(device_composite, blend="alpha", mode="segloc", uint8=False, k=3):

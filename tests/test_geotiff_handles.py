@@ -50,3 +50,34 @@ def test_handles_open_once_and_reads_match_a_fresh_warp(tmp_path, monkeypatch):
     clone[0]
     assert len(opened) == 2
     data.handles.close()
+
+
+def test_statistics_of_a_large_raster_read_windows_only(tmp_path, monkeypatch):
+    """A raster larger than the sample: spread windows (no whole-scene read), and the
+    statistics are close to the full ones (the sample is 1/4 of this raster)."""
+    import re
+
+    from densessl.data.geotiff import band_statistics, read_info, stats_windows
+
+    paths = write_geotiff_series(tmp_path / "s", size=512, bands=2, dates=1)
+    windows = stats_windows(512, 512)
+    assert len(windows) == 16 and all(w.width == 64 and w.height == 64 for w in windows)
+    assert len({(w.col_off, w.row_off) for w in windows}) == 16
+    assert stats_windows(200, 100) == [Window(0, 0, 200, 100)]
+    seen = []
+    real_read = geotiff_module.rasterio.io.DatasetReader.read
+
+    def checked_read(self, *args, window=None, **kwargs):
+        assert window is not None and window.width * window.height <= 64 * 64
+        seen.append(window)
+        return real_read(self, *args, window=window, **kwargs)
+
+    monkeypatch.setattr(geotiff_module.rasterio.io.DatasetReader, "read", checked_read)
+    info = read_info(paths[0], re.compile(PATTERN))
+    stats = band_statistics([info], [1, 2])
+    monkeypatch.undo()
+    assert len(seen) == 16
+    with geotiff_module.rasterio.open(paths[0]) as src:
+        full = src.read().astype(np.float64).reshape(2, -1)
+    np.testing.assert_allclose(stats["mean"], full.mean(1), rtol=0.1)
+    np.testing.assert_allclose(stats["std"], full.std(1), rtol=0.3)

@@ -7,9 +7,12 @@ CRS, transform or size differ, the later date is warped onto the earlier one's g
 (``rasterio.vrt.WarpedVRT``) — never assumed aligned. Nodata, NaN and pixels outside a raster
 are invalid (``valid_t0`` / ``valid_t1`` False).
 
-Bands are normalised with per-band statistics of the whole series (valid pixels only), computed
-once and stored as JSON, to ``0.5 + 0.25 · (x − mean) / std``: the recipe's default
-``augment.mean: 0.5, std: 0.25`` then yields standard scores for any band count.
+Every read is a window (the tiles and the statistics' sample; never a whole scene), through
+files and warped views opened once per process (:class:`RasterHandles`). Bands are normalised
+with per-band statistics of the whole series (valid pixels only, an even sample of windows on
+large rasters), computed once and stored as JSON, to ``0.5 + 0.25 · (x − mean) / std``: the
+recipe's default ``augment.mean: 0.5, std: 0.25`` then yields standard scores for any band
+count.
 """
 
 from __future__ import annotations
@@ -169,23 +172,37 @@ def make_pairs(groups: dict, pairing: str, skip_bad: bool, skipped: list[str]) -
     return pairs
 
 
+def stats_windows(width: int, height: int, max_side: int = 256, block: int = 64
+                  ) -> list[Window]:
+    """Windows the band statistics read: the whole raster when it fits in ``max_side``², else
+    an evenly spread grid of ``block``² windows covering about ``max_side``² pixels. Never a
+    decimated whole-scene read: without overviews GDAL would decode every block for it."""
+    if width <= max_side and height <= max_side:
+        return [Window(0, 0, width, height)]
+    per_side = max(1, max_side // block)
+    bw, bh = min(block, width), min(block, height)
+    cols = np.linspace(0, width - bw, per_side).round().astype(int)
+    rows = np.linspace(0, height - bh, per_side).round().astype(int)
+    return [Window(int(c), int(r), bw, bh) for r in rows for c in cols]
+
+
 def band_statistics(rasters: list[RasterInfo], bands: list[int], max_side: int = 256
                     ) -> dict[str, list[float]]:
-    """Per-band mean / std over the valid pixels of every raster (decimated reads)."""
+    """Per-band mean / std over the valid pixels of every raster (windowed reads, see
+    :func:`stats_windows`)."""
     total = np.zeros(len(bands))
     total_sq = np.zeros(len(bands))
     count = np.zeros(len(bands))
     for r in rasters:
-        scale = max(1, int(np.ceil(max(r.width, r.height) / max_side)))
-        shape = (len(bands), max(1, r.height // scale), max(1, r.width // scale))
         with rasterio.open(r.path) as src:
-            data = src.read(bands, out_shape=shape, out_dtype="float64")
-            valid = src.read_masks(bands, out_shape=shape) > 0
-        valid &= np.isfinite(data)
-        data = np.where(valid, data, 0.0)
-        total += data.sum((1, 2))
-        total_sq += (data**2).sum((1, 2))
-        count += valid.sum((1, 2))
+            for window in stats_windows(r.width, r.height, max_side):
+                data = src.read(bands, window=window, out_dtype="float64")
+                valid = src.read_masks(bands, window=window) > 0
+                valid &= np.isfinite(data)
+                data = np.where(valid, data, 0.0)
+                total += data.sum((1, 2))
+                total_sq += (data**2).sum((1, 2))
+                count += valid.sum((1, 2))
     if (count == 0).any():
         raise DataError(f"{rasters[0].path.parent}: band(s) "
                         f"{[b for b, c in zip(bands, count) if c == 0]} have no valid pixel")
