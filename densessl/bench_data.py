@@ -9,8 +9,8 @@ real on-disk formats (PIDray / SIXray from :mod:`densessl.data.xray_synth`, xBD 
   two GeoTIFF windows through already-open files), the floor any builder pays;
 * ``builder_ms_per_pair`` / ``pairs_per_s_per_worker``: the recipe's builder in this process with
   one thread (= one DataLoader worker), and its ratio to the decoding;
-* for X-ray also the host-compositing reference builder (``device_composite: false``), the
-  deferred builder plus its share of collation, and the device stage
+* for X-ray also the host-compositing reference builder (``device_composite: false``) and the
+  deferred builder, each with its share of collation, and the device stage
   (:func:`~densessl.pairs.device_paste.composite_pastes`) on the trainer's device.
 
 All figures of one call come from one run on one machine; the 1-minute load average is
@@ -97,6 +97,8 @@ def bench_xray(root: Path, size: int, device: torch.device, batch_size: int, sam
         deferred_ms = _per_call_ms(lambda i: deferred[i % len(deferred)], samples)
         plans = [deferred[i % len(deferred)] for i in range(batch_size)]
         collate_ms = _per_call_ms(lambda i: collate_pairs(plans), 2) / batch_size
+        done = [host[i % len(host)] for i in range(batch_size)]
+        host_collate_ms = _per_call_ms(lambda i: collate_pairs(done), 2) / batch_size
     batch = collate_pairs(plans).to(device)
 
     def stage(i):
@@ -108,7 +110,8 @@ def bench_xray(root: Path, size: int, device: torch.device, batch_size: int, sam
     worker_ms = deferred_ms + collate_ms
     return {"source_px": size, "k": deferred.k, "batch_size": batch_size,
             "decode_ms_per_pair": round(decode_ms, 2),
-            "host_composite": _figures(decode_ms, host_ms),
+            "host_composite": {**_figures(decode_ms, host_ms + host_collate_ms),
+                               "collate_ms_per_pair": round(host_collate_ms, 3)},
             "device_composite": {**_figures(decode_ms, worker_ms),
                                  "collate_ms_per_pair": round(collate_ms, 3)},
             "device_stage": {"device": str(device), "ms_per_batch": round(stage_ms, 2),
