@@ -29,10 +29,14 @@ def cmd_pretrain(args) -> int:
     from densessl.pretraining import pretrain
 
     metrics = pretrain(_recipe_arg(args.recipe), args.out, overrides=args.set,
-                       resume=args.resume)
+                       resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return 0  # one summary per run, from the process that wrote the outputs
     out = Path(args.out).resolve()
+    if metrics.get("nothing_to_do"):
+        print(f"nothing to do: {out} is already at step {metrics.get('steps')} = "
+              "train.max_steps (raise train.max_steps to continue); nothing was changed")
+        return 0
     final = metrics["final"]
     print(f"pretrained {metrics['steps']} steps: loss {final.get('loss', float('nan')):.4f}, "
           f"{metrics['pairs_per_s']:.1f} pairs/s, "
@@ -46,7 +50,7 @@ def cmd_finetune(args) -> int:
     from densessl.experiment import finetune
 
     finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set,
-             label_free_weights=args.label_free_weights)
+             label_free_weights=args.label_free_weights, force=args.force)
     print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png")
     return 0
 
@@ -54,7 +58,7 @@ def cmd_finetune(args) -> int:
 def cmd_run(args) -> int:
     from densessl.experiment import run
 
-    run(_recipe_arg(args.recipe), args.out, overrides=args.set)
+    run(_recipe_arg(args.recipe), args.out, overrides=args.set, overwrite=args.overwrite)
     print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png "
           "(pretraining outputs in pretrain/)")
     return 0
@@ -72,7 +76,8 @@ def cmd_sweep(args) -> int:
 def cmd_export(args) -> int:
     from densessl.export import export_weights
 
-    path = export_weights(args.weights, args.to, args.out, neck=args.neck)
+    path = export_weights(args.weights, args.to, args.out, neck=args.neck,
+                          overwrite=args.overwrite, force=args.force)
     print(f"wrote {path.resolve()} (model card: {path.name}.card.json, {path.name}.card.md)")
     return 0
 
@@ -156,10 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run OUT already holds")
     p.set_defaults(func=cmd_pretrain)
 
     p = with_recipe(sub.add_parser("run", help="pretrain → fine-tune each init → results"))
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results and pretraining runs OUT already holds")
     p.set_defaults(func=cmd_run)
 
     p = with_recipe(sub.add_parser("finetune", help="fine-tune from an encoder → results"))
@@ -168,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-free-weights", default=None, nargs="+",
                    help="encoder.pt of the label-free control (the 'label_free' init)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="fine-tune even from a collapsed or non-finite encoder")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("sweep", help="grid of pretrain → fine-tune cells → results.csv + plots")
@@ -184,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write (.pt, or .pkl for detectron2)")
     p.add_argument("--neck", action="store_true",
                    help="include the FPN neck (torchvision detection backbone, detectron2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
+    p.add_argument("--force", action="store_true",
+                   help="export even a collapsed or non-finite encoder")
     p.set_defaults(func=cmd_export)
 
     p = with_recipe(sub.add_parser("inspect-pairs", help="draw pairs with correspondences"))
@@ -241,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DensesslError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # an unwritable path: the user's to fix, one line
+        print(f"error: cannot write {exc.filename or ''}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

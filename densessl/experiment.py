@@ -42,12 +42,17 @@ class CollapseWarning(UserWarning):
 def collapse_message(metrics: dict) -> str | None:
     """A warning line when pretraining's final monitors show collapse, else ``None``."""
     final = metrics.get("final", {})
-    std, cos = final.get("feature_std", math.nan), final.get("mean_cosine", math.nan)
+    std, cos = final.get("feature_std"), final.get("mean_cosine")
     problems = []
-    if std < MIN_FEATURE_STD:
+    # written as "not healthy" so a NaN monitor (diverged features) counts as collapse; an
+    # absent one (older metrics) is unknown, not collapse
+    if std is not None and not std >= MIN_FEATURE_STD:
         problems.append(f"feature_std {std:.3f} < {MIN_FEATURE_STD}")
-    if cos > MAX_MEAN_COSINE:
+    if cos is not None and not cos <= MAX_MEAN_COSINE:
         problems.append(f"mean_cosine {cos:.3f} > {MAX_MEAN_COSINE}")
+    loss = final.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        problems.append(f"loss {loss}")
     if not problems:
         return None
     return ("pretraining collapsed (" + ", ".join(problems) + "): all images map to nearly one "
@@ -101,15 +106,19 @@ def _as_paths(weights) -> list[Path]:
 def finetune(recipe: str | Path | dict | Recipe,
              weights: str | Path | list[str | Path] | None, out: str | Path,
              overrides: list[str] | None = None, log=print, *,
-             label_free_weights: str | Path | list[str | Path] | None = None
-             ) -> dict[str, Any]:
+             label_free_weights: str | Path | list[str | Path] | None = None,
+             force: bool = False) -> dict[str, Any]:
     """Fine-tune each init of ``finetune.inits`` (``pretrained`` = ``weights``, ``label_free``
     = ``label_free_weights``; several files = one pretraining per seed, zipped with
     ``finetune.seeds``), score the floor, and write ``out/results.{json,md,png}`` plus
     ``out/runs.json`` (every seed). Returns the results."""
+    from densessl.export import encoder_problems
+    from densessl.resume import check_writable
+
     recipe = load_recipe(recipe, overrides)
     cfg = recipe.finetune
     out = Path(out)
+    check_writable(out)  # before any training, not after it
     inits: list[EncoderInit] = []
     labels: dict[str, str] = {}
     for name, files, flag in (("pretrained", _as_paths(weights), "--weights encoder.pt"),
@@ -125,6 +134,13 @@ def finetune(recipe: str | Path | dict | Recipe,
                                 f"finetune.seeds; expected 1 or {len(cfg.seeds)}")
         for f in files:
             init = load_encoder_file(f, recipe.model.backbone, recipe.data.channels)
+            metrics_file = Path(f).parent / "metrics.json"
+            problems = encoder_problems(
+                torch.load(f, map_location="cpu", weights_only=True),
+                json.loads(metrics_file.read_text()) if metrics_file.is_file() else None)
+            if problems and not force:  # a diverged or collapsed encoder is not a result
+                raise DensesslError(f"{name} weights {f}: {'; '.join(problems)}; pass "
+                                    "--force to fine-tune from it anyway")
             inits.append(dataclasses.replace(init, name=name))
         labels[name] = _weights_labels(files[0])
     data = build_eval_dataset(cfg.dataset, cfg.options, path=cfg.path,
@@ -172,7 +188,7 @@ def finetune(recipe: str | Path | dict | Recipe,
     return results
 
 
-def _pretrain_all(recipe: Recipe, folder: Path, log) -> list[Path]:
+def _pretrain_all(recipe: Recipe, folder: Path, log, overwrite: bool = False) -> list[Path]:
     """One pretraining per ``finetune.pretrain_seeds`` (``folder``, or ``folder/seed<s>`` with
     several); returns the encoder files."""
     from densessl.pretraining import pretrain
@@ -182,7 +198,7 @@ def _pretrain_all(recipe: Recipe, folder: Path, log) -> list[Path]:
     for seed in seeds:
         where = folder if len(seeds) == 1 else folder / f"seed{seed}"
         log(f"pretraining {recipe.train.max_steps} steps, seed {seed} → {where}")
-        metrics = pretrain(recipe.model_copy(update={"seed": seed}), where)
+        metrics = pretrain(recipe.model_copy(update={"seed": seed}), where, overwrite=overwrite)
         final = metrics["final"]
         log(f"  loss {final.get('loss', math.nan):.4f}, feature_std "
             f"{final.get('feature_std', math.nan):.3f}, mean_cosine "
@@ -196,18 +212,27 @@ def _pretrain_all(recipe: Recipe, folder: Path, log) -> list[Path]:
 
 
 def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str] | None = None,
-        log=print) -> dict[str, Any]:
+        log=print, overwrite: bool = False) -> dict[str, Any]:
     """Pretrain into ``out/pretrain`` (and the label-free control into
     ``out/pretrain_label_free``; one folder ``seed<s>`` per pretraining seed when there are
     several), then :func:`finetune` every init into ``out``."""
+    from densessl.resume import check_writable
+
     recipe = load_recipe(recipe, overrides)
     cfg = recipe.finetune
     out = Path(out)
+    if (out / "results.json").exists() and not overwrite:
+        raise DensesslError(f"{out} already holds results (results.json); pass --overwrite "
+                            "to replace them or choose another --out")
+    check_writable(out)
     control = label_free_recipe(recipe) if "label_free" in cfg.inits else None
-    weights = _pretrain_all(recipe, out / "pretrain", log) if "pretrained" in cfg.inits else None
+    weights = (_pretrain_all(recipe, out / "pretrain", log, overwrite)
+               if "pretrained" in cfg.inits else None)
     label_free = None
     if control is not None:
         log(f"label-free control: {cfg.label_free_set} (reads: {pretraining_labels(control)})")
-        label_free = _pretrain_all(control, out / "pretrain_label_free", log)
+        label_free = _pretrain_all(control, out / "pretrain_label_free", log, overwrite)
     log("fine-tuning " + ", ".join(cfg.inits))
-    return finetune(recipe, weights, out, log=log, label_free_weights=label_free)
+    # a collapse was warned about above (run's documented behaviour); a diverged pretraining
+    # never gets here (it stops with an error)
+    return finetune(recipe, weights, out, log=log, label_free_weights=label_free, force=True)

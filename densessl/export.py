@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -169,17 +170,47 @@ def _card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = False) -> Path:
+def encoder_problems(state: dict[str, Tensor], metrics: dict | None) -> list[str]:
+    """Why an encoder is not a result: non-finite tensors, or collapse/divergence in the
+    pretraining monitors of ``metrics.json`` next to it."""
+    from densessl.experiment import collapse_message
+
+    problems = []
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        problems.append(f"{len(bad)} of {len(state)} tensors hold NaN/inf (e.g. {bad[0]})")
+    message = collapse_message(metrics or {})
+    if message:
+        problems.append(message.split(":")[0])
+    return problems
+
+
+def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = False,
+                   overwrite: bool = False, force: bool = False) -> Path:
     """Convert ``weights`` (encoder.pt) for ``to`` and write ``out`` + its model card.
 
     ``neck=True`` also exports ``neck.pt`` (found next to ``weights``) where the target has an
-    FPN (torchvision detection backbone, detectron2). Returns the written path.
+    FPN (torchvision detection backbone, detectron2). ``out`` may be a folder (the file is
+    then ``<weights stem>.<to>.pt``, ``.pkl`` for detectron2). An existing ``out`` is kept
+    unless ``overwrite``; the input itself never is. A non-finite or collapsed encoder is
+    refused unless ``force``. Returns the written path.
     """
+    folder = str(out).endswith(("/", os.sep))  # Path() drops a trailing slash
     weights, out = Path(weights), Path(out)
     if to not in TARGETS:
         raise DensesslError(f"export --to {to!r}: unknown target; valid: {', '.join(TARGETS)}")
     if not weights.is_file():
         raise DensesslError(f"export: weights {str(weights)!r} not found")
+    if out.is_dir() or folder:
+        out = out / f"{weights.stem}.{to}.{'pkl' if to == 'detectron2' else 'pt'}"
+    inputs = {weights.resolve(), (weights.parent / "neck.pt").resolve()}
+    written = [out, out.with_name(out.name + ".card.json"), out.with_name(out.name + ".card.md")]
+    if any(p.resolve() in inputs for p in written):
+        raise DensesslError(f"export: --out {out} would overwrite the input weights; choose "
+                            "another file")
+    if out.exists() and not overwrite:
+        raise DensesslError(f"export: {out} exists; pass --overwrite to replace it")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
@@ -193,6 +224,10 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
         raise DensesslError(f"export: {weights}: not a resnet18/34/50 encoder")
     in_channels = int(state["conv1.weight"].shape[1])
     check_encoder_state(state, backbone, in_channels, f"export: {weights}")
+    problems = encoder_problems(state, _read_json(weights.parent / "metrics.json"))
+    if problems and not force:
+        raise DensesslError(f"export: {weights} is not a usable encoder ({'; '.join(problems)}); "
+                            "pass --force to export it anyway")
     neck_state = None
     if neck:
         if to in ("smp", "timm"):

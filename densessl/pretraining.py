@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,21 +21,34 @@ from densessl.build import build_pair_builder
 from densessl.errors import DensesslError
 from densessl.io import save_torch, write_json, write_text
 from densessl.methods import DensePretraining, ThroughputMonitor
+from densessl.methods.guards import NonFiniteGuard
 from densessl.models.box_head import conv_fc_head_spec
 from densessl.pairs import collate_pairs
 from densessl.recipe import Recipe, dump_recipe, load_recipe
+from densessl.resume import (
+    ResumeState,
+    check_writable,
+    clear_run,
+    prepare_out,
+    read_checkpoint,
+    remove_stale_temporaries,
+)
+from densessl.seeding import SeededSamples, StreamSampler, rng_states, set_rng_states
 
 
-def make_dataloader(recipe: Recipe, builder=None) -> DataLoader:
+def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:
+    """An endless stream of batches: sample p of the run (over all processes) is the pair at
+    the p-th place of seeded epoch permutations, built with generators seeded by (seed, p)
+    (densessl.seeding). ``start`` is the number of samples already seen (a resume)."""
     builder = builder if builder is not None else build_pair_builder(recipe)
     t = recipe.train
     if len(builder) < t.batch_size:
         raise DensesslError(f"train.batch_size ({t.batch_size}) is larger than the number of "
                             f"pairs the builder offers ({len(builder)})")
-    generator = torch.Generator().manual_seed(recipe.seed)
-    return DataLoader(builder, batch_size=t.batch_size, shuffle=True, drop_last=True,
-                      num_workers=t.num_workers, collate_fn=collate_pairs,
-                      persistent_workers=t.num_workers > 0, generator=generator,
+    sampler = StreamSampler(len(builder), t.batch_size, recipe.seed, start=start)
+    return DataLoader(SeededSamples(builder, recipe.seed), batch_size=t.batch_size,
+                      sampler=sampler, num_workers=t.num_workers, collate_fn=collate_pairs,
+                      persistent_workers=t.num_workers > 0,
                       pin_memory=torch.cuda.is_available())
 
 
@@ -99,32 +114,149 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
 
 
+def _repair_outputs(out: Path, ckpt: Path, state: ResumeState) -> None:
+    """After a kill between the renames of a save, encoder files and metrics.json are of an
+    earlier step than the checkpoint: rewrite them from it."""
+    steps = [(json.loads(f.read_text()) if f.is_file() else {}).get("steps")
+             for f in (out / "metrics.json", out / "encoder.json")]
+    if steps == [state.step, state.step]:
+        return
+    checkpoint = read_checkpoint(ckpt)
+    recipe_dict = checkpoint["hyper_parameters"]["recipe"]
+    task = DensePretraining(recipe_dict)
+    task.load_state_dict(checkpoint["state_dict"])
+    recipe = task.recipe
+    cards = checkpoint.get("dataset_cards") or []
+    export_encoder(task, out, {"backbone": recipe.model.backbone,
+                               "in_channels": recipe.data.channels,
+                               "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
+                               "pair_builder": recipe.pairs.builder,
+                               "data_source": recipe.data.source, "datasets": cards,
+                               "steps": state.step})
+    if state.metrics:
+        write_json(out / "metrics.json", state.metrics)
+
+
+class PeriodicCheckpoint(pl.Callback):
+    """Saves ``checkpoints/last.ckpt`` with ``encoder.pt`` and ``metrics.json`` of the same
+    step every ``every_steps`` steps and every ``every_minutes`` minutes (the clock is read
+    every ``check_every`` steps; with several processes rank 0's clock decides). The checkpoint
+    also carries every random state, the stream position and the metrics it was saved with."""
+
+    def __init__(self, save, every_steps: int, every_minutes: float, check_every: int,
+                 guard: NonFiniteGuard) -> None:
+        self.save, self.every_steps, self.every_minutes = save, every_steps, every_minutes
+        self.check_every, self.guard = check_every, guard
+        self.pending_metrics: dict | None = None
+        self.samples_per_step = 0
+        self._last = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step >= trainer.max_steps:
+            return  # the final save follows fit
+        due = bool(self.every_steps) and step % self.every_steps == 0
+        if not due and self.every_minutes and step % self.check_every == 0:
+            due = time.monotonic() - self._last >= 60 * self.every_minutes
+            if trainer.world_size > 1:
+                due = trainer.strategy.broadcast(due, 0)
+        if due:
+            self.guard.check(trainer)  # never save a diverged state
+            self.save(trainer, finished=False)
+            self._last = time.monotonic()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["densessl"] = {
+            "metrics": self.pending_metrics,
+            "samples_seen": int(trainer.global_step) * self.samples_per_step,
+            "rng": rng_states(),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        state = checkpoint.get("densessl") or {}
+        if "rng" in state:
+            set_rng_states(state["rng"])
+
+
 def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
              overrides: list[str] | None = None, resume: bool = False,
-             progress: bool | None = None) -> dict[str, Any]:
+             progress: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run dense contrastive pretraining and write the outputs into ``out``.
 
     Writes ``encoder.pt`` (+ ``encoder.json`` provenance), ``metrics.json``, ``recipe.yaml``
-    and ``checkpoints/last.ckpt``. With ``resume=True`` training continues from
-    ``checkpoints/last.ckpt`` up to ``train.max_steps``. Returns the metrics dict.
+    and ``checkpoints/last.ckpt`` — during training too, every ``train.checkpoint_every`` steps
+    and every ``train.checkpoint_minutes`` minutes, all three of one step. With ``resume=True``
+    training continues from ``checkpoints/last.ckpt`` up to ``train.max_steps`` and ends where
+    the uninterrupted run would have; a recipe that differs in anything but
+    ``train.max_steps`` and logging keys is refused. ``out`` holding a run is refused unless
+    ``resume`` or ``overwrite``. Returns the metrics dict.
     """
     recipe = load_recipe(recipe, overrides)
     out = Path(out)
     ckpt = out / "checkpoints" / "last.ckpt"
-    if resume and not ckpt.is_file():
-        raise DensesslError(f"--resume: no checkpoint at {ckpt}")
+    # Everything that can refuse runs before anything in ``out`` is written or removed.
+    state: ResumeState | None = prepare_out(recipe, out, resume=resume, overwrite=overwrite)
+    if state is not None and state.nothing_to_do:
+        _repair_outputs(out, ckpt, state)
+        return {**state.metrics, "nothing_to_do": True}
+    check_writable(out)
     _quiet_lightning()
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     builder = build_pair_builder(recipe)
     cards, skipped = collect_provenance(builder)
-    loader = make_dataloader(recipe, builder)
+    t = recipe.train
+    loader = make_dataloader(recipe, builder, start=state.samples_seen if state else 0)
     task = DensePretraining(recipe)
     task.dataset_cards = cards
     monitor = ThroughputMonitor()
+    guard = NonFiniteGuard(t.on_nonfinite, t.log_every)
     if progress is None:
         progress = sys.stderr.isatty()
-    callbacks: list[pl.Callback] = [monitor]
-    t = recipe.train
+    provenance = {"backbone": recipe.model.backbone, "in_channels": recipe.data.channels,
+                  "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
+                  "pair_builder": recipe.pairs.builder, "data_source": recipe.data.source,
+                  "datasets": cards}
+
+    def metrics_now(trainer, finished: bool) -> dict:
+        stats = monitor.summary(task.augment_seconds, world_size=trainer.world_size)
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        return {
+            "recipe": recipe.name,
+            "status": "finished" if finished else "running",
+            "steps": int(trainer.global_step),
+            "max_steps": t.max_steps,
+            "resumed_from_step": monitor.start_step,
+            "final": task.final_stats(),
+            **stats,
+            "nonfinite_steps_skipped": guard.skipped,
+            "datasets": cards,
+            "skipped_samples": len(skipped),
+            "device": str(task.device),
+            "torch": str(torch.__version__),
+            "saved": now,
+            **({"finished": now} if finished else {}),
+        }
+
+    def save(trainer, finished: bool) -> dict:
+        """Checkpoint, then the encoder files, then metrics.json (the last rename marks the
+        step complete; a kill between renames leaves the checkpoint newest, and --resume
+        rewrites the others from it)."""
+        metrics = metrics_now(trainer, finished)
+        saver.pending_metrics = metrics
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_name(".last.ckpt.tmp")
+        trainer.save_checkpoint(str(tmp))  # collective: every rank calls it, rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, ckpt)
+            export_encoder(task, out, {**provenance, "steps": metrics["steps"]})
+            write_json(out / "metrics.json", metrics)
+        return metrics
+
+    saver = PeriodicCheckpoint(save, t.checkpoint_every, t.checkpoint_minutes, t.log_every, guard)
+    callbacks: list[pl.Callback] = [monitor, guard, saver]
     if progress:
         # the bar reads the logged loss off the device: every log_every steps, not every step
         callbacks.append(pl.callbacks.RichProgressBar(refresh_rate=t.log_every))
@@ -138,33 +270,16 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         precision=t.precision, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every,
         default_root_dir=str(out), num_sanity_val_steps=0,
+        # the stream sampler splits each global batch by rank itself
+        use_distributed_sampler=False,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "recipe.yaml", dump_recipe(recipe))
-    trainer.fit(task, loader, ckpt_path=str(ckpt) if resume else None)
-    # Written after fit, atomically: an interrupted run keeps the previous checkpoint intact.
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_name(".last.ckpt.tmp")
-    trainer.save_checkpoint(str(tmp))  # collective: every rank calls it, rank 0 writes
-    stats = monitor.summary(task.augment_seconds, world_size=trainer.world_size)
-    metrics = {
-        "recipe": recipe.name,
-        "steps": int(trainer.global_step),
-        "resumed_from_step": monitor.start_step,
-        "final": task.final_stats(),
-        **stats,
-        "datasets": cards,
-        "skipped_samples": len(skipped),
-        "device": str(task.device),
-        "torch": torch.__version__,
-        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    provenance = {"backbone": recipe.model.backbone, "in_channels": recipe.data.channels,
-                  "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
-                  "steps": int(trainer.global_step), "pair_builder": recipe.pairs.builder,
-                  "data_source": recipe.data.source, "datasets": cards}
+    saver.samples_per_step = t.batch_size * trainer.world_size
     if trainer.is_global_zero:
-        os.replace(tmp, ckpt)
-        export_encoder(task, out, provenance)
-        write_json(out / "metrics.json", metrics)
-    return metrics
+        remove_stale_temporaries(out)  # left by a run killed during a save
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and trainer.is_global_zero:
+        clear_run(out)
+    write_text(out / "recipe.yaml", dump_recipe(recipe))
+    trainer.fit(task, loader, ckpt_path=str(ckpt) if state is not None else None)
+    guard.check(trainer)
+    return save(trainer, finished=True)

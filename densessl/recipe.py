@@ -183,6 +183,15 @@ class TrainConfig(Section):
     strategy: str = Field("auto", description="Lightning strategy, e.g. ddp for several devices")
     num_nodes: int = Field(1, ge=1)
     compile: bool = Field(False, description="torch.compile the online encoder")
+    checkpoint_every: int = Field(0, ge=0, description="save checkpoints/last.ckpt, encoder.pt "
+                                  "and metrics.json (all of one step) every N steps; 0: by "
+                                  "time only")
+    checkpoint_minutes: float = Field(10.0, ge=0, description="also save every this many "
+                                      "minutes (checked every log_every steps); 0: off")
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="a non-finite loss or gradient: stop the run (checked every "
+        "log_every steps, no per-step sync) or skip that step's update (one host read per "
+        "step); skipped steps are counted in metrics.json")
 
 
 class FinetuneConfig(Section):

@@ -16,7 +16,8 @@ SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
 TINY = ["--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set",
         "train.num_workers=0", "--set", "data.options.num_images=8", "--set",
         "data.image_size=48", "--set", "augment.view_size=32", "--set",
-        "loss.dense_queue_size=1000", "--set", "loss.global_queue_size=16"]
+        "loss.dense_queue_size=1000", "--set", "loss.global_queue_size=16", "--set",
+        "model.split_bn_groups=2"]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,8 @@ def test_bf16_mixed_channels_last_run_on_cpu(tmp_path):
     out = tmp_path / "bf16"
     assert main(["pretrain", xray, "--out", str(out), "--set", "train.max_steps=2",
                  "--set", "train.batch_size=4", "--set", "train.num_workers=0",
-                 "--set", "train.precision=bf16-mixed", "--set", "train.channels_last=true"]) == 0
+                 "--set", "train.precision=bf16-mixed", "--set", "train.channels_last=true",
+                 "--set", "model.split_bn_groups=2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2
     assert all(math.isfinite(metrics["final"][k]) for k in ("loss", "loss_dense", "loss_instance"))

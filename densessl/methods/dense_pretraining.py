@@ -35,6 +35,7 @@ from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.instance_head import InstanceHead
 from densessl.models.split_batchnorm import convert_to_split_batchnorm
 from densessl.recipe import Recipe, parse_recipe
+from densessl.seeding import seed_step
 
 
 class DensePretraining(pl.LightningModule):
@@ -100,6 +101,10 @@ class DensePretraining(pl.LightningModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, SourceBatch):
+            if self._trainer is not None and self.trainer.training:
+                # this step's draws (views, cells, jitter, key shuffles) depend on the step
+                # only, so a run resumed at step N draws what the uninterrupted run drew
+                seed_step(self.recipe.seed, self.global_step, self.global_rank)
             start = time.perf_counter()
             batch = self.augment(batch)
             if self.recipe.train.channels_last:
