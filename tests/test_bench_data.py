@@ -7,7 +7,7 @@ from densessl.bench_data import bench_real_sizes
 
 def test_real_size_bench_reports_every_part():
     results = bench_real_sizes(torch.device("cpu"), batch_size=2, xray_px=64, xbd_px=128,
-                               geotiff_px=256, window_px=32, samples=1, log=lambda _: None)
+                               geotiff_px=256, window_px=64, samples=1, log=lambda _: None)
     for name in ("xray", "xbd", "geotiff"):
         assert "error" not in results[name], results[name]
     xray = results["xray"]
