@@ -30,5 +30,5 @@ def construct(factory: Callable, options: dict, where: str, defaults: dict | Non
     kwargs.update(options)
     try:
         return factory(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a bad option value (e.g. num_images: 0) too
         raise RecipeError(f"{where}: cannot build {label}: {exc}") from None

@@ -319,6 +319,15 @@ class Recipe(Section):
     noise: NoiseConfig = NoiseConfig()
 
     @model_validator(mode="after")
+    def _views_inside_sources(self):
+        # a view larger than its source is an upsampled crop: no pixel of it is real detail
+        if self.augment.view_size > self.data.image_size:
+            raise ValueError(f"augment.view_size {self.augment.view_size} is larger than "
+                             f"data.image_size {self.data.image_size}: every view would be "
+                             "upsampled; raise data.image_size or lower augment.view_size")
+        return self
+
+    @model_validator(mode="after")
     def _split_bn_divides_batch(self):
         # SplitBatchNorm2d needs equal sub-batches; otherwise it would quietly fall back to
         # whole-batch statistics, the leak split-BN exists to stop.

@@ -205,9 +205,23 @@ def execute_cell(cell_fn: CellFn, recipe: dict, params: dict, cell_dir: Path) ->
     return row
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, so a killed sweep leaves no workers
+    holding memory (elsewhere a no-op)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_init(threads: int, gpu_ids=None) -> None:
     """Each worker process takes its share of CPU threads and, when there are several GPUs,
     one GPU of its own (before anything initialises CUDA)."""
+    _die_with_parent()
     if gpu_ids is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids.get())
     import torch
@@ -219,6 +233,32 @@ def visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def numerics(jobs: int) -> dict:
+    """What changes a cell's numbers besides its recipe: CPU threads per cell (set by --jobs),
+    the devices and the torch build."""
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else torch.get_num_threads()
+    return {"jobs": jobs, "cpu_threads_per_cell": threads, "gpus": visible_gpus(),
+            "torch": str(torch.__version__)}
+
+
+def _check_numerics(out: Path, jobs: int) -> None:
+    """Refuse to add cells to a sweep whose finished cells ran with other numerics."""
+    path = out / "numerics.json"
+    now = numerics(jobs)
+    if path.is_file() and any(r.get("status") == "ok" for r in read_results(out / "results.csv")):
+        before = json.loads(path.read_text())
+        changed = [f"{k}: {before.get(k)!r} → {v!r}" for k, v in now.items()
+                   if before.get(k) != v]
+        if changed:
+            raise DensesslError(f"sweep {out}: its finished cells ran with other settings "
+                                f"({'; '.join(changed)}); a cell's numbers depend on them, so "
+                                f"rerun with --jobs {before.get('jobs')} on the same machine "
+                                "or use another --out")
+    write_text(path, json.dumps(now, indent=2) + "\n")
 
 
 def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
@@ -234,6 +274,7 @@ def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
     spec, cells = plan(sweep, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_numerics(out, jobs)
     write_text(out / "sweep.yaml", yaml.safe_dump(spec.model_dump(), sort_keys=False))
     keys = grid_keys(spec.grid)
     results_path = out / "results.csv"
