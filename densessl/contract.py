@@ -22,6 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: how pasted segments are blended (:attr:`PastePlan.blend`): ``alpha`` covers the background,
+#: ``transmission`` multiplies with it (X-ray attenuation adds up, Beer–Lambert)
+BLENDS = ("alpha", "transmission")
+
 
 @dataclass
 class PairSample:
@@ -82,7 +86,7 @@ class PastePlan:
             at integers), one per instance and view.
         labels: ``k`` long class ids.
         same_background: both sources show one background (its pixels then correspond).
-        blend: ``alpha`` or ``transmission``.
+        blend: one of :data:`BLENDS`.
         min_visible: an instance gets a box pair only if at least this fraction of its pasted
             area stays on top in both sources.
     """
@@ -99,7 +103,7 @@ class PastePlan:
 
 @dataclass
 class PasteBatch:
-    """Collated :class:`PastePlan` s (see :func:`densessl.pairs.device_paste.collate_pastes`).
+    """Collated :class:`PastePlan` s (see :func:`densessl.pairs.collate.collate_pastes`).
 
     ``layers`` (B×k×(C+1)×h×w, uint8 or float): each crop's C image channels and its mask as
     the last channel, one pixel in from the corner of a zero canvas the size of the batch's

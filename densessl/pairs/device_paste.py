@@ -32,65 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import masks_to_boxes
 
-from densessl.contract import PairSample, PasteBatch, PastePlan, SourceBatch
+from densessl.contract import BLENDS, PairSample, PasteBatch, SourceBatch
 from densessl.errors import PairContractError
+from densessl.pairs.collate import collate_pairs
 from densessl.pairs.correspondence import OPAQUE, pixel_grid
-
-BLENDS = ("alpha", "transmission")
-#: padded crop sides are rounded up to a multiple of this, so consecutive batches mostly share
-#: shapes (allocator and kernel caches stay warm)
-_PAD_MULTIPLE = 16
-
-
-def _round_up(value: int) -> int:
-    return -(-value // _PAD_MULTIPLE) * _PAD_MULTIPLE
-
-
-def collate_pastes(plans: list[PastePlan]) -> PasteBatch:
-    """Stack per-sample plans (host side): each crop and its mask as one ``C + 1``-channel
-    layer, placed one pixel in from the corner of a zero canvas the size of the batch's largest
-    crop, with that one-pixel ring repeating the crop's edge in the image channels (so one
-    bilinear read gives OpenCV's replicated border for the image and zero for the mask)."""
-    counts = {len(p.crops) for p in plans}
-    if len(counts) != 1 or any(len(p.masks) != len(p.crops) for p in plans):
-        raise PairContractError(f"paste plans in one batch need the same number of segments "
-                                f"(crops and masks), got {sorted(counts)}")
-    if {p.blend for p in plans} - set(BLENDS) or len({p.blend for p in plans}) != 1:
-        raise PairContractError(f"paste plans in one batch need one blend out of {BLENDS}, got "
-                                f"{sorted({p.blend for p in plans})}")
-    if len({float(p.min_visible) for p in plans}) != 1:
-        raise PairContractError("paste plans in one batch need one min_visible")
-    k, size = counts.pop(), len(plans)
-    every = [c for p in plans for c in p.crops]
-    channels = every[0].shape[0]
-    height = _round_up(max(c.shape[1] for c in every) + 2)
-    width = _round_up(max(c.shape[2] for c in every) + 2)
-    as_uint8 = all(c.dtype == torch.uint8 for c in every)  # 4× less to copy to the device
-    layers = torch.zeros(size, k, channels + 1, height, width,
-                         dtype=torch.uint8 if as_uint8 else torch.float32)
-    opaque = 255 if as_uint8 else 1.0
-    for b, plan in enumerate(plans):
-        for j, (crop, mask) in enumerate(zip(plan.crops, plan.masks)):
-            _, h, w = crop.shape
-            if crop.dtype == torch.uint8 and not as_uint8:
-                crop = crop.float() / 255.0
-            image = layers[b, j, :channels]
-            image[:, 1:h + 1, 1:w + 1] = crop
-            image[:, 0, 1:w + 1], image[:, h + 1, 1:w + 1] = crop[:, 0], crop[:, -1]
-            image[:, :h + 2, 0] = image[:, :h + 2, 1]
-            image[:, :h + 2, w + 1] = image[:, :h + 2, w]
-            layers[b, j, channels, 1:h + 1, 1:w + 1] = mask.to(layers.dtype) * opaque
-    matrix_a = torch.stack([torch.as_tensor(p.matrix_a, dtype=torch.float64) for p in plans])
-    matrix_b = torch.stack([torch.as_tensor(p.matrix_b, dtype=torch.float64) for p in plans])
-    inverse_a = torch.linalg.inv(matrix_a)
-    scale = torch.stack([torch.linalg.det(m[..., :2, :2]).abs() for m in (matrix_a, matrix_b)],
-                        -1)
-    return PasteBatch(
-        layers=layers, inverse_a=inverse_a.float(), inverse_b=torch.linalg.inv(matrix_b).float(),
-        matrix_ab=(matrix_b @ inverse_a).float(), paste_scale=scale.float(),
-        labels=torch.stack([torch.as_tensor(p.labels, dtype=torch.long) for p in plans]),
-        same_background=torch.tensor([bool(p.same_background) for p in plans]),
-        blend=plans[0].blend, min_visible=float(plans[0].min_visible))
 
 
 def _affine(matrix: Tensor, points: Tensor) -> Tensor:
@@ -238,8 +183,6 @@ def composite_pastes(batch: SourceBatch) -> SourceBatch:
 def composite_sample(sample: PairSample) -> PairSample:
     """One deferred sample composited on the host: a complete PairSample (for code that reads
     the pixels before collation, e.g. the noise injectors)."""
-    from densessl.pairs.collate import collate_pairs
-
     if sample.paste is None:
         return sample
     done = composite_pastes(collate_pairs([sample]))
