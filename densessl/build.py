@@ -11,6 +11,7 @@ import inspect
 from torch.utils.data import Dataset
 
 from densessl.augment import ViewAugmentation
+from densessl.data.manifest import apply_provenance
 from densessl.data.registry import SOURCES
 from densessl.errors import PairContractError, RecipeError
 from densessl.models import DenseEncoder
@@ -26,7 +27,12 @@ def build_source_dataset(recipe: Recipe) -> Dataset:
                           f"{', '.join(sorted(SOURCES))}")
     defaults = {"path": data.path, "image_size": data.image_size, "channels": data.channels,
                 "seed": recipe.seed, "skip_bad": data.skip_bad}
-    return construct(SOURCES[data.source], data.options, "data.options", defaults)
+    dataset = construct(SOURCES[data.source], data.options, "data.options", defaults)
+    p = data.provenance
+    # per-image provenance: filter by the manifest and carry the summary to every artifact
+    return apply_provenance(dataset, data.source, data.path, data.manifest, require=p.require,
+                            allow_licences=p.allow_licences, exclude_flags=p.exclude_flags,
+                            on_missing=p.on_missing)
 
 
 def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBuilder:
@@ -35,6 +41,10 @@ def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBu
                 "channels": recipe.data.channels, "skip_bad": recipe.data.skip_bad}
     if "dataset" in inspect.signature(cls.__init__).parameters:
         defaults["dataset"] = dataset if dataset is not None else build_source_dataset(recipe)
+    elif recipe.data.manifest:
+        raise RecipeError(f"data.manifest: pair builder {recipe.pairs.builder!r} reads its own "
+                          "data (pairs.options), not data.source, so the manifest would filter "
+                          "nothing; use a builder that takes the data source (e.g. same_image)")
     builder = construct(cls, recipe.pairs.options, "pairs.options", defaults)
     noise = recipe.noise
     if noise.kind != "none":

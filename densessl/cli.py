@@ -125,7 +125,13 @@ def cmd_data_inspect(args) -> int:
     root = Path(args.root)
     if not root.exists():
         raise DensesslError(f"data inspect: {str(root)!r} does not exist")
-    print(json.dumps(INSPECTORS[args.format](root), indent=2))
+    report = INSPECTORS[args.format](root)
+    if args.manifest:
+        from densessl.data.manifest import manifest_report
+
+        # licences, images without provenance, flagged images (every image file under ROOT)
+        report = {**report, "provenance": manifest_report(root, args.manifest)}
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -222,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_synth)
     p = data_sub.add_parser("inspect", help="print a dataset summary as JSON")
     p.add_argument("root", help="dataset root")
-    p.add_argument("--format", required=True, help="dataset format (e.g. pidray, sixray, xbd)")
+    p.add_argument("--format", required=True,
+                   help="dataset format (e.g. folder, pidray, sixray, xbd)")
+    p.add_argument("--manifest", default=None,
+                   help="attribution manifest (CSV/JSON, one row per image): also report "
+                        "licence counts, images without provenance and flagged images")
     p.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("bench", help="pairs/s and peak memory vs a plain MoCo-v2 step")

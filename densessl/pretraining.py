@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from densessl.build import build_pair_builder
+from densessl.data.manifest import attribution_csv, find_image_provenance
 from densessl.errors import DensesslError
 from densessl.io import save_torch, write_json, write_text
 from densessl.methods import DensePretraining, ThroughputMonitor
@@ -127,11 +128,13 @@ def _repair_outputs(out: Path, ckpt: Path, state: ResumeState) -> None:
     task.load_state_dict(checkpoint["state_dict"])
     recipe = task.recipe
     cards = checkpoint.get("dataset_cards") or []
+    image_provenance = checkpoint.get("provenance")
     export_encoder(task, out, {"backbone": recipe.model.backbone,
                                "in_channels": recipe.data.channels,
                                "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
                                "pair_builder": recipe.pairs.builder,
                                "data_source": recipe.data.source, "datasets": cards,
+                               **({"provenance": image_provenance} if image_provenance else {}),
                                "steps": state.step})
     if state.metrics:
         write_json(out / "metrics.json", state.metrics)
@@ -149,6 +152,7 @@ class PeriodicCheckpoint(pl.Callback):
         self.check_every, self.guard = check_every, guard
         self.pending_metrics: dict | None = None
         self.samples_per_step = 0
+        self.image_provenance: dict | None = None
         self._last = time.monotonic()
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -169,6 +173,9 @@ class PeriodicCheckpoint(pl.Callback):
             self._last = time.monotonic()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.image_provenance is not None:
+            # the per-image provenance summary travels with the weights, like dataset cards
+            checkpoint["provenance"] = self.image_provenance
         checkpoint["densessl"] = {
             "metrics": self.pending_metrics,
             "samples_seen": int(trainer.global_step) * self.samples_per_step,
@@ -207,6 +214,13 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     builder = build_pair_builder(recipe)
     cards, skipped = collect_provenance(builder)
+    image_provenance, attribution = find_image_provenance(builder)
+    before = ((state.metrics if state is not None else None) or {}).get("provenance") or {}
+    if before.get("manifest_sha256") and image_provenance is not None and \
+            before["manifest_sha256"] != image_provenance["manifest_sha256"]:
+        # the same recipe over a changed manifest is another image set: not a resume
+        raise DensesslError(f"--resume: the manifest {recipe.data.manifest} changed since the "
+                            "checkpoint (sha256 differs); restore it or start a new run")
     t = recipe.train
     loader = make_dataloader(recipe, builder, start=state.samples_seen if state else 0)
     task = DensePretraining(recipe)
@@ -219,6 +233,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
                   "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
                   "pair_builder": recipe.pairs.builder, "data_source": recipe.data.source,
                   "datasets": cards}
+    if image_provenance is not None:
+        provenance["provenance"] = image_provenance
 
     def metrics_now(trainer, finished: bool) -> dict:
         stats = monitor.summary(task.augment_seconds, world_size=trainer.world_size)
@@ -234,6 +250,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
             "nonfinite_steps_skipped": guard.skipped,
             "datasets": cards,
             "skipped_samples": len(skipped),
+            # images used, dropped and why, licences, inherited terms (densessl.data.manifest)
+            **({"provenance": image_provenance} if image_provenance is not None else {}),
             "device": str(task.device),
             "torch": str(torch.__version__),
             "saved": now,
@@ -256,6 +274,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         return metrics
 
     saver = PeriodicCheckpoint(save, t.checkpoint_every, t.checkpoint_minutes, t.log_every, guard)
+    saver.image_provenance = image_provenance
     callbacks: list[pl.Callback] = [monitor, guard, saver]
     if progress:
         # the bar reads the logged loss off the device: every log_every steps, not every step
@@ -280,6 +299,11 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     if overwrite and trainer.is_global_zero:
         clear_run(out)
     write_text(out / "recipe.yaml", dump_recipe(recipe))
+    if trainer.is_global_zero:
+        if attribution:  # per image: file, licence, author, url (export copies it)
+            write_text(out / "attribution.csv", attribution_csv(attribution))
+        else:  # never leave an earlier run's attribution next to this run's weights
+            (out / "attribution.csv").unlink(missing_ok=True)
     trainer.fit(task, loader, ckpt_path=str(ckpt) if state is not None else None)
     guard.check(trainer)
     return save(trainer, finished=True)

@@ -22,6 +22,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ProvenanceConfig(Section):
+    """Per-image provenance filters (PASS-style), read from ``data.manifest``."""
+
+    require: list[Literal["licence", "author", "url"]] = Field(
+        [], description="manifest fields every used image must have (e.g. [licence]); images "
+        "without them are dropped (or refused, on_missing: error)")
+    allow_licences: list[str] | None = Field(
+        None, description="keep only images under these licences (SPDX ids or names, e.g. "
+        "[CC-BY-4.0, CC0-1.0]); null: any licence")
+    exclude_flags: list[str] = Field([], description="drop images whose manifest flag is true, "
+                                     "e.g. [contains_people]")
+    on_missing: Literal["drop", "error"] = Field(
+        "drop", description="an image without a manifest row or a required field: drop it "
+        "(counted in metrics.json) or stop with an error")
+
+
 class DataConfig(Section):
     source: str = Field("synthetic", description="a registered data source: synthetic, "
                         "folder, ... (see densessl.data.registry)")
@@ -32,11 +48,19 @@ class DataConfig(Section):
                                     "num_images for 'synthetic'")
     skip_bad: bool = Field(False, description="skip unreadable samples with a warning and a count "
                            "in metrics.json instead of failing")
+    manifest: str | None = Field(None, description="per-image attribution manifest (CSV with a "
+                                 "header, or JSON): file (relative to data.path), licence, "
+                                 "author, url, boolean flags; see densessl.data.manifest")
+    provenance: ProvenanceConfig = ProvenanceConfig()
 
     @model_validator(mode="after")
     def _path_needed(self):
         if self.source == "folder" and not self.path:
             raise ValueError("data.path is required when data.source is 'folder'")
+        p = self.provenance
+        if not self.manifest and (p.require or p.allow_licences is not None or p.exclude_flags):
+            raise ValueError("data.provenance filters need data.manifest (a CSV/JSON file with "
+                             "one row per image)")
         return self
 
 

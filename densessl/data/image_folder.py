@@ -9,10 +9,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from densessl.data.registry import register_source
+from densessl.data.registry import register_inspector, register_source
 from densessl.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` (recursively), sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 @register_source("folder")
@@ -27,8 +32,7 @@ class ImageFolder(Dataset):
         self.root = Path(path)
         if not self.root.is_dir():
             raise DataError(f"data.path: folder {str(self.root)!r} does not exist")
-        self.files = sorted(p for p in self.root.rglob("*")
-                            if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.files = list_images(self.root)
         if not self.files:
             raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) found under "
                             f"{str(self.root)!r}")
@@ -39,6 +43,14 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def provenance_files(self) -> list[str]:
+        """Each item's image, relative to the root (what a ``data.manifest`` row names)."""
+        return [p.relative_to(self.root).as_posix() for p in self.files]
+
+    def restrict(self, indices: list[int]) -> None:
+        """Keep only these items (provenance filters, densessl.data.manifest)."""
+        self.files = [self.files[i] for i in indices]
 
     def __getitem__(self, index: int) -> dict:
         path = self.files[index]
@@ -61,3 +73,15 @@ class ImageFolder(Dataset):
             array = array.transpose(2, 0, 1)
         return {"image": torch.from_numpy(np.ascontiguousarray(array)),
                 "meta": {"source": "folder", "file": str(path)}}
+
+
+@register_inspector("folder")
+def inspect_folder(root: Path) -> dict:
+    """``densessl data inspect ROOT --format folder``: image count by extension (add
+    ``--manifest`` for licences, images without provenance and flagged images)."""
+    files = list_images(root)
+    by_ext: dict[str, int] = {}
+    for f in files:
+        by_ext[f.suffix.lower()] = by_ext.get(f.suffix.lower(), 0) + 1
+    return {"format": "folder", "root": str(root), "images": len(files),
+            "extensions": dict(sorted(by_ext.items()))}
