@@ -24,39 +24,17 @@ import torch
 
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
-from densessl.eval.inits import EncoderInit, load_encoder_file, supervised_init
+from densessl.eval.inits import supervised_init
 from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.report import build_results, write_report
 from densessl.io import write_json
+from densessl.models.health import collapse_message, encoder_problems
+from densessl.models.weights import EncoderInit, load_encoder_file
 from densessl.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
-
-# Collapse thresholds on pretraining's monitors (densessl.methods.monitors.collapse_stats).
-MIN_FEATURE_STD = 0.1
-MAX_MEAN_COSINE = 0.95
 
 
 class CollapseWarning(UserWarning):
     """Pretraining features collapsed: downstream numbers mostly measure a random encoder."""
-
-
-def collapse_message(metrics: dict) -> str | None:
-    """A warning line when pretraining's final monitors show collapse, else ``None``."""
-    final = metrics.get("final", {})
-    std, cos = final.get("feature_std"), final.get("mean_cosine")
-    problems = []
-    # written as "not healthy" so a NaN monitor (diverged features) counts as collapse; an
-    # absent one (older metrics) is unknown, not collapse
-    if std is not None and not std >= MIN_FEATURE_STD:
-        problems.append(f"feature_std {std:.3f} < {MIN_FEATURE_STD}")
-    if cos is not None and not cos <= MAX_MEAN_COSINE:
-        problems.append(f"mean_cosine {cos:.3f} > {MAX_MEAN_COSINE}")
-    loss = final.get("loss")
-    if loss is not None and not math.isfinite(loss):
-        problems.append(f"loss {loss}")
-    if not problems:
-        return None
-    return ("pretraining collapsed (" + ", ".join(problems) + "): all images map to nearly one "
-            "feature; try a lower learning rate, a larger queue or more augmentation")
 
 
 def pretraining_labels(recipe: Recipe) -> str:
@@ -112,7 +90,6 @@ def finetune(recipe: str | Path | dict | Recipe,
     = ``label_free_weights``; several files = one pretraining per seed, zipped with
     ``finetune.seeds``), score the floor, and write ``out/results.{json,md,png}`` plus
     ``out/runs.json`` (every seed). Returns the results."""
-    from densessl.export import encoder_problems
     from densessl.resume import check_writable
 
     recipe = load_recipe(recipe, overrides)

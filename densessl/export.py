@@ -32,8 +32,9 @@ from torch import Tensor
 
 import densessl
 from densessl.errors import DensesslError
-from densessl.eval.inits import check_encoder_state, guess_backbone
 from densessl.io import atomic_write, save_torch, write_json, write_text
+from densessl.models.health import encoder_problems
+from densessl.models.weights import check_encoder_state, guess_backbone
 
 TARGETS = ("torchvision", "smp", "timm", "detectron2")
 
@@ -168,22 +169,6 @@ def _card_markdown(card: dict) -> str:
               json.dumps(card["downstream_results"], indent=1), "```", "", "## Recipe", "",
               "```yaml", str(card["recipe"]), "```", ""]
     return "\n".join(lines)
-
-
-def encoder_problems(state: dict[str, Tensor], metrics: dict | None) -> list[str]:
-    """Why an encoder is not a result: non-finite tensors, or collapse/divergence in the
-    pretraining monitors of ``metrics.json`` next to it."""
-    from densessl.experiment import collapse_message
-
-    problems = []
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
-           and not bool(torch.isfinite(v).all())]
-    if bad:
-        problems.append(f"{len(bad)} of {len(state)} tensors hold NaN/inf (e.g. {bad[0]})")
-    message = collapse_message(metrics or {})
-    if message:
-        problems.append(message.split(":")[0])
-    return problems
 
 
 def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = False,

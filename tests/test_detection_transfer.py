@@ -15,12 +15,12 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from densessl.errors import RecipeError
 from densessl.eval.detection import build_detector
 from densessl.eval.finetune import detection_box_head_spec, detection_start, run_one
-from densessl.eval.inits import EncoderInit, load_encoder_file
 from densessl.eval.labeled_data import build_eval_dataset
 from densessl.experiment import finetune
 from densessl.models import DenseEncoder
 from densessl.models.box_head import build_conv_fc_head, conv_fc_head_spec
 from densessl.models.instance_head import InstanceHead
+from densessl.models.weights import EncoderInit, load_encoder_file
 from densessl.pretraining import export_encoder
 from densessl.recipe import load_recipe
 

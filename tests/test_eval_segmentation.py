@@ -7,13 +7,13 @@ import torch
 
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.finetune import check_data, evaluate_dense, label_subset, train_dense
-from densessl.eval.inits import check_encoder_state, load_encoder_file
 from densessl.eval.labeled_data import build_eval_dataset, instances_from_mask
 from densessl.eval.linear_probe import LinearProbe
 from densessl.eval.metrics import SegmentationMetrics
 from densessl.eval.segmentation import build_segmentation_model
 from densessl.io import save_torch
 from densessl.models import ResNetBackbone
+from densessl.models.weights import check_encoder_state, load_encoder_file
 from densessl.recipe import load_recipe
 
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from densessl.errors import DensesslError
 from densessl.eval.finetune import ProbeCache, floor_metrics, run_probe
-from densessl.eval.inits import EncoderInit
 from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.linear_probe import (
     DenseLinearHead,
@@ -27,6 +26,7 @@ from densessl.eval.linear_probe import (
     upsampled,
 )
 from densessl.models.backbone import ResNetBackbone
+from densessl.models.weights import EncoderInit
 from densessl.recipe import load_recipe
 
 MEAN, STD = [0.5] * 3, [0.25] * 3

@@ -201,7 +201,7 @@ def test_pretraining_seeds_zip_with_probe_seeds(tmp_path):
 def test_replicas_must_match_the_seeds():
     from densessl.errors import DensesslError
     from densessl.eval.finetune import group_replicas
-    from densessl.eval.inits import EncoderInit
+    from densessl.models.weights import EncoderInit
 
     inits = [EncoderInit("pretrained", {}), EncoderInit("pretrained", {}), EncoderInit("random")]
     groups = group_replicas(inits, [0, 1])

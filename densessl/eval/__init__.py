@@ -6,7 +6,7 @@ encoder, against random and supervised inits, over label fractions and seeds.
 ``report`` (results.json / .md / .png). ``densessl.experiment`` ties them to pretraining.
 """
 
-from densessl.eval.inits import EncoderInit, load_encoder_file, supervised_init
+from densessl.eval.inits import supervised_init
 from densessl.eval.labeled_data import (
     EVAL_DATASETS,
     LabeledData,
@@ -15,6 +15,7 @@ from densessl.eval.labeled_data import (
     register_eval_dataset,
 )
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
+from densessl.models.weights import EncoderInit, load_encoder_file
 
 __all__ = ["EVAL_DATASETS", "DetectionMetrics", "EncoderInit", "LabeledData",
            "SegmentationMetrics", "build_eval_dataset", "instances_from_mask",

@@ -29,10 +29,10 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from densessl.errors import DensesslError
-from densessl.eval.segmentation import load_encoder
 from densessl.models.backbone import _CHANNELS
 from densessl.models.box_head import build_conv_fc_head
 from densessl.models.neck import CentredFeaturePyramidNetwork
+from densessl.models.weights import load_encoder
 
 ARCHS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
 FPN_LEVELS = ["0", "1", "2", "3"]  # BackboneWithFPN's names for p2..p5 (p6 is "pool")

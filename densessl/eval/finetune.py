@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.detection import build_detector, detector_groups
-from densessl.eval.inits import EncoderInit
 from densessl.eval.labeled_data import TASK_KEYS, LabeledData
 from densessl.eval.linear_probe import (
     PixelFeatures,
@@ -34,8 +33,9 @@ from densessl.eval.linear_probe import (
     train_probe,
 )
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
-from densessl.eval.segmentation import build_segmentation_model, load_encoder
+from densessl.eval.segmentation import build_segmentation_model
 from densessl.models.backbone import ResNetBackbone
+from densessl.models.weights import EncoderInit, load_encoder
 from densessl.recipe import Recipe
 
 IGNORE = 255

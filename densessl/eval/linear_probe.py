@@ -29,8 +29,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from densessl.errors import DensesslError
-from densessl.eval.segmentation import load_encoder
 from densessl.models.backbone import ResNetBackbone
+from densessl.models.weights import load_encoder
 
 LEVELS = ("c2", "c3", "c4", "c5")
 
