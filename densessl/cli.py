@@ -82,6 +82,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_probe_artifacts(args) -> int:
+    from densessl.eval.artifact_probe import run_probe_artifacts
+
+    result = run_probe_artifacts(args.weights, args.data, args.artifact, args.out, n=args.n,
+                                 image_size=args.image_size, seed=args.seed, alpha=args.alpha)
+    share = result["share"]
+    print(f"{result['artifact']}: {100 * share['all']:.1f} % of channels carry it ("
+          + ", ".join(f"{k} {100 * share[k]:.1f} %" for k in result["levels"])
+          + f"; probe accuracy >= {result['min_significant_accuracy']} on {result['n_test']} "
+          "held-out images)")
+    for r in result["channels"][:5]:
+        print(f"  #{r['rank']} {r['stage']}[{r['channel']}]: accuracy {r['probe_accuracy']:.3f}, "
+              f"shift {r['shift']:+.2f} sigma")
+    out = Path(args.out).resolve()
+    print(f"wrote {out}/artifacts.json, artifacts.md, artifacts.png")
+    return 0
+
+
 def cmd_inspect_pairs(args) -> int:
     from densessl.inspect_pairs import inspect_pairs
 
@@ -205,6 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="export even a collapsed or non-finite encoder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("probe-artifacts",
+                       help="which encoder channels respond to a watermark / stamp / border")
+    p.add_argument("weights", help="encoder.pt (encoder.json and recipe.yaml next to it give "
+                   "the backbone and normalisation)")
+    p.add_argument("--data", required=True, help="held-out images: a folder, a recipe YAML (its "
+                   "data source) or a source name such as synthetic")
+    p.add_argument("--artifact", required=True,
+                   help="text, logo, border, none (the artifact-free control) or an RGBA .png")
+    p.add_argument("--out", required=True, help="folder for artifacts.json/.md/.png")
+    p.add_argument("-n", type=int, default=200, help="held-out images")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="family-wise level of the 'carries the artifact' test")
+    p.set_defaults(func=cmd_probe_artifacts)
 
     p = with_recipe(sub.add_parser("inspect-pairs", help="draw pairs with correspondences"))
     p.add_argument("--out", required=True, help="PNG file to write")
