@@ -218,11 +218,21 @@ class TrainConfig(Section):
         "step); skipped steps are counted in metrics.json")
 
 
+class DropChannelsConfig(Section):
+    """Encoder-output channels zeroed while fine-tuning (densessl probe-artifacts' mitigation)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+    from_: str = Field(alias="from", description="an artifacts.json written by densessl "
+                       "probe-artifacts")
+    top_k: int = Field(ge=1, description="zero this many top-ranked channels")
+
+
 class FinetuneConfig(Section):
     """Downstream evaluation (``densessl finetune`` / ``densessl run``), see densessl/eval."""
 
     dataset: str = Field("synthetic", description="a registered labeled dataset "
-                         "(densessl.eval.labeled_data.EVAL_DATASETS)")
+                         "(densessl.data.labeled.EVAL_DATASETS)")
     path: str | None = Field(None, description="dataset root, when the dataset reads disk")
     options: dict[str, Any] = Field({}, description="keyword options of the labeled dataset")
     image_size: int = Field(64, ge=32, description="side of the fine-tuning images")
@@ -273,6 +283,10 @@ class FinetuneConfig(Section):
         "auto", description="initialise the detector's box head from the pretrained one "
         "(box_head.pt, InsLoc's 4conv-1fc head): auto / true / false as detection_neck. The "
         "detector of every init uses that head's architecture whenever the weights have one")
+    drop_channels: DropChannelsConfig | None = Field(
+        None, description="{from: DIR/artifacts.json, top_k: N}: zero the N channels of the "
+        "encoder's stage outputs most responsive to an artifact (densessl probe-artifacts) "
+        "during fine-tuning and evaluation (segmentation, linear_probe)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads while "
                                     "fine-tuning (1 avoids OpenMP spin-waits on a shared CPU); "
                                     "null keeps torch's default")
@@ -299,6 +313,14 @@ class FinetuneConfig(Section):
         if not value:
             raise ValueError("expected a non-empty list")
         return value
+
+    @model_validator(mode="after")
+    def _drop_channels_tasks(self):
+        if self.drop_channels is not None and "detection" in self.tasks:
+            raise ValueError("finetune.drop_channels applies to segmentation and linear_probe; "
+                             "the detector's FPN reads the encoder another way (run detection "
+                             "in a recipe without drop_channels)")
+        return self
 
     @model_validator(mode="after")
     def _pretrain_seeds(self):

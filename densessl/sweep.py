@@ -166,10 +166,8 @@ def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
     """The real cell: :func:`densessl.experiment.run` (pretrain → fine-tune every init) in
     ``cell_dir``; returns every downstream metric, the pretrained − random gaps and the final
     pretraining monitors."""
-    from densessl.data.noisy_seg import register_labeled
     from densessl.experiment import run
 
-    register_labeled()  # densessl.eval may have been imported before densessl.data
     with open(cell_dir / "log.txt", "a") as log_file:
         results = run(recipe, cell_dir, log=lambda *a: print(*a, file=log_file, flush=True))
     metrics = flatten_results(results)

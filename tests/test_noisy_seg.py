@@ -83,8 +83,8 @@ def test_source_and_labeled_splits(root):
 
 def test_registries_and_cli(tmp_path):
     import densessl.data  # noqa: F401
+    from densessl.data.labeled import EVAL_DATASETS  # densessl.data alone registers noisy-seg
     from densessl.data.registry import SOURCES, SYNTHESIZERS
-    from densessl.eval.labeled_data import EVAL_DATASETS
 
     assert "noisy-seg" in SYNTHESIZERS and "noisy-seg" in SOURCES
     assert "noisy-seg" in EVAL_DATASETS

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from densessl.data.labeled import LabeledData, instances_from_mask, register_eval_dataset
 from densessl.data.registry import register_source, register_synthesizer
 from densessl.data.resize import resize_image, resize_labels
 from densessl.data.synthetic import SHAPES, shape_mask, smooth_noise
@@ -282,19 +283,16 @@ class NoisySegLabeled(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        from densessl.eval.labeled_data import instances_from_mask
-
         image, mask = _load(self.root, self.records[index], self.image_size)
         return {"image": image, "mask": mask, **instances_from_mask(mask)}
 
 
+@register_eval_dataset("noisy-seg")
 def noisy_seg_labeled(path: str | None = None, image_size: int = 64, channels: int = 3,
                       seed: int = 0, n: int | None = None, dataset_seed: int | None = None,
-                      cache_dir: str | None = None):
+                      cache_dir: str | None = None) -> LabeledData:
     """Labeled splits for ``finetune.dataset: noisy-seg``: train for fine-tuning, test held
     out for scoring (reported as ``val``)."""
-    from densessl.eval.labeled_data import LabeledData
-
     _check_channels(channels)
     root = resolve_root(path, n, seed if dataset_seed is None else dataset_seed, cache_dir)
     manifest = read_manifest(root)
@@ -303,17 +301,3 @@ def noisy_seg_labeled(path: str | None = None, image_size: int = 64, channels: i
                        class_names=manifest["class_names"],
                        keys={"image", "mask", "boxes", "labels", "instance_masks"},
                        cards=[manifest.get("card", CARD)])
-
-
-def register_labeled() -> bool:
-    """Register ``noisy-seg`` with the eval registry; False while densessl.eval is still being
-    imported (it imports densessl.data), in which case labeled_data must call this at its end."""
-    try:
-        from densessl.eval.labeled_data import register_eval_dataset
-    except ImportError:
-        return False
-    register_eval_dataset("noisy-seg")(noisy_seg_labeled)
-    return True
-
-
-register_labeled()

@@ -1,19 +1,20 @@
 """Downstream evaluation: fine-tune segmentation / detection heads and linear probes from an
 encoder, against random and supervised inits, over label fractions and seeds.
 
-``labeled_data`` (registry of labeled splits) → ``inits`` (pretrained / random / supervised) →
+``labeled_data`` (the labeled splits a recipe names; their registry is ``densessl.data.labeled``)
+→ ``inits`` (pretrained / random / supervised; weights read by ``densessl.models.weights``) →
 ``segmentation`` / ``detection`` / ``linear_probe`` models → ``finetune`` loops → ``metrics`` →
 ``report`` (results.json / .md / .png). ``densessl.experiment`` ties them to pretraining.
 """
 
-from densessl.eval.inits import supervised_init
-from densessl.eval.labeled_data import (
+from densessl.data.labeled import (
     EVAL_DATASETS,
     LabeledData,
-    build_eval_dataset,
     instances_from_mask,
     register_eval_dataset,
 )
+from densessl.eval.inits import supervised_init
+from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
 from densessl.models.weights import EncoderInit, load_encoder_file
 

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from densessl.data.labeled import TASK_KEYS, LabeledData
 from densessl.errors import DensesslError, RecipeError
+from densessl.eval.artifact_probe import attach_channel_drop, read_drop_channels
 from densessl.eval.detection import build_detector, detector_groups
-from densessl.eval.labeled_data import TASK_KEYS, LabeledData
 from densessl.eval.linear_probe import (
     PixelFeatures,
     ProbeFeatures,
@@ -277,6 +278,7 @@ class ProbeCache:
             encoder = ResNetBackbone(recipe.model.backbone, recipe.data.channels)
             if init.encoder is not None:
                 load_encoder(encoder, init.encoder, f"{init.name} encoder (linear probe)")
+            drop_channels(recipe, encoder)
             if cfg.probe_recompute_bn == "all" or (cfg.probe_recompute_bn == "random"
                                                    and init.encoder is None):
                 recompute_bn_stats(encoder, data.train, mean, std, cfg.batch_size)
@@ -289,6 +291,14 @@ class ProbeCache:
                            for name, split in data.eval_splits().items()}
             self.key = key
         return self.train, self.splits
+
+
+def drop_channels(recipe: Recipe, encoder: nn.Module) -> None:
+    """``finetune.drop_channels``: zero the top-ranked artifact channels of ``encoder``'s
+    stage outputs (densessl.eval.artifact_probe) for training and evaluation alike."""
+    cfg = recipe.finetune.drop_channels
+    if cfg is not None:
+        attach_channel_drop(encoder, read_drop_channels(cfg.from_, cfg.top_k))
 
 
 def run_probe(recipe: Recipe, data: LabeledData, init: EncoderInit, fraction: float,
@@ -380,6 +390,7 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
                                              masks=masks)
     else:
         model = build_segmentation_model(arch, backbone, c, data.num_classes, init.encoder)
+        drop_channels(recipe, model.encoder)
         # smp's encoder / decoder / segmentation_head; only the encoder has a counterpart
         _record(parameters, {n: m for n, m in model.named_children()
                              if any(True for _ in m.parameters())},

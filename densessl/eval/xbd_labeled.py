@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from densessl.data.labeled import LabeledData, register_eval_dataset
 from densessl.data.resize import resize_image, resize_labels
 from densessl.data.xbd import XBD_CARD, XBDDataset
 from densessl.errors import RecipeError
-from densessl.eval.labeled_data import LabeledData, register_eval_dataset
 from densessl.eval.xview2 import XView2Score
 
 DAMAGE_CLASSES = ["background", "no-damage", "minor-damage", "major-damage", "destroyed"]

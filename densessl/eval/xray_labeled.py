@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from densessl.data.labeled import LabeledData, register_eval_dataset
 from densessl.data.pidray import PIDRAY_CARD, PIDray, available_splits
 from densessl.data.xray_synth import PIDRAY_CLASSES
 from densessl.errors import DataError
-from densessl.eval.labeled_data import LabeledData, register_eval_dataset
 
 
 @register_eval_dataset("pidray")
