@@ -188,3 +188,50 @@ def test_data_inspect_reports_licences_missing_and_flagged(folder, capsys):
     assert prov["without_provenance"]["no_licence"] == ["sub/f.png"]
     assert prov["flagged"]["contains_people"] == {"count": 1, "files": ["b.png"]}
     assert sum(prov["licences"].values()) == 8
+
+
+def test_export_carries_attribution_and_the_most_restrictive_terms(folder, tmp_path):
+    from densessl.export import export_weights
+
+    root, manifest_path = folder
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning):
+        assert main(["pretrain", SAME_IMAGE, "--out", str(out), "--set", "data.source=folder",
+                     "--set", f"data.path={root}", "--set", "data.options={}",
+                     "--set", f"data.manifest={manifest_path}",
+                     "--set", "train.max_steps=1", "--set", "train.batch_size=4",
+                     "--set", "train.num_workers=0", "--set", "data.image_size=48",
+                     "--set", "augment.view_size=32", "--set", "loss.dense_queue_size=100",
+                     "--set", "loss.global_queue_size=8", "--set", "model.split_bn_groups=2"]
+                    ) == 0
+    exported = export_weights(out / "encoder.pt", "timm", tmp_path / "enc.timm.pt")
+    copy = tmp_path / "enc.timm.pt.attribution.csv"
+    assert copy.read_text() == (out / "attribution.csv").read_text()
+    card = json.loads((tmp_path / "enc.timm.pt.card.json").read_text())
+    # d.png is CC-BY-NC-SA: non-commercial and ShareAlike; f, g, h: unknown → a warning
+    assert card["terms"]["commercial_use"] is False
+    assert card["terms"]["non_commercial_images"] == 1 and card["terms"]["sharealike_images"] == 2
+    assert card["terms"]["unknown_licence_images"] == 3
+    assert any("unknown or unrecognised licence" in w for w in card["warnings"])
+    assert card["attribution_file"] == copy.name
+    md = (tmp_path / "enc.timm.pt.card.md").read_text()
+    assert "NON-COMMERCIAL use only" in md and "ShareAlike" in md and copy.name in md
+    assert exported.is_file()
+
+
+def test_card_terms_from_dataset_cards_without_manifest(tmp_path):
+    from densessl.export import model_card
+    from densessl.io import write_json
+
+    weights = tmp_path / "encoder.pt"
+    weights.write_bytes(b"x")
+    write_json(tmp_path / "encoder.json", {"datasets": [{"name": "xBD",
+                                                         "licence": "CC BY-NC-SA 4.0"}]})
+    card = model_card(weights, weights, "timm", "resnet18", 3, False)
+    assert card["terms"]["commercial_use"] is False and card["terms"]["sharealike_images"] == 1
+    write_json(tmp_path / "encoder.json", {"data_source": "synthetic"})
+    card = model_card(weights, weights, "timm", "resnet18", 3, False)
+    assert card["terms"]["commercial_use"] is True and card["warnings"] == []
+    write_json(tmp_path / "encoder.json", {"data_source": "folder"})
+    card = model_card(weights, weights, "timm", "resnet18", 3, False)
+    assert card["terms"]["commercial_use"] is None and card["warnings"]
