@@ -131,3 +131,36 @@ def test_drop_channels_removes_exactly_the_listed(tmp_path):
     attach_channel_drop(wrong, {"_sizes": {"c3": 128}, "c3": [5]})
     with pytest.raises(DensesslError, match="stage c3 has 512 channels"):
         wrong(torch.rand(1, 3, 64, 64))
+
+
+def test_finetune_drop_channels_zero_the_probe_features_and_nothing_else(tmp_path):
+    from densessl.eval.finetune import ProbeCache
+    from densessl.eval.labeled_data import build_eval_dataset
+    from densessl.models.weights import EncoderInit
+    from densessl.recipe import load_recipe
+
+    table = {"channels": [{"rank": 1, "stage": "c3", "channel": 9},
+                          {"rank": 2, "stage": "c2", "channel": 3},
+                          {"rank": 3, "stage": "c3", "channel": 0},
+                          {"rank": 4, "stage": "c2", "channel": 60}],
+             "stage_channels": {"c2": 64, "c3": 128, "c4": 256, "c5": 512}}
+    (tmp_path / "artifacts.json").write_text(json.dumps(table))
+    data = build_eval_dataset("synthetic", {"num_train": 4, "num_val": 2, "num_source": 0},
+                              image_size=32)
+    base = {"finetune": {"probe_levels": ["c2", "c3"], "probe_pixels_per_image": 16,
+                         "tasks": ["linear_probe"]}}
+    plain = load_recipe(base)
+    dropped = load_recipe(base, [f"finetune.drop_channels={{from: {tmp_path}/artifacts.json, "
+                                 "top_k: 3}"])
+    ref, ref_splits = ProbeCache().get(plain, data, EncoderInit("random"), 0)
+    got, got_splits = ProbeCache().get(dropped, data, EncoderInit("random"), 0)
+    gone = [3, 64 + 0, 64 + 9]  # hypercolumn columns: c2 (64 channels), then c3
+    kept = [c for c in range(ref.x.shape[1]) if c not in gone]
+    assert torch.equal(got.x[:, kept], ref.x[:, kept]) and (got.x[:, gone] == 0).all()
+    assert ref.x[:, gone].abs().sum() > 0
+    for name in ref_splits:
+        assert torch.equal(got_splits[name].feats[0][:, 60], ref_splits[name].feats[0][:, 60])
+        assert (got_splits[name].feats[1][:, [0, 9]] == 0).all()
+    with pytest.raises(Exception, match="drop_channels applies to segmentation and linear_probe"):
+        load_recipe(base, ["finetune.tasks=[detection]", "finetune.drop_channels={from: x, "
+                           "top_k: 1}"])
