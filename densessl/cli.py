@@ -10,18 +10,14 @@ import argparse
 import json
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 from densessl.errors import DensesslError
 
 
-def demo_recipe_path() -> Path:
-    """The demo recipe shipped inside the package (same as recipes/demo.yaml)."""
-    return Path(str(resources.files("densessl") / "recipes" / "demo.yaml"))
-
-
 def _recipe_arg(value: str) -> str:
+    from densessl.recipe import demo_recipe_path  # lazy: `densessl --help` stays fast
+
     return str(demo_recipe_path()) if value == "demo" else value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -443,6 +444,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def demo_recipe_path() -> Path:
+    """The demo recipe shipped inside the package (same as recipes/demo.yaml)."""
+    return Path(str(resources.files("densessl") / "recipes" / "demo.yaml"))
+
+
+def recipe_path(value: str | Path) -> Path:
+    """``value`` as a path, where the name ``demo`` is the demo recipe shipped in the package
+    (so the CLI, the Python API and a sweep's ``base`` all accept it)."""
+    return demo_recipe_path() if str(value) == "demo" else Path(value)
+
+
 def read_recipe_dict(path: str | Path, kind: str = "recipe") -> dict:
     """The YAML mapping in ``path``; a missing file or bad YAML is one RecipeError line."""
     path = Path(path)
@@ -457,14 +469,18 @@ def read_recipe_dict(path: str | Path, kind: str = "recipe") -> dict:
 
 def load_recipe(path_or_dict: str | Path | dict | Recipe, overrides: list[str] | None = None
                 ) -> Recipe:
-    """A Recipe from a YAML path, a dict or a Recipe, with optional ``key=value`` overrides."""
+    """A Recipe from a YAML path (or ``"demo"``), a dict or a Recipe, with optional
+    ``key=value`` overrides."""
     if isinstance(path_or_dict, Recipe):
         data, source = path_or_dict.model_dump(), "<Recipe>"
     elif isinstance(path_or_dict, dict):
         # deep: overrides write into nested sections, which must not be the caller's
         data, source = copy.deepcopy(path_or_dict), "<dict>"
     else:
-        data, source = read_recipe_dict(path_or_dict), str(path_or_dict)
+        path = recipe_path(path_or_dict)
+        # errors name the recipe as given, or the packaged file for "demo"
+        source = str(path_or_dict) if path == Path(path_or_dict) else str(path)
+        data = read_recipe_dict(path)
     return parse_recipe(apply_overrides(data, overrides or []), source)
 
 

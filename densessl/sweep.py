@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from densessl.errors import DensesslError, RecipeError
 from densessl.io import write_text
-from densessl.recipe import apply_overrides, parse_recipe, read_recipe_dict
+from densessl.recipe import apply_overrides, demo_recipe_path, parse_recipe, read_recipe_dict
 from densessl.sweep_report import read_results, write_results, write_summary
 
 CellFn = Callable[[dict, Path], dict[str, float]]
@@ -94,8 +94,6 @@ def load_sweep(path: str | Path | dict, overrides: list[str] | None = None
     except ValidationError as exc:
         raise RecipeError(_spec_error(exc, source)) from None
     if spec.base == "demo":
-        from densessl.cli import demo_recipe_path
-
         base_path = demo_recipe_path()
     else:
         base_path = Path(spec.base) if Path(spec.base).is_absolute() else folder / spec.base

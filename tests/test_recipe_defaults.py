@@ -68,3 +68,16 @@ def test_one_step_segloc_pretrain_with_split_key_bn(tmp_path, capsys):
     assert cli.main(args) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 1 and torch.isfinite(torch.tensor(metrics["final"]["loss"]))
+
+
+def test_the_python_api_accepts_demo_like_the_cli():
+    from densessl.recipe import demo_recipe_path
+    from densessl.sweep import load_sweep
+
+    packaged = load_recipe(demo_recipe_path())
+    assert load_recipe("demo") == packaged
+    assert load_recipe("demo", ["train.max_steps=3"]).train.max_steps == 3
+    _, base, _ = load_sweep({"name": "s", "base": "demo", "grid": {"seed": [0]}})
+    assert load_recipe(base) == packaged
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("demo.yaml-that-does-not-exist")
