@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from densessl.augment import ViewAugmentation
-from densessl.cells import cell_centres
 from densessl.augment.correspondence import pixel_to_normalized, sample_at
+from densessl.cells import cell_centres
 from densessl.pairs import CutPastePairs, collate_pairs
 from densessl.pretraining import collect_provenance
 
@@ -122,7 +122,9 @@ def test_transmission_multiplies():
 
 def test_synthetic_roots_cache_and_provenance(tmp_path):
     builder = CutPastePairs(cache_dir=str(tmp_path), image_size=SIZE, seed=0)
-    marker = next((tmp_path / "xray_synth").glob("*/.complete"))
+    # the synthetic X-ray set is generated once into the shared cache (densessl.data.cache)
+    root = next((tmp_path / "synthetic").glob("xray-*"))
+    marker = root / "pidray" / "annotations" / "xray_train.json"
     stamp = marker.stat().st_mtime_ns
     s = builder[0]
     assert s.source_a.shape == (3, SIZE, SIZE) and s.class_map_a.shape == (SIZE, SIZE)

@@ -16,9 +16,8 @@ from pycocotools import mask as mask_utils
 
 from densessl.contract import PairSample
 from densessl.data.noisy_seg import _load as load_noisy_seg
-from densessl.data.pidray import PIDray
+from densessl.data.pidray import PIDRAY_CLASSES, PIDray
 from densessl.data.resize import resize_image, resize_labels
-from densessl.data.xray_synth import PIDRAY_CLASSES
 from densessl.eval.xbd_labeled import XBDSegmentation
 from densessl.pairs import NoisyPairs, PairBuilder
 

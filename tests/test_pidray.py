@@ -11,8 +11,8 @@ import torch
 from pycocotools.coco import COCO
 
 from densessl import cli
-from densessl.data.pidray import PIDray, inspect_pidray
-from densessl.data.xray_synth import PIDRAY_CLASSES, synthesize_xray
+from densessl.data.pidray import PIDRAY_CLASSES, PIDray, inspect_pidray
+from densessl.data.xray_synth import synthesize_xray
 from densessl.errors import DataError
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from densessl import cli
+from densessl.data.pidray import PIDRAY_CLASSES
 from densessl.data.sixray import SIXray, read_voc_boxes
-from densessl.data.xray_synth import PIDRAY_CLASSES, synthesize_xray
+from densessl.data.xray_synth import synthesize_xray
 from densessl.errors import DataError
 
 

@@ -36,10 +36,10 @@ from rasterio.warp import Resampling, transform_bounds
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
+from densessl.data.bad_samples import report_bad
+from densessl.data.cache import cached_synthetic, default_cache_dir
 from densessl.data.geotiff_synth import synthesize_geotiff  # noqa: F401  (synth cache)
 from densessl.data.registry import register_inspector, register_source
-from densessl.data.xbd import report_bad
-from densessl.data.xbd_synth import cached_synthetic, default_cache_dir
 from densessl.errors import DataError
 from densessl.io import write_json
 

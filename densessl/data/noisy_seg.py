@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from densessl.data.cache import cached_synthetic
 from densessl.data.labeled import LabeledData, instances_from_mask, register_eval_dataset
 from densessl.data.registry import register_source, register_synthesizer
 from densessl.data.resize import resize_image, resize_labels
@@ -212,8 +213,6 @@ def resolve_root(path: str | None, n: int | None, seed: int, cache_dir: str | No
     """``path`` or, when it is ``None``, a cached synthetic set (generated once)."""
     if path:
         return Path(path)
-    from densessl.data.xbd_synth import cached_synthetic
-
     return cached_synthetic("noisy-seg", n, seed, cache_dir)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,15 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from densessl.data.bad_samples import report_bad
 from densessl.data.registry import register_inspector, register_source
 from densessl.data.resize import resize_image, resize_labels
-from densessl.data.xray_synth import PIDRAY_CLASSES
 from densessl.errors import DataError
+
+#: PIDray class names in category-id order 1..12 (Wang et al. 2021, "Towards Real-world
+#: Prohibited Item Detection: A Large-scale X-ray Benchmark").
+PIDRAY_CLASSES = ("Baton", "Pliers", "Hammer", "Powerbank", "Scissors", "Wrench", "Gun",
+                  "Bullet", "Sprayer", "HandCuffs", "Knife", "Lighter")
 
 #: split name → candidate (annotation file, image folder) pairs, first existing wins
 SPLITS = {
@@ -114,20 +120,6 @@ def read_image(path: Path, channels: int = 3) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-class _Skipper:
-    """Raise, or with ``skip_bad`` warn and remember what was skipped (never silent)."""
-
-    def __init__(self, skip_bad: bool) -> None:
-        self.skip_bad = skip_bad
-        self.skipped_samples: list[str] = []
-
-    def __call__(self, message: str) -> None:
-        if not self.skip_bad:
-            raise DataError(message)
-        warnings.warn(f"skipping: {message}", stacklevel=3)
-        self.skipped_samples.append(message)
-
-
 def load_coco(json_path: Path, image_dir: Path, skip_bad: bool = False,
               verify_images: bool = False) -> tuple[list[dict], list[str]]:
     """Validated records ``{"file", "id", "height", "width", "anns": [...]}`` + skipped list.
@@ -135,7 +127,8 @@ def load_coco(json_path: Path, image_dir: Path, skip_bad: bool = False,
     Each kept annotation has ``category_id`` in 1..12 (PIDray order, matched by category name),
     ``rle`` (compressed) and ``iscrowd``.
     """
-    skip = _Skipper(skip_bad)
+    skipped: list[str] = []
+    skip = partial(report_bad, skip_bad=skip_bad, skipped=skipped)
     try:
         coco = json.loads(Path(json_path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -192,7 +185,7 @@ def load_coco(json_path: Path, image_dir: Path, skip_bad: bool = False,
                             "rle": rle, "iscrowd": int(ann.get("iscrowd", 0))})
     # an image with a dropped annotation would teach "background" where an item is: drop it
     records = [r for r in records if r["id"] not in bad_images]
-    return records, skip.skipped_samples
+    return records, skipped
 
 
 @register_source("pidray")

@@ -9,22 +9,17 @@ its mask) and stored in a ``.pt`` cache keyed on the annotation file (path, size
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from densessl.data.cache import default_cache_dir
 from densessl.data.pidray import PIDRAY_CARD, find_split, load_coco, read_image
 from densessl.io import save_torch
 
 _VERSION = 2  # bump when the cache content changes
-
-
-def default_cache_dir() -> Path:
-    """``$DENSESSL_CACHE`` or ``~/.cache/densessl``."""
-    return Path(os.environ.get("DENSESSL_CACHE", "~/.cache/densessl")).expanduser()
 
 
 class SegmentBank:
@@ -34,7 +29,8 @@ class SegmentBank:
         pidray_root: dataset root (see :mod:`densessl.data.pidray`).
         split: which split's instances to cut (``train`` for pretraining).
         channels: 3 or 1.
-        cache_dir: where the cache file goes (default :func:`default_cache_dir` /segment_bank).
+        cache_dir: where the cache file goes (default
+            :func:`~densessl.data.cache.default_cache_dir` /segment_bank).
         min_area: instances with fewer mask pixels are not kept (too small to paste).
         skip_bad, verify_images: as in :class:`~densessl.data.pidray.PIDray`.
 

@@ -14,7 +14,6 @@ For cut-paste pretraining the negatives are unlabeled bag backgrounds (SegLoc, H
 from __future__ import annotations
 
 import csv
-import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Literal
@@ -25,10 +24,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from densessl.data.pidray import read_image
+from densessl.data.bad_samples import report_bad
+from densessl.data.pidray import PIDRAY_CLASSES, read_image
 from densessl.data.registry import register_inspector, register_source
-from densessl.data.xray_synth import PIDRAY_CLASSES, SIXRAY_CLASSES
 from densessl.errors import DataError
+
+#: SIXray label columns (Miao et al. 2019, "SIXray: A Large-scale Security Inspection X-ray
+#: Benchmark for Prohibited Item Discovery in Overlapping Images").
+SIXRAY_CLASSES = ("Gun", "Knife", "Wrench", "Pliers", "Scissors")
 
 HEADER = ["name", *SIXRAY_CLASSES]
 
@@ -155,10 +158,7 @@ class SIXray(Dataset):
                 except DataError as exc:
                     problem = f"{self.source_of_rows}: entry {name!r}: {exc}"
             if problem is not None:
-                if not skip_bad:
-                    raise DataError(problem)
-                warnings.warn(f"skipping: {problem}", stacklevel=2)
-                self.skipped_samples.append(problem)
+                report_bad(problem, skip_bad, self.skipped_samples)
                 continue
             self.items.append((file, [1.0 if v == 1 else 0.0 for v in values]))
         if not self.items:

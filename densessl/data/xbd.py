@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +23,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from densessl.data.bad_samples import report_bad
+from densessl.data.cache import cached_synthetic
 from densessl.data.rasterize import parse_wkt, rasterize_shapes
 from densessl.data.registry import register_inspector, register_source
-from densessl.data.xbd_synth import cached_synthetic
+from densessl.data.xbd_synth import synthesize_xbd  # noqa: F401  (registers "xbd" for the cache)
 from densessl.errors import DataError
 
 XBD_CARD = {
@@ -65,14 +66,6 @@ class XBDPair:
     pre_shapes: list = field(default_factory=list)  # [(polygon, value)] once labels are read
     post_shapes: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
-
-
-def report_bad(problem: str, skip_bad: bool, skipped: list[str]) -> None:
-    """A :class:`DataError`, or with ``skip_bad`` a warning plus an entry in ``skipped``."""
-    if not skip_bad:
-        raise DataError(problem)
-    warnings.warn(f"skipping: {problem}", stacklevel=3)
-    skipped.append(problem)
 
 
 def _image_size(path: Path, verify: bool = False) -> tuple[int, int]:

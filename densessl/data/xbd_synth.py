@@ -10,9 +10,6 @@ whole scene gets another illumination (a different acquisition date).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -134,35 +131,3 @@ def synthesize_xbd(out: Path, n: int | None = None, seed: int = 0, size: int = 1
         disaster, kind = DISASTERS[i % len(DISASTERS)]
         write_xbd_pair(out, "train", disaster, kind, i, rng, size=size)
     return out
-
-
-def default_cache_dir() -> Path:
-    """``$DENSESSL_CACHE`` or ``~/.cache/densessl``."""
-    return Path(os.environ.get("DENSESSL_CACHE", "~/.cache/densessl")).expanduser()
-
-
-def cached_synthetic(kind: str, n: int | None, seed: int, cache_dir: str | Path | None) -> Path:
-    """Root of the synthetic ``kind`` set (``n`` items, ``seed``), generated once under
-    ``cache_dir/synthetic/`` and reused afterwards.
-
-    Generation writes into a private temporary folder that is renamed into place, so parallel
-    runs (DataLoader workers, two trainings) never see a half-written set.
-    """
-    from densessl.data.registry import SYNTHESIZERS
-
-    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    final = base / "synthetic" / f"{kind}-n{n}-seed{seed}"
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        SYNTHESIZERS[kind](tmp, n, seed)
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():  # not a lost race: a real failure
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final

@@ -22,12 +22,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from densessl.data.pidray import PIDRAY_CLASSES
 from densessl.data.registry import register_synthesizer
-
-#: PIDray class names in category-id order 1..12 (Wang et al. 2021, "Towards Real-world
-#: Prohibited Item Detection: A Large-scale X-ray Benchmark").
-PIDRAY_CLASSES = ("Baton", "Pliers", "Hammer", "Powerbank", "Scissors", "Wrench", "Gun",
-                  "Bullet", "Sprayer", "HandCuffs", "Knife", "Lighter")
+from densessl.data.sixray import SIXRAY_CLASSES
 
 #: attenuation per unit thickness in each of three pseudo-colour channels (R, G, B):
 #: organic matter absorbs blue most (looks orange), metal absorbs everything (dark blue).
@@ -151,10 +148,6 @@ def item_layer(name: str, height: int, width: int, cx: float, cy: float, radius:
     attenuation = MATERIALS[material][:, None, None] * (profile * mask)[None]
     return mask, attenuation.astype(np.float32)
 
-
-#: SIXray label columns (Miao et al. 2019, "SIXray: A Large-scale Security Inspection X-ray
-#: Benchmark for Prohibited Item Discovery in Overlapping Images").
-SIXRAY_CLASSES = ("Gun", "Knife", "Wrench", "Pliers", "Scissors")
 
 #: test subsets of PIDray: (annotation file stem, image folder, items per image, clutter)
 _PIDRAY_TESTS = (("xray_test_easy", "easy", (1, 1), 4), ("xray_test_hard", "hard", (2, 4), 8),

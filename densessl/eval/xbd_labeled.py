@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from densessl.data.cache import cached_synthetic
 from densessl.data.labeled import LabeledData, register_eval_dataset
 from densessl.data.resize import resize_image, resize_labels
 from densessl.data.xbd import XBD_CARD, XBDDataset
@@ -65,8 +66,6 @@ def xbd_labeled(path: str | None = None, image_size: int = 64, seed: int = 0,
     if task not in ("damage", "buildings"):
         raise RecipeError(f"finetune.options.task: expected 'damage' or 'buildings', got {task!r}")
     if path is None:
-        from densessl.data.xbd_synth import cached_synthetic
-
         root = cached_synthetic("xbd", synthetic_n, seed, cache_dir)
     else:
         root = Path(path)

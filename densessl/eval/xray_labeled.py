@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from densessl.data.cache import cached_synthetic
 from densessl.data.labeled import LabeledData, register_eval_dataset
-from densessl.data.pidray import PIDRAY_CARD, PIDray, available_splits
-from densessl.data.xray_synth import PIDRAY_CLASSES
+from densessl.data.pidray import PIDRAY_CARD, PIDRAY_CLASSES, PIDray, available_splits
+from densessl.data.xray_synth import synthesize_xray  # noqa: F401  (registers "xray" for the cache)
 from densessl.errors import DataError
 
 
@@ -21,9 +22,7 @@ def pidray_labeled(path: str | None = None, image_size: int = 64, channels: int 
                    seed: int = 0, cache_dir: str | None = None, synthetic_n: int = 48,
                    skip_bad: bool = False) -> LabeledData:
     if path is None:
-        from densessl.pairs.cut_paste import ensure_synthetic_xray
-
-        root = ensure_synthetic_xray(cache_dir, seed=seed, n=synthetic_n) / "pidray"
+        root = cached_synthetic("xray", synthetic_n, seed, cache_dir) / "pidray"
     else:
         root = Path(path)
     splits = available_splits(root)

@@ -25,8 +25,6 @@ of every class and never masks another background cell as "same class".
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -37,32 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from densessl.contract import PairSample, PastePlan
-from densessl.data.segment_bank import SegmentBank, default_cache_dir
+from densessl.data.cache import cached_synthetic
+from densessl.data.segment_bank import SegmentBank
 from densessl.data.sixray import SIXray
+from densessl.data.xray_synth import synthesize_xray  # noqa: F401  (registers "xray" for the cache)
 from densessl.errors import RecipeError
 from densessl.pairs.base import PairBuilder
 from densessl.pairs.correspondence import instance_correspondence
 from densessl.pairs.registry import register_pair_builder
-
-
-def ensure_synthetic_xray(cache_dir: str | Path | None = None, seed: int = 0,
-                          n: int = 48) -> Path:
-    """The synthetic X-ray set (``pidray/`` + ``sixray/``), generated once into the cache."""
-    from densessl.data.xray_synth import synthesize_xray
-
-    base = Path(cache_dir) if cache_dir else default_cache_dir()
-    root = base / "xray_synth" / f"seed{seed}_n{n}"
-    if (root / ".complete").is_file():
-        return root
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    synthesize_xray(tmp, n, seed)
-    (tmp / ".complete").write_text("ok\n")
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 def paste_matrix(seg_h: int, seg_w: int, scale: float, angle: float, cx: float, cy: float
@@ -140,7 +120,7 @@ class CutPastePairs(PairBuilder):
                               f"{device_composite!r}")
         if (segments is None and pidray_root is None) or (backgrounds is None
                                                           and sixray_root is None):
-            synth = ensure_synthetic_xray(cache_dir, seed, synthetic_n)
+            synth = cached_synthetic("xray", synthetic_n, seed, cache_dir)
             pidray_root = pidray_root or str(synth / "pidray")
             sixray_root = sixray_root or str(synth / "sixray")
         bank_dir = Path(cache_dir) / "segment_bank" if cache_dir else None
