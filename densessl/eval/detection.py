@@ -29,7 +29,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from densessl.errors import DensesslError
-from densessl.models.backbone import _CHANNELS
+from densessl.models.backbone import STAGE_CHANNELS
 from densessl.models.box_head import build_conv_fc_head
 from densessl.models.neck import CentredFeaturePyramidNetwork
 from densessl.models.weights import load_encoder
@@ -61,7 +61,7 @@ def build_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int = 128,
     net = getattr(torchvision.models, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    channels = list(_CHANNELS[backbone])
+    channels = list(STAGE_CHANNELS[backbone])
     model = BackboneWithFPN(net, return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
                             in_channels_list=channels, out_channels=fpn_dim,
                             extra_blocks=LastLevelMaxPool())

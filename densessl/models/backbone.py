@@ -6,7 +6,8 @@ import torch.nn as nn
 import torchvision
 from torch import Tensor
 
-_CHANNELS = {
+#: output channels of stages C2..C5 per backbone (what an FPN over them is built for)
+STAGE_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
     "resnet34": (64, 128, 256, 512),
     "resnet50": (256, 512, 1024, 2048),
@@ -35,8 +36,8 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, name: str = "resnet18", in_channels: int = 3) -> None:
         super().__init__()
-        if name not in _CHANNELS:
-            raise ValueError(f"unknown backbone {name!r}; valid: {sorted(_CHANNELS)}")
+        if name not in STAGE_CHANNELS:
+            raise ValueError(f"unknown backbone {name!r}; valid: {sorted(STAGE_CHANNELS)}")
         net = getattr(torchvision.models, name)(weights=None)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -50,7 +51,7 @@ class ResNetBackbone(nn.Module):
             net.layer3,
             net.layer4,
         )
-        self.channels: dict[str, int] = dict(zip(("c2", "c3", "c4", "c5"), _CHANNELS[name]))
+        self.channels: dict[str, int] = dict(zip(("c2", "c3", "c4", "c5"), STAGE_CHANNELS[name]))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
