@@ -52,7 +52,7 @@ def test_split_groups_need_two_samples_each():
 
 def test_one_step_segloc_pretrain_with_split_key_bn(tmp_path, capsys):
     path = next(p for p in RECIPES if p.stem == "xray_segloc")
-    overrides = ["train.max_steps=1", "train.batch_size=4", "train.num_workers=0",
+    overrides = ["train.max_steps=1", "train.batch_size=8", "train.num_workers=0",
                  "data.image_size=64", "augment.view_size=48",
                  f"pairs.options.cache_dir={tmp_path / 'cache'}"]
     recipe = load_recipe(path, overrides)
