@@ -27,6 +27,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from densessl.boxes import mask_edge_boxes
 from densessl.data.bad_samples import report_bad
 from densessl.data.registry import register_inspector, register_source
 from densessl.data.resize import resize_image, resize_labels
@@ -249,24 +250,10 @@ class PIDray(Dataset):
             image = resize_image(image, size)
             semantic = resize_labels(semantic, size)
             inst = resize_labels(inst, size)
-        return {"image": image, "mask": semantic, "boxes": masks_to_boxes(inst),
+        return {"image": image, "mask": semantic, "boxes": mask_edge_boxes(inst),
                 "labels": torch.tensor(labels, dtype=torch.long), "instance_masks": inst,
                 "meta": {"source": "pidray", "split": self.split, "file": str(rec["file"]),
                          "image_id": rec["id"]}}
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """N×H×W bool → N×4 xyxy with COCO edges (a one-pixel mask at x spans [x, x+1])."""
-    if masks.shape[0] == 0:
-        return torch.zeros(0, 4)
-    boxes = []
-    for m in masks:
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        if xs.numel() == 0:
-            boxes.append(torch.zeros(4))
-            continue
-        boxes.append(torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float())
-    return torch.stack(boxes)
 
 
 @register_inspector("pidray")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from densessl.boxes import mask_edge_boxes
 from densessl.contract import PairSample, PastePlan
 from densessl.data.cache import cached_synthetic
 from densessl.data.segment_bank import SegmentBank
@@ -261,8 +262,5 @@ class CutPastePairs(PairBuilder):
 
 def _visible_box(visible: np.ndarray, pasted_area: float) -> tuple[torch.Tensor, float]:
     """xyxy box (COCO edges) of the visible pixels and the visible fraction of the paste."""
-    ys, xs = np.nonzero(visible)
-    if xs.size == 0:
-        return torch.zeros(4), 0.0
-    box = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
-    return box, float(xs.size) / max(pasted_area, 1.0)
+    mask = torch.from_numpy(np.ascontiguousarray(visible))[None]
+    return mask_edge_boxes(mask)[0], float(visible.sum()) / max(pasted_area, 1.0)
