@@ -21,7 +21,7 @@ from densessl.build import build_pair_builder
 from densessl.data.manifest import attribution_csv, find_image_provenance
 from densessl.errors import DensesslError
 from densessl.io import save_torch, write_json, write_text
-from densessl.methods import DensePretraining, ThroughputMonitor
+from densessl.methods import DensePretraining, PairThroughputMonitor
 from densessl.methods.guards import NonFiniteGuard
 from densessl.models.box_head import conv_fc_head_spec
 from densessl.pairs import collate_pairs
@@ -225,7 +225,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     loader = make_dataloader(recipe, builder, start=state.samples_seen if state else 0)
     task = DensePretraining(recipe)
     task.dataset_cards = cards
-    monitor = ThroughputMonitor()
+    monitor = PairThroughputMonitor()
     guard = NonFiniteGuard(t.on_nonfinite, t.log_every)
     if progress is None:
         progress = sys.stderr.isatty()

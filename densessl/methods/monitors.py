@@ -43,8 +43,10 @@ def dense_cells(dense: Tensor, step: int = 2) -> tuple[Tensor, Tensor]:
     return cells.permute(0, 2, 1).reshape(b * length, -1), groups
 
 
-class ThroughputMonitor(pl.Callback):
+class PairThroughputMonitor(pl.Callback):
     """Pairs per second and the fraction of step time spent waiting for the next batch.
+
+    (Not Lightning's ``ThroughputMonitor``, which counts samples and FLOPs, not data waits.)
 
     Wait time is the gap between the end of one training step and the start of the next (the
     DataLoader fetch and host→device copy), minus the device-side view augmentation, which is
