@@ -1,4 +1,4 @@
-"""The pair contract every stage speaks (see DESIGN.md, "The data contract").
+"""The pair contract every stage speaks (see docs/architecture.md, "The pair contract").
 
 Two dataclasses:
 

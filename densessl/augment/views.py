@@ -1,4 +1,4 @@
-"""The device-side stage that turns a SourceBatch into a PairBatch (see DESIGN.md data flow).
+"""The device-side stage that turns a SourceBatch into a PairBatch (docs/architecture.md).
 
 Runs on whatever device the batch is on (called from the Lightning task's
 ``on_after_batch_transfer``, like torchgeo's datamodules): composites deferred cut-paste
