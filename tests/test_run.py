@@ -114,6 +114,7 @@ def test_aggregate_mean_std_and_table():
 
 
 SHORT = ["train.max_steps=2", "train.batch_size=4", "train.num_workers=0",
+         "model.split_bn_groups=2",  # split key BN needs 2+ samples per group at batch 4
          "finetune.steps=2", "finetune.detection_steps=1", "finetune.supervised_steps=2",
          "finetune.batch_size=4", "finetune.seeds=[0]", "finetune.label_fractions=[1.0]",
          "finetune.image_size=32", "finetune.num_threads=1"]
