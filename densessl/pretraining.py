@@ -19,6 +19,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from densessl.build import build_pair_builder
 from densessl.data.manifest import attribution_csv, find_image_provenance
+from densessl.data.wrapped import wrapped_objects
 from densessl.errors import DensesslError
 from densessl.io import save_torch, write_json, write_text
 from densessl.methods import DensePretraining, PairThroughputMonitor
@@ -58,20 +59,15 @@ def collect_provenance(builder) -> tuple[list[dict], list[str]]:
     (attributes ``dataset_cards`` and ``skipped_samples``)."""
     cards: list[dict] = []
     skipped: list[str] = []
-    seen: set[int] = set()
-    stack = [builder]
-    while stack:
-        obj = stack.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
+    lists: set[int] = set()  # a wrapper may hand out its source's list (NoisyPairs does)
+    for obj in wrapped_objects(builder):
         for card in getattr(obj, "dataset_cards", None) or []:
             if card not in cards:
                 cards.append(card)
-        skipped.extend(getattr(obj, "skipped_samples", None) or [])
-        for name in ("dataset", "datasets", "source", "backgrounds", "segments"):
-            child = getattr(obj, name, None)
-            stack.extend(child if isinstance(child, (list, tuple)) else [child])
+        found = getattr(obj, "skipped_samples", None) or []
+        if id(found) not in lists:
+            lists.add(id(found))
+            skipped.extend(found)
     return cards, skipped
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from densessl.data.wrapped import wrapped_objects
 from densessl.errors import DataError
 
 FIELDS = ("file", "licence", "author", "url")
@@ -406,19 +407,10 @@ def manifest_report(root: str | Path, manifest_path: str | Path,
 def find_image_provenance(builder) -> tuple[dict | None, list[dict]]:
     """The provenance summary and attribution rows a filtered source carries (attributes
     ``image_provenance`` / ``attribution``), found through the builder's wrapped datasets."""
-    seen: set[int] = set()
-    stack = [builder]
-    while stack:
-        obj = stack.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
+    for obj in wrapped_objects(builder):
         summary = getattr(obj, "image_provenance", None)
         if summary is not None:
             return summary, list(getattr(obj, "attribution", None) or [])
-        for name in ("dataset", "datasets", "source", "base", "builder"):
-            child = getattr(obj, name, None)
-            stack.extend(child if isinstance(child, (list, tuple)) else [child])
     return None, []
 
 
