@@ -115,6 +115,7 @@ def test_wrong_class_without_instances_is_a_clear_error():
     with pytest.raises(PairContractError, match="wrong_class needs a pair builder with labeled"):
         NoisyPairs(UniquePixels(), "wrong_class", amount=0.5)
     recipe = load_recipe({"data": {"options": {"num_images": 8}, "image_size": 32},
+                          "augment": {"view_size": 32},
                           "noise": {"kind": "wrong_class", "amount": 0.5}})
     with pytest.raises(RecipeError, match="wrong_class"):
         build_pair_builder(recipe)
@@ -122,6 +123,7 @@ def test_wrong_class_without_instances_is_a_clear_error():
 
 def test_recipe_noise_section_wraps_builder_and_keeps_provenance():
     recipe = load_recipe({"data": {"options": {"num_images": 8}, "image_size": 32},
+                          "augment": {"view_size": 32},
                           "noise": {"kind": "misregistration", "amount": 2, "rate": 0.5}})
     builder = build_pair_builder(recipe)
     assert isinstance(builder, NoisyPairs) and builder.dataset is builder.source.dataset
