@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Literal
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,15 +22,20 @@ def upsample_centred(coarse: Tensor, size: tuple[int, int]) -> Tensor:
     torchvision's nearest upsampling gives odd cell ``2j + 1`` the value of coarse cell ``j``,
     one fine cell (s pixels) away from where the cell is.
 
-    Bilinear with ``align_corners=True`` onto ``2n − 1`` cells is exactly that; the replicate
-    pad covers a fine map of ``2n`` cells (a ResNet halves ``H`` to ``ceil(H / 2)``).
+    Bilinear with ``align_corners=True`` onto ``2n − 1`` cells is exactly that; repeating the
+    edge covers a fine map of ``2n`` cells (a ResNet halves ``H`` to ``ceil(H / 2)``).
     """
     h, w = coarse.shape[-2:]
     if not (2 * h - 1 <= size[0] <= 2 * h and 2 * w - 1 <= size[1] <= 2 * w):
         raise ValueError(f"upsample_centred: {tuple(size)} is not 2× of {(h, w)}")
     up = F.interpolate(coarse, size=(2 * h - 1, 2 * w - 1), mode="bilinear",
                        align_corners=True)
-    return F.pad(up, (0, size[1] - up.shape[-1], 0, size[0] - up.shape[-2]), mode="replicate")
+    # repeat the edge by concatenation (replication_pad2d's backward breaks torch.compile)
+    if size[0] > up.shape[-2]:
+        up = torch.cat([up, up[..., -1:, :]], dim=-2)
+    if size[1] > up.shape[-1]:
+        up = torch.cat([up, up[..., -1:]], dim=-1)
+    return up
 
 
 class CentredFeaturePyramidNetwork(FeaturePyramidNetwork):
