@@ -284,6 +284,7 @@ def test_insloc_recipe_pretrains_one_step(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(["pretrain", str(RECIPES / "xray_insloc.yaml"), "--out", str(out),
                      "--set", "train.max_steps=1", "--set", "train.batch_size=4",
+                     "--set", "model.split_bn_groups=2",
                      "--set", "train.num_workers=0", "--set", "data.image_size=64",
                      "--set", "augment.view_size=48", "--set", "loss.roi_head_fc_dim=64",
                      "--set", f"pairs.options.cache_dir={tmp_path / 'cache'}"])

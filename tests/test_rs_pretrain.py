@@ -17,6 +17,7 @@ def test_recipe_pretrains_two_steps(recipe, channels, tmp_path):
     out = tmp_path / "run"
     code = main(["pretrain", str(RECIPES / recipe), "--out", str(out),
                  "--set", "train.max_steps=2", "--set", "train.batch_size=4",
+                 "--set", "model.split_bn_groups=2",
                  "--set", "train.num_workers=0", "--set", "augment.view_size=32",
                  "--set", f"data.options.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
