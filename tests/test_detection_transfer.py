@@ -31,13 +31,7 @@ SPEC = {"input_size": [FPN_DIM, ROI, ROI], "conv_layers": [FPN_DIM] * 4, "fc_lay
 RECIPE = {"model": {"neck_dim": FPN_DIM}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core CPU, OpenMP spin-waits make 2 threads far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomise_bn(module):

@@ -17,14 +17,7 @@ from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.metrics import DetectionMetrics
 from densessl.models import DenseEncoder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core CPU, OpenMP spin-waits make 2 threads far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomise_bn(module):

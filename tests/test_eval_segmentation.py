@@ -17,14 +17,7 @@ from densessl.models import ResNetBackbone
 from densessl.models.weights import check_encoder_state, load_encoder_file
 from densessl.recipe import load_recipe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core CPU, OpenMP spin-waits make 2 threads far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def encoder_state(backbone="resnet18", in_channels=3, seed=0):

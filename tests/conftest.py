@@ -1,0 +1,13 @@
+"""Fixtures shared by the fine-tuning tests."""
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core CPU, OpenMP spin-waits make 2 threads far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
