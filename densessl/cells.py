@@ -33,17 +33,26 @@ def cell_centres(h: int, w: int, stride: float, device=None) -> Tensor:
     return torch.stack([xx, yy], dim=-1)
 
 
+def pixel_to_normalized(xy: Tensor, width: int, height: int) -> Tensor:
+    """(x, y) pixel → grid_sample coordinates (align_corners=False)."""
+    scale = torch.tensor([2.0 / width, 2.0 / height], device=xy.device, dtype=xy.dtype)
+    return (xy + 0.5) * scale - 1.0
+
+
+def normalized_to_pixel(xy: Tensor, width: int, height: int) -> Tensor:
+    """grid_sample coordinates (align_corners=False) → (x, y) pixel."""
+    scale = torch.tensor([width / 2.0, height / 2.0], device=xy.device, dtype=xy.dtype)
+    return (xy + 1.0) * scale - 0.5
+
+
 def image_to_feature_grid(grid: Tensor, image_size: tuple[int, int],
                           feature_size: tuple[int, int], stride: float) -> Tensor:
     """Normalised image coordinates (…×2, x then y) → normalised coordinates of the stride-``s``
     feature map of that image, both ``align_corners=False``: what ``grid_sample`` on the
     feature map needs to read the feature of the cell centred on that image point."""
     (height, width), (fh, fw) = image_size, feature_size
-    size = grid.new_tensor([width, height])
-    fsize = grid.new_tensor([fw, fh])
-    pixel = (grid + 1.0) * size / 2.0 - 0.5                 # image pixel, centres at integers
-    cell = pixel / stride                                    # feature index, centres at integers
-    return (2.0 * cell + 1.0) / fsize - 1.0
+    pixel = normalized_to_pixel(grid, width, height)
+    return pixel_to_normalized(pixel / stride, fw, fh)  # cell index: pixel / stride
 
 
 def boxes_for_roi_align(boxes: Tensor, stride: float) -> Tensor:

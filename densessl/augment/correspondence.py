@@ -14,21 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from densessl.cells import cell_centres
+# the coordinate conversions live with the cell convention; re-exported here for callers
+from densessl.cells import cell_centres, normalized_to_pixel, pixel_to_normalized  # noqa: F401
 
 # Bilinear samples of a 0/1 mask below this mean some neighbour was invalid.
 _STRICT = 0.999
-
-
-def pixel_to_normalized(xy: Tensor, width: int, height: int) -> Tensor:
-    """(x, y) pixel → grid_sample coordinates (align_corners=False)."""
-    scale = torch.tensor([2.0 / width, 2.0 / height], device=xy.device, dtype=xy.dtype)
-    return (xy + 0.5) * scale - 1.0
-
-
-def normalized_to_pixel(xy: Tensor, width: int, height: int) -> Tensor:
-    scale = torch.tensor([width / 2.0, height / 2.0], device=xy.device, dtype=xy.dtype)
-    return (xy + 1.0) * scale - 0.5
 
 
 def apply_homography(matrix: Tensor, xy: Tensor) -> Tensor:
