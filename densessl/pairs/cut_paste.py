@@ -80,6 +80,9 @@ class CutPastePairs(PairBuilder):
         min_visible: an instance gets a box pair only if at least this fraction of its pasted
             area stays on top in both views.
         num_pairs: dataset length (default: number of backgrounds).
+        classes: paste only segments of these class ids (default: every class of the bank).
+            Fewer classes make classes repeat within a batch, which is what per-class queues
+            are for (a query's same-class negatives); the queue ablation uses it.
         image_size, channels, seed: from the recipe's data section.
         cache_dir: base folder of the segment-bank cache and of the synthetic set.
         synthetic_n: train images of the synthetic set (its test subsets get n // 8 each).
@@ -106,7 +109,8 @@ class CutPastePairs(PairBuilder):
                  seed: int = 0, cache_dir: str | None = None, skip_bad: bool = False,
                  sixray_subset: str | None = None, segments: Sequence[dict] | None = None,
                  backgrounds: Sequence[dict] | None = None, synthetic_n: int = 48,
-                 device_composite: bool = False) -> None:
+                 device_composite: bool = False, classes: Sequence[int] | None = None
+                 ) -> None:
         if mode not in ("segloc", "insloc"):
             raise RecipeError(f"pairs.options.mode: expected segloc or insloc, got {mode!r}")
         if blend not in ("transmission", "alpha"):
@@ -136,10 +140,24 @@ class CutPastePairs(PairBuilder):
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.same_background = (same_background if same_background is not None
                                 else (0.0 if mode == "insloc" else 0.5))
-        if len(self.segments) < self.k:
+        labels = [int(self.segments[i]["label"]) for i in range(len(self.segments))]
+        if classes is not None:
+            if not classes:
+                raise RecipeError("pairs.options.classes: expected a non-empty list of class "
+                                  "ids or null (every class)")
+            missing = sorted(set(int(c) for c in classes) - set(labels))
+            if missing:
+                raise RecipeError(f"pairs.options.classes: {list(classes)} has ids with no "
+                                  f"segment in the bank ({missing}); the bank has classes "
+                                  f"{sorted(set(labels))}")
+        # bank indices the pairs draw from (all of them without a class filter)
+        self.segment_ids = [i for i, c in enumerate(labels)
+                            if classes is None or c in {int(x) for x in classes}]
+        if len(self.segment_ids) < self.k:
             raise RecipeError(f"pairs.options.k: {self.k} distinct segments per pair, but the "
-                              f"segment bank has only {len(self.segments)}; lower k or add "
-                              "labeled segments")
+                              f"segment bank has only {len(self.segment_ids)}"
+                              f"{' of classes ' + str(list(classes)) if classes else ''}; "
+                              "lower k or add labeled segments")
         self.min_visible, self.image_size, self.seed = min_visible, image_size, seed
         self.num_pairs = num_pairs or len(self.backgrounds)
 
@@ -202,8 +220,9 @@ class CutPastePairs(PairBuilder):
         bg_a = index % n_bg
         same_bg = n_bg == 1 or rng.random() < self.same_background
         bg_b = bg_a if same_bg else int((bg_a + rng.integers(1, n_bg)) % n_bg)
-        picks = rng.choice(len(self.segments), size=self.k, replace=False)
-        segs = [self.segments[int(i)] for i in picks]
+        picks = [self.segment_ids[int(i)]
+                 for i in rng.choice(len(self.segment_ids), size=self.k, replace=False)]
+        segs = [self.segments[i] for i in picks]
         mats_a, mats_b = [], []
         for seg in segs:
             mats_a.append(self._placement(rng, seg))
