@@ -28,7 +28,7 @@ from densessl.eval.inits import supervised_init
 from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.report import build_results, write_report
 from densessl.io import write_json
-from densessl.models.health import collapse_message, encoder_problems
+from densessl.models.health import collapse_message, encoder_problems, sparse_dense_message
 from densessl.models.weights import EncoderInit, load_encoder_file
 from densessl.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 
@@ -184,6 +184,9 @@ def _pretrain_all(recipe: Recipe, folder: Path, log, overwrite: bool = False) ->
         if message:
             warnings.warn(message, CollapseWarning, stacklevel=3)
             log(f"warning: {message}")
+        sparse = sparse_dense_message(metrics)
+        if sparse:
+            log(f"note: {sparse}")
         files.append(where / "encoder.pt")
     return files
 

@@ -103,6 +103,19 @@ def test_collapse_message_thresholds():
     assert "feature_std 0.010 < 0.1" in msg and "mean_cosine 0.990 > 0.95" in msg
 
 
+def test_sparse_dense_message_counts_cells_per_image():
+    from densessl.models.health import sparse_dense_message
+
+    # 150 steps of 16 pairs on one process: 8 cells in the last batch = 0.5 per image
+    metrics = {"final": {"dense_pairs": 8.0}, "pairs": 2400, "steps": 150, "world_size": 1}
+    assert "0.50 query cells per image" in sparse_dense_message(metrics)
+    # the same cells on each of 2 processes of 8 pairs each: 1 per image, enough
+    assert sparse_dense_message({**metrics, "world_size": 2}) is None
+    assert sparse_dense_message({"final": {"dense_pairs": 32.0}, "pairs": 160,
+                                 "steps": 10}) is None
+    assert sparse_dense_message({"final": {}, "pairs": 160, "steps": 10}) is None
+
+
 def test_aggregate_mean_std_and_table():
     raw = {"pretrained": {"seg@10%": [{"mIoU": 0.5}, {"mIoU": 0.7}]},
            "random": {"seg@10%": [{"mIoU": 0.2}, {"mIoU": 0.2}]}}

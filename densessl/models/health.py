@@ -34,6 +34,27 @@ def collapse_message(metrics: dict) -> str | None:
             "feature; try a lower learning rate, a larger queue or more augmentation")
 
 
+#: fewer dense query cells per image than this in the last step: the dense objective barely trains
+MIN_DENSE_CELLS_PER_IMAGE = 1.0
+
+
+def sparse_dense_message(metrics: dict) -> str | None:
+    """A note when the dense objective had almost no query cells (valid, taking part) per
+    image in the last step, e.g. thin pasted segments with ``loss.background: ignore`` at small
+    views: the encoder is then trained by the other objectives, not the dense one."""
+    final = metrics.get("final", {})
+    cells, pairs, steps = final.get("dense_pairs"), metrics.get("pairs"), metrics.get("steps")
+    if cells is None or not pairs or not steps:
+        return None
+    per_image = cells / (pairs / steps / max(metrics.get("world_size", 1), 1))
+    if per_image >= MIN_DENSE_CELLS_PER_IMAGE:
+        return None
+    return (f"the dense objective had {per_image:.2f} query cells per image in the last step "
+            f"(< {MIN_DENSE_CELLS_PER_IMAGE:g}): it barely trains. Cells count only where the "
+            "correspondence is exact and, with loss.background: ignore, on pasted segments; "
+            "larger views (augment.view_size) or pastes (pairs.options.scale_range) give more")
+
+
 def encoder_problems(state: dict[str, Tensor], metrics: dict | None) -> list[str]:
     """Why an encoder is not a result: non-finite tensors, or collapse/divergence in the
     pretraining monitors of ``metrics.json`` next to it."""
