@@ -29,6 +29,13 @@ CONFIGS = {
     "instance_by_size_jitter": {"instance_weight": 1.0, "queue": "per_class",
                                 "dense_queue_size": 16, "instance_queue_size": 8,
                                 "box_jitter": True, "box_jitter_levels": "all"},
+    # robust positives (issue #18): the truncation rank and the noisy-pair monitor too
+    "robust_truncate": {"instance_weight": 1.0, "dense_queue_size": 16,
+                        "instance_queue_size": 8, "robust": "truncate",
+                        "truncate_warmup_steps": 4},
+    "robust_rince_per_class": {"instance_weight": 1.0, "queue": "per_class",
+                               "dense_queue_size": 16, "instance_queue_size": 8,
+                               "robust": "rince"},
 }
 
 

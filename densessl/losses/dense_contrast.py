@@ -20,6 +20,7 @@ from densessl.distributed import gather_concat, rank, world_size
 from densessl.losses.functional import pairwise_negatives, ring_negatives, weighted_info_nce
 from densessl.losses.per_class_queue import PerClassQueue
 from densessl.losses.queue import MoCoQueue
+from densessl.losses.robust import RobustPositives
 
 
 def sample_cells(valid: Tensor, per_image: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,6 +109,9 @@ class DenseContrast(nn.Module):
               contrast instances and segments only).
 
             ``own_class`` needs ``num_classes``; ``ignore`` also works with the single queue.
+        robust: robust positives per query cell (:mod:`densessl.losses.robust`: RINCE,
+            Chuang et al. 2022, or loss truncation, Kang & Hashimoto 2020); None = InfoNCE.
+            Truncation ranks the cells of this process's batch.
 
     Shapes:
         ``forward(q_dense B×D×h×w, k_dense B×D×h'×w', grid_ab B×h×w×2, valid_ab B×h×w,
@@ -126,6 +130,7 @@ class DenseContrast(nn.Module):
         num_classes: int | None = None,
         stride: int = 8,
         background: Literal["negative", "own_class", "ignore"] = "negative",
+        robust: RobustPositives | None = None,
     ) -> None:
         super().__init__()
         if background not in ("negative", "own_class", "ignore"):
@@ -140,6 +145,11 @@ class DenseContrast(nn.Module):
         self.samples_per_image = samples_per_image
         self.batch_negatives = batch_negatives
         self.enqueue_per_image = enqueue_per_image
+        self.robust = robust
+        #: with an enabled ``robust``, after each forward: per image of the local batch, the
+        #: weighted query cells (``cells``, B float) and how many were down-weighted (``down``);
+        #: for analysis against the pairs' true noise (the loss never sees it)
+        self.last_robust_cells: dict[str, Tensor] | None = None
         self.per_class = num_classes is not None
         # own_class: background takes the ring after the real classes
         rings = num_classes + (background == "own_class") if self.per_class else 0
@@ -170,8 +180,11 @@ class DenseContrast(nn.Module):
         valid_ab: Tensor,
         class_map: Tensor | None = None,
         update_queue: bool | None = None,
+        step: int = 0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute the loss, then (by default only in training mode) enqueue key cells.
+
+        ``step`` (the host's training step) ramps in the truncation of ``robust``.
 
         Gradients flow into ``q_dense`` and, if it requires grad, into ``k_dense`` through the
         positives and batch negatives; queued keys are always detached. No step reads a tensor
@@ -182,7 +195,8 @@ class DenseContrast(nn.Module):
         Returns:
             ``loss`` and detached scalar ``stats``: ``pairs`` (query cells), ``pos_cos`` (mean
             query-positive cosine), ``neg_cos`` (mean cosine to allowed negatives),
-            ``queue_filled``.
+            ``queue_filled``; with an enabled ``robust`` also ``robust_fraction`` (share of the
+            query cells down-weighted).
         """
         b, d, h, w = q_dense.shape
         if k_dense.shape[:2] != (b, d):
@@ -221,7 +235,13 @@ class DenseContrast(nn.Module):
             if self.per_class:
                 allowed &= PerClassQueue.negatives_mask(label, label_all)
             terms.append(pairwise_negatives(q, keys_all, allowed, self.temperature, weight))
-        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight)
+        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight, self.robust, step)
+        down = stats.pop("down_weighted", None)
+        if down is not None:
+            # slots are image-major with a fixed count per image: a reshape gives per-image sums
+            n = weight.shape[0] // max(b, 1)
+            self.last_robust_cells = {"cells": weight.reshape(b, n).sum(1),
+                                      "down": (down.float() * weight).reshape(b, n).sum(1)}
         stats["queue_filled"] = self.queue.filled.sum().detach()
 
         # every process enqueues (possibly nothing): the queue gathers across processes

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densessl.losses.robust import RobustPositives, robust_loss_terms
+
 
 def contrastive_logits(
     query: Tensor,
@@ -235,7 +237,8 @@ def pairwise_negatives(query: Tensor, keys: Tensor, allowed: Tensor, temperature
 
 
 def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm],
-                      temperature: float, weight: Tensor | None = None
+                      temperature: float, weight: Tensor | None = None,
+                      robust: RobustPositives | None = None, step: int = 0
                       ) -> tuple[Tensor, dict[str, Tensor]]:
     """InfoNCE from the positives and pre-reduced negative groups (MoCo eq. 1).
 
@@ -245,10 +248,15 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
         weight: N float (default all 1): each query's share of the mean; 0 drops padding rows
             kept so shapes do not depend on data. With nothing weighted the loss is a zero
             still connected to ``query``.
+        robust: optional robust positives (:mod:`densessl.losses.robust`: RINCE or loss
+            truncation), built from the same positive logit and total log-sum-exp.
+        step: the training step (host int), for the truncation warm-up.
 
     Returns:
         scalar float32 loss and detached ``stats``: ``pairs`` (Σ weight), ``pos_cos``,
-        ``neg_cos`` (means over weighted queries / their allowed negatives).
+        ``neg_cos`` (means over weighted queries / their allowed negatives). With an enabled
+        ``robust`` also ``robust_fraction`` (share of the weight down-weighted) and
+        ``down_weighted``, the one per-query entry (N bool), for callers to pop.
     """
     if weight is None:
         weight = query.new_ones(query.shape[0], dtype=torch.float32)
@@ -257,11 +265,18 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
         pos = (query.float() * positive.float()).sum(dim=1) / temperature
         lse = torch.stack([pos, *(t.lse for t in terms)], dim=1).logsumexp(dim=1)
         total = weight.sum()
-        loss = ((lse - pos) * weight).sum() / total.clamp_min(1.0)
+        if robust is not None and robust.enabled:
+            per_query, mean_weight, down = robust_loss_terms(pos, lse, weight, robust, step)
+        else:
+            per_query, mean_weight, down = lse - pos, weight, None
+        loss = (per_query * mean_weight).sum() / mean_weight.sum().clamp_min(1.0)
         with torch.no_grad():
             cos_sum = sum((t.cos_sum for t in terms), pos.new_zeros(()))
             count = sum((t.count for t in terms), pos.new_zeros(()))
             stats = {"pairs": total.detach(),
                      "pos_cos": (pos.detach() * temperature * weight).sum() / total.clamp_min(1),
                      "neg_cos": cos_sum / count.clamp_min(1)}
+            if down is not None:
+                stats["robust_fraction"] = (down.float() * weight).sum() / total.clamp_min(1)
+                stats["down_weighted"] = down
     return loss, stats

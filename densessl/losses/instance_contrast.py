@@ -17,6 +17,7 @@ from densessl.losses.functional import (
 )
 from densessl.losses.per_class_queue import PerClassQueue
 from densessl.losses.queue import MoCoQueue
+from densessl.losses.robust import RobustPositives
 
 
 class InstanceContrast(nn.Module):
@@ -33,23 +34,30 @@ class InstanceContrast(nn.Module):
         temperature: InfoNCE temperature.
         queue: ``single`` (:class:`MoCoQueue`) or ``per_class`` (:class:`PerClassQueue`).
         num_classes: class ids ``0 … num_classes − 1`` (per-class queue only).
+        robust: robust positives per box (:mod:`densessl.losses.robust`: RINCE, Chuang et al.
+            2022, or loss truncation, Kang & Hashimoto 2020); None = InfoNCE.
 
     Shapes:
-        ``forward(q N×D, k N×D, labels N) -> (loss scalar, stats)``; ``k`` is enqueued with its
-        labels after the loss, by default only in training mode.
+        ``forward(q N×D, k N×D, labels N, update_queue, step) -> (loss scalar, stats)``; ``k``
+        is enqueued with its labels after the loss, by default only in training mode; ``step``
+        (host int) ramps in the truncation. With an enabled ``robust`` the stats also hold
+        ``robust_fraction`` (share of the boxes down-weighted).
     """
 
     def __init__(self, dim: int = 128, queue_size: int = 4096, temperature: float = 0.2,
-                 queue: Literal["single", "per_class"] = "single", num_classes: int = 13) -> None:
+                 queue: Literal["single", "per_class"] = "single", num_classes: int = 13,
+                 robust: RobustPositives | None = None) -> None:
         super().__init__()
         if queue not in ("single", "per_class"):
             raise ValueError(f"queue must be 'single' or 'per_class', got {queue!r}")
         self.temperature, self.per_class = temperature, queue == "per_class"
+        self.robust = robust
         self.queue = (PerClassQueue(num_classes, queue_size, dim) if self.per_class
                       else MoCoQueue(queue_size, dim))
 
     def forward(self, q: Tensor, k: Tensor, labels: Tensor | None = None,
-                update_queue: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                update_queue: bool | None = None, step: int = 0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         if q.shape != k.shape or q.dim() != 2:
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be N×D")
         if labels is None:
@@ -69,7 +77,8 @@ class InstanceContrast(nn.Module):
         not_self = ~torch.eye(n, dtype=torch.bool, device=q.device)
         terms = [ring_negatives(q, keys, valid, rings, self.temperature, weight),
                  pairwise_negatives(q, k, not_self & ~same_class, self.temperature, weight)]
-        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight)
+        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight, self.robust, step)
+        stats.pop("down_weighted", None)  # per box; only the dense objective is analysed per cell
         stats["boxes"] = stats.pop("pairs")
         stats["queue_filled"] = self.queue.filled.sum().detach().clone()
         if update_queue:
@@ -104,14 +113,15 @@ class LevelwiseInstanceContrast(nn.Module):
         self.level = nn.ModuleDict({name: InstanceContrast(**kwargs) for name in levels})
 
     def forward(self, q: Tensor, k: Tensor, labels: Tensor | None = None,
-                update_queue: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                update_queue: bool | None = None, step: int = 0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         if q.shape != k.shape or q.dim() != 3 or q.shape[0] != len(self.level):
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be L×N×D "
                              f"with L = {len(self.level)} levels")
         losses, per_level = [], []
         stats: dict[str, Tensor] = {}
         for (name, contrast), q_level, k_level in zip(self.level.items(), q, k):
-            loss, level_stats = contrast(q_level, k_level, labels, update_queue)
+            loss, level_stats = contrast(q_level, k_level, labels, update_queue, step)
             losses.append(loss)
             per_level.append(level_stats)
             stats[f"loss_{name}"] = loss.detach()

@@ -30,6 +30,7 @@ from densessl.losses import (
     InstanceContrast,
     LevelwiseInstanceContrast,
 )
+from densessl.losses.robust import RobustPositives
 from densessl.methods.monitors import collapse_stats, dense_cells
 from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.instance_head import InstanceHead
@@ -65,6 +66,11 @@ class DensePretraining(pl.LightningModule):
         self.model = MomentumPair(encoder)
         self.augment = build_augmentation(recipe, grid_stride=encoder.stride)
         loss = recipe.loss
+        robust = RobustPositives(loss.robust, loss.rince_q, loss.rince_lambda,
+                                 loss.truncate_fraction, loss.truncate_warmup_steps)
+        # run totals of (down-weighted cells of noisy pairs, down-weighted cells, cells of
+        # noisy pairs): the precision / recall monitor against the benchmark's true noise
+        self.register_buffer("robust_counts", torch.zeros(3), persistent=False)
         self.dense_loss = None
         if loss.dense_weight > 0:
             self.dense_loss = DenseContrast(
@@ -72,7 +78,7 @@ class DensePretraining(pl.LightningModule):
                 temperature=loss.temperature, samples_per_image=loss.samples_per_image,
                 batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image,
                 num_classes=loss.num_classes if loss.queue == "per_class" else None,
-                stride=encoder.stride, background=loss.background)
+                stride=encoder.stride, background=loss.background, robust=robust)
         self.global_loss = None
         if loss.global_weight > 0 and recipe.model.global_head:
             self.global_loss = GlobalContrast(dim=recipe.model.global_dim,
@@ -82,7 +88,7 @@ class DensePretraining(pl.LightningModule):
         if loss.instance_weight > 0:
             options = dict(dim=recipe.model.dense_dim, queue_size=loss.instance_queue_size,
                            temperature=loss.temperature, queue=loss.queue,
-                           num_classes=loss.num_classes)
+                           num_classes=loss.num_classes, robust=robust)
             # all levels (InsLoc): one loss and one queue per level
             self.instance_loss = (InstanceContrast(**options) if loss.roi_levels == "by_size"
                                   else LevelwiseInstanceContrast(self.roi_levels, **options))
@@ -137,10 +143,13 @@ class DensePretraining(pl.LightningModule):
         logs: dict[str, torch.Tensor] = {}
         if self.dense_loss is not None:
             dense, stats = self.dense_loss(query["dense"], key["dense"], batch.grid_ab,
-                                           batch.valid_ab, class_map=batch.class_map_a)
+                                           batch.valid_ab, class_map=batch.class_map_a,
+                                           step=self.global_step)
             total = total + self.recipe.loss.dense_weight * dense
             logs["loss_dense"] = dense.detach()
             logs.update({f"dense_{k}": v for k, v in stats.items()})
+            if self.dense_loss.last_robust_cells is not None:
+                logs.update(self.robust_detection(batch))
         if self.global_loss is not None:
             glob, stats = self.global_loss(query["global"], key["global"])
             total = total + self.recipe.loss.global_weight * glob
@@ -165,7 +174,30 @@ class DensePretraining(pl.LightningModule):
         (``loss.roi_levels``). With ``loss.box_jitter`` the query pools a random box around
         its instance (the localisation pretext); the key always pools the true box."""
         return self.instance_loss(self.instance_queries(batch, query),
-                                  self.instance_keys(batch, key), batch.box_label)
+                                  self.instance_keys(batch, key), batch.box_label,
+                                  step=self.global_step)
+
+    def robust_detection(self, batch: PairBatch) -> dict[str, torch.Tensor]:
+        """How well the robust dense objective singles out the truly noisy pairs, over the
+        run so far (analysis only: the pairs' ``noisy`` flags are read here, never by a loss).
+
+        ``dense_robust_precision``: down-weighted query cells that belong to noisy pairs / all
+        down-weighted cells; ``dense_robust_recall``: down-weighted cells of noisy pairs / the
+        query cells of noisy pairs. Pair level: every cell of a noisy pair counts as wrong,
+        which is exact for ``mismatch`` and overstates the truth for ``partial_change`` (only
+        part of B changed). NaN while a denominator is 0. Totals since this process started.
+        """
+        cells = self.dense_loss.last_robust_cells
+        noisy = batch.noisy.to(cells["down"].device, non_blocking=True).float()
+        step = torch.stack([(cells["down"] * noisy).sum(), cells["down"].sum(),
+                            (cells["cells"] * noisy).sum()])
+        if self.training:
+            self.robust_counts += step.to(self.robust_counts)
+            counts = self.robust_counts
+        else:
+            counts = step
+        return {"dense_robust_precision": counts[0] / counts[1],
+                "dense_robust_recall": counts[0] / counts[2]}
 
     def instance_queries(self, batch: PairBatch, query: dict) -> torch.Tensor:
         loss = self.recipe.loss
