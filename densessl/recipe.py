@@ -244,6 +244,29 @@ class DropChannelsConfig(Section):
     top_k: int = Field(ge=1, description="zero this many top-ranked channels")
 
 
+class FinetuneAugment(Section):
+    """Augmentation of the fine-tuning train split (albumentations; densessl/eval/augmentation.py):
+    image, class mask, boxes and instance masks move together. Probabilities in [0, 1]."""
+
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    vflip: float = Field(0.0, ge=0, le=1, description="vertical flip probability")
+    rotate90: float = Field(0.0, ge=0, le=1, description="probability of a random multiple of "
+                            "90 degrees (overhead / X-ray imagery has no up)")
+    crop_scale: tuple[float, float] = Field(
+        (1.0, 1.0), description="random resized crop: area fraction kept, [min, max] in (0, 1], "
+        "resized back to finetune.image_size; [1, 1]: off")
+    photometric: float = Field(0.0, ge=0, le=1, description="probability of a photometric "
+                               "jitter: brightness / contrast for 3 channels, a gain per band "
+                               "otherwise")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"expected 0 < min <= max <= 1, got {list(v)}")
+        return v
+
+
 class FinetuneConfig(Section):
     """Downstream evaluation (``densessl finetune`` / ``densessl run``), see densessl/eval."""
 
@@ -252,6 +275,8 @@ class FinetuneConfig(Section):
     path: str | None = Field(None, description="dataset root, when the dataset reads disk")
     options: dict[str, Any] = Field({}, description="keyword options of the labeled dataset")
     image_size: int = Field(64, ge=32, description="side of the fine-tuning images")
+    augment: FinetuneAugment = Field(default_factory=FinetuneAugment,
+                                     description="train-split augmentation (not the probe's)")
     tasks: list[Literal["segmentation", "detection", "linear_probe"]] = ["segmentation"]
     segmentation_archs: list[Literal["unet", "fpn", "deeplabv3plus"]] = ["fpn"]
     detection_archs: list[Literal["faster_rcnn", "mask_rcnn"]] = ["faster_rcnn"]

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 
+import albumentations as A
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from densessl.data.labeled import TASK_KEYS, LabeledData
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.artifact_probe import attach_channel_drop, read_drop_channels
+from densessl.eval.augmentation import AugmentedSamples, build_transform
 from densessl.eval.detection import build_detector, detector_groups
 from densessl.eval.linear_probe import (
     PixelFeatures,
@@ -113,21 +115,24 @@ def _optimizer(params, lr: float, weight_decay: float, steps: int):
     return opt, sched
 
 
+def _augmented(dataset: Dataset, augment: A.Compose | None) -> Dataset:
+    return dataset if augment is None else AugmentedSamples(dataset, augment)
+
+
 def train_dense(model: nn.Module, dataset: Dataset, *, steps: int, batch_size: int, lr: float,
                 weight_decay: float, seed: int, mean: list[float], std: list[float],
                 slow: list[nn.Module] = (), encoder_lr_mult: float = 1.0,
-                class_weights: Tensor | None = None) -> nn.Module:
-    """Per-pixel cross-entropy (255 ignored, optional class weights) with random horizontal
-    flips; the ``slow`` modules train at ``lr * encoder_lr_mult``."""
+                class_weights: Tensor | None = None, augment: A.Compose | None = None
+                ) -> nn.Module:
+    """Per-pixel cross-entropy (255 ignored, optional class weights) on ``augment``ed samples
+    (:func:`~densessl.eval.augmentation.build_transform`; None: as they are); the ``slow``
+    modules train at ``lr * encoder_lr_mult``."""
     model.train()
     opt, sched = _optimizer(param_groups(model, list(slow), lr, encoder_lr_mult), lr,
                             weight_decay, steps)
-    gen = torch.Generator().manual_seed(seed)
-    batches = _batches(dataset, batch_size, seed, _stack)
+    batches = _batches(_augmented(dataset, augment), batch_size, seed, _stack)
     for _ in range(steps):
         image, mask = next(batches)
-        flip = torch.rand(image.shape[0], generator=gen) < 0.5
-        image[flip], mask[flip] = image[flip].flip(-1), mask[flip].flip(-1)
         loss = F.cross_entropy(model(_normalise(image, mean, std)), mask, weight=class_weights,
                                ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
@@ -154,16 +159,11 @@ def evaluate_dense(model: nn.Module, dataset: Dataset, data: LabeledData, *, bat
     return out
 
 
-def _det_targets(samples: list[dict], masks: bool, flip: Tensor) -> tuple[list, list]:
+def _det_targets(samples: list[dict], masks: bool) -> tuple[list, list]:
     images, targets = [], []
-    for s, f in zip(samples, flip.tolist()):
-        image, boxes = s["image"], s["boxes"].clone()
+    for s in samples:
+        image, boxes = s["image"], s["boxes"]
         inst = s["instance_masks"] if masks else None
-        if f:
-            w = image.shape[-1]
-            image = image.flip(-1)
-            boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
-            inst = inst.flip(-1) if inst is not None else None
         t = {"boxes": boxes, "labels": s["labels"]}
         if inst is not None:
             t["masks"] = inst.to(torch.uint8)
@@ -174,19 +174,18 @@ def _det_targets(samples: list[dict], masks: bool, flip: Tensor) -> tuple[list, 
 
 def train_detector(model: nn.Module, dataset: Dataset, *, steps: int, batch_size: int,
                    lr: float, weight_decay: float, seed: int, masks: bool,
-                   slow: list[nn.Module] = (), encoder_lr_mult: float = 1.0) -> nn.Module:
-    """torchvision's summed detection losses, random horizontal flips, gradient clipping
-    (early RPN/RoI losses from a random init can spike); the ``slow`` modules (transferred
-    weights) train at ``lr * encoder_lr_mult``."""
+                   slow: list[nn.Module] = (), encoder_lr_mult: float = 1.0,
+                   augment: A.Compose | None = None) -> nn.Module:
+    """torchvision's summed detection losses on ``augment``ed samples (boxes and instance
+    masks move with the image), gradient clipping (early RPN/RoI losses from a random init
+    can spike); the ``slow`` modules (transferred weights) train at ``lr * encoder_lr_mult``."""
     model.train()
     opt, sched = _optimizer(param_groups(model, list(slow), lr, encoder_lr_mult), lr,
                             weight_decay, steps)
-    gen = torch.Generator().manual_seed(seed)
-    batches = _batches(dataset, batch_size, seed, _as_list)
+    batches = _batches(_augmented(dataset, augment), batch_size, seed, _as_list)
     for _ in range(steps):
         samples = next(batches)
-        images, targets = _det_targets(samples, masks, torch.rand(len(samples), generator=gen)
-                                       < 0.5)
+        images, targets = _det_targets(samples, masks)
         loss = sum(model(images, targets).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -373,7 +372,9 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
     train = label_subset(data.train, fraction, seed)
     # transferred weights move slowly; a random encoder has nothing to keep
     mult = cfg.encoder_lr_mult if init.encoder is not None else 1.0
-    common = {"batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "seed": seed}
+    common = {"batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "seed": seed,
+              "augment": build_transform(cfg.augment, (cfg.image_size, cfg.image_size), c, seed,
+                                         boxes=task == "detection")}
     if task == "detection":
         masks = arch == "mask_rcnn"
         neck, box_head = detection_start(recipe, init)

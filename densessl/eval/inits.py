@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from densessl.errors import DensesslError
+from densessl.eval.augmentation import build_transform
 from densessl.eval.finetune import channel_stats, train_dense
 from densessl.eval.segmentation import build_segmentation_model
 from densessl.models.weights import EncoderInit
@@ -40,8 +41,10 @@ def supervised_init(recipe, data, log=print) -> EncoderInit:
                                      data.num_classes)
     log(f"  supervised init: {cfg.supervised_steps} steps on the {where} split "
         f"({len(source)} images)")
+    size = (cfg.image_size, cfg.image_size)
     train_dense(model, source, steps=cfg.supervised_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                weight_decay=cfg.weight_decay, seed=recipe.seed, mean=mean, std=std)
+                weight_decay=cfg.weight_decay, seed=recipe.seed, mean=mean, std=std,
+                augment=build_transform(cfg.augment, size, recipe.data.channels, recipe.seed))
     state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
     return EncoderInit("supervised", state, None, {"trained_on": where,
                                                    "steps": cfg.supervised_steps})
