@@ -497,8 +497,14 @@ def recipe_path(value: str | Path) -> Path:
     return demo_recipe_path() if str(value) == "demo" else Path(value)
 
 
-def read_recipe_dict(path: str | Path, kind: str = "recipe") -> dict:
-    """The YAML mapping in ``path``; a missing file or bad YAML is one RecipeError line."""
+def read_recipe_dict(path: str | Path, kind: str = "recipe", _chain: tuple = ()) -> dict:
+    """The YAML mapping in ``path``; a missing file or bad YAML is one RecipeError line.
+
+    A recipe may name another as its ``base`` (a path relative to it, or ``demo``): the base
+    is read first (bases may have bases) and this file's keys are merged over it, section by
+    section; a list or a scalar replaces the base's value, ``null`` sets it to null. Sweep
+    files have a ``base`` of their own (densessl.sweep) and are read as they are.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{kind} {str(path)!r} not found")
@@ -506,7 +512,32 @@ def read_recipe_dict(path: str | Path, kind: str = "recipe") -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{kind} {path}: not valid YAML ({exc})") from None
-    return data
+    if kind != "recipe" or not isinstance(data, dict) or "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise RecipeError(f"recipe {path}: base: expected a recipe path or 'demo', got {base!r}")
+    base_path = recipe_path(base)
+    if base != "demo" and not base_path.is_absolute():
+        base_path = path.parent / base_path
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise RecipeError(f"recipe {path}: base: recipes inherit in a loop ({loop})")
+    if not base_path.is_file():
+        raise RecipeError(f"recipe {path}: base: {str(base_path)!r} not found")
+    return _merged(read_recipe_dict(base_path, kind, chain), data)
+
+
+def _merged(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def load_recipe(path_or_dict: str | Path | dict | Recipe, overrides: list[str] | None = None

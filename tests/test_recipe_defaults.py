@@ -12,7 +12,7 @@ from densessl.errors import RecipeError
 from densessl.methods.dense_pretraining import DensePretraining
 from densessl.models import cosine_momentum
 from densessl.models.split_batchnorm import SplitBatchNorm2d
-from densessl.recipe import load_recipe
+from densessl.recipe import demo_recipe_path, load_recipe, read_recipe_dict
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -81,3 +81,31 @@ def test_the_python_api_accepts_demo_like_the_cli():
     assert load_recipe(base) == packaged
     with pytest.raises(RecipeError, match="not found"):
         load_recipe("demo.yaml-that-does-not-exist")
+
+
+def test_recipe_base_merges_sections_and_refuses_loops(tmp_path):
+    import yaml
+
+    from densessl.errors import RecipeError
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump({
+        "name": "parent", "train": {"lr": 0.5, "max_steps": 7},
+        "pairs": {"builder": "same_image", "options": {"a": 1, "b": [1, 2]}}}))
+    (tmp_path / "sub" / "child.yaml").write_text(yaml.safe_dump({
+        "base": "../parent.yaml", "name": "child", "train": {"max_steps": 9},
+        "pairs": {"options": {"b": [3], "c": None}}}))
+    data = read_recipe_dict(tmp_path / "sub" / "child.yaml")
+    assert data == {"name": "child", "train": {"lr": 0.5, "max_steps": 9},
+                    "pairs": {"builder": "same_image", "options": {"a": 1, "b": [3], "c": None}}}
+    # the shipped demo is xray_segloc plus its own keys, resolved the same way
+    demo, segloc = load_recipe("demo"), load_recipe(Path(demo_recipe_path()).parent
+                                                    / "xray_segloc.yaml")
+    assert demo.model == segloc.model and demo.loss == segloc.loss and demo.train.lr == 0.03
+    (tmp_path / "loop_a.yaml").write_text("base: loop_b.yaml\n")
+    (tmp_path / "loop_b.yaml").write_text("base: loop_a.yaml\n")
+    with pytest.raises(RecipeError, match="inherit in a loop"):
+        read_recipe_dict(tmp_path / "loop_a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(RecipeError, match=r"orphan\.yaml: base: .*nowhere\.yaml' not found"):
+        read_recipe_dict(tmp_path / "orphan.yaml")
