@@ -27,6 +27,7 @@ from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
 from densessl.eval.inits import supervised_init
 from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.report import build_results, write_report
+from densessl.eval.spurious import spurious_data
 from densessl.io import write_json
 from densessl.models.health import collapse_message, encoder_problems, sparse_dense_message
 from densessl.models.weights import EncoderInit, load_encoder_file
@@ -123,6 +124,8 @@ def finetune(recipe: str | Path | dict | Recipe,
     data = build_eval_dataset(cfg.dataset, cfg.options, path=cfg.path,
                               image_size=cfg.image_size, channels=recipe.data.channels,
                               seed=recipe.seed)
+    if cfg.spurious is not None:  # before the supervised init, which trains on it too
+        data = spurious_data(data, cfg.spurious, recipe.seed)
     check_data(recipe, data)  # before the supervised init spends time training
     threads = torch.get_num_threads()
     if cfg.num_threads:
@@ -149,8 +152,11 @@ def finetune(recipe: str | Path | dict | Recipe,
     splits = ", ".join(f"{k} ({len(v)} images)" for k, v in data.eval_splits().items())
     pretrain_seeds = (f", pretraining seeds {[s for s in cfg.pretrain_seeds]}"
                       if cfg.pretrain_seeds and len(cfg.pretrain_seeds) > 1 else "")
+    spurious = (f"; spurious: {cfg.spurious.artifact} on train images with class "
+                f"{data.class_names[cfg.spurious.class_id]}, on test images without it"
+                if cfg.spurious is not None else "")
     header = (f"## {recipe.name}: {cfg.dataset}, {recipe.model.backbone}, scores (%) on "
-              f"{splits}, mean ± std over seeds {cfg.seeds}{pretrain_seeds}\n")
+              f"{splits}, mean ± std over seeds {cfg.seeds}{pretrain_seeds}{spurious}\n")
     table = write_report(results, out, header)
     write_json(out / "runs.json", {
         "recipe": recipe.name, "dataset": cfg.dataset, "datasets": data.cards,

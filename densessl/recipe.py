@@ -244,6 +244,16 @@ class DropChannelsConfig(Section):
     top_k: int = Field(ge=1, description="zero this many top-ranked channels")
 
 
+class SpuriousConfig(Section):
+    """A controlled spurious correlation for the fine-tuning data (densessl/eval/spurious.py):
+    the artifact on train images that contain ``class_id``, on test images that do not."""
+
+    artifact: str = Field(description="text, logo, border, or an RGBA .png")
+    class_id: int = Field(ge=1, description="the class the artifact co-occurs with in train")
+    rate: float = Field(1.0, gt=0, le=1, description="probability that an eligible image is "
+                        "stamped")
+
+
 class FinetuneAugment(Section):
     """Augmentation of the fine-tuning train split (albumentations; densessl/eval/augmentation.py):
     image, class mask, boxes and instance masks move together. Probabilities in [0, 1]."""
@@ -277,6 +287,9 @@ class FinetuneConfig(Section):
     image_size: int = Field(64, ge=32, description="side of the fine-tuning images")
     augment: FinetuneAugment = Field(default_factory=FinetuneAugment,
                                      description="train-split augmentation (not the probe's)")
+    spurious: SpuriousConfig | None = Field(
+        None, description="artifact stamped with one class in train, without it in test "
+        "(does the encoder let the model take the shortcut?); null: off")
     tasks: list[Literal["segmentation", "detection", "linear_probe"]] = ["segmentation"]
     segmentation_archs: list[Literal["unet", "fpn", "deeplabv3plus"]] = ["fpn"]
     detection_archs: list[Literal["faster_rcnn", "mask_rcnn"]] = ["faster_rcnn"]
