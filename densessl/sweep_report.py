@@ -23,6 +23,10 @@ from densessl.io import write_text
 
 FIXED = ("cell_id", "status", "error", "seconds")
 HEADLINE = ("mIoU", "fg_mIoU", "box_mAP", "box_AP50", "mask_mAP", "accuracy")
+#: pretraining monitors shown in summary.md next to the headline metrics when a cell has them:
+#: how well loss.robust's down-weighted cells match the true noisy pairs (issue #18)
+MONITORS = ("pretrain/dense_robust_fraction", "pretrain/dense_robust_precision",
+            "pretrain/dense_robust_recall")
 
 
 def as_text(value: Any) -> str:
@@ -201,7 +205,7 @@ def write_summary(out: Path, rows: list[dict], keys: list[str], report: dict) ->
     plotted = report.get("metrics") or headline(summary)
     baseline = report.get("baseline", "random")
     others = [f"{p}/{m.partition('/')[2]}" for m in plotted for p in (baseline, "gap")]
-    shown = [m for m in [*plotted, *others] if any(m in e for e in summary)]
+    shown = [m for m in [*plotted, *others, *MONITORS] if any(m in e for e in summary)]
     paths.append(write_text(out / "summary.md", summary_markdown(summary, group_keys, shown)))
     x = report.get("x")
     x = x if x in group_keys else None

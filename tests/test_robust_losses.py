@@ -347,7 +347,23 @@ def test_detection_counts_accumulate_over_the_run():
     DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy))
     # second step: no pair is noisy, so the truncated cells are all clean
     loss_fn(q_dense, k_dense, grid, valid)
-    logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=torch.zeros(8, dtype=bool)))
+    clean = SimpleNamespace(noisy=torch.zeros(8, dtype=torch.bool))
+    logs = DensePretraining.robust_detection(host, clean)
     noisy_cells, down = int(valid[noisy].sum()), math.floor(0.5 * int(valid.sum()))
     assert logs["dense_robust_precision"].item() == pytest.approx(noisy_cells / (2 * down))
     assert logs["dense_robust_recall"].item() == 1.0
+
+
+def test_sweep_summary_shows_the_detection_monitors(tmp_path):
+    """summary.md carries the robust monitors next to the headline metrics, mean ± std in %."""
+    from densessl.sweep_report import write_summary
+
+    rows = [{"cell_id": f"c{seed}", "status": "ok", "error": "", "seconds": 1.0,
+             "loss.robust": "truncate", "seed": seed,
+             "pretrain/dense_robust_precision": p, "pretrain/dense_robust_recall": r}
+            for seed, (p, r) in enumerate([(0.8, 0.4), (0.6, 0.2)])]
+    write_summary(tmp_path, rows, ["loss.robust", "seed"], {"x": None, "over": ["seed"]})
+    table = (tmp_path / "summary.md").read_text()
+    assert "pretrain/dense_robust_precision" in table and "pretrain/dense_robust_recall" in table
+    std = 100 * math.sqrt(2 * 0.1**2)  # sample std of two values 0.2 apart
+    assert f"| truncate | 2 | 70.0 ± {std:.1f} | 30.0 ± {std:.1f} |" in table
