@@ -36,7 +36,7 @@ from rasterio.warp import Resampling, transform_bounds
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
-from densessl.data.bad_samples import report_bad
+from densessl.data.bad_samples import ReadSkips, report_bad
 from densessl.data.cache import cached_synthetic, default_cache_dir
 from densessl.data.geotiff_synth import synthesize_geotiff  # noqa: F401  (synth cache)
 from densessl.data.registry import register_inspector, register_source
@@ -193,22 +193,38 @@ def band_statistics(rasters: list[RasterInfo], bands: list[int], max_side: int =
     total = np.zeros(len(bands))
     total_sq = np.zeros(len(bands))
     count = np.zeros(len(bands))
+    # pixels valid in every band, per raster, when the statistics read all of it (an upper
+    # bound on any window's valid pixels: lets min_valid be checked before training)
+    valid_pixels: dict[str, int | None] = {}
+    unreadable: dict[str, str] = {}  # e.g. a truncated file with a sound header
     for r in rasters:
-        with rasterio.open(r.path) as src:
-            for window in stats_windows(r.width, r.height, max_side):
-                data = src.read(bands, window=window, out_dtype="float64")
-                valid = src.read_masks(bands, window=window) > 0
-                valid &= np.isfinite(data)
-                data = np.where(valid, data, 0.0)
-                total += data.sum((1, 2))
-                total_sq += (data**2).sum((1, 2))
-                count += valid.sum((1, 2))
+        windows = stats_windows(r.width, r.height, max_side)
+        whole = len(windows) == 1 and (windows[0].width, windows[0].height) == (r.width,
+                                                                                 r.height)
+        sums = np.zeros((3, len(bands)))
+        try:
+            with rasterio.open(r.path) as src:
+                for window in windows:
+                    data = src.read(bands, window=window, out_dtype="float64")
+                    valid = src.read_masks(bands, window=window) > 0
+                    valid &= np.isfinite(data)
+                    data = np.where(valid, data, 0.0)
+                    sums += [data.sum((1, 2)), (data**2).sum((1, 2)), valid.sum((1, 2))]
+                    valid_pixels[str(r.path)] = int(valid.all(0).sum()) if whole else None
+        except rasterio.errors.RasterioError as exc:
+            unreadable[str(r.path)] = f"{r.path}: cannot read GeoTIFF pixels ({exc})"
+            valid_pixels.pop(str(r.path), None)
+            continue
+        total, total_sq, count = total + sums[0], total_sq + sums[1], count + sums[2]
+    if unreadable and len(unreadable) == len(rasters):
+        raise DataError(next(iter(unreadable.values())))
     if (count == 0).any():
         raise DataError(f"{rasters[0].path.parent}: band(s) "
                         f"{[b for b, c in zip(bands, count) if c == 0]} have no valid pixel")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
+    return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist(),
+            "valid_pixels": valid_pixels, "unreadable": unreadable}
 
 
 def _stats_key(rasters: list[RasterInfo], bands: list[int]) -> str:
@@ -224,7 +240,7 @@ def load_or_compute_stats(rasters: list[RasterInfo], bands: list[int],
     if stats_path.is_file():
         try:
             stored = json.loads(stats_path.read_text())
-            if stored.get("key") == key:
+            if stored.get("key") == key and "valid_pixels" in stored:
                 return stored
         except ValueError:
             pass  # a damaged cache file is simply recomputed
@@ -305,9 +321,13 @@ def _read(handles: RasterHandles, info: RasterInfo, grid: RasterInfo, window: Wi
           bands: list[int], aligned: bool) -> tuple[np.ndarray, np.ndarray]:
     """Bands (float64) and validity of ``info`` over ``window`` of ``grid``'s pixel grid: a
     windowed read, never the whole scene."""
-    handle = handles.get(info, grid, aligned)
-    data = handle.read(bands, window=window, out_dtype="float64")
-    return data, _valid(handle, data, bands, window)
+    try:
+        handle = handles.get(info, grid, aligned)
+        data = handle.read(bands, window=window, out_dtype="float64")
+        return data, _valid(handle, data, bands, window)
+    except rasterio.errors.RasterioError as exc:  # a truncated or corrupt file
+        raise DataError(f"{info.path}: cannot read GeoTIFF window {tuple(window.flatten())} "
+                        f"({exc})") from None
 
 
 @register_source("geotiff")
@@ -317,7 +337,10 @@ class GeoTiffPairs(Dataset):
     Item ``index`` is an ``image_size`` window of date pair ``index % num_pairs`` (consecutive
     indices, hence a batch, come from different files), placed at random inside the pair's
     overlap from a generator seeded by ``(seed, index)``; up to ``tries`` placements are drawn
-    and the first with at least ``min_valid`` valid pixels in both dates is kept::
+    and the first with at least a ``min_valid`` fraction of pixels valid in both dates is kept.
+    When none reaches it the item is a :class:`DataError` naming the two files and the fraction,
+    or with ``skip_bad`` skipped (the next item is used, counted in ``skipped_samples``); a pair
+    where no window can reach it is found at construction when that is cheap::
 
         {"image_t0", "image_t1": C×S×S float (normalised as in the module doc),
          "valid_t0", "valid_t1": S×S bool, "meta": {...}}
@@ -390,15 +413,53 @@ class GeoTiffPairs(Dataset):
                       (Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
                       / "geotiff_stats" / f"{_stats_key(used, self.bands)}.json")
         stats = load_or_compute_stats(used, self.bands, stats_file)
+        if tries < 1:
+            raise DataError(f"data.options.tries: expected >= 1, got {tries}")
+        if not 0 <= min_valid <= 1:
+            raise DataError(f"data.options.min_valid: expected a fraction in [0, 1], got "
+                            f"{min_valid}")
+        self.pairs = self._usable_pairs(stats, image_size, min_valid, skip_bad)
         self.mean = np.asarray(stats["mean"])[:, None, None]
         self.std = np.asarray(stats["std"])[:, None, None]
         self.stats_path = stats_file
         self.image_size, self.tiles_per_pair, self.seed = image_size, tiles_per_pair, seed
         self.min_valid, self.tries = min_valid, tries
         self.handles = RasterHandles()
+        self.skip_bad = skip_bad
+        self.read_skips = ReadSkips(len(self))  # windows skipped in workers (shared memory)
         self.dataset_cards = [SYNTHETIC_CARD if synthetic else {
             "name": f"GeoTIFF series {Path(str(path)).name}", "licence": licence,
             "source": str(path), "attribution": attribution}]
+
+    def _usable_pairs(self, stats: dict, size: int, min_valid: float, skip_bad: bool
+                      ) -> list[DatePair]:
+        """Drop (or refuse) pairs with an unreadable raster, and pairs where no window can
+        reach ``min_valid``: a window has at most as many valid pixels as the whole raster
+        (known when the statistics read all of it; the later date only when it is not
+        warped, which changes its pixel count)."""
+        unreadable, counts = stats.get("unreadable") or {}, stats["valid_pixels"]
+        usable = []
+        for pair in self.pairs:
+            bad = [unreadable[str(r.path)] for r in (pair.early, pair.late)
+                   if str(r.path) in unreadable]
+            if bad:
+                report_bad(bad[0], skip_bad, self.skipped_samples)
+                continue
+            checked = [pair.early] + ([pair.late] if pair.aligned else [])
+            best = min((counts.get(str(r.path)) for r in checked
+                        if counts.get(str(r.path)) is not None), default=None)
+            if best is not None and best < min_valid * size * size and min_valid > 0:
+                report_bad(f"{pair.early.path} and {pair.late.path}: no {size}×{size} window "
+                           f"can reach data.options.min_valid {min_valid} (at most "
+                           f"{best / (size * size):.3f} of a window is valid data)",
+                           skip_bad, self.skipped_samples)
+                continue
+            usable.append(pair)
+        if not usable:
+            raise DataError(f"data.path: no GeoTIFF date pair is usable ({len(self.pairs)} "
+                            f"pairs, {len(self.skipped_samples)} skipped: "
+                            f"{self.skipped_samples[-1] if self.skipped_samples else ''})")
+        return usable
 
     def __len__(self) -> int:
         return len(self.pairs) * self.tiles_per_pair
@@ -410,6 +471,12 @@ class GeoTiffPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
+        # a window below min_valid (or an unreadable one) is never trained on: an error, or
+        # with skip_bad the next item, counted in metrics.json skipped_samples
+        return self.read_skips.first_readable(index, self._window, self.skip_bad,
+                                              "GeoTIFF series")
+
+    def _window(self, index: int) -> dict:
         pair = self.pairs[index % len(self.pairs)]
         rng = np.random.default_rng([self.seed, index])
         s = self.image_size
@@ -424,12 +491,17 @@ class GeoTiffPairs(Dataset):
                                aligned=True)
             b, valid_b = _read(self.handles, pair.late, pair.early, window, self.bands,
                                pair.aligned)
-            fraction = min(valid_a.mean(), valid_b.mean())
+            # cells valid in both dates: the only ones that can be positives
+            fraction = float((valid_a & valid_b).mean())
             if best is None or fraction > best[0]:
                 best = (fraction, (col, row), a, valid_a, b, valid_b)
-            if fraction >= self.min_valid:
+            if fraction >= self.min_valid and fraction > 0:
                 break
-        _, (col, row), a, valid_a, b, valid_b = best
+        fraction, (col, row), a, valid_a, b, valid_b = best
+        if fraction < self.min_valid or fraction == 0:
+            raise DataError(f"{pair.early.path} and {pair.late.path}: item {index}: the best of "
+                            f"{self.tries} windows has {fraction:.3f} of its pixels valid in "
+                            f"both dates, below data.options.min_valid {self.min_valid}")
         return {"image_t0": self.normalise(a, valid_a), "image_t1": self.normalise(b, valid_b),
                 "valid_t0": torch.from_numpy(valid_a), "valid_t1": torch.from_numpy(valid_b),
                 "meta": {"source": "geotiff", "t0": str(pair.early.path),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from densessl.data.bad_samples import ReadSkips
+from densessl.data.decode import decode_image, warn_if_tiny
 from densessl.data.registry import register_inspector, register_source
+from densessl.data.sixray import resize_crop
 from densessl.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -28,7 +29,8 @@ class ImageFolder(Dataset):
     Geometry augmentation happens later on the device, so this stays a plain, cheap loader.
     """
 
-    def __init__(self, path: str | Path, image_size: int = 224, channels: int = 3) -> None:
+    def __init__(self, path: str | Path, image_size: int = 224, channels: int = 3,
+                 skip_bad: bool = False) -> None:
         self.root = Path(path)
         if not self.root.is_dir():
             raise DataError(f"data.path: folder {str(self.root)!r} does not exist")
@@ -39,7 +41,8 @@ class ImageFolder(Dataset):
         if channels not in (1, 3):
             raise DataError(f"data.channels: image folders give 1 or 3 channels, got {channels}; "
                             "use a GeoTIFF source for multispectral imagery")
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.skip_bad = image_size, channels, skip_bad
+        self.read_skips = ReadSkips(len(self.files))  # unreadable files found in workers
 
     def __len__(self) -> int:
         return len(self.files)
@@ -51,28 +54,19 @@ class ImageFolder(Dataset):
     def restrict(self, indices: list[int]) -> None:
         """Keep only these items (provenance filters, densessl.data.manifest)."""
         self.files = [self.files[i] for i in indices]
+        self.read_skips = ReadSkips(len(self.files))
 
     def __getitem__(self, index: int) -> dict:
+        # an unreadable file (e.g. truncated): with skip_bad the next one, counted
+        return self.read_skips.first_readable(index, self._read, self.skip_bad,
+                                              f"data.path {str(self.root)!r}")
+
+    def _read(self, index: int) -> dict:
         path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB" if self.channels == 3 else "L")
-                scale = self.image_size / min(img.size)
-                size = (max(self.image_size, round(img.width * scale)),
-                        max(self.image_size, round(img.height * scale)))
-                img = img.resize(size, Image.BILINEAR)
-                left = (img.width - self.image_size) // 2
-                top = (img.height - self.image_size) // 2
-                img = img.crop((left, top, left + self.image_size, top + self.image_size))
-                array = np.asarray(img, dtype=np.float32) / 255.0
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read image ({exc})") from exc
-        if array.ndim == 2:
-            array = array[None]
-        else:
-            array = array.transpose(2, 0, 1)
-        return {"image": torch.from_numpy(np.ascontiguousarray(array)),
-                "meta": {"source": "folder", "file": str(path)}}
+        pixels = decode_image(path, self.channels)  # scaled by bit depth (16-bit too)
+        warn_if_tiny(path, *pixels.shape[1:], self.image_size)
+        image, *_ = resize_crop(torch.from_numpy(pixels), self.image_size)
+        return {"image": image.contiguous(), "meta": {"source": "folder", "file": str(path)}}
 
 
 @register_inspector("folder")

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from densessl.boxes import mask_edge_boxes
-from densessl.data.bad_samples import report_bad
+from densessl.data.bad_samples import ReadSkips, report_bad
+from densessl.data.decode import decode_image, warn_if_tiny
 from densessl.data.registry import register_inspector, register_source
 from densessl.data.resize import resize_image, resize_labels
 from densessl.errors import DataError
@@ -110,15 +110,9 @@ def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
 
 
 def read_image(path: Path, channels: int = 3) -> np.ndarray:
-    """C×H×W float32 in [0, 1]; a truncated or unreadable file is a DataError naming it."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            array = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
-    except (OSError, SyntaxError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from exc
-    array = array / 255.0
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    """C×H×W float32 in [0, 1], scaled by bit depth (:func:`densessl.data.decode.decode_image`,
+    the decoder every loader shares); a truncated or unreadable file is a DataError naming it."""
+    return decode_image(path, channels)
 
 
 def load_coco(json_path: Path, image_dir: Path, skip_bad: bool = False,
@@ -223,12 +217,19 @@ class PIDray(Dataset):
         self.records, self.skipped_samples = load_coco(self.json_path, self.image_dir,
                                                        skip_bad, verify_images)
         self.image_size, self.channels = image_size, channels
+        self.skip_bad = skip_bad
+        self.read_skips = ReadSkips(len(self.records))  # truncated files found in workers
         self.dataset_cards = [PIDRAY_CARD]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
+        # a file that fails to decode (e.g. a truncated PNG): with skip_bad the next record
+        return self.read_skips.first_readable(index, self._read, self.skip_bad,
+                                              f"PIDray {self.json_path}")
+
+    def _read(self, index: int) -> dict:
         rec = self.records[index]
         image = torch.from_numpy(read_image(rec["file"], self.channels))
         h, w = rec["height"], rec["width"]
@@ -245,15 +246,20 @@ class PIDray(Dataset):
                 labels.append(ann["category_id"])
         inst = torch.stack(inst_masks) if inst_masks else torch.zeros(0, h, w, dtype=torch.bool)
         if self.image_size is not None:
+            warn_if_tiny(rec["file"], h, w, self.image_size)
             size = (self.image_size, self.image_size)
             # one sampling grid for image and labels (densessl.data.resize)
             image = resize_image(image, size)
             semantic = resize_labels(semantic, size)
             inst = resize_labels(inst, size)
+        # an instance the resize shrank to no pixel would be a zero-area box: drop, count
+        keep = inst.flatten(1).any(1)
+        labels = torch.tensor(labels, dtype=torch.long)[keep]
+        inst = inst[keep]
         return {"image": image, "mask": semantic, "boxes": mask_edge_boxes(inst),
-                "labels": torch.tensor(labels, dtype=torch.long), "instance_masks": inst,
+                "labels": labels, "instance_masks": inst,
                 "meta": {"source": "pidray", "split": self.split, "file": str(rec["file"]),
-                         "image_id": rec["id"]}}
+                         "image_id": rec["id"], "dropped_instances": int((~keep).sum())}}
 
 
 @register_inspector("pidray")

@@ -42,3 +42,19 @@ def rasterize_shapes(shapes: Iterable[tuple[BaseGeometry, int]], height: int, wi
         return np.full((height, width), fill, dtype=dtype)
     return features.rasterize(shapes, out_shape=(height, width), fill=fill,
                               transform=Affine.identity(), all_touched=False, dtype=dtype)
+
+
+def shape_pixels(geom: BaseGeometry, height: int, width: int) -> int:
+    """Pixels ``geom`` burns into a ``height×width`` raster (same convention as
+    :func:`rasterize_shapes`), rasterizing only its bounding box: cheap for every polygon."""
+    if geom is None or geom.is_empty or geom.area == 0:  # lines, points: no interior
+        return 0
+    x0, y0, x1, y1 = geom.bounds
+    c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    c1, r1 = min(width, int(np.ceil(x1))), min(height, int(np.ceil(y1)))
+    if c1 <= c0 or r1 <= r0:
+        return 0  # outside the image
+    window = features.rasterize([(geom, 1)], out_shape=(r1 - r0, c1 - c0), fill=0,
+                                transform=Affine.translation(c0, r0), all_touched=False,
+                                dtype=np.uint8)
+    return int(window.sum())

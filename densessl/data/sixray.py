@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from densessl.data.bad_samples import report_bad
+from densessl.data.bad_samples import ReadSkips, report_bad
+from densessl.data.decode import warn_if_tiny
 from densessl.data.pidray import PIDRAY_CLASSES, read_image
 from densessl.data.registry import register_inspector, register_source
 from densessl.errors import DataError
@@ -163,6 +164,8 @@ class SIXray(Dataset):
             self.items.append((file, [1.0 if v == 1 else 0.0 for v in values]))
         if not self.items:
             raise DataError(f"SIXray: no {which} images in {self.source_of_rows}")
+        self.skip_bad = skip_bad
+        self.read_skips = ReadSkips(len(self.items))  # truncated files found in workers
 
     def _rows(self, subset: str | None, split: str) -> list[tuple[str, list[int]]]:
         sets = self.root / "ImageSet"
@@ -186,9 +189,15 @@ class SIXray(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
+        # a file that fails to decode (e.g. a truncated JPEG): with skip_bad the next image
+        return self.read_skips.first_readable(index, self._read, self.skip_bad,
+                                              f"SIXray {self.source_of_rows}")
+
+    def _read(self, index: int) -> dict:
         file, image_labels = self.items[index]
-        image, scale, left, top = resize_crop(torch.from_numpy(read_image(file, self.channels)),
-                                              self.image_size)
+        pixels = read_image(file, self.channels)
+        warn_if_tiny(file, *pixels.shape[1:], self.image_size)
+        image, scale, left, top = resize_crop(torch.from_numpy(pixels), self.image_size)
         xml = self.root / "positive-Annotation" / "Annotation" / f"{file.stem}.xml"
         boxes, labels = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
         if xml.is_file():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from densessl.data.bad_samples import report_bad
+from densessl.data.bad_samples import ReadSkips, report_bad
 from densessl.data.cache import cached_synthetic
-from densessl.data.rasterize import parse_wkt, rasterize_shapes
+from densessl.data.decode import decode_image
+from densessl.data.rasterize import parse_wkt, rasterize_shapes, shape_pixels
 from densessl.data.registry import register_inspector, register_source
 from densessl.data.xbd_synth import synthesize_xbd  # noqa: F401  (registers "xbd" for the cache)
 from densessl.errors import DataError
@@ -81,17 +83,14 @@ def _image_size(path: Path, verify: bool = False) -> tuple[int, int]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """H×W×3 uint8 pixels of an image file; :class:`DataError` naming the file if corrupt."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from None
+    """H×W×3 float32 pixels in [0, 1], scaled by bit depth (the shared decoder,
+    :func:`densessl.data.decode.decode_image`); :class:`DataError` naming the file if corrupt."""
+    return decode_image(path, 3).transpose(1, 2, 0)
 
 
 def to_chw(pixels: np.ndarray) -> torch.Tensor:
-    """H×W×C uint8 → C×H×W float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float() / 255.0
+    """H×W×C float in [0, 1] → C×H×W float tensor."""
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float()
 
 
 def scan_xbd(root: str | Path, splits: list[str] | None = None, skip_bad: bool = False,
@@ -180,6 +179,22 @@ def read_label(path: Path, ignore_index: int = 255) -> tuple[list, dict]:
     return shapes, label.get("metadata", {})
 
 
+def drop_degenerate(shapes: list, height: int, width: int, where: Path
+                    ) -> tuple[list, list[str]]:
+    """(shapes that burn at least one pixel of a ``height×width`` image, one line per dropped
+    one): a LINESTRING / POINT "building", a polygon outside the image or one smaller than a
+    pixel would count as a building with no pixel."""
+    kept, dropped = [], []
+    for k, (geom, value) in enumerate(shapes):
+        if shape_pixels(geom, height, width) > 0:
+            kept.append((geom, value))
+        else:
+            dropped.append(f"{where}: building {k} ({geom.geom_type}, bounds "
+                           f"{tuple(round(b, 1) for b in geom.bounds)}) covers no pixel of the "
+                           f"{width}×{height} image")
+    return kept, dropped
+
+
 def _target(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
@@ -208,6 +223,8 @@ class XBDDataset(Dataset):
                  ignore_index: int = 255, use_targets: bool = True,
                  skip_bad: bool = False, verify_images: bool = False) -> None:
         self.skipped_samples: list[str] = []
+        #: buildings with no pixel (skipped, not an error: real labels have a few)
+        self.degenerate_shapes: list[str] = []
         self.ignore_index, self.use_targets = ignore_index, use_targets
         self.pairs = []
         for pair in scan_xbd(path, splits, skip_bad, self.skipped_samples, verify_images):
@@ -218,6 +235,8 @@ class XBDDataset(Dataset):
                         raise DataError(f"{getattr(pair, phase)}: no label JSON (expected "
                                         f"{pair.pre.parent.parent / 'labels'}/...json)")
                     shapes, meta = read_label(label, ignore_index)
+                    shapes, dropped = drop_degenerate(shapes, *pair.size, label)
+                    self.degenerate_shapes += dropped
                     setattr(pair, f"{phase}_shapes", shapes)
                     pair.meta[phase] = meta
             except DataError as exc:
@@ -226,6 +245,9 @@ class XBDDataset(Dataset):
             self.pairs.append(pair)
         if not self.pairs:
             raise DataError(f"{path}: no usable xBD pre/post pairs with labels")
+        if self.degenerate_shapes:
+            warnings.warn(f"xBD {path}: skipped {len(self.degenerate_shapes)} buildings that "
+                          f"cover no pixel, e.g. {self.degenerate_shapes[0]}", stacklevel=2)
         self.dataset_cards = [XBD_CARD]
 
     def __len__(self) -> int:
@@ -285,6 +307,7 @@ class XBDTiles(Dataset):
         self.skip_bad = skip_bad
         if not self.pairs:
             raise DataError(f"{self.root}: no xBD pre/post pairs found")
+        self.read_skips = ReadSkips(len(self.pairs))  # pairs found bad in workers
         small = [p.pre for p in self.pairs if min(p.size) < image_size]
         if small:
             raise DataError(f"{small[0]}: image smaller than data.image_size ({image_size})")
@@ -298,14 +321,11 @@ class XBDTiles(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        for attempt in range(len(self.pairs)):
-            try:
-                return self._tile(index, (index + attempt) % len(self.pairs))
-            except DataError as exc:
-                # Found only at decode time (e.g. a truncated PNG with a sound header): with
-                # skip_bad, warn and use the next pair; the warning names the file.
-                report_bad(str(exc), self.skip_bad, self.skipped_samples)
-        raise DataError(f"{self.root}: no readable xBD pair left")
+        # Found only at decode time (e.g. a truncated PNG with a sound header): with skip_bad,
+        # warn and use the next pair, counted once in metrics.json skipped_samples.
+        return self.read_skips.first_readable(
+            index % len(self.pairs), lambda j: self._tile(index, j), self.skip_bad,
+            str(self.root))
 
     def _tile(self, index: int, pair_index: int) -> dict:
         pair = self.pairs[pair_index]
@@ -330,7 +350,7 @@ def inspect_xbd(root: Path) -> dict:
     disasters: dict[str, int] = {}
     names = {**DAMAGE_NAMES, 255: "un-classified"}
     classes = {name: {"instances": 0, "pixels": 0} for name in names.values()}
-    unlabeled = 0
+    unlabeled = degenerate = 0
     for pair in pairs:
         disasters[pair.disaster] = disasters.get(pair.disaster, 0) + 1
         if pair.post_label is None:
@@ -341,10 +361,13 @@ def inspect_xbd(root: Path) -> dict:
         except DataError as exc:
             skipped.append(str(exc))
             continue
+        shapes, dropped = drop_degenerate(shapes, *pair.size, pair.post_label)
+        degenerate += len(dropped)
         damage = rasterize_shapes(shapes, *pair.size)
         for _, value in shapes:
             classes[names.get(value, "un-classified")]["instances"] += 1
         for value, name in names.items():
             classes[name]["pixels"] += int((damage == value).sum())
     return {"format": "xbd", "root": str(root), "pairs": len(pairs), "disasters": disasters,
-            "classes": classes, "pairs_without_labels": unlabeled, "skipped": skipped}
+            "classes": classes, "pairs_without_labels": unlabeled,
+            "buildings_without_pixels": degenerate, "skipped": skipped}

@@ -1,0 +1,80 @@
+"""One image decoder for every loader: pixels scaled by their bit depth to [0, 1].
+
+PIL's ``convert("RGB")`` clips a 16-bit image (mode ``I;16``, ``I``) to 0..255 instead of
+scaling it, which turns almost every pixel of a real 16-bit X-ray or satellite PNG white. So
+integer images are divided by the largest value of their type (65535 for 16-bit), never by
+255 after a conversion. 8-bit images go through PIL's conversion as before (same values).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from densessl.errors import DataError
+
+#: ITU-R 601-2 luma weights, what PIL's convert("L") uses for 8-bit RGB
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+#: an image whose short side is below image_size / TINY_FACTOR is upscaled by more than this
+TINY_FACTOR = 4
+
+
+class TinyImageWarning(UserWarning):
+    """An image far smaller than the size it is resized to: mostly interpolation, no detail."""
+
+
+def _bit_depth_scale(array: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    """float32 in [0, 1] of an integer or float pixel array."""
+    if array.dtype == np.bool_:  # mode "1"
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        # mode "I" (32-bit signed) is how PIL reads 16-bit PNG / TIFF data in some versions: the
+        # file's values are 16-bit, so 65535 is their full scale
+        top = 65535.0 if mode.startswith("I") and array.dtype.itemsize >= 2 else \
+            float(np.iinfo(array.dtype).max)
+        if array.min() < 0 or array.max() > top:
+            raise DataError(f"{path}: {mode} pixel values {array.min()}..{array.max()} are "
+                            f"outside 0..{int(top)}; expected 8- or 16-bit unsigned images")
+        return array.astype(np.float32) / np.float32(top)
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise DataError(f"{path}: floating-point image (mode {mode}) with values outside "
+                        "[0, 1]; expected 8- or 16-bit images or floats in [0, 1]")
+    return array
+
+
+def decode_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """C×H×W float32 in [0, 1] (C = ``channels``, 1 or 3) of an image file, scaled by its bit
+    depth; a truncated or unreadable file is a :class:`DataError` naming it."""
+    path = Path(path)
+    if channels not in (1, 3):
+        raise DataError(f"{path}: images decode to 1 or 3 channels, got {channels}")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes every byte: a truncated file fails here, not later
+            if img.mode in ("L", "RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "LAB", "HSV",
+                            "PA", "RGBX", "La", "RGBa"):
+                array = np.asarray(img.convert("RGB" if channels == 3 else "L"),
+                                   dtype=np.float32) / 255.0
+            else:  # 1-bit, 16-bit, 32-bit int / float: one band, scaled by its depth
+                array = _bit_depth_scale(np.asarray(img), img.mode, path)
+                if array.ndim == 3:  # multi-band non-8-bit data PIL exposes as an array
+                    array = array[..., :3] @ _LUMA if channels == 1 else array[..., :3]
+                if array.ndim == 2 and channels == 3:
+                    array = np.repeat(array[..., None], 3, axis=-1)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for corrupt files
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+
+
+def warn_if_tiny(path: str | Path, height: int, width: int, image_size: int | None) -> None:
+    """Warn (once per file and size) when an image is upscaled more than :data:`TINY_FACTOR`
+    times to reach ``image_size``: the pixels it yields are interpolation, not data."""
+    if image_size and min(height, width) * TINY_FACTOR < image_size:
+        warnings.warn(f"{path}: image is {width}×{height} px, upscaled more than "
+                      f"{TINY_FACTOR}× to data.image_size {image_size}; check the file or "
+                      "lower data.image_size", TinyImageWarning, stacklevel=3)
