@@ -145,7 +145,17 @@ def cmd_data_inspect(args) -> int:
 
         # licences, images without provenance, flagged images (every image file under ROOT)
         report = {**report, "provenance": manifest_report(root, args.manifest)}
+    if args.check:
+        from densessl.data.check import check_files
+
+        # headers can be sound in a truncated file: decode every one
+        report = {**report, "check": check_files(root, args.format)}
     print(json.dumps(report, indent=2))
+    if args.check and report["check"]["bad"]:
+        bad = report["check"]["bad"]
+        print(f"error: {len(bad)} of {report['check']['files']} files cannot be decoded, first: "
+              f"{bad[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -263,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default=None,
                    help="attribution manifest (CSV/JSON, one row per image): also report "
                         "licence counts, images without provenance and flagged images")
+    p.add_argument("--check", action="store_true",
+                   help="decode every file (slow on large sets) and list the bad ones; exit 1 "
+                        "when there are any")
     p.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("bench", help="pairs/s and peak memory vs a plain MoCo-v2 step")
@@ -289,12 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: Exception) -> str:
+    """The message of ``exc``; an error raised in a DataLoader worker comes back with the
+    worker's traceback in its message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."): its last line is the original one-line message."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DensesslError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except PermissionError as exc:  # an unwritable path: the user's to fix, one line
         print(f"error: cannot write {exc.filename or ''}: {exc.strerror or exc}",

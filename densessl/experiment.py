@@ -27,6 +27,7 @@ from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
 from densessl.eval.inits import supervised_init
 from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.report import build_results, write_report
+from densessl.eval.segmentation import check_input_size
 from densessl.eval.spurious import spurious_data
 from densessl.io import write_json
 from densessl.models.health import collapse_message, encoder_problems, sparse_dense_message
@@ -97,6 +98,7 @@ def finetune(recipe: str | Path | dict | Recipe,
     cfg = recipe.finetune
     out = Path(out)
     check_writable(out)  # before any training, not after it
+    check_input_size(recipe)
     inits: list[EncoderInit] = []
     labels: dict[str, str] = {}
     for name, files, flag in (("pretrained", _as_paths(weights), "--weights encoder.pt"),
@@ -211,6 +213,7 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
         raise DensesslError(f"{out} already holds results (results.json); pass --overwrite "
                             "to replace them or choose another --out")
     check_writable(out)
+    check_input_size(recipe)  # before pretraining: smp would refuse it only after
     control = label_free_recipe(recipe) if "label_free" in cfg.inits else None
     weights = (_pretrain_all(recipe, out / "pretrain", log, overwrite)
                if "pretrained" in cfg.inits else None)

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from densessl.build import build_pair_builder
+from densessl.data.bad_samples import count_read_skips
 from densessl.data.manifest import attribution_csv, find_image_provenance
 from densessl.data.wrapped import wrapped_objects
-from densessl.errors import DensesslError
+from densessl.errors import DensesslError, RecipeError
 from densessl.io import save_torch, write_json, write_text
 from densessl.methods import DensePretraining, PairThroughputMonitor
 from densessl.methods.guards import NonFiniteGuard
@@ -52,6 +53,22 @@ def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:
                       sampler=sampler, num_workers=t.num_workers, collate_fn=collate_pairs,
                       persistent_workers=t.num_workers > 0,
                       pin_memory=torch.cuda.is_available())
+
+
+def check_class_ids(recipe: Recipe, builder) -> None:
+    """Refuse, before training, class ids the per-class queues have no ring for (the queue
+    would fail mid-run on the device): every id a builder says it emits (``label_ids()``)
+    must be below ``loss.num_classes``."""
+    if recipe.loss.queue != "per_class":
+        return  # one queue: labels are not read
+    ids: set[int] = set()
+    for obj in wrapped_objects(builder):
+        if callable(getattr(obj, "label_ids", None)):
+            ids |= set(obj.label_ids())
+    if ids and max(ids) >= recipe.loss.num_classes:
+        raise RecipeError(f"loss.num_classes: {recipe.loss.num_classes}, but pair builder "
+                          f"{recipe.pairs.builder!r} emits class ids up to {max(ids)} "
+                          f"({sorted(ids)}); set loss.num_classes >= {max(ids) + 1}")
 
 
 def collect_provenance(builder) -> tuple[list[dict], list[str]]:
@@ -209,6 +226,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     _quiet_lightning()
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     builder = build_pair_builder(recipe)
+    check_class_ids(recipe, builder)
     cards, skipped = collect_provenance(builder)
     image_provenance, attribution = find_image_provenance(builder)
     before = ((state.metrics if state is not None else None) or {}).get("provenance") or {}
@@ -245,7 +263,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
             **stats,
             "nonfinite_steps_skipped": guard.skipped,
             "datasets": cards,
-            "skipped_samples": len(skipped),
+            # found at start-up, plus those skipped while reading (in any DataLoader worker)
+            "skipped_samples": len(skipped) + count_read_skips(builder),
             # images used, dropped and why, licences, inherited terms (densessl.data.manifest)
             **({"provenance": image_provenance} if image_provenance is not None else {}),
             "device": str(task.device),

@@ -145,7 +145,14 @@ def cell_recipe(base: dict, params: dict, source: str) -> dict:
     data = apply_overrides(json.loads(json.dumps(base)),
                            [f"{k}={json.dumps(v)}" for k, v in params.items()])
     where = f"{source} cell {json.dumps(params)}"
-    return parse_recipe(data, where).model_dump(mode="json")
+    recipe = parse_recipe(data, where)
+    from densessl.eval.segmentation import check_input_size  # lazy: imports smp and torch
+
+    try:  # refused before any cell pretrains, not by smp after each cell's pretraining
+        check_input_size(recipe)
+    except RecipeError as exc:
+        raise RecipeError(f"recipe {where}: {exc}") from None
+    return recipe.model_dump(mode="json")
 
 
 def flatten_results(results: dict, prefix: str = "") -> dict[str, float]:

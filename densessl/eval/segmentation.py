@@ -7,11 +7,13 @@ insists on exactly that.
 
 from __future__ import annotations
 
+import functools
+
 import segmentation_models_pytorch as smp
 import torch.nn as nn
 from torch import Tensor
 
-from densessl.errors import DensesslError
+from densessl.errors import DensesslError, RecipeError
 from densessl.models.weights import load_encoder
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
@@ -38,3 +40,32 @@ def build_segmentation_model(arch: str, backbone: str, in_channels: int, num_cla
     if encoder_state is not None:
         load_encoder(model.encoder, encoder_state, f"{arch} encoder")
     return model
+
+
+@functools.cache
+def _input_rule(arch: str, backbone: str, in_channels: int) -> tuple[bool, int]:
+    """(requires_divisible_input_shape, encoder.output_stride) of the model smp builds: read
+    off a real model, once per kind (a sweep checks every cell)."""
+    model = build_segmentation_model(arch, backbone, in_channels, 2)
+    return bool(model.requires_divisible_input_shape), int(model.encoder.output_stride)
+
+
+def check_input_size(recipe) -> None:
+    """Refuse, before any pretraining, a ``finetune.image_size`` that a chosen smp architecture
+    would reject on its first forward pass: smp's own condition (``check_input_shape``: models
+    with ``requires_divisible_input_shape`` need sides divisible by ``encoder.output_stride``),
+    read off the models the recipe will build. The supervised init trains an FPN."""
+    cfg = recipe.finetune
+    archs = list(cfg.segmentation_archs) if "segmentation" in cfg.tasks else []
+    if "supervised" in cfg.inits:
+        archs.append("fpn")
+    for arch in dict.fromkeys(archs):
+        divisible, stride = _input_rule(arch, recipe.model.backbone, recipe.data.channels)
+        if divisible and cfg.image_size % stride:
+            lower, upper = cfg.image_size // stride * stride, -(-cfg.image_size // stride) * stride
+            what = (f"segmentation_archs {arch}" if arch in cfg.segmentation_archs and
+                    "segmentation" in cfg.tasks else "the supervised init's fpn")
+            raise RecipeError(f"finetune.image_size: {cfg.image_size} is not a multiple of "
+                              f"{stride}, which {what} ({recipe.model.backbone}, "
+                              f"segmentation-models-pytorch) needs; use "
+                              f"{max(lower, stride)} or {upper}")

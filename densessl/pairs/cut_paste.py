@@ -164,6 +164,11 @@ class CutPastePairs(PairBuilder):
     def __len__(self) -> int:
         return self.num_pairs
 
+    def label_ids(self) -> set[int]:
+        """Every class id this builder can put in ``labels`` / ``class_map_a`` (checked
+        against ``loss.num_classes`` before training)."""
+        return {int(self.segments[i]["label"]) for i in self.segment_ids}
+
     # -- sampling ---------------------------------------------------------------------------
     def _background(self, index: int) -> torch.Tensor:
         image = self.backgrounds[index]["image"].float()
