@@ -97,6 +97,25 @@ def test_artifact_free_control_marks_nothing():
     assert result["channels"][0]["probe_accuracy"] < result["min_significant_accuracy"]
 
 
+class ConstantEncoder(nn.Module):
+    """Channels that say nothing: constant, whatever the image."""
+
+    def forward(self, x):
+        return {"c2": torch.ones(x.shape[0], 3, 2, 2)}
+
+
+@pytest.mark.parametrize("n", [40, 41, 64])
+def test_a_channel_that_says_nothing_scores_exactly_chance(n):
+    # the accuracy of a constant predictor is the test's majority rate; the binomial test is
+    # against 1/2, so the test half must hold as many stamped as clean images (an unbalanced
+    # split once marked channels of the artifact-free control on the demo encoder)
+    for seed in range(6):
+        result = probe_artifacts(ConstantEncoder(), dark_images(n=n), "none", levels=["c2"],
+                                 mean=[MEAN], std=[STD], seed=seed)
+        assert {r["probe_accuracy"] for r in result["channels"]} == {0.5}, seed
+        assert result["n_test"] % 2 == 0
+
+
 def test_drop_channels_removes_exactly_the_listed(tmp_path):
     table = {"channels": [{"rank": 1, "stage": "c3", "channel": 5},
                           {"rank": 2, "stage": "c5", "channel": 7},

@@ -215,8 +215,14 @@ def probe_artifacts(encoder: nn.Module, images: Tensor, artifact: str | Path = "
     n = len(images)
     label = (torch.randperm(n, generator=gen) < n // 2)     # stamped or clean, half each
     x = torch.where(label[:, None], art_f, clean_f)
-    order = torch.randperm(n, generator=gen)
-    tr, te = order[: n // 2], order[n // 2:]
+    # stratified halves: train and test each hold as many stamped as clean images, so a
+    # channel that says nothing (a constant predictor) scores exactly 0.5 and the binomial
+    # test against 1/2 holds; an unstratified split lets it score the test majority rate
+    halves = [idx[torch.randperm(len(idx), generator=gen)]
+              for idx in (label.nonzero()[:, 0], (~label).nonzero()[:, 0])]
+    m = min(len(h) for h in halves) // 2  # per class and half (an odd image is left out)
+    tr = torch.cat([h[:m] for h in halves])
+    te = torch.cat([h[m:2 * m] for h in halves])
     acc = one_channel_probe(x[tr], label[tr], x[te], label[te])
     n_test = len(te)
     total = sum(sizes)
