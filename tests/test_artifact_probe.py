@@ -116,6 +116,31 @@ def test_a_channel_that_says_nothing_scores_exactly_chance(n):
         assert result["n_test"] % 2 == 0
 
 
+class BrightnessEncoder(nn.Module):
+    """One channel: the image's mean brightness."""
+
+    def forward(self, x):
+        return {"c2": x.mean((1, 2, 3))[:, None, None, None].expand(-1, 1, 2, 2)}
+
+
+def test_control_marks_nothing_when_images_differ_by_their_place_in_the_folder(tmp_path):
+    # the first 20 files are dark, the last 20 bright: if the stamped / clean labels repeated
+    # the permutation that chose the images, "stamped" would be "dark" and the brightness
+    # channel would look like it carries an artifact the control never drew
+    from PIL import Image
+
+    from densessl.eval.artifact_probe import load_images
+
+    for i in range(40):
+        Image.new("RGB", (16, 16), (20, 20, 20) if i < 20 else (230, 230, 230)).save(
+            tmp_path / f"{i:02d}.png")
+    for seed in range(3):
+        images = load_images(str(tmp_path), 40, 16, 3, seed)
+        result = probe_artifacts(BrightnessEncoder(), images, "none", levels=["c2"],
+                                 mean=[MEAN], std=[STD], seed=seed)
+        assert not result["channels"][0]["carries"], (seed, result["channels"][0])
+
+
 def test_drop_channels_removes_exactly_the_listed(tmp_path):
     table = {"channels": [{"rank": 1, "stage": "c3", "channel": 5},
                           {"rank": 2, "stage": "c5", "channel": 7},

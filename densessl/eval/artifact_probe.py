@@ -203,7 +203,9 @@ def probe_artifacts(encoder: nn.Module, images: Tensor, artifact: str | Path = "
     std = list(std) * c if len(std) == 1 else list(std)
     kind = str(artifact)
     art = artifact if kind in KINDS else load_artifact_png(artifact)
-    gen = torch.Generator().manual_seed(seed)
+    # a stream of its own (salted): a caller that ordered the images with the same seed must
+    # not get the same permutation back as the stamped / clean labels
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 0x5EED)
     stamped = torch.stack([stamp(im, art, gen)[0] for im in images])
     clean_f = pooled_features(encoder, images, levels, mean, std, batch_size)
     art_f = pooled_features(encoder, stamped, levels, mean, std, batch_size)
@@ -395,7 +397,10 @@ def load_images(data: str, n: int, image_size: int, channels: int, seed: int) ->
                             f"a data source ({', '.join(sorted(SOURCES))})")
     if len(dataset) == 0:
         raise DensesslError(f"--data {data!r}: no images")
+    # in file order: the probe's own seeded draws (which image is stamped, the halves) must
+    # not repeat this choice's permutation, or "stamped" would mean "came early in the folder"
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    pick = pick.sort().values
     images = []
     for i in pick.tolist():
         item = dataset[i]
