@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from densessl.eval.report import HEADLINE
 from densessl.io import write_text
 
 FIXED = ("cell_id", "status", "error", "seconds")
-HEADLINE = ("mIoU", "fg_mIoU", "box_mAP", "box_AP50", "mask_mAP", "accuracy")
 #: pretraining monitors shown in summary.md next to the headline metrics when a cell has them:
 #: how well loss.robust's down-weighted cells match the true noisy pairs (issue #18)
 MONITORS = ("pretrain/dense_robust_fraction", "pretrain/dense_robust_precision",
