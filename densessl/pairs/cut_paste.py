@@ -141,18 +141,20 @@ class CutPastePairs(PairBuilder):
         self.same_background = (same_background if same_background is not None
                                 else (0.0 if mode == "insloc" else 0.5))
         labels = [int(self.segments[i]["label"]) for i in range(len(self.segments))]
-        if classes is not None:
-            if not classes:
+        wanted = None if classes is None else {int(c) for c in classes}
+        if wanted is not None:
+            if not wanted:
                 raise RecipeError("pairs.options.classes: expected a non-empty list of class "
                                   "ids or null (every class)")
-            missing = sorted(set(int(c) for c in classes) - set(labels))
+            missing = sorted(wanted - set(labels))
             if missing:
                 raise RecipeError(f"pairs.options.classes: {list(classes)} has ids with no "
                                   f"segment in the bank ({missing}); the bank has classes "
                                   f"{sorted(set(labels))}")
-        # bank indices the pairs draw from (all of them without a class filter)
-        self.segment_ids = [i for i, c in enumerate(labels)
-                            if classes is None or c in {int(x) for x in classes}]
+        # bank indices the pairs draw from (all of them without a class filter), and the
+        # class ids they can emit
+        self.segment_ids = [i for i, c in enumerate(labels) if wanted is None or c in wanted]
+        self._label_ids = {labels[i] for i in self.segment_ids}
         if len(self.segment_ids) < self.k:
             raise RecipeError(f"pairs.options.k: {self.k} distinct segments per pair, but the "
                               f"segment bank has only {len(self.segment_ids)}"
@@ -167,7 +169,7 @@ class CutPastePairs(PairBuilder):
     def label_ids(self) -> set[int]:
         """Every class id this builder can put in ``labels`` / ``class_map_a`` (checked
         against ``loss.num_classes`` before training)."""
-        return {int(self.segments[i]["label"]) for i in self.segment_ids}
+        return set(self._label_ids)
 
     # -- sampling ---------------------------------------------------------------------------
     def _background(self, index: int) -> torch.Tensor:
