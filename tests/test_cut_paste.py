@@ -19,6 +19,21 @@ from densessl.pretraining import collect_provenance
 SIZE = 64
 
 
+def painted_colours_agree(pair, view: int, cells: int = 12):
+    """Colours of the painted sources (channels 0/1: source x/y over SIZE, channel 2: 0.1 ×
+    label) at view A's cell centres, and where view B at ``grid_ab`` shows the same source
+    point (within half a pixel) of the same segment: ``(colour_a B×3×h×w, agree B×h×w)``."""
+    centres = pixel_to_normalized(cell_centres(cells, cells, view / cells), view, view)
+    b = pair.view_a.shape[0]
+    colour_a = F.grid_sample(pair.view_a, centres[None].expand(b, -1, -1, -1),
+                             align_corners=False, padding_mode="border")
+    colour_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False,
+                             padding_mode="border")
+    agree = ((colour_a[:, :2] - colour_b[:, :2]).abs().amax(1) * SIZE < 0.5) & (
+        (colour_a[:, 2] - colour_b[:, 2]).abs() < 0.01)
+    return colour_a, agree
+
+
 def painted_segment(h, w, label):
     ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
     image = torch.stack([xs / SIZE, ys / SIZE, torch.full((h, w), 0.1 * label)])
@@ -76,14 +91,8 @@ def test_colours_agree_after_augmentation():
     aug = ViewAugmentation(3, view_size=view, grid_stride=4, geometry=geometry,
                            photometry=None, mean=0.0, std=1.0)
     pair = aug(batch)
-    centres = pixel_to_normalized(cell_centres(12, 12, view / 12), view, view)
-    colour_a = F.grid_sample(pair.view_a, centres[None].expand(16, -1, -1, -1),
-                             align_corners=False, padding_mode="border")
-    colour_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False,
-                             padding_mode="border")
+    colour_a, agree = painted_colours_agree(pair, view)
     valid = pair.valid_ab
-    agree = ((colour_a[:, :2] - colour_b[:, :2]).abs().amax(1) * SIZE < 0.5) & (
-        (colour_a[:, 2] - colour_b[:, 2]).abs() < 0.01)
     assert valid.sum() > 300
     assert agree[valid].float().mean() >= 0.99
     # the class map follows the views: a valid instance cell shows its class's code

@@ -9,12 +9,10 @@ checked by colour without the reference, before and after view augmentation.
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_cut_paste import SIZE, painted_background, painted_segment
+from test_cut_paste import SIZE, painted_background, painted_colours_agree, painted_segment
 
 from densessl.augment import ViewAugmentation
-from densessl.augment.correspondence import pixel_to_normalized, sample_at
-from densessl.cells import cell_centres
+from densessl.augment.correspondence import sample_at
 from densessl.contract import PairSample, PastePlan
 from densessl.errors import PairContractError, RecipeError
 from densessl.pairs import CutPastePairs, NoisyPairs, collate_pairs
@@ -96,14 +94,8 @@ def test_colours_agree_after_augmentation():
                            geometry=dict(crop_scale=(0.3, 1.0), hflip=0.5, vflip=0.5,
                                          rotation_degrees=30, rotation_p=1.0))
     pair = aug(collate_pairs([build[i] for i in range(16)]))
-    centres = pixel_to_normalized(cell_centres(12, 12, view / 12), view, view)
-    colour_a = F.grid_sample(pair.view_a, centres[None].expand(16, -1, -1, -1),
-                             align_corners=False, padding_mode="border")
-    colour_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False,
-                             padding_mode="border")
+    colour_a, agree = painted_colours_agree(pair, view)
     valid = pair.valid_ab
-    agree = ((colour_a[:, :2] - colour_b[:, :2]).abs().amax(1) * SIZE < 0.5) & (
-        (colour_a[:, 2] - colour_b[:, 2]).abs() < 0.01)
     assert valid.sum() > 300 and agree[valid].float().mean() >= 0.99
     on_instance = valid & (pair.class_map_a > 0)
     codes = (colour_a[:, 2] / 0.1).round().long()
