@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_area
 
 from densessl.augment.correspondence import compose_correspondence, sample_at, transform_boxes
 from densessl.augment.geometry import ViewGeometry
@@ -101,9 +102,8 @@ class ViewAugmentation(nn.Module):
         moved = []
         for boxes, matrix in ((batch.boxes_a, matrix_a), (batch.boxes_b, matrix_b)):
             hull = transform_boxes(boxes, matrix[batch.box_batch])
-            clipped = hull.clamp(0, self.view_size)
-            area = lambda b: (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)  # noqa: E731
-            keep &= area(clipped) >= self.min_box_visible * area(hull).clamp_min(1e-6)
+            clipped = hull.clamp(0, self.view_size)  # x2 >= x1 still: clamping keeps order
+            keep &= box_area(clipped) >= self.min_box_visible * box_area(hull).clamp_min(1e-6)
             keep &= ((clipped[:, 2] - clipped[:, 0]) >= 2) & ((clipped[:, 3] - clipped[:, 1]) >= 2)
             moved.append(clipped)
         return moved[0][keep], moved[1][keep], keep

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from densessl.boxes import mask_edge_boxes
 from densessl.data.cache import default_cache_dir
 from densessl.data.pidray import PIDRAY_CARD, find_split, load_coco, read_image
 from densessl.io import save_torch
@@ -79,8 +80,7 @@ class SegmentBank:
                 mask = mask_utils.decode(ann["rle"]).astype(bool)
                 if mask.sum() < min_area:
                     continue
-                ys, xs = np.nonzero(mask)
-                y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+                x0, y0, x1, y1 = mask_edge_boxes(torch.from_numpy(mask)[None])[0].int().tolist()
                 segments.append({
                     "image": torch.from_numpy(np.ascontiguousarray(image[:, y0:y1, x0:x1])),
                     "mask": torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1])),

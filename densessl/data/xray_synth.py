@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from densessl.boxes import mask_edge_boxes
 from densessl.data.pidray import PIDRAY_CLASSES
 from densessl.data.registry import register_synthesizer
 from densessl.data.sixray import SIXRAY_CLASSES
@@ -317,9 +318,9 @@ def write_sixray(root: Path, count: int, seed: int, subset: str = "10", size: in
             cls = SIXRAY_CLASSES[int(rng.integers(len(SIXRAY_CLASSES)))]
             mask, att = place_item(rng, cls, height, width)
             attenuation = attenuation + att
-            ys, xs = np.nonzero(mask)
-            objects.append((cls, [int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1,
-                                  int(ys.max()) + 1]))  # VOC boxes are 1-based, inclusive
+            x0, y0, x1, y1 = mask_edge_boxes(torch.from_numpy(mask)[None])[0].int().tolist()
+            # VOC boxes are 1-based and inclusive: the first pixel + 1, the COCO far edge
+            objects.append((cls, [x0 + 1, y0 + 1, x1, y1]))
             present.add(cls)
         Image.fromarray(to_transmission(rng, attenuation)).save(
             root / "JPEGImage" / f"{name}.jpg", quality=92)
