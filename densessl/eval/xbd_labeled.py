@@ -45,18 +45,19 @@ class XBDSegmentation(Dataset):
         return {"image": image, "mask": mask}
 
 
-class DamageXView2:
-    """xView2 score from damage-segmentation predictions (B×H×W class maps)."""
+class DamageXView2(XView2Score):
+    """xView2 score from damage-segmentation predictions (B×H×W class maps); a torchmetrics
+    ``Metric`` with summed count states (see :class:`XView2Score`)."""
 
-    def __init__(self, ignore_index: int = 255) -> None:
-        self.score = XView2Score(ignore_index=ignore_index)
+    def __init__(self, ignore_index: int = 255, **kwargs) -> None:
+        super().__init__(ignore_index=ignore_index, **kwargs)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        self.score.update(preds > 0, preds, None, target)
+        super().update(preds > 0, preds, None, target)
 
     def compute(self) -> dict[str, float]:
         return {f"xview2_{k}" if not k.startswith("xview2") else k: v
-                for k, v in self.score.compute().items()}
+                for k, v in super().compute().items()}
 
 
 @register_eval_dataset("xbd")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 
 DAMAGE_CLASSES = ("no_damage", "minor_damage", "major_damage", "destroyed")
 
@@ -90,36 +91,44 @@ def xview2_score(loc_preds, damage_preds, loc_targets, damage_targets,
     return metric.compute()
 
 
-class XView2Score:
+class XView2Score(Metric):
     """Accumulates xView2 counts image by image; :meth:`compute` gives the score dict.
+
+    The states are the dataset-summed counts (``loc`` [TP, FN, FP], ``damage`` 4×3), so DDP's
+    sum of every process's counts gives the score of the whole split.
 
     ``update`` takes one image (H×W) or a batch (B×H×W) of numpy arrays or tensors. Pass
     ``loc_target=None`` to use ``damage_target > 0`` (xBD's pre/post footprints coincide;
     un-classified buildings stay buildings for localization).
     """
 
-    def __init__(self, ignore_index: int | None = None) -> None:
-        self.ignore_index = ignore_index
-        self.reset()
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
 
-    def reset(self) -> None:
-        self.loc = np.zeros(3, np.int64)
-        self.damage = np.zeros((4, 3), np.int64)
+    def __init__(self, ignore_index: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.add_state("loc", torch.zeros(3, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("damage", torch.zeros(4, 3, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, loc_pred, damage_pred, loc_target, damage_target) -> None:
         damage_target = _numpy(damage_target)
         if loc_target is None:  # un-classified (ignored for damage) still is a building
             loc_target = damage_target > 0
-        loc_pred = _numpy(loc_pred)
-        if loc_pred.ndim == 3:  # a batch: the presence rule is per image, so go one by one
-            for i in range(loc_pred.shape[0]):
-                self.update(loc_pred[i], _numpy(damage_pred)[i], _numpy(loc_target)[i],
-                            damage_target[i])
-            return
-        loc, damage = image_counts(loc_pred, damage_pred, loc_target, damage_target,
-                                   self.ignore_index)
-        self.loc += loc
-        self.damage += damage
+        loc_pred, damage_pred, loc_target = (_numpy(loc_pred), _numpy(damage_pred),
+                                             _numpy(loc_target))
+        if loc_pred.ndim == 2:
+            loc_pred, damage_pred = loc_pred[None], damage_pred[None]
+            loc_target, damage_target = loc_target[None], damage_target[None]
+        loc_sum, damage_sum = np.zeros(3, np.int64), np.zeros((4, 3), np.int64)
+        for i in range(loc_pred.shape[0]):  # the presence rule is per image
+            loc, damage = image_counts(loc_pred[i], damage_pred[i], loc_target[i],
+                                       damage_target[i], self.ignore_index)
+            loc_sum += loc
+            damage_sum += damage
+        self.loc += torch.from_numpy(loc_sum).to(self.loc.device)
+        self.damage += torch.from_numpy(damage_sum).to(self.damage.device)
 
     def compute(self) -> dict[str, float]:
-        return score_from_counts(self.loc, self.damage)
+        return score_from_counts(self.loc.cpu().numpy(), self.damage.cpu().numpy())
