@@ -1,21 +1,35 @@
 """RoIAlign on the FPN level chosen by box size, and the instance InfoNCE with its queues."""
 
+import math
+
 import pytest
 import torch
 from torchvision.ops import roi_align
-from torchvision.ops.poolers import LevelMapper
 
 from densessl.losses import InstanceContrast
 from densessl.losses.functional import info_nce
 from densessl.models.instance_head import InstanceHead, assign_fpn_levels, multiscale_roi_align
 
 
-def test_levels_match_torchvision_level_mapper():
+def paper_level(box, k_min, k_max, canonical_scale=224.0, canonical_level=4):
+    """Lin et al. 2017 eq. 1 for one box, in float64: ⌊k0 + log2(√(wh) / s0)⌋, clamped."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    area = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    if area == 0:
+        return k_min
+    level = math.floor(canonical_level + math.log2(math.sqrt(area) / canonical_scale))
+    return min(k_max, max(k_min, level))
+
+
+def test_levels_follow_the_fpn_paper_formula():
+    # around the level boundaries (√(wh) = 112, 224, 448 at s0 = 224), an inverted box
     boxes = torch.tensor([[0, 0, 8, 8], [0, 0, 40, 30], [5, 5, 100, 120], [0, 0, 300, 260],
-                          [0, 0, 900, 900.0]])
-    mapper = LevelMapper(2, 5, canonical_scale=224, canonical_level=4)
-    expected = mapper([boxes]) + 2
-    torch.testing.assert_close(assign_fpn_levels(boxes, 2, 5), expected.long())
+                          [0, 0, 900, 900.0], [0, 0, 111, 111], [0, 0, 112, 112],
+                          [0, 0, 223, 224], [0, 0, 224, 224], [3, 3, 451, 451],
+                          [10, 10, 4, 40]])
+    expected = torch.tensor([paper_level(b, 2, 5) for b in boxes.tolist()])
+    assert set(expected.tolist()) == {2, 3, 4, 5}
+    torch.testing.assert_close(assign_fpn_levels(boxes, 2, 5), expected)
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
@@ -28,10 +42,10 @@ def test_pooled_features_equal_direct_roi_align(sync_free):
     batch = torch.tensor([0, 1, 1, 0, 1])
     pooled = multiscale_roi_align(pyramid, boxes, batch, output_size=5,
                                   canonical_scale=56, canonical_level=4, sync_free=sync_free)
-    levels = assign_fpn_levels(boxes, 2, 5, canonical_scale=56)
-    assert len(set(levels.tolist())) >= 3  # the test covers several levels
+    levels = [paper_level(b, 2, 5, canonical_scale=56) for b in boxes.tolist()]
+    assert len(set(levels)) >= 3  # the test covers several levels
     for i in range(len(boxes)):
-        k = int(levels[i])
+        k = levels[i]
         torch.testing.assert_close(pooled[i], direct_roi_align(pyramid[f"p{k}"], boxes[i],
                                                                int(batch[i]), 2**k, 5))
 

@@ -17,16 +17,19 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import roi_align
+from torchvision.ops.poolers import LevelMapper
 
 from densessl.cells import boxes_for_roi_align
 
 
 def assign_fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224.0,
                       canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
-    """FPN level of each xyxy box (N×4) → N long in ``k_min … k_max``."""
-    area = ((boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0))
-    level = torch.floor(canonical_level + torch.log2(area.sqrt() / canonical_scale + eps))
-    return level.clamp(k_min, k_max).long()
+    """FPN level of each xyxy box (N×4) → N long in ``k_min … k_max``: torchvision's
+    ``LevelMapper`` (which counts from ``k_min``), on the device, with no host read."""
+    # an inverted box (x2 < x1) has zero area, not a negative one (whose √ is NaN → any level)
+    boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2])], dim=1)
+    mapper = LevelMapper(k_min, k_max, canonical_scale, canonical_level, eps)
+    return mapper([boxes]) + k_min
 
 
 def multiscale_roi_align(pyramid: dict[str, Tensor], boxes: Tensor, box_batch: Tensor,
