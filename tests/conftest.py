@@ -1,4 +1,6 @@
-"""Fixtures shared by the fine-tuning tests."""
+"""Fixtures shared by the tests. Shared plain helpers (the identity grid, the
+colour-correspondence harness) are functions in ``tests/helpers.py``: ``from helpers import ...``.
+"""
 
 import pytest
 import torch

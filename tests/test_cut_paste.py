@@ -8,30 +8,14 @@ every background pixel with its position and a code for its background. Wherever
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import colours_agree, coordinate_image
 
 from densessl.augment import ViewAugmentation
-from densessl.augment.correspondence import pixel_to_normalized, sample_at
-from densessl.cells import cell_centres
+from densessl.augment.correspondence import sample_at
 from densessl.pairs import CutPastePairs, collate_pairs
 from densessl.pretraining import collect_provenance
 
 SIZE = 64
-
-
-def painted_colours_agree(pair, view: int, cells: int = 12):
-    """Colours of the painted sources (channels 0/1: source x/y over SIZE, channel 2: 0.1 ×
-    label) at view A's cell centres, and where view B at ``grid_ab`` shows the same source
-    point (within half a pixel) of the same segment: ``(colour_a B×3×h×w, agree B×h×w)``."""
-    centres = pixel_to_normalized(cell_centres(cells, cells, view / cells), view, view)
-    b = pair.view_a.shape[0]
-    colour_a = F.grid_sample(pair.view_a, centres[None].expand(b, -1, -1, -1),
-                             align_corners=False, padding_mode="border")
-    colour_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False,
-                             padding_mode="border")
-    agree = ((colour_a[:, :2] - colour_b[:, :2]).abs().amax(1) * SIZE < 0.5) & (
-        (colour_a[:, 2] - colour_b[:, 2]).abs() < 0.01)
-    return colour_a, agree
 
 
 def painted_segment(h, w, label):
@@ -43,9 +27,14 @@ def painted_segment(h, w, label):
 
 
 def painted_background(code):
-    ys, xs = torch.meshgrid(torch.arange(SIZE).float(), torch.arange(SIZE).float(),
-                            indexing="ij")
-    return {"image": torch.stack([xs / SIZE, ys / SIZE, torch.full((SIZE, SIZE), code)])}
+    return {"image": coordinate_image(SIZE, code=code)}
+
+
+def painted_colours_agree(pair, view: int):
+    """Colours of the painted sources (channels 0/1: source x/y over SIZE, channel 2: 0.1 ×
+    label) at view A's cell centres, and where view B at ``grid_ab`` shows the same source
+    point (within half a pixel) of the same segment: ``(colour_a B×3×h×w, agree B×h×w)``."""
+    return colours_agree(pair, view, cells=12, size=SIZE, code_tol=0.01)
 
 
 def painted_builder(mode="segloc", same_background=0.5, k=3):
@@ -100,8 +89,28 @@ def test_colours_agree_after_augmentation():
     assert on_instance.sum() > 50
     codes = (colour_a[:, 2] / 0.1).round().long()
     assert (codes[on_instance] == pair.class_map_a[on_instance]).float().mean() >= 0.99
-    # boxes moved with the views: box centres of A show the instance's code in most cases
-    assert pair.boxes_a.shape[0] > 0 and pair.boxes_a.shape == pair.boxes_b.shape
+    # boxes moved with the views (their centres: test_box_centres_follow_the_views)
+    assert pair.boxes_a.shape[0] > 10 and pair.boxes_a.shape == pair.boxes_b.shape
+
+
+def test_box_centres_follow_the_views():
+    """An ellipse's box centre is its centre, and an affine view maps it to the centre of the
+    moved box: with one paste per pair (no occlusion) and full-size crops (no clipping at the
+    view's edge), the pixel at each box's centre shows its instance's code, in A and in B."""
+    torch.manual_seed(11)
+    builder = painted_builder(k=1)
+    batch = collate_pairs([builder[i] for i in range(24)])
+    view = 48
+    aug = ViewAugmentation(3, view_size=view, grid_stride=4, photometry=None, mean=0.0, std=1.0,
+                           geometry=dict(crop_scale=(1.0, 1.0), hflip=0.5, vflip=0.5,
+                                         rotation_degrees=30, rotation_p=1.0))
+    pair = aug(batch)
+    assert pair.boxes_a.shape[0] >= 20 and pair.box_label.min() >= 1
+    for view_image, boxes in ((pair.view_a, pair.boxes_a), (pair.view_b, pair.boxes_b)):
+        x = ((boxes[:, 0] + boxes[:, 2]) / 2).floor().long().clamp(0, view - 1)
+        y = ((boxes[:, 1] + boxes[:, 3]) / 2).floor().long().clamp(0, view - 1)
+        code = (view_image[pair.box_batch, 2, y, x] / 0.1).round().long()
+        assert (code == pair.box_label).float().mean() >= 0.95
 
 
 def test_insloc_one_instance_two_backgrounds():

@@ -2,6 +2,7 @@
 one process on the whole batch (keys gathered before enqueue; batch negatives gathered too)."""
 
 import torch
+from helpers import identity_grid
 
 from densessl.losses import DenseContrast, GlobalContrast
 
@@ -21,12 +22,6 @@ def global_batches():
     return steps
 
 
-def identity_grid():
-    centres = (2 * torch.arange(CELLS) + 1) / CELLS - 1
-    grid = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), dim=-1)
-    return grid[None].repeat(BATCH, 1, 1, 1)
-
-
 def make_objectives():
     # every cell is sampled and enqueued, so the result does not depend on random draws
     dense = DenseContrast(DIM, queue_size=50, temperature=0.3, samples_per_image=CELLS**2,
@@ -37,7 +32,7 @@ def make_objectives():
 
 def run_steps(dense, glob, part: slice):
     losses = []
-    grid = identity_grid()
+    grid = identity_grid(BATCH, CELLS, CELLS, stride=1)
     for q, k, qg, kg, valid in global_batches():
         ld, _ = dense(q[part], k[part], grid[part], valid[part])
         lg, _ = glob(qg[part], kg[part])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import identity_grid
 
 from densessl.losses import (
     DenseContrast,
@@ -198,16 +199,6 @@ def test_queue_gathered_equals_single_process(tmp_path):
 
 
 # ---------------------------------------------------------------- dense contrast
-
-
-def identity_grid(b, h, w, stride=8):
-    """Where the cells of an h×w stride-s feature map sit in their (s·h)×(s·w) image, in
-    grid_sample(align_corners=False) image coordinates: cell (i, j) at pixel (s·j, s·i), as a
-    torchvision ResNet places it (DenseContrast's default stride is 8)."""
-    ys = (2 * stride * torch.arange(h) + 1) / (stride * h) - 1
-    xs = (2 * stride * torch.arange(w) + 1) / (stride * w) - 1
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # h×w×2 as (x, y)
-    return grid[None].repeat(b, 1, 1, 1)
 
 
 def test_sample_cells_picks_distinct_valid_cells():

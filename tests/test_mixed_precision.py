@@ -4,15 +4,10 @@ contrastive maths stays in float32 (1/T amplifies rounding), and a step trains."
 from __future__ import annotations
 
 import torch
+from helpers import identity_grid
 
 from densessl.bench import bench_recipe, make_pair_batch
 from densessl.losses import DenseContrast, InstanceContrast
-
-
-def identity_grid(b, h, w):
-    ys = (2 * torch.arange(h) + 1) / h - 1
-    xs = (2 * torch.arange(w) + 1) / w - 1
-    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].repeat(b, 1, 1, 1)
 
 
 def test_losses_compute_in_float32_under_bf16_autocast():
@@ -27,7 +22,7 @@ def test_losses_compute_in_float32_under_bf16_autocast():
         instance = InstanceContrast(8, queue_size=4, queue="per_class", num_classes=3)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for _ in range(3):  # the queues fill, then take part
-                d, _ = dense(q, k, identity_grid(3, 4, 4), valid, class_map=classes)
+                d, _ = dense(q, k, identity_grid(3, 4, 4, stride=1), valid, class_map=classes)
                 i, _ = instance(q[:, :, 0, 0], k[:, :, 0, 0], torch.tensor([0, 1, -1]))
         assert d.dtype == i.dtype == torch.float32
         results.append(torch.stack([d, i]))

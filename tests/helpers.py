@@ -1,0 +1,67 @@
+"""Helpers shared by the tests (plain functions; the fixtures are in tests/conftest.py).
+
+``from helpers import ...`` works from any test module: pytest puts ``tests/`` on ``sys.path``
+(rootdir-relative "prepend" imports, no ``__init__.py``).
+
+* :func:`identity_grid`: where the cells of a stride-s feature map sit in their own image, in
+  ``grid_sample(align_corners=False)`` coordinates (view B's key at a cell is that cell).
+* the colour-correspondence harness: :func:`coordinate_image` paints every pixel with its own
+  (x, y) — a unique, linearly interpolable colour — and :func:`colours_agree` checks, at the
+  cell centres of view A, that view B shows the same colour at ``grid_ab``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from densessl.augment.correspondence import pixel_to_normalized
+from densessl.cells import cell_centres
+
+
+def identity_grid(b: int, h: int, w: int, stride: int = 8) -> torch.Tensor:
+    """B×h×w×2 (x, y): cell (i, j) of an h×w stride-s map at pixel (s·j, s·i) of its
+    (s·h)×(s·w) image, as a torchvision ResNet places it (``stride=1``: the pixel centres)."""
+    ys = (2 * stride * torch.arange(h) + 1) / (stride * h) - 1
+    xs = (2 * stride * torch.arange(w) + 1) / (stride * w) - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # h×w×2 as (x, y)
+    return grid[None].repeat(b, 1, 1, 1)
+
+
+def coordinate_image(height: int = 64, width: int | None = None, channels: int = 3,
+                     scale: float | None = None, code: float = 1.0) -> torch.Tensor:
+    """C×H×W: channel 0 = x / scale, channel 1 = y / scale (``scale`` defaults to the width and
+    the height), every further channel = ``code`` (1: "this pixel came from the source")."""
+    width = height if width is None else width
+    ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(),
+                            indexing="ij")
+    planes = [xs / (scale or width), ys / (scale or height)]
+    planes += [torch.full((height, width), float(code))] * (channels - 2)
+    return torch.stack(planes)
+
+
+def cell_colours(pair, view: int, cells: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colour of view A at its ``cells``×``cells`` cell centres, colour of view B at
+    ``pair.grid_ab``), each B×C×cells×cells."""
+    centres = pixel_to_normalized(cell_centres(cells, cells, view / cells), view, view)
+    b = pair.view_a.shape[0]
+    colour_a = F.grid_sample(pair.view_a, centres[None].expand(b, -1, -1, -1),
+                             align_corners=False, padding_mode="border")
+    colour_b = F.grid_sample(pair.view_b, pair.grid_ab, align_corners=False,
+                             padding_mode="border")
+    return colour_a, colour_b
+
+
+def colours_agree(pair, view: int, cells: int = 12, size: float = 64,
+                  code_tol: float | None = None, max_px: float = 0.5
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(colour_a B×C×h×w, agree B×h×w)`` for views of :func:`coordinate_image`-painted
+    sources (channels 0/1 = x/y over ``size``): ``agree`` where view B at ``grid_ab`` shows the
+    same source point as view A's cell (within ``max_px`` source pixels) and, with
+    ``code_tol``, the same code in channel 2 (a segment / background id)."""
+    colour_a, colour_b = cell_colours(pair, view, cells)
+    error_px = (colour_a[:, :2] - colour_b[:, :2]).abs().amax(1) * size
+    agree = error_px < max_px
+    if code_tol is not None:
+        agree &= (colour_a[:, 2] - colour_b[:, 2]).abs() < code_tol
+    return colour_a, agree
