@@ -11,7 +11,7 @@ import inspect
 from torch.utils.data import Dataset
 
 from densessl.augment import ViewAugmentation
-from densessl.data.manifest import apply_provenance
+from densessl.data.manifest import ProvenanceFilter, apply_provenance
 from densessl.data.registry import SOURCES
 from densessl.errors import PairContractError, RecipeError
 from densessl.models import DenseEncoder
@@ -27,6 +27,13 @@ def build_source_dataset(recipe: Recipe) -> Dataset:
                           f"{', '.join(sorted(SOURCES))}")
     defaults = {"path": data.path, "image_size": data.image_size, "channels": data.channels,
                 "seed": recipe.seed, "skip_bad": data.skip_bad}
+    if "provenance" in data.options:
+        raise RecipeError("data.options.provenance: set by densessl from data.manifest and "
+                          "data.provenance; use those keys")
+    if data.manifest:
+        # sources that read several files per item (xbd, geotiff) filter at construction,
+        # before reading a dropped file's pixels
+        defaults["provenance"] = provenance_filter(recipe)
     dataset = construct(SOURCES[data.source], data.options, "data.options", defaults)
     p = data.provenance
     # per-image provenance: filter by the manifest and carry the summary to every artifact
@@ -35,16 +42,33 @@ def build_source_dataset(recipe: Recipe) -> Dataset:
                             on_missing=p.on_missing)
 
 
+def provenance_filter(recipe: Recipe) -> ProvenanceFilter:
+    """``data.manifest`` and ``data.provenance`` as the object sources and builders filter by."""
+    data, p = recipe.data, recipe.data.provenance
+    return ProvenanceFilter(data.manifest, data.path, require=tuple(p.require),
+                            allow_licences=None if p.allow_licences is None
+                            else tuple(p.allow_licences), exclude_flags=tuple(p.exclude_flags),
+                            on_missing=p.on_missing)
+
+
 def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBuilder:
     cls = get_pair_builder(recipe.pairs.builder)
     defaults = {"seed": recipe.seed, "image_size": recipe.data.image_size,
                 "channels": recipe.data.channels, "skip_bad": recipe.data.skip_bad}
-    if "dataset" in inspect.signature(cls.__init__).parameters:
+    params = inspect.signature(cls.__init__).parameters
+    if "provenance" in recipe.pairs.options:
+        raise RecipeError("pairs.options.provenance: set by densessl from data.manifest and "
+                          "data.provenance; use those keys")
+    if "dataset" in params:
         defaults["dataset"] = dataset if dataset is not None else build_source_dataset(recipe)
+    elif recipe.data.manifest and "provenance" in params:
+        # a builder that reads its own files (cut_paste) filters them itself
+        defaults["provenance"] = provenance_filter(recipe)
     elif recipe.data.manifest:
         raise RecipeError(f"data.manifest: pair builder {recipe.pairs.builder!r} reads its own "
-                          "data (pairs.options), not data.source, so the manifest would filter "
-                          "nothing; use a builder that takes the data source (e.g. same_image)")
+                          "data (pairs.options), not data.source, and takes no manifest, so "
+                          "the manifest would filter nothing; use a builder that takes the data "
+                          "source (e.g. same_image) or one that reads a manifest (cut_paste)")
     builder = construct(cls, recipe.pairs.options, "pairs.options", defaults)
     noise = recipe.noise
     if noise.kind != "none":

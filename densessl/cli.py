@@ -140,11 +140,18 @@ def cmd_data_inspect(args) -> int:
     if not root.exists():
         raise DensesslError(f"data inspect: {str(root)!r} does not exist")
     report = INSPECTORS[args.format](root)
+    if args.manifest_root and not args.manifest:
+        raise DensesslError("data inspect: --manifest-root needs --manifest")
     if args.manifest:
         from densessl.data.manifest import manifest_report
+        from densessl.data.registry import PROVENANCE_LISTERS
 
-        # licences, images without provenance, flagged images (every image file under ROOT)
-        report = {**report, "provenance": manifest_report(root, args.manifest)}
+        # licences, images without provenance, flagged images: the images the format's source
+        # reads (xbd: pre/post images and their pairs), else every image file under ROOT
+        files, items = (PROVENANCE_LISTERS[args.format](root)
+                        if args.format in PROVENANCE_LISTERS else (None, None))
+        report = {**report, "provenance": manifest_report(
+            root, args.manifest, files, items, args.manifest_root)}
     if args.check:
         from densessl.data.check import check_files
 
@@ -273,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default=None,
                    help="attribution manifest (CSV/JSON, one row per image): also report "
                         "licence counts, images without provenance and flagged images")
+    p.add_argument("--manifest-root", default=None,
+                   help="the folder the manifest's rows are relative to, when it is not ROOT "
+                        "(cut_paste: the folder holding both the PIDray and the SIXray root)")
     p.add_argument("--check", action="store_true",
                    help="decode every file (slow on large sets) and list the bad ones; exit 1 "
                         "when there are any")

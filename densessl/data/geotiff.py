@@ -39,7 +39,12 @@ from torch.utils.data import Dataset
 from densessl.data.bad_samples import ReadSkips, report_bad
 from densessl.data.cache import cached_synthetic, default_cache_dir
 from densessl.data.geotiff_synth import synthesize_geotiff  # noqa: F401  (synth cache)
-from densessl.data.registry import register_inspector, register_source
+from densessl.data.manifest import ProvenanceFilter
+from densessl.data.registry import (
+    register_inspector,
+    register_provenance_lister,
+    register_source,
+)
 from densessl.errors import DataError
 from densessl.io import write_json
 
@@ -96,6 +101,28 @@ def list_files(path: str | Path) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"data.path: {text!r} is neither a folder nor a glob")
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".tif", ".tiff"))
+
+
+def series_root(path: str | Path) -> Path:
+    """The folder ``data.manifest`` rows of a series are relative to: ``path`` itself, or for
+    a glob its folder part before the first wildcard (``/data/s2/*/*.tif`` → ``/data/s2``)."""
+    text = str(path)
+    if not any(c in text for c in "*?["):
+        return Path(text)
+    parts = Path(text).parts
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    return Path(*parts[:fixed]) if fixed else Path(".")
+
+
+@register_provenance_lister("geotiff")
+def geotiff_provenance_files(root: Path, pattern: str = DEFAULT_PATTERN
+                             ) -> tuple[list[str], None]:
+    """``data inspect --format geotiff --manifest``: every raster whose name has a date
+    (headers are not read; pairs depend on footprints, so none are listed)."""
+    regex = re.compile(pattern)
+    base = series_root(root)
+    return [p.relative_to(base).as_posix() for p in list_files(root)
+            if regex.search(p.name)], None
 
 
 def read_info(path: Path, pattern: re.Pattern) -> RasterInfo | None:
@@ -352,6 +379,9 @@ class GeoTiffPairs(Dataset):
         pairing: ``all`` pairs of dates of a place, or ``consecutive`` dates only.
         stats_path: where the band statistics JSON lives (default: the cache dir).
         licence, attribution: carried into ``dataset_cards`` (metrics.json, checkpoints).
+        provenance: ``data.manifest`` / ``data.provenance`` (set from the recipe): rows name
+            files relative to the folder (for a glob: its folder part before the first
+            wildcard, :func:`series_root`); a date pair is used only if both files pass.
     """
 
     def __init__(self, path: str | None = None, image_size: int = 64, channels: int = 3,
@@ -360,7 +390,7 @@ class GeoTiffPairs(Dataset):
                  tries: int = 8, seed: int = 0, skip_bad: bool = False,
                  cache_dir: str | None = None, stats_path: str | None = None,
                  synthetic_places: int = 4, licence: str = "unknown (set data.options.licence)",
-                 attribution: str = "") -> None:
+                 attribution: str = "", provenance: ProvenanceFilter | None = None) -> None:
         if pairing not in ("all", "consecutive"):
             raise DataError(f"data.options.pairing: expected 'all' or 'consecutive', got "
                             f"{pairing!r}")
@@ -403,6 +433,22 @@ class GeoTiffPairs(Dataset):
         self.pairs = make_pairs(groups, pairing, skip_bad, self.skipped_samples)
         if not self.pairs:
             raise DataError(f"data.path {path!r}: no place has two overlapping dates")
+        self.dataset_cards = [SYNTHETIC_CARD if synthetic else {
+            "name": f"GeoTIFF series {Path(str(path)).name}", "licence": licence,
+            "source": str(path), "attribution": attribution}]
+        self.image_provenance = self.attribution = None
+        if provenance is not None:
+            # data.manifest: a date pair is used only if both files pass; decided before the
+            # band statistics, so a dropped file's pixels are never read
+            root = series_root(path)
+
+            def rel(r: RasterInfo) -> str:
+                return r.path.relative_to(root).as_posix()
+
+            keep, self.image_provenance, self.attribution = provenance.select(
+                [(rel(p.early), rel(p.late)) for p in self.pairs], repr(str(path)),
+                cards=self.dataset_cards, item_name="pairs", listed=[rel(r) for r in rasters])
+            self.pairs = [self.pairs[i] for i in keep]
         small = [p for p in self.pairs if min(p.early.width, p.early.height) < image_size]
         if small:
             raise DataError(f"{small[0].early.path}: raster smaller than data.image_size "
@@ -427,9 +473,6 @@ class GeoTiffPairs(Dataset):
         self.handles = RasterHandles()
         self.skip_bad = skip_bad
         self.read_skips = ReadSkips(len(self))  # windows skipped in workers (shared memory)
-        self.dataset_cards = [SYNTHETIC_CARD if synthetic else {
-            "name": f"GeoTIFF series {Path(str(path)).name}", "licence": licence,
-            "source": str(path), "attribution": attribution}]
 
     def _usable_pairs(self, stats: dict, size: int, min_valid: float, skip_bad: bool
                       ) -> list[DatePair]:

@@ -278,6 +278,44 @@ def select_images(files: Sequence[str], manifest: Manifest | None, *,
     rows of the kept images). Without a manifest every image counts as licence ``unknown``
     unless the source's dataset cards (``cards``) give one licence for all of it.
     """
+    return select_items([(f,) for f in files], manifest, require=require,
+                        allow_licences=allow_licences, exclude_flags=exclude_flags,
+                        on_missing=on_missing, cards=cards)
+
+
+def _drop_reason(row: ManifestRow | None, require: list[str], allow: set[str] | None,
+                 exclude: list[str]) -> str | None:
+    """Why one image fails the filters (the first reason, see :func:`select_images`)."""
+    if row is None:
+        return "no_manifest_row" if require or allow is not None else None
+    empty = [r for r in require if not getattr(row, r)]
+    if empty:
+        return f"missing_{empty[0]}"
+    if allow is not None and canonical_licence(row.licence) not in allow:
+        return "licence_not_allowed"
+    hit = [f for f in exclude if row.flags.get(f)]
+    return f"flag_{hit[0]}" if hit else None
+
+
+def select_items(items: Sequence[Sequence[str]], manifest: Manifest | None, *,
+                 require: Iterable[str] = (), allow_licences: Iterable[str] | None = None,
+                 exclude_flags: Iterable[str] = (), on_missing: str = "drop",
+                 cards: Sequence[dict] = (), card_licence_of=None,
+                 listed: Iterable[str] | None = None, item_name: str | None = None
+                 ) -> tuple[list[int], dict, list[dict]]:
+    """:func:`select_images` for sources whose items read several files (an xBD pre/post pair,
+    two GeoTIFF dates, a pasted segment and its source image): ``items[i]`` lists the files
+    (relative to the source's root) item ``i`` reads, and it is kept only if every one passes.
+
+    Images are counted once however many items read them: ``images_total`` (every file of
+    every item), ``images_used`` (files of kept items; licences and attribution rows are
+    theirs), ``dropped`` by the file's own reason, and ``partner_dropped`` for a file that
+    passes but whose every item was dropped for another file. With ``item_name`` (e.g.
+    ``pairs``) the summary also has ``<item_name>_total`` / ``<item_name>_used``.
+    ``card_licence_of(file)`` gives the licence of a file without a manifest row (default: the
+    one licence of ``cards``, if they agree); ``listed``: every image the source has (rows
+    naming none of them are warned about; default: the files of ``items``).
+    """
     require = list(require)
     allow = None if allow_licences is None else {canonical_licence(x) for x in allow_licences}
     exclude = list(exclude_flags)
@@ -288,42 +326,37 @@ def select_images(files: Sequence[str], manifest: Manifest | None, *,
     rows = manifest.rows if manifest is not None else {}
     flag_names = manifest.flag_names if manifest is not None else []
     unknown_flags = [f for f in exclude if manifest is not None and f not in flag_names]
-    card_licence = None
-    card_licences = {c.get("licence") or c.get("license") for c in cards}
-    if len(card_licences) == 1:
-        card_licence = next(iter(card_licences))
-    keep: list[int] = []
-    dropped: Counter = Counter()
+    if card_licence_of is None:
+        card_licences = {c.get("licence") or c.get("license") for c in cards}
+        only = next(iter(card_licences)) if len(card_licences) == 1 else None
+        card_licence_of = lambda _file: only  # noqa: E731
+    files = list(dict.fromkeys(f for item in items for f in item))  # each image once, in order
+    reasons = {f: _drop_reason(rows.get(f), require, allow, exclude) for f in files}
+    missing = [f for f in files if reasons[f] == "no_manifest_row"
+               or (reasons[f] or "").startswith("missing_")]
+    if missing and on_missing == "error":
+        raise DataError(f"data.provenance: {len(missing)} images lack "
+                        f"{' / '.join(require) or 'a manifest row'} (e.g. {missing[0]!r}"
+                        f"{' in ' + str(manifest.path) if manifest else ''}) and "
+                        "data.provenance.on_missing is error; add them to the manifest or set "
+                        "on_missing: drop")
+    keep = [i for i, item in enumerate(items) if all(reasons[f] is None for f in item)]
+    used = set(f for i in keep for f in items[i])
+    dropped: Counter = Counter(r for r in reasons.values() if r is not None)
+    partner = sum(1 for f in files if reasons[f] is None and f not in used)
+    if partner:
+        dropped["partner_dropped"] = partner
     licences: Counter = Counter()
     flagged: Counter = Counter()
-    missing_examples: list[str] = []
     without = 0
     attribution = []
-    for i, file in enumerate(files):
-        row = rows.get(file)
-        reason = None
-        if row is None:
-            if require or allow is not None:
-                reason = "no_manifest_row"
-        else:
-            empty = [r for r in require if not getattr(row, r)]
-            if empty:
-                reason = f"missing_{empty[0]}"
-            elif allow is not None and canonical_licence(row.licence) not in allow:
-                reason = "licence_not_allowed"
-            else:
-                hit = [f for f in exclude if row.flags.get(f)]
-                reason = f"flag_{hit[0]}" if hit else None
-        if reason is not None and (reason == "no_manifest_row" or reason.startswith("missing_")):
-            if on_missing == "error":
-                missing_examples.append(file)
-                continue
-        if reason is not None:
-            dropped[reason] += 1
+    for file in files:
+        if file not in used:
             continue
-        keep.append(i)
+        row = rows.get(file)
         if row is None:
             without += 1
+            card_licence = card_licence_of(file)
             licences[canonical_licence(card_licence) if card_licence else UNKNOWN] += 1
             attribution.append({"file": file, "licence": card_licence or "", "author": "",
                                 "url": "", **{f: False for f in flag_names}})
@@ -331,15 +364,9 @@ def select_images(files: Sequence[str], manifest: Manifest | None, *,
             licences[canonical_licence(row.licence)] += 1
             flagged.update(f for f, v in row.flags.items() if v)
             attribution.append(row.attribution(flag_names))
-    if missing_examples:
-        raise DataError(f"data.provenance: {len(missing_examples)} images lack "
-                        f"{' / '.join(require) or 'a manifest row'} (e.g. {missing_examples[0]!r}"
-                        f"{' in ' + str(manifest.path) if manifest else ''}) and "
-                        "data.provenance.on_missing is error; add them to the manifest or set "
-                        "on_missing: drop")
     terms = inherited_terms(dict(licences))
     warnings = list(terms["warnings"])
-    in_source = set(files)
+    in_source = set(files) | set(listed or ())
     unmatched = [f for f in rows if f not in in_source]
     if manifest is not None and unmatched:
         warnings.append(f"{len(unmatched)} manifest rows name files the source does not have "
@@ -352,8 +379,10 @@ def select_images(files: Sequence[str], manifest: Manifest | None, *,
         "manifest_sha256": manifest.sha256 if manifest is not None else None,
         "filters": {"require": require, "allow_licences": sorted(allow) if allow else allow,
                     "exclude_flags": exclude, "on_missing": on_missing},
-        "images_total": len(files), "images_used": len(keep),
+        "images_total": len(files), "images_used": len(used),
         "images_dropped": sum(dropped.values()), "dropped": dict(sorted(dropped.items())),
+        **({f"{item_name}_total": len(items), f"{item_name}_used": len(keep)}
+           if item_name else {}),
         "licences": dict(licences.most_common()),
         "without_provenance": without,
         "flagged": dict(sorted(flagged.items())),
@@ -379,29 +408,48 @@ def attribution_csv(rows: Sequence[dict]) -> str:
 
 
 def manifest_report(root: str | Path, manifest_path: str | Path,
-                    files: Sequence[str] | None = None) -> dict:
+                    files: Sequence[str] | None = None,
+                    items: Sequence[Sequence[str]] | None = None,
+                    manifest_root: str | Path | None = None) -> dict:
     """``densessl data inspect --manifest``: licence counts, images without provenance and
     flagged images for the images under ``root`` (``files``: relative paths; default every
-    image file under ``root``)."""
+    image file under ``root``). ``items``: the files read together (an xBD pre/post pair):
+    the report then counts the pairs whose every file has a manifest row with a licence.
+    ``manifest_root``: the folder rows are relative to when it is not ``root`` (cut_paste's
+    common root of PIDray and SIXray, see :mod:`densessl.pairs.paste_provenance`)."""
     from densessl.data.image_folder import list_images
 
     root = Path(root)
     manifest = read_manifest(manifest_path)
     if files is None:
         files = [str(p.relative_to(root).as_posix()) for p in list_images(root)]
+    prefix = "." if manifest_root is None else relative_posix(root, manifest_root,
+                                                              "--manifest-root")
+
+    def keyed(file: str) -> str:
+        return file if prefix == "." else f"{prefix}/{file}"
+
+    files = [keyed(f) for f in files]
+    items = None if items is None else [tuple(keyed(f) for f in item) for item in items]
     _, summary, rows = select_images(files, manifest)
     no_row = [f for f in files if f not in manifest.rows]
     no_licence = [f for f in files if f in manifest.rows and not manifest.rows[f].licence]
     flagged = {flag: [r["file"] for r in rows if r.get(flag)] for flag in manifest.flag_names}
-    return {"manifest": str(manifest.path), "manifest_sha256": manifest.sha256,
-            "images": len(files), "licences": summary["licences"],
-            "terms": summary["terms"],
-            "without_provenance": {"count": len(no_row) + len(no_licence),
-                                   "no_manifest_row": no_row[:50],
-                                   "no_licence": no_licence[:50]},
-            "flagged": {f: {"count": len(v), "files": v[:50]} for f, v in flagged.items()},
-            "manifest_rows_unmatched": summary["manifest_rows_unmatched"],
-            "warnings": summary["warnings"]}
+    report = {"manifest": str(manifest.path), "manifest_sha256": manifest.sha256,
+              **({"manifest_root": str(manifest_root)} if manifest_root is not None else {}),
+              "images": len(files), "licences": summary["licences"],
+              "terms": summary["terms"],
+              "without_provenance": {"count": len(no_row) + len(no_licence),
+                                     "no_manifest_row": no_row[:50],
+                                     "no_licence": no_licence[:50]},
+              "flagged": {f: {"count": len(v), "files": v[:50]} for f, v in flagged.items()},
+              "manifest_rows_unmatched": summary["manifest_rows_unmatched"],
+              "warnings": summary["warnings"]}
+    if items is not None:
+        lacking = set(no_row) | set(no_licence)
+        report["pairs"] = {"total": len(items), "with_provenance": sum(
+            1 for item in items if not any(f in lacking for f in item))}
+    return report
 
 
 def find_image_provenance(builder) -> tuple[dict | None, list[dict]]:
@@ -414,6 +462,60 @@ def find_image_provenance(builder) -> tuple[dict | None, list[dict]]:
     return None, []
 
 
+@dataclass
+class ProvenanceFilter:
+    """A recipe's ``data.manifest`` and ``data.provenance`` filters, handed to the sources and
+    pair builders that read several files per item (``xbd``, ``geotiff``, ``cut_paste``) so
+    they filter once, at construction, before reading any pixel of a dropped file.
+
+    ``select`` returns the kept item indices, the summary and the attribution rows (see
+    :func:`select_items`), refuses a selection that keeps nothing and passes the summary's
+    warnings to ``warn`` (default: ``warnings.warn``). The holder stores the summary as
+    ``image_provenance`` and the rows as ``attribution`` (found by
+    :func:`find_image_provenance`)."""
+
+    manifest: str | Path
+    root: str | Path | None = None  # data.path: what rows are relative to (None: the source's)
+    require: Sequence[str] = ()
+    allow_licences: Sequence[str] | None = None
+    exclude_flags: Sequence[str] = ()
+    on_missing: str = "drop"
+    warn: object = None
+
+    def read(self) -> Manifest:
+        return read_manifest(self.manifest)
+
+    def select(self, items: Sequence[Sequence[str]], where: str, **kwargs
+               ) -> tuple[list[int], dict, list[dict]]:
+        """``where`` names the data (a root, "cut_paste backgrounds and segments") in errors;
+        ``kwargs``: :func:`select_items`' cards, card_licence_of, listed, item_name."""
+        import warnings as _warnings
+
+        keep, summary, rows = select_items(
+            items, self.read(), require=self.require, allow_licences=self.allow_licences,
+            exclude_flags=self.exclude_flags, on_missing=self.on_missing, **kwargs)
+        if not keep:
+            raise DataError(f"data.provenance: every image of {where} was dropped "
+                            f"({summary['dropped']}); check the manifest "
+                            f"{str(self.manifest)!r} and data.provenance")
+        for message in summary["warnings"]:
+            (self.warn or (lambda m: _warnings.warn(m, UserWarning, stacklevel=4)))(
+                f"data provenance: {message}")
+        return keep, summary, rows
+
+
+def relative_posix(path: str | Path, root: str | Path, what: str = "data.path") -> str:
+    """``path`` relative to ``root`` with / separators: what a manifest row's ``file`` names
+    (both resolved, so symlinks and ``..`` do not matter); a file outside ``root`` is a
+    DataError naming both."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        raise DataError(f"data.manifest: {str(path)!r} is not under {what} {str(root)!r}, so "
+                        "no manifest row can name it; manifest rows are relative to "
+                        f"{what}") from None
+
+
 def apply_provenance(dataset, source: str, root: str | Path | None, manifest: str | Path | None,
                      *, require: Iterable[str] = (), allow_licences: Iterable[str] | None = None,
                      exclude_flags: Iterable[str] = (), on_missing: str = "drop",
@@ -421,34 +523,44 @@ def apply_provenance(dataset, source: str, root: str | Path | None, manifest: st
     """Filter a source dataset in place by its manifest and attach the summary
     (``dataset.image_provenance``) and attribution rows (``dataset.attribution``).
 
-    The source must list its images (``provenance_files()``, relative to ``root``) and keep a
-    subset (``restrict(indices)``); a source that does not is refused when a manifest is
-    given. Without a manifest such a source still gets a summary (its licences are then
-    unknown, and said so). Unknown licences are passed to ``warn`` (default: warnings.warn)."""
-    import warnings as _warnings
-
+    A source that filtered itself at construction (it took a :class:`ProvenanceFilter`, e.g.
+    ``xbd``, ``geotiff``) is returned as it is. Otherwise the source must list its images
+    (``provenance_files()``, relative to ``root``) and keep a subset (``restrict(indices)``);
+    a source that does neither is refused when a manifest is given. Without a manifest a
+    listing source with no dataset card (a folder) still gets a summary (its licences are
+    then unknown, and said so). Unknown licences are passed to ``warn`` (default:
+    warnings.warn)."""
+    if getattr(dataset, "image_provenance", None) is not None:
+        return dataset
     listed = callable(getattr(dataset, "provenance_files", None)) and callable(
         getattr(dataset, "restrict", None))
     if not listed:
         if manifest:
             raise DataError(f"data.manifest: data source {source!r} does not list its image "
                             "files, so a manifest cannot be matched to it; manifests work with "
-                            "sources that do (e.g. folder)")
+                            "sources that do (e.g. folder, xbd, geotiff)")
         return dataset
-    parsed = read_manifest(manifest) if manifest else None
-    files = dataset.provenance_files()
-    keep, summary, rows = select_images(
-        files, parsed, require=require, allow_licences=allow_licences,
-        exclude_flags=exclude_flags, on_missing=on_missing,
-        cards=getattr(dataset, "dataset_cards", None) or [])
-    if not keep:
-        raise DataError(f"data.provenance: every image of {str(root)!r} was dropped "
-                        f"({summary['dropped']}); check the manifest "
-                        f"{str(manifest)!r} and data.provenance")
-    if len(keep) < len(files):
+    cards = getattr(dataset, "dataset_cards", None) or []
+    if not manifest:
+        if cards:  # its cards state the licence (metrics.json "datasets")
+            return dataset
+        keep, summary, rows = select_images(dataset.provenance_files(), None, cards=cards)
+        _warn_all(summary, warn)
+    else:
+        keep, summary, rows = ProvenanceFilter(
+            manifest, root, require=tuple(require), allow_licences=None if allow_licences is None
+            else tuple(allow_licences), exclude_flags=tuple(exclude_flags),
+            on_missing=on_missing, warn=warn).select(
+                [(f,) for f in dataset.provenance_files()], repr(str(root)), cards=cards)
+    if len(keep) < summary["images_total"]:
         dataset.restrict(keep)
     dataset.image_provenance, dataset.attribution = summary, rows
-    for message in summary["warnings"]:
-        (warn or (lambda m: _warnings.warn(m, UserWarning, stacklevel=3)))(
-            f"data provenance: {message}")
     return dataset
+
+
+def _warn_all(summary: dict, warn) -> None:
+    import warnings as _warnings
+
+    for message in summary["warnings"]:
+        (warn or (lambda m: _warnings.warn(m, UserWarning, stacklevel=4)))(
+            f"data provenance: {message}")

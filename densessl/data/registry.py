@@ -7,6 +7,8 @@
   ``densessl data synth KIND --out DIR``; writes a synthetic dataset in a real on-disk format.
 * ``register_inspector("format")``: ``fn(root: Path) -> dict`` behind
   ``densessl data inspect ROOT --format FORMAT``.
+* ``register_provenance_lister("format")``: ``fn(root: Path) -> (files, items)`` behind
+  ``densessl data inspect ROOT --format FORMAT --manifest M``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from collections.abc import Callable
 SOURCES: dict[str, type] = {}
 SYNTHESIZERS: dict[str, Callable] = {}
 INSPECTORS: dict[str, Callable] = {}
+#: format → ``fn(root: Path) -> (files, items)``: the images a source of that format reads,
+#: relative to ``root``, and the files each item reads together (``data inspect --manifest``)
+PROVENANCE_LISTERS: dict[str, Callable] = {}
 
 
 def registrar(table: dict, kind: str, name: str):
@@ -40,3 +45,7 @@ def register_synthesizer(name: str):
 
 def register_inspector(name: str):
     return registrar(INSPECTORS, "inspector", name)
+
+
+def register_provenance_lister(name: str):
+    return registrar(PROVENANCE_LISTERS, "provenance lister", name)

@@ -20,7 +20,7 @@ from densessl.data.cache import default_cache_dir
 from densessl.data.pidray import PIDRAY_CARD, find_split, load_coco, read_image
 from densessl.io import save_torch
 
-_VERSION = 2  # bump when the cache content changes
+_VERSION = 3  # bump when the cache content changes (3: segments name their file)
 
 
 class SegmentBank:
@@ -38,7 +38,8 @@ class SegmentBank:
     Attributes:
         segments: list of dicts ``image`` C×h×w uint8, ``mask`` h×w bool, ``label`` int (1..12),
             ``source_size`` longest side of its image (to paste at the native scale),
-            ``source`` "file#annotation id".
+            ``source`` "file#annotation id", ``file`` its image relative to the root (what
+            a ``data.manifest`` row names; :meth:`source_files`).
         skipped_samples, dataset_cards: provenance copied into metrics.json.
     """
 
@@ -46,6 +47,7 @@ class SegmentBank:
                  cache_dir: str | Path | None = None, min_area: int = 16,
                  skip_bad: bool = False, verify_images: bool = False) -> None:
         json_path, image_dir = find_split(pidray_root, split)
+        self.root = Path(pidray_root)
         stat = json_path.stat()
         key = hashlib.sha1(f"{_VERSION}|{json_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
                            f"|{channels}|{min_area}".encode()).hexdigest()[:16]
@@ -55,7 +57,8 @@ class SegmentBank:
         if self.cache_file.is_file():
             data = torch.load(self.cache_file, weights_only=False)
         else:
-            data = self._cut(json_path, image_dir, channels, min_area, skip_bad, verify_images)
+            data = self._cut(json_path, image_dir, channels, min_area, skip_bad, verify_images,
+                             Path(pidray_root))
             save_torch(self.cache_file, data)
         self.segments: list[dict] = data["segments"]
         self.skipped_samples: list[str] = data["skipped"]
@@ -68,7 +71,7 @@ class SegmentBank:
                             f"{json_path}")
 
     @staticmethod
-    def _cut(json_path, image_dir, channels, min_area, skip_bad, verify_images) -> dict:
+    def _cut(json_path, image_dir, channels, min_area, skip_bad, verify_images, root) -> dict:
         records, skipped = load_coco(json_path, image_dir, skip_bad, verify_images)
         segments = []
         for rec in records:
@@ -86,11 +89,16 @@ class SegmentBank:
                     "mask": torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1])),
                     "label": int(ann["category_id"]),
                     "source_size": max(rec["height"], rec["width"]),
-                    "source": f"{rec['file'].name}#{ann['id']}"})
+                    "source": f"{rec['file'].name}#{ann['id']}",
+                    "file": rec["file"].relative_to(root).as_posix()})
         return {"segments": segments, "skipped": skipped}
 
     def __len__(self) -> int:
         return len(self.segments)
+
+    def source_files(self) -> list[str]:
+        """Each segment's source image, relative to the PIDray root (provenance filters)."""
+        return [s["file"] for s in self.segments]
 
     def __getitem__(self, index: int) -> dict:
         return self.segments[index]

@@ -188,6 +188,15 @@ class SIXray(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def provenance_files(self) -> list[str]:
+        """Each item's image, relative to the root (what a ``data.manifest`` row names)."""
+        return [file.relative_to(self.root).as_posix() for file, _ in self.items]
+
+    def restrict(self, indices: list[int]) -> None:
+        """Keep only these items (provenance filters, densessl.data.manifest)."""
+        self.items = [self.items[i] for i in indices]
+        self.read_skips = ReadSkips(len(self.items))
+
     def __getitem__(self, index: int) -> dict:
         # a file that fails to decode (e.g. a truncated JPEG): with skip_bad the next image
         return self.read_skips.first_readable(index, self._read, self.skip_bad,

@@ -27,8 +27,13 @@ from torch.utils.data import Dataset
 from densessl.data.bad_samples import ReadSkips, report_bad
 from densessl.data.cache import cached_synthetic
 from densessl.data.decode import decode_image
+from densessl.data.manifest import ProvenanceFilter
 from densessl.data.rasterize import parse_wkt, rasterize_shapes, shape_pixels
-from densessl.data.registry import register_inspector, register_source
+from densessl.data.registry import (
+    register_inspector,
+    register_provenance_lister,
+    register_source,
+)
 from densessl.data.xbd_synth import synthesize_xbd  # noqa: F401  (registers "xbd" for the cache)
 from densessl.errors import DataError
 
@@ -203,6 +208,33 @@ def _target(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read target image ({exc})") from None
 
 
+def provenance_items(pairs: list[XBDPair], root: str | Path) -> list[tuple[str, str]]:
+    """(pre, post) image of each pair relative to ``root``: what ``data.manifest`` rows name."""
+    root = Path(root)
+    return [(p.pre.relative_to(root).as_posix(), p.post.relative_to(root).as_posix())
+            for p in pairs]
+
+
+def select_xbd_pairs(provenance: ProvenanceFilter | None, pairs: list[XBDPair],
+                     root: str | Path, cards: list[dict]
+                     ) -> tuple[list[XBDPair], dict | None, list[dict] | None]:
+    """The pairs whose pre *and* post image pass ``provenance`` (None: all, no summary), the
+    summary (images counted once each, plus ``pairs_total`` / ``pairs_used``) and the
+    attribution rows of the used images."""
+    if provenance is None or not pairs:
+        return pairs, None, None
+    keep, summary, rows = provenance.select(provenance_items(pairs, root), repr(str(root)),
+                                            cards=cards, item_name="pairs")
+    return [pairs[i] for i in keep], summary, rows
+
+
+@register_provenance_lister("xbd")
+def xbd_provenance_files(root: Path) -> tuple[list[str], list[tuple[str, ...]]]:
+    """``data inspect --format xbd --manifest``: every pre/post image and the pairs."""
+    items = provenance_items(scan_xbd(root, skip_bad=True, skipped=[]), root)
+    return [f for item in items for f in item], items
+
+
 @register_source("xbd_labeled")
 class XBDDataset(Dataset):
     """Labeled xBD pairs for fine-tuning and evaluation (full images).
@@ -217,17 +249,24 @@ class XBDDataset(Dataset):
         path: dataset root. splits: restrict to these split/disaster folders.
         ignore_index: value for un-classified buildings. skip_bad: warn and skip broken pairs
             (listed in ``skipped_samples``) instead of raising.
+        provenance: as in :class:`XBDTiles`.
     """
 
     def __init__(self, path: str | Path, splits: list[str] | None = None,
                  ignore_index: int = 255, use_targets: bool = True,
-                 skip_bad: bool = False, verify_images: bool = False) -> None:
+                 skip_bad: bool = False, verify_images: bool = False,
+                 provenance: ProvenanceFilter | None = None) -> None:
         self.skipped_samples: list[str] = []
         #: buildings with no pixel (skipped, not an error: real labels have a few)
         self.degenerate_shapes: list[str] = []
         self.ignore_index, self.use_targets = ignore_index, use_targets
         self.pairs = []
-        for pair in scan_xbd(path, splits, skip_bad, self.skipped_samples, verify_images):
+        pairs = scan_xbd(path, splits, skip_bad, self.skipped_samples, verify_images)
+        self.dataset_cards = [XBD_CARD]
+        # data.manifest: before any label is read (a dropped image is never used)
+        pairs, self.image_provenance, self.attribution = select_xbd_pairs(
+            provenance, pairs, path, self.dataset_cards)
+        for pair in pairs:
             try:  # labels are validated up front so a bad file fails now, not mid-training
                 for phase in ("pre", "post"):
                     label = getattr(pair, f"{phase}_label")
@@ -248,7 +287,6 @@ class XBDDataset(Dataset):
         if self.degenerate_shapes:
             warnings.warn(f"xBD {path}: skipped {len(self.degenerate_shapes)} buildings that "
                           f"cover no pixel, e.g. {self.degenerate_shapes[0]}", stacklevel=2)
-        self.dataset_cards = [XBD_CARD]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -292,18 +330,26 @@ class XBDTiles(Dataset):
         path: xBD root or None. image_size: tile side. tiles_per_pair: dataset length factor.
         splits: restrict to these split/disaster folders. black_is_nodata: RGB (0, 0, 0) is the
             fill xBD uses where no imagery exists. synthetic_pairs: size of the synthetic set.
+        provenance: ``data.manifest`` / ``data.provenance`` (set from the recipe): rows name
+            pre and post images relative to the root (``train/images/x_pre_disaster.png``);
+            a pair is used only if both pass, decided once at construction.
     """
 
     def __init__(self, path: str | Path | None = None, image_size: int = 96,
                  tiles_per_pair: int = 4, splits: list[str] | None = None,
                  black_is_nodata: bool = True, seed: int = 0, skip_bad: bool = False,
                  cache_dir: str | None = None, synthetic_pairs: int = 16,
-                 verify_images: bool = False) -> None:
+                 verify_images: bool = False, provenance: ProvenanceFilter | None = None
+                 ) -> None:
         self.skipped_samples: list[str] = []
         synthetic = path is None
         root = cached_synthetic("xbd", synthetic_pairs, seed, cache_dir) if synthetic else path
         self.root = Path(root)
         self.pairs = scan_xbd(self.root, splits, skip_bad, self.skipped_samples, verify_images)
+        self.dataset_cards = [SYNTHETIC_XBD_CARD if synthetic else XBD_CARD]
+        # data.manifest: filtered once, here; a dropped pre or post image drops its pair
+        self.pairs, self.image_provenance, self.attribution = select_xbd_pairs(
+            provenance, self.pairs, self.root, self.dataset_cards)
         self.skip_bad = skip_bad
         if not self.pairs:
             raise DataError(f"{self.root}: no xBD pre/post pairs found")
@@ -313,7 +359,6 @@ class XBDTiles(Dataset):
             raise DataError(f"{small[0]}: image smaller than data.image_size ({image_size})")
         self.image_size, self.tiles_per_pair, self.seed = image_size, tiles_per_pair, seed
         self.black_is_nodata = black_is_nodata
-        self.dataset_cards = [SYNTHETIC_XBD_CARD if synthetic else XBD_CARD]
 
     def __len__(self) -> int:
         return len(self.pairs) * self.tiles_per_pair
