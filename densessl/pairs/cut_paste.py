@@ -37,12 +37,14 @@ import torch.nn.functional as F
 from densessl.boxes import mask_edge_boxes
 from densessl.contract import PairSample, PastePlan
 from densessl.data.cache import cached_synthetic
+from densessl.data.manifest import ProvenanceFilter
 from densessl.data.segment_bank import SegmentBank
 from densessl.data.sixray import SIXray
 from densessl.data.xray_synth import synthesize_xray  # noqa: F401  (registers "xray" for the cache)
 from densessl.errors import RecipeError
 from densessl.pairs.base import PairBuilder
 from densessl.pairs.correspondence import instance_correspondence
+from densessl.pairs.paste_provenance import filter_paste_sources
 from densessl.pairs.registry import register_pair_builder
 
 
@@ -95,6 +97,11 @@ class CutPastePairs(PairBuilder):
         segments, backgrounds: ready-made sequences instead of the roots (tests, custom data):
             ``segments[i]`` = ``{"image": C×h×w uint8 or float, "mask": h×w bool, "label": int}``,
             ``backgrounds[i]`` = ``{"image": C×S×S float}``.
+        provenance: ``data.manifest`` and ``data.provenance`` (set by the recipe, not in
+            pairs.options): one manifest for both datasets, rows relative to ``data.path`` or,
+            without it, the deepest folder holding both roots (``pidray/train/…``,
+            ``sixray/JPEGImage/…``); backgrounds and segments whose (source) image fails the
+            filters are dropped at construction (:mod:`densessl.pairs.paste_provenance`).
 
     Each ``build(i)`` draws fresh random placements from torch's RNG (seeded per worker by the
     DataLoader), so epochs differ but a seeded run is reproducible.
@@ -109,8 +116,8 @@ class CutPastePairs(PairBuilder):
                  seed: int = 0, cache_dir: str | None = None, skip_bad: bool = False,
                  sixray_subset: str | None = None, segments: Sequence[dict] | None = None,
                  backgrounds: Sequence[dict] | None = None, synthetic_n: int = 48,
-                 device_composite: bool = False, classes: Sequence[int] | None = None
-                 ) -> None:
+                 device_composite: bool = False, classes: Sequence[int] | None = None,
+                 provenance: ProvenanceFilter | None = None) -> None:
         if mode not in ("segloc", "insloc"):
             raise RecipeError(f"pairs.options.mode: expected segloc or insloc, got {mode!r}")
         if blend not in ("transmission", "alpha"):
@@ -160,6 +167,13 @@ class CutPastePairs(PairBuilder):
                               f"segment bank has only {len(self.segment_ids)}"
                               f"{' of classes ' + str(list(classes)) if classes else ''}; "
                               "lower k or add labeled segments")
+        self.image_provenance = self.attribution = None
+        if provenance is not None:
+            # data.manifest: backgrounds and segments (by source image) that fail the filters
+            # are dropped once, here; the pairs never draw them
+            self.segment_ids, self.image_provenance, self.attribution = filter_paste_sources(
+                provenance, self.segments, self.backgrounds, self.segment_ids, self.k)
+            self._label_ids = {labels[i] for i in self.segment_ids}
         self.min_visible, self.image_size, self.seed = min_visible, image_size, seed
         self.num_pairs = num_pairs or len(self.backgrounds)
 
