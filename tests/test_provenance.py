@@ -165,11 +165,22 @@ def test_pretrain_carries_provenance_everywhere(folder, tmp_path):
 
 
 def test_manifest_with_a_builder_that_ignores_data_is_refused(folder, tmp_path, capsys):
+    from densessl.pairs.base import PairBuilder
+    from densessl.pairs.registry import available_pair_builders, register_pair_builder
+
+    class OwnData(PairBuilder):  # reads its own data and takes no manifest
+        def __init__(self, seed: int = 0) -> None:
+            self.seed = seed
+
+    name = "test_provenance_own_data"
+    if name not in available_pair_builders():
+        register_pair_builder(name)(OwnData)
     _, manifest_path = folder
-    code = main(["pretrain", "demo", "--out", str(tmp_path / "x"),
+    code = main(["pretrain", SAME_IMAGE, "--out", str(tmp_path / "x"),
+                 "--set", f"pairs.builder={name}", "--set", "pairs.options={}",
                  "--set", f"data.manifest={manifest_path}"])
     assert code == 2
-    assert "data.manifest: pair builder 'cut_paste'" in capsys.readouterr().err
+    assert f"data.manifest: pair builder {name!r} reads its own" in capsys.readouterr().err
 
 
 def test_filters_without_manifest_are_refused(tmp_path, capsys):
