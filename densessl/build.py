@@ -64,7 +64,7 @@ def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBu
     elif recipe.data.manifest and "provenance" in params:
         # a builder that reads its own files (cut_paste) filters them itself
         defaults["provenance"] = provenance_filter(recipe)
-    elif recipe.data.manifest:
+    elif recipe.data.manifest:  # needs the builder class (maybe a file): not a Recipe validator
         raise RecipeError(f"data.manifest: pair builder {recipe.pairs.builder!r} reads its own "
                           "data (pairs.options), not data.source, and takes no manifest, so "
                           "the manifest would filter nothing; use a builder that takes the data "

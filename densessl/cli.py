@@ -106,9 +106,14 @@ def cmd_inspect_pairs(args) -> int:
 
 
 def cmd_recipe(args) -> int:
+    from densessl.eval.segmentation import check_input_size
     from densessl.recipe import dump_recipe, load_recipe
 
-    print(dump_recipe(load_recipe(_recipe_arg(args.recipe), args.set)), end="")
+    recipe = load_recipe(_recipe_arg(args.recipe), args.set)  # the Recipe validators
+    # the one recipe-only check that is no validator: smp's input-size rule, read off the
+    # models smp builds (importing smp into densessl.recipe would burden every import)
+    check_input_size(recipe)
+    print(dump_recipe(recipe), end="")
     return 0
 
 

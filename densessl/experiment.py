@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from densessl.errors import DensesslError, RecipeError
+from densessl.errors import DensesslError
 from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
 from densessl.eval.inits import supervised_init
 from densessl.eval.labeled_data import build_eval_dataset
@@ -45,26 +45,17 @@ def pretraining_labels(recipe: Recipe) -> str:
     uses = []
     if recipe.pairs.builder == "cut_paste":
         uses.append("segment masks (cut-paste segment bank)")
-    objectives = recipe.loss.dense_weight > 0 or recipe.loss.instance_weight > 0
-    if recipe.loss.queue == "per_class" and objectives:
-        uses.append("class ids (per-class queues)")
-    if recipe.noise.kind == "wrong_class":
-        uses.append("class ids (wrong_class noise)")
-    return " + ".join(uses) or "none"
+    return " + ".join(uses + recipe.class_id_uses()) or "none"
 
 
 def label_free_recipe(recipe: Recipe) -> Recipe:
     """The label-free control: ``recipe`` with ``finetune.label_free_set`` applied (same
-    budget). It must read no class ids, else a RecipeError naming the setting."""
+    budget). That it is valid and reads no class ids is a Recipe validator's check
+    (``Recipe._label_free_control``), so ``densessl recipe`` refuses a bad one."""
     data = apply_overrides(recipe.model_dump(mode="json"),
                            [f"{k}={json.dumps(v)}" for k, v in
                             recipe.finetune.label_free_set.items()])
-    control = parse_recipe(data, "finetune.label_free_set")
-    if "class ids" in pretraining_labels(control):
-        raise RecipeError(f"finetune.label_free_set {recipe.finetune.label_free_set}: the "
-                          f"control still reads {pretraining_labels(control)}; set "
-                          "loss.queue: single (and no wrong_class noise)")
-    return control
+    return parse_recipe(data, "finetune.label_free_set")
 
 
 def _weights_labels(path: Path) -> str:

@@ -45,7 +45,7 @@ def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:
     (densessl.seeding). ``start`` is the number of samples already seen (a resume)."""
     builder = builder if builder is not None else build_pair_builder(recipe)
     t = recipe.train
-    if len(builder) < t.batch_size:
+    if len(builder) < t.batch_size:  # needs the data: not a Recipe validator
         raise DensesslError(f"train.batch_size ({t.batch_size}) is larger than the number of "
                             f"pairs the builder offers ({len(builder)})")
     sampler = StreamSampler(len(builder), t.batch_size, recipe.seed, start=start)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -466,11 +467,77 @@ def _describe(error: dict, source: str) -> str:
         valid = sorted(section.model_fields) if section else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
+    @model_validator(mode="after")
+    def _normalisation_per_channel(self):
+        # one mean / std per band (or one scalar for all): a list of another length has no
+        # band to pair each value with, in pretraining and fine-tuning alike
+        c = self.data.channels
+        for name in ("mean", "std"):
+            value = getattr(self.augment, name)
+            if isinstance(value, list) and len(value) != c:
+                raise ValueError(f"augment.{name}: {len(value)} values {value} for data.channels "
+                                 f"{c}; give one value per channel or a single number")
+        return self
+
+    @model_validator(mode="after")
+    def _views_on_the_dense_grid(self):
+        # the correspondence grid has one cell per model.dense_stride pixels of a view
+        # (densessl.augment.ViewAugmentation's grid_stride is the encoder's dense stride)
+        size, stride = self.augment.view_size, self.model.dense_stride
+        if size % stride:
+            lower, upper = max(size // stride * stride, stride), -(-size // stride) * stride
+            raise ValueError(f"augment.view_size {size} is not a multiple of model.dense_stride "
+                             f"{stride} (one correspondence cell per {stride} pixels); use "
+                             f"{lower} or {upper}")
+        return self
+
+    @model_validator(mode="after")
+    def _instance_needs_fpn(self):
+        if self.loss.instance_weight > 0 and self.model.neck != "fpn":
+            raise ValueError(f"loss.instance_weight {self.loss.instance_weight} > 0 needs "
+                             f"model.neck: fpn, got {self.model.neck!r} (RoIAlign reads the FPN "
+                             f"levels p{self.loss.roi_min_level}..p5, which share one width)")
+        return self
+
+    def class_id_uses(self) -> list[str]:
+        """What of the pretraining reads class ids, in words (empty when nothing does)."""
+        uses = []
+        objectives = self.loss.dense_weight > 0 or self.loss.instance_weight > 0
+        if self.loss.queue == "per_class" and objectives:
+            uses.append("class ids (per-class queues)")
+        if self.noise.kind == "wrong_class":
+            uses.append("class ids (wrong_class noise)")
+        return uses
+
+    @model_validator(mode="after")
+    def _label_free_control(self):
+        # finetune.inits: label_free pretrains this recipe with finetune.label_free_set applied;
+        # that control must itself be a valid recipe that reads no class ids
+        cfg = self.finetune
+        if "label_free" not in cfg.inits:
+            return self
+        data = apply_overrides(self.model_dump(mode="json", by_alias=True),
+                               [f"{k}={json.dumps(v)}" for k, v in cfg.label_free_set.items()])
+        # the control's own label_free init is never run: do not build a control of it
+        data["finetune"]["inits"] = [i for i in data["finetune"]["inits"]
+                                     if i != "label_free"] or ["random"]
+        try:
+            control = parse_recipe(data, "finetune.label_free_set")
+        except RecipeError as exc:
+            raise ValueError(f"finetune.label_free_set {cfg.label_free_set}: the control "
+                             f"recipe is invalid ({exc})") from None
+        if control.class_id_uses():
+            raise ValueError(f"finetune.label_free_set {cfg.label_free_set}: the control still "
+                             f"reads {' + '.join(control.class_id_uses())}; set loss.queue: "
+                             "single (and no wrong_class noise)")
+        return self
+
         return f"recipe {source}: {key}: unknown key ({hint}valid keys: {', '.join(valid)})"
     found = error.get("input")
     found_text = "" if isinstance(found, dict) else f", got {found!r}"
     where = f"{key}: " if key else ""  # recipe-wide checks name their keys in the message
-    return f"recipe {source}: {where}{error['msg']}{found_text}"
+    msg = error["msg"].removeprefix("Value error, ")  # pydantic's prefix to our own messages
+    return f"recipe {source}: {where}{msg}{found_text}"
 
 
 def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:

@@ -48,11 +48,8 @@ def channel_stats(recipe: Recipe) -> tuple[list[float], list[float]]:
     """Per-channel mean / std of the pretraining normalisation (fine-tuning reuses it)."""
     c = recipe.data.channels
 
-    def expand(v):
-        v = [float(v)] * c if isinstance(v, (int, float)) else [float(x) for x in v]
-        if len(v) != c:
-            raise RecipeError(f"augment.mean/std: {len(v)} values for {c} channels")
-        return v
+    def expand(v):  # a list has data.channels values (a Recipe validator)
+        return [float(v)] * c if isinstance(v, (int, float)) else [float(x) for x in v]
 
     return expand(recipe.augment.mean), expand(recipe.augment.std)
 
@@ -207,7 +204,8 @@ def evaluate_detector(model: nn.Module, dataset: Dataset, *, batch_size: int, ma
 
 
 def check_data(recipe: Recipe, data: LabeledData) -> None:
-    """Fail before any training when the data cannot serve the recipe's tasks."""
+    """Fail before any training when the data cannot serve the recipe's tasks (checks on
+    the data read, so not Recipe validators; densessl/recipe.py has the recipe-only ones)."""
     cfg = recipe.finetune
     needed = {t for t in cfg.tasks}
     if "detection" in cfg.tasks and "mask_rcnn" in cfg.detection_archs:

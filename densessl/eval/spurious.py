@@ -64,6 +64,7 @@ def spurious_data(data: LabeledData, cfg: Any, seed: int) -> LabeledData:
     """``data`` with the spurious correlation of ``cfg`` (a ``finetune.spurious`` section):
     train (and the supervised init's source) stamped where class ``cfg.class_id`` is, every
     evaluation split stamped where it is not."""
+    # needs the dataset's classes, so not a Recipe validator
     if not 1 <= cfg.class_id < data.num_classes:
         raise RecipeError(f"finetune.spurious.class_id: expected a class id in 1.."
                           f"{data.num_classes - 1} ({', '.join(data.class_names[1:])}), got "

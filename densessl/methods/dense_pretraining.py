@@ -23,7 +23,6 @@ from densessl.augment.box_jitter import jitter_boxes
 from densessl.build import build_augmentation, build_encoder, roi_levels
 from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
-from densessl.errors import RecipeError
 from densessl.losses import (
     DenseContrast,
     GlobalContrast,
@@ -48,8 +47,7 @@ class DensePretraining(pl.LightningModule):
         # Stored as plain data so a checkpoint can rebuild the task without this object.
         self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
         encoder = build_encoder(recipe)
-        if recipe.loss.instance_weight > 0:
-            self._check_instance_recipe(recipe)
+        if recipe.loss.instance_weight > 0:  # with model.neck: fpn (a Recipe validator)
             # Part of the encoder, so MomentumPair gives it a momentum twin and the optimiser
             # (online parameters) trains it.
             self.roi_levels = roi_levels(recipe)
@@ -216,12 +214,6 @@ class DensePretraining(pl.LightningModule):
         with torch.no_grad():
             return self.model.momentum.instance_head(
                 {n: key["pyramid"][n] for n in self.roi_levels}, batch.boxes_b, batch.box_batch)
-
-    @staticmethod
-    def _check_instance_recipe(recipe: Recipe) -> None:
-        if recipe.model.neck != "fpn":
-            raise RecipeError("loss.instance_weight > 0 needs model.neck: fpn (RoIAlign reads "
-                              "the FPN levels p2..p5, which share one width)")
 
     def encode_keys(self, view_b: torch.Tensor) -> dict:
         """Momentum branch; with ``key_bn`` shuffle/split the batch is shuffled first (across
