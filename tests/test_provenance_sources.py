@@ -316,3 +316,26 @@ def test_geotiff_pairs_need_both_dates_and_dropped_files_are_never_read(tmp_path
     for i in range(len(dataset)):
         meta = dataset[i]["meta"]
         assert dropped not in (Path(meta["t0"]).name, Path(meta["t1"]).name)
+
+
+def test_cut_paste_pretrain_carries_provenance_like_a_folder(xray, tmp_path):
+    from densessl.pretraining import pretrain
+
+    root, cache, manifest, table, negatives, seg_files = xray
+    out = tmp_path / "run"
+    metrics = pretrain(RECIPES / "xray_segloc.yaml", out, overrides=[
+        f"pairs.options.pidray_root={root / 'pidray'}",
+        f"pairs.options.sixray_root={root / 'sixray'}", f"pairs.options.cache_dir={cache}",
+        "pairs.options.k=1", "pairs.options.num_pairs=8", f"data.manifest={manifest}",
+        "data.provenance.require=[licence]", f"data.provenance.exclude_flags=[{PEOPLE}]",
+        "train.max_steps=1", "train.batch_size=4", "train.num_workers=0",
+        "data.image_size=48", "augment.view_size=32", "loss.dense_queue_size=100",
+        "loss.global_queue_size=8", "model.split_bn_groups=2"], progress=False)
+    used = sorted({f for f in negatives + seg_files if passes(table, f)})
+    prov = metrics["provenance"]
+    assert prov["images_used"] == len(used)
+    assert prov["licences"] == dict(Counter(canonical_licence(table[f][0]) for f in used))
+    assert json.loads((out / "metrics.json").read_text())["provenance"] == prov
+    assert json.loads((out / "encoder.json").read_text())["provenance"] == prov
+    with (out / "attribution.csv").open() as fh:
+        assert sorted(r["file"] for r in csv.DictReader(fh)) == used
