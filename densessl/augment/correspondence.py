@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kornia.geometry.bbox import transform_bbox
+from kornia.geometry.linalg import transform_points
 from torch import Tensor
 
 # the coordinate conversions live with the cell convention; re-exported here for callers
@@ -22,13 +24,9 @@ _STRICT = 0.999
 
 
 def apply_homography(matrix: Tensor, xy: Tensor) -> Tensor:
-    """matrix B×3×3 applied to points B×...×2 (projective division included)."""
-    shape = xy.shape
-    pts = xy.reshape(shape[0], -1, 2)
-    ones = torch.ones_like(pts[..., :1])
-    out = torch.cat([pts, ones], dim=-1) @ matrix.transpose(1, 2)
-    out = out[..., :2] / out[..., 2:].clamp_min(1e-8)
-    return out.reshape(shape)
+    """matrix B×3×3 applied to points B×...×2 (projective division included): kornia's
+    ``transform_points`` on the points flattened to B×N×2."""
+    return transform_points(matrix, xy.reshape(xy.shape[0], -1, 2)).reshape(xy.shape)
 
 
 def inside(xy: Tensor, width: int, height: int) -> Tensor:
@@ -106,10 +104,12 @@ def transform_boxes(boxes: Tensor, matrix: Tensor) -> Tensor:
     """Axis-aligned hull of xyxy boxes N×4 under per-box matrices N×3×3.
 
     Boxes use the COCO / torchvision convention (the image spans [0, W] × [0, H]); the matrices
-    use pixel centres at integers, hence the half-pixel shifts.
+    use pixel centres at integers, hence the half-pixel shifts. All four corners go through
+    kornia's ``transform_bbox`` (as N×1×4×2 polygons): under a rotation the two ``xyxy``
+    endpoints alone would miss the hull.
     """
     x0, y0, x1, y1 = (boxes - 0.5).unbind(-1)
     corners = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
                            torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], dim=1)
-    moved = apply_homography(matrix, corners)
+    moved = transform_bbox(matrix, corners[:, None])[:, 0]  # N×4×2
     return torch.cat([moved.amin(dim=1), moved.amax(dim=1)], dim=-1) + 0.5

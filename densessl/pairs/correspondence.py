@@ -21,15 +21,23 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import torch
+from kornia.geometry.linalg import transform_points
 from torch import Tensor
+
+try:
+    from kornia.geometry import create_meshgrid
+except ImportError:  # older kornia has it only in kornia.utils (deprecated there since)
+    from kornia.utils import create_meshgrid
+
+#: kornia's projective division leaves a point with |w| at or below this undivided (OpenCV)
+_W_EPS = 1e-8
 
 
 def pixel_grid(height: int, width: int, device=None) -> Tensor:
-    """H×W×2 pixel coordinates (x, y) of every pixel."""
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
-                            torch.arange(width, dtype=torch.float32, device=device),
-                            indexing="ij")
-    return torch.stack([xs, ys], dim=-1)
+    """H×W×2 float32 pixel coordinates (x, y) of every pixel: kornia's unnormalised meshgrid,
+    whose integers are the pixel centres, as everywhere in densessl."""
+    return create_meshgrid(height, width, normalized_coordinates=False, device=device,
+                           dtype=torch.float32)[0]
 
 
 def _inside(grid: Tensor, size_b: tuple[int, int]) -> Tensor:
@@ -44,11 +52,6 @@ def identity_correspondence(height: int, width: int) -> tuple[Tensor, Tensor]:
     return pixel_grid(height, width), torch.ones(height, width, dtype=torch.bool)
 
 
-def _apply(matrix: Tensor, grid: Tensor) -> Tensor:
-    points = torch.cat([grid, torch.ones_like(grid[..., :1])], dim=-1) @ matrix.T
-    return points[..., :2] / points[..., 2:].clamp_min(1e-8)
-
-
 def homography_correspondence(matrix: Tensor, size_a: tuple[int, int],
                               size_b: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """``matrix`` (3×3) maps source-A pixels to source-B pixels: ``p_b ~ matrix @ [x, y, 1]``.
@@ -60,8 +63,11 @@ def homography_correspondence(matrix: Tensor, size_a: tuple[int, int],
     matrix = torch.as_tensor(matrix, dtype=torch.float32)
     if matrix.shape != (3, 3):
         raise ValueError(f"homography must be 3×3, got {tuple(matrix.shape)}")
-    grid = _apply(matrix, pixel_grid(*size_a))
-    return grid, _inside(grid, size_b)
+    pixels = pixel_grid(*size_a)
+    grid = transform_points(matrix, pixels.reshape(-1, 2)).reshape(pixels.shape)
+    # w ≤ 0: past the horizon, no image in B; kornia would return a mirrored point there
+    in_front = pixels @ matrix[2, :2] + matrix[2, 2] > _W_EPS
+    return grid, _inside(grid, size_b) & in_front
 
 
 #: coverage at or above which a pasted pixel shows the instance alone (bilinear alpha edges
