@@ -1,5 +1,5 @@
 """The point maps densessl takes from kornia (``transform_points``, ``transform_bbox``,
-``create_meshgrid``), against plain float64 loops: the conventions
+``create_meshgrid``) and the one footprint test, against plain float64 loops: the conventions
 (pixel centres at integers, COCO box edges, x then y) are densessl's, so they are checked here."""
 
 import math
@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from densessl.augment.correspondence import apply_homography, transform_boxes
-from densessl.pairs.correspondence import homography_correspondence, pixel_grid
+from densessl.contract import PairSample
+from densessl.errors import PairContractError
+from densessl.pairs.correspondence import homography_correspondence, inside_image, pixel_grid
+from densessl.pairs.validation import validate_pair_sample
 
 
 def project(matrix, x, y):
@@ -68,6 +71,13 @@ def test_transform_boxes_is_the_hull_of_the_four_moved_corners():
     assert transform_boxes(torch.zeros(0, 4), torch.zeros(0, 3, 3)).shape == (0, 4)
 
 
+def test_inside_image_is_the_pixel_footprint():
+    points = torch.tensor([[-0.5, -0.5], [11.5, 7.5], [-0.51, 3], [11.51, 3], [3, 7.51],
+                           [float("nan"), 1], [1, float("nan")], [float("inf"), 1],
+                           [-float("inf"), 1]])
+    assert inside_image(points, (8, 12)).tolist() == [True, True] + [False] * 7
+
+
 def test_homography_points_behind_the_camera_have_no_match():
     # w = 1 − x/4 < 0 for x > 4, where u and v change sign with w: dividing by w (kornia keeps
     # its sign) would put those points back inside B, mirrored through the horizon
@@ -84,3 +94,16 @@ def test_homography_points_behind_the_camera_have_no_match():
             if w > 0:
                 assert grid[y, x].tolist() == pytest.approx([u / w, v / w], abs=1e-4)
     assert mirrored > 0 and valid.any()  # the test has points of both kinds
+
+
+def test_validation_rejects_a_nan_row_marked_valid():
+    # y NaN with x fine: the footprint test catches it (NaN fails every comparison)
+    image = torch.zeros(3, 4, 4)
+    grid = pixel_grid(4, 4)
+    grid[1, 2, 1] = float("nan")
+    with pytest.raises(PairContractError, match="1 positions outside"):
+        validate_pair_sample(PairSample(source_a=image, source_b=image, base_grid=grid))
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    valid[1, 2] = False
+    validate_pair_sample(PairSample(source_a=image, source_b=image, base_grid=grid,
+                                    base_valid=valid))

@@ -18,6 +18,7 @@ from torch import Tensor
 
 # the coordinate conversions live with the cell convention; re-exported here for callers
 from densessl.cells import cell_centres, normalized_to_pixel, pixel_to_normalized  # noqa: F401
+from densessl.pairs.correspondence import inside_image
 
 # Bilinear samples of a 0/1 mask below this mean some neighbour was invalid.
 _STRICT = 0.999
@@ -27,12 +28,6 @@ def apply_homography(matrix: Tensor, xy: Tensor) -> Tensor:
     """matrix B×3×3 applied to points B×...×2 (projective division included): kornia's
     ``transform_points`` on the points flattened to B×N×2."""
     return transform_points(matrix, xy.reshape(xy.shape[0], -1, 2)).reshape(xy.shape)
-
-
-def inside(xy: Tensor, width: int, height: int) -> Tensor:
-    """Points within the image footprint (pixel edges at −0.5 and size − 0.5)."""
-    x, y = xy[..., 0], xy[..., 1]
-    return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
 def sample_at(image: Tensor, xy: Tensor, mode: str = "bilinear") -> Tensor:
@@ -85,17 +80,17 @@ def compose_correspondence(
     cells = cells.expand(batch, h, w, 2)
 
     src_a = apply_homography(torch.linalg.inv(matrix_a.float()), cells)
-    valid = inside(src_a, width_a, height_a) & sample_mask(valid_a, src_a)
+    valid = inside_image(src_a, (height_a, width_a)) & sample_mask(valid_a, src_a)
     if base_grid is None:
         src_b = src_a
     else:
         src_b = sample_at(base_grid.permute(0, 3, 1, 2), src_a).permute(0, 2, 3, 1)
     if base_valid is not None:
         valid &= sample_mask(base_valid, src_a)
-    valid &= inside(src_b, width_b, height_b) & sample_mask(valid_b, src_b)
+    valid &= inside_image(src_b, (height_b, width_b)) & sample_mask(valid_b, src_b)
 
     in_b = apply_homography(matrix_b.float(), src_b)
-    valid &= inside(in_b, view_w_b, view_h_b)
+    valid &= inside_image(in_b, (view_h_b, view_w_b))
     grid_ab = pixel_to_normalized(in_b, view_w_b, view_h_b)
     return grid_ab, valid, src_a
 

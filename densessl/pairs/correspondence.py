@@ -40,11 +40,13 @@ def pixel_grid(height: int, width: int, device=None) -> Tensor:
                            dtype=torch.float32)[0]
 
 
-def _inside(grid: Tensor, size_b: tuple[int, int]) -> Tensor:
-    height, width = size_b
-    x, y = grid[..., 0], grid[..., 1]
-    return (torch.isfinite(x) & torch.isfinite(y) & (x >= -0.5) & (x <= width - 0.5)
-            & (y >= -0.5) & (y <= height - 0.5))
+def inside_image(xy: Tensor, size: tuple[int, int]) -> Tensor:
+    """True where points ``xy`` (…×2, pixel x, y) lie on an image of ``size`` (height, width):
+    its footprint runs from the first pixel's outer edge (−0.5) to the last one's (size − 0.5).
+    NaN and ±inf fail one of the comparisons, so they are outside."""
+    height, width = size
+    x, y = xy[..., 0], xy[..., 1]
+    return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
 def identity_correspondence(height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -67,7 +69,7 @@ def homography_correspondence(matrix: Tensor, size_a: tuple[int, int],
     grid = transform_points(matrix, pixels.reshape(-1, 2)).reshape(pixels.shape)
     # w ≤ 0: past the horizon, no image in B; kornia would return a mirrored point there
     in_front = pixels @ matrix[2, :2] + matrix[2, 2] > _W_EPS
-    return grid, _inside(grid, size_b) & in_front
+    return grid, inside_image(grid, size_b) & in_front
 
 
 #: coverage at or above which a pasted pixel shows the instance alone (bilinear alpha edges
@@ -200,7 +202,7 @@ def flow_correspondence(flow: Tensor, size_b: tuple[int, int],
     if flow.ndim != 3 or flow.shape[-1] != 2:
         raise ValueError(f"flow must be H×W×2, got {tuple(flow.shape)}")
     grid = pixel_grid(flow.shape[0], flow.shape[1]) + flow
-    ok = _inside(grid, size_b)
+    ok = inside_image(grid, size_b)
     if valid is not None:
         ok &= torch.as_tensor(valid, dtype=torch.bool)
     return torch.nan_to_num(grid), ok

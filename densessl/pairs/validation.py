@@ -6,6 +6,7 @@ import torch
 
 from densessl.contract import PairSample
 from densessl.errors import PairContractError
+from densessl.pairs.correspondence import inside_image
 
 
 def _fail(builder: str, field: str, problem: str) -> None:
@@ -38,8 +39,7 @@ def validate_pair_sample(sample: PairSample, builder: str = "custom") -> None:
                   f"for each source_a pixel), got {tuple(grid.shape)}")
         valid = (sample.base_valid if sample.base_valid is not None
                  else torch.ones(ha, wa, dtype=torch.bool))
-        x, y = grid[..., 0][valid], grid[..., 1][valid]
-        outside = (x < -0.5) | (x > wb - 0.5) | (y < -0.5) | (y > hb - 0.5) | ~torch.isfinite(x)
+        outside = valid & ~inside_image(grid, (hb, wb))
         if outside.any():
             _fail(builder, "base_grid", f"has {int(outside.sum())} positions outside source_b "
                   f"({wb}×{hb}) marked valid; set base_valid False there")
