@@ -158,10 +158,17 @@ def test_parallel_jobs_give_the_same_rows(tmp_path):
 
 
 def gpu_cell(recipe: dict, cell_dir: Path) -> dict:
-    """Reports which GPU the worker process was given."""
+    """Reports which GPU and process the worker was given. Each cell first waits (up to two
+    minutes) until two worker processes have each taken a cell, so both workers surely run."""
     import os
 
-    return {"gpu": float(os.environ.get("CUDA_VISIBLE_DEVICES", "-1"))}
+    arrived = cell_dir.parents[1] / "arrived"
+    arrived.mkdir(exist_ok=True)
+    (arrived / str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(arrived.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"gpu": float(os.environ.get("CUDA_VISIBLE_DEVICES", "-1")), "pid": os.getpid()}
 
 
 def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
@@ -169,8 +176,13 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
     monkeypatch.setattr("densessl.sweep.visible_gpus", lambda: 2)
     spec = {**SPEC, "grid": {"noise.kind": ["mismatch"], "noise.amount": [0.0, 0.5, 1.0, 0.7]}}
     rows = run_sweep(spec, tmp_path, jobs=2, cell_fn=gpu_cell, log=lambda *_: None)
-    assert {float(r["gpu"]) for r in rows} <= {0.0, 1.0}
     assert all(r["status"] == "ok" for r in rows)
+    gpu_of = {}  # worker process → the GPUs its cells saw
+    for r in rows:
+        gpu_of.setdefault(int(float(r["pid"])), set()).add(float(r["gpu"]))
+    assert len(gpu_of) == 2, "both workers ran cells"
+    assert all(len(g) == 1 for g in gpu_of.values()), "a worker keeps its GPU"
+    assert sorted(g for (g,) in gpu_of.values()) == [0.0, 1.0], "one distinct GPU each"
 
 
 def test_summary_mean_std_on_hand_made_csv(tmp_path):
