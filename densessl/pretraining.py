@@ -56,16 +56,29 @@ def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:
 
 
 def check_class_ids(recipe: Recipe, builder) -> None:
-    """Refuse, before training, class ids the per-class queues have no ring for (the queue
-    would fail mid-run on the device): every id a builder says it emits (``label_ids()``)
-    must be below ``loss.num_classes``."""
-    if recipe.loss.queue != "per_class":
-        return  # one queue: labels are not read
+    """Resolve ``loss.num_classes: null`` from the data and refuse, before training, class ids
+    the per-class queues have no ring for (the queue would fail mid-run on the device).
+
+    The ids are those the builder (or anything it wraps) says it emits (``label_ids()``). A
+    null ``loss.num_classes`` becomes their largest + 1, set on ``recipe`` (so recipe.yaml
+    and the checkpoint record it); an explicit one must exceed every id. Needs the builder's
+    data, so not a Recipe validator."""
     ids: set[int] = set()
     for obj in wrapped_objects(builder):
         if callable(getattr(obj, "label_ids", None)):
             ids |= set(obj.label_ids())
     if ids and max(ids) >= recipe.loss.num_classes:
+    ids.discard(-1)  # -1 is "unknown", never a ring
+    if recipe.loss.num_classes is None:
+        if ids:
+            recipe.loss.num_classes = max(ids) + 1
+        elif recipe.loss.queue == "per_class":
+            raise RecipeError(f"loss.num_classes: null means the pair builder's class ids, but "
+                              f"{recipe.pairs.builder!r} reports none (no label_ids()); set "
+                              "loss.num_classes for loss.queue: per_class")
+        return
+    if recipe.loss.queue != "per_class":
+        return  # one queue: labels are not read
         raise RecipeError(f"loss.num_classes: {recipe.loss.num_classes}, but pair builder "
                           f"{recipe.pairs.builder!r} emits class ids up to {max(ids)} "
                           f"({sorted(ids)}); set loss.num_classes >= {max(ids) + 1}")
@@ -259,6 +272,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
             "steps": int(trainer.global_step),
             "max_steps": t.max_steps,
             "resumed_from_step": monitor.start_step,
+            "num_classes": recipe.loss.num_classes,  # resolved from the builder when null
             "final": task.final_stats(),
             **stats,
             "nonfinite_steps_skipped": guard.skipped,

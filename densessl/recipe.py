@@ -140,8 +140,10 @@ class LossConfig(Section):
     queue: Literal["single", "per_class"] = Field(
         "single", description="per_class: one ring per class (SegLoc); a query's negatives never "
         "share its class; dense_queue_size / instance_queue_size are then per class")
-    num_classes: int = Field(13, ge=1, description="class ids 0..num_classes-1 for per-class "
-                             "queues (PIDray ids 1..12 -> 13); -1 = unknown")
+    num_classes: int | None = Field(
+        None, ge=1, description="class ids 0..num_classes-1 for per-class queues (-1 = "
+        "unknown); null: from the data, the largest id the pair builder emits (label_ids()) "
+        "+ 1, resolved when the builder is built and written to recipe.yaml / metrics.json")
     background: Literal["negative", "own_class", "ignore"] = Field(
         "negative", description="dense cells a class map marks -1 (the bag under pasted "
         "segments): negative = unknown, a negative for every query and every key a negative "

@@ -55,6 +55,10 @@ def recipe_differences(saved: dict, recipe: Recipe) -> list[str]:
         pass
     old, new = _flatten(saved), _flatten(recipe.model_dump(mode="json"))
     keys = sorted(set(old) | set(new))
+    # loss.num_classes null means "from the data": the saved recipe holds what it resolved to
+    # (a changed data set is caught when the builder's ids are checked against it)
+    if new.get("loss.num_classes") is None:
+        new["loss.num_classes"] = old.get("loss.num_classes")
     return [f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}" for k in keys
             if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS
             and not k.startswith(RESUMABLE_PREFIXES)]

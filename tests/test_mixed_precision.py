@@ -33,8 +33,9 @@ def test_a_bf16_step_trains():
     torch.manual_seed(0)
     from densessl.methods import DensePretraining
 
+    # num_classes 12: make_pair_batch draws class ids 0..11
     recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, queue="per_class",
-                          dense_queue_size=16, instance_queue_size=8)
+                          num_classes=12, dense_queue_size=16, instance_queue_size=8)
     batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
     with torch.autocast("cpu", dtype=torch.bfloat16):

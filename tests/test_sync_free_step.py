@@ -18,7 +18,7 @@ from densessl.methods import DensePretraining
 
 CONFIGS = {
     "dense_global": {},
-    "dense_instance_per_class": {"instance_weight": 1.0, "queue": "per_class",
+    "dense_instance_per_class": {"instance_weight": 1.0, "queue": "per_class", "num_classes": 12,
                                  "dense_queue_size": 16, "instance_queue_size": 8},
     "dense_instance_single": {"instance_weight": 1.0, "dense_queue_size": 16,
                               "instance_queue_size": 8},
@@ -26,14 +26,14 @@ CONFIGS = {
     "instance_insloc": {"instance_weight": 1.0, "dense_queue_size": 16,
                         "instance_queue_size": 8, "roi_levels": "all", "box_jitter": True,
                         "roi_head": "conv", "roi_head_fc_dim": 32},
-    "instance_by_size_jitter": {"instance_weight": 1.0, "queue": "per_class",
+    "instance_by_size_jitter": {"instance_weight": 1.0, "queue": "per_class", "num_classes": 12,
                                 "dense_queue_size": 16, "instance_queue_size": 8,
                                 "box_jitter": True, "box_jitter_levels": "all"},
     # robust positives (issue #18): the truncation rank and the noisy-pair monitor too
     "robust_truncate": {"instance_weight": 1.0, "dense_queue_size": 16,
                         "instance_queue_size": 8, "robust": "truncate",
                         "truncate_warmup_steps": 4},
-    "robust_rince_per_class": {"instance_weight": 1.0, "queue": "per_class",
+    "robust_rince_per_class": {"instance_weight": 1.0, "queue": "per_class", "num_classes": 12,
                                "dense_queue_size": 16, "instance_queue_size": 8,
                                "robust": "rince"},
 }

@@ -23,6 +23,7 @@ from densessl.augment.box_jitter import jitter_boxes
 from densessl.build import build_augmentation, build_encoder, roi_levels
 from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
+from densessl.errors import RecipeError
 from densessl.losses import (
     DenseContrast,
     GlobalContrast,
@@ -43,6 +44,12 @@ class DensePretraining(pl.LightningModule):
         super().__init__()
         if isinstance(recipe, dict):
             recipe = parse_recipe(recipe, "<checkpoint>")
+        if recipe.loss.queue == "per_class" and recipe.loss.num_classes is None:
+            # the rings are sized here; densessl.pretraining resolves null from the builder
+            raise RecipeError("loss.num_classes: null (from the data) is not resolved yet: "
+                              "build the pair builder and call densessl.pretraining."
+                              "check_class_ids(recipe, builder) first, or set "
+                              "loss.num_classes for loss.queue: per_class")
         self.recipe = recipe
         # Stored as plain data so a checkpoint can rebuild the task without this object.
         self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
