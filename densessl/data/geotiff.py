@@ -21,6 +21,7 @@ import datetime as dt
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -33,7 +34,8 @@ import torch
 from rasterio.enums import MaskFlags
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import Resampling, transform_bounds
-from rasterio.windows import Window
+from rasterio.errors import WindowError
+from rasterio.windows import Window, from_bounds, intersection
 from torch.utils.data import Dataset
 
 from densessl.data.bad_samples import ReadSkips, report_bad
@@ -159,6 +161,8 @@ def _group_by_footprint(rasters: list[RasterInfo]) -> dict[str, list[RasterInfo]
     for i, a in enumerate(boxes):
         for j in range(i):
             b = boxes[j]
+            # not rasterio's disjoint_bounds: it counts a shared edge as overlap, which would
+            # group adjacent tiles into pairs with no common pixel
             if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
                 parent[find(i)] = find(j)
     groups: dict[str, list[RasterInfo]] = {}
@@ -170,13 +174,20 @@ def _group_by_footprint(rasters: list[RasterInfo]) -> dict[str, list[RasterInfo]
 def overlap_window(early: RasterInfo, late: RasterInfo) -> tuple[int, int, int, int] | None:
     """The later raster's footprint in the earlier one's pixel grid (clipped), or None."""
     left, bottom, right, top = transform_bounds(late.crs, early.crs, *late.bounds)
-    inverse = ~rasterio.Affine(*early.transform)
-    cols, rows = zip(*(inverse @ (x, y) for x in (left, right) for y in (bottom, top)))
-    c0, c1 = max(0, int(np.floor(min(cols)))), min(early.width, int(np.ceil(max(cols))))
-    r0, r1 = max(0, int(np.floor(min(rows)))), min(early.height, int(np.ceil(max(rows))))
-    if c1 <= c0 or r1 <= r0:
+    transform = rasterio.Affine(*early.transform)
+    if transform.e > 0:  # a south-up grid: from_bounds wants "top" as its first row's side
+        bottom, top = top, bottom
+    try:
+        footprint = from_bounds(left, bottom, right, top, transform)
+        # outward to whole pixels (a pixel the later raster partly covers is read too)
+        c0, r0 = math.floor(footprint.col_off), math.floor(footprint.row_off)
+        c1 = math.ceil(footprint.col_off + footprint.width)
+        r1 = math.ceil(footprint.row_off + footprint.height)
+        window = intersection(Window(c0, r0, c1 - c0, r1 - r0),
+                              Window(0, 0, early.width, early.height))
+    except WindowError:  # empty intersection (rasterio's intersection raises)
         return None
-    return c0, r0, c1 - c0, r1 - r0
+    return int(window.col_off), int(window.row_off), int(window.width), int(window.height)
 
 
 def make_pairs(groups: dict, pairing: str, skip_bad: bool, skipped: list[str]) -> list[DatePair]:
