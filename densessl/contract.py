@@ -48,6 +48,11 @@ class PairSample:
         class_map_a: optional ``Ha×Wa`` long, class of each source-A pixel where known,
             −1 elsewhere.
         noisy: the pair was corrupted by a noise injector (analysis only, never read by losses).
+        noise_mask_a: optional ``Ha×Wa`` bool: the scene point of this source-A pixel was
+            replaced in source B by the noise injector (``partial_change``), for measuring
+            robust down-weighting per cell (analysis only, never read by losses).
+        pair_weight: optional weight of this positive pair in the losses (1 when None), e.g.
+            far-in-time dates of a temporal series (``pairs.options.dates: near_far``).
         meta: free-form provenance (dataset, file names, noise kind/amount, …).
         paste: optional :class:`PastePlan`: segments to composite on the device; then the
             sources are the bare backgrounds and the correspondence, class map and boxes are
@@ -68,6 +73,8 @@ class PairSample:
     noisy: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     paste: PastePlan | None = None
+    noise_mask_a: Tensor | None = None
+    pair_weight: float | None = None
 
 
 @dataclass
@@ -157,6 +164,11 @@ class SourceBatch:
     #: N bool, the box pair may be used (None: all); the view augmentation drops the others,
     #: so the device-side compositing keeps fixed shapes
     box_valid: Tensor | None = None
+    #: B×Ha×Wa bool, source-A pixels whose point was replaced in B by the noise injector
+    #: (analysis only; None when no sample has one)
+    noise_mask_a: Tensor | None = None
+    #: B float, each pair's weight in the losses (None: all 1)
+    pair_weight: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SourceBatch:
         return _move(self, device, non_blocking)
@@ -186,6 +198,9 @@ class PairBatch:
         noisy: ``B`` bool, the pair was corrupted by a noise injector (never used by losses).
         matrix_a, matrix_b: ``B×3×3``: source pixel → view pixel transform of each view.
         meta: list of B dicts carried from the builder.
+        noise_mask_a: optional ``B×h×w`` bool: the cell's positive (its point in view B) lies
+            on content the noise injector replaced (analysis only, never used by losses).
+        pair_weight: optional ``B`` float, each pair's weight in the losses (None: all 1).
     """
 
     view_a: Tensor
@@ -202,6 +217,8 @@ class PairBatch:
     matrix_a: Tensor
     matrix_b: Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
+    noise_mask_a: Tensor | None = None
+    pair_weight: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         return _move(self, device, non_blocking)

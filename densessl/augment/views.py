@@ -82,6 +82,11 @@ class ViewAugmentation(nn.Module):
             # Shift by one so that "outside" (zero padding) decodes to -1 like "unknown".
             shifted = (batch.class_map_a + 1).float()[:, None]
             class_map = sample_at(shifted, src_a, mode="nearest")[:, 0].long() - 1
+        noise_mask = None
+        if batch.noise_mask_a is not None:
+            # the source-A pixel each cell sits on (outside the source: not replaced)
+            noise_mask = sample_at(batch.noise_mask_a.float()[:, None], src_a,
+                                   mode="nearest")[:, 0] > 0.5
         boxes_a, boxes_b, keep = self._move_boxes(batch, matrix_a, matrix_b)
         return PairBatch(
             view_a=self.normalize(view_a), view_b=self.normalize(view_b),
@@ -89,7 +94,7 @@ class ViewAugmentation(nn.Module):
             boxes_a=boxes_a, boxes_b=boxes_b, box_batch=batch.box_batch[keep],
             box_label=batch.box_label[keep], instance_ids=batch.instance_ids[keep],
             class_map_a=class_map, noisy=batch.noisy, matrix_a=matrix_a, matrix_b=matrix_b,
-            meta=batch.meta)
+            meta=batch.meta, noise_mask_a=noise_mask, pair_weight=batch.pair_weight)
 
     def _move_boxes(self, batch: SourceBatch, matrix_a: Tensor, matrix_b: Tensor):
         if batch.boxes_a.numel() == 0:

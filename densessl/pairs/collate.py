@@ -111,5 +111,12 @@ def collate_pairs(samples: list[PairSample]) -> SourceBatch:
         class_map_a=class_map,
         noisy=torch.tensor([bool(s.noisy) for s in samples]),
         meta=[s.meta for s in samples],
+        # analysis-only noise mask and per-pair loss weights: None unless a sample has one
+        noise_mask_a=(torch.stack([s.noise_mask_a if s.noise_mask_a is not None
+                                   else torch.zeros(ha, wa, dtype=torch.bool) for s in samples])
+                      if any(s.noise_mask_a is not None for s in samples) else None),
+        pair_weight=(torch.tensor([1.0 if s.pair_weight is None else float(s.pair_weight)
+                                   for s in samples], dtype=torch.float32)
+                     if any(s.pair_weight is not None for s in samples) else None),
         paste=collate_pastes([s.paste for s in samples]) if all(planned) else None,
     )

@@ -28,7 +28,8 @@ def validate_pair_sample(sample: PairSample, builder: str = "custom") -> None:
         _fail(builder, "source_b", f"has {cb} channels but source_a has {ca}; both views must "
               "have the same channel count (use per-modality stems for multi-sensor pairs)")
     for name, (h, w) in (("valid_a", (ha, wa)), ("valid_b", (hb, wb)),
-                         ("base_valid", (ha, wa)), ("class_map_a", (ha, wa))):
+                         ("base_valid", (ha, wa)), ("class_map_a", (ha, wa)),
+                         ("noise_mask_a", (ha, wa))):
         value = getattr(sample, name)
         if value is not None and tuple(value.shape) != (h, w):
             _fail(builder, name, f"must have shape {(h, w)}, got {tuple(value.shape)}")
@@ -43,6 +44,8 @@ def validate_pair_sample(sample: PairSample, builder: str = "custom") -> None:
         if outside.any():
             _fail(builder, "base_grid", f"has {int(outside.sum())} positions outside source_b "
                   f"({wb}×{hb}) marked valid; set base_valid False there")
+    if sample.pair_weight is not None and not (0.0 <= float(sample.pair_weight) < float("inf")):
+        _fail(builder, "pair_weight", f"must be a finite weight >= 0, got {sample.pair_weight}")
     if sample.paste is not None:
         _validate_plan(sample, builder, ca)
     n = sample.boxes_a.shape[0]
