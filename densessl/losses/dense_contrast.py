@@ -147,8 +147,10 @@ class DenseContrast(nn.Module):
         self.enqueue_per_image = enqueue_per_image
         self.robust = robust
         #: with an enabled ``robust``, after each forward: per image of the local batch, the
-        #: weighted query cells (``cells``, B float) and how many were down-weighted (``down``);
-        #: for analysis against the pairs' true noise (the loss never sees it)
+        #: query cells (``cells``, B float) and how many were down-weighted (``down``); per
+        #: query slot (B·n, image-major) the cell index (``slot_cell``), whether it holds a
+        #: query (``slot_keep``) and whether it was down-weighted (``slot_down``); for
+        #: analysis against the pairs' true noise (the loss never sees it)
         self.last_robust_cells: dict[str, Tensor] | None = None
         self.per_class = num_classes is not None
         # own_class: background takes the ring after the real classes
@@ -181,10 +183,13 @@ class DenseContrast(nn.Module):
         class_map: Tensor | None = None,
         update_queue: bool | None = None,
         step: int = 0,
+        pair_weight: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Compute the loss, then (by default only in training mode) enqueue key cells.
 
         ``step`` (the host's training step) ramps in the truncation of ``robust``.
+        ``pair_weight`` (B float, optional) scales the terms of each image's query cells, e.g.
+        far-in-time dates (see :func:`~densessl.losses.functional.weighted_info_nce`).
 
         Gradients flow into ``q_dense`` and, if it requires grad, into ``k_dense`` through the
         positives and batch negatives; queued keys are always detached. No step reads a tensor
@@ -217,6 +222,8 @@ class DenseContrast(nn.Module):
         q = F.normalize(cells_of(q_dense, cell), dim=1)
         k = F.normalize(keys_at(k_dense, grid_ab, cell, self.stride), dim=1)
         weight = keep.float()
+        # a gather by image index: fixed shapes, no host read
+        query_weight = None if pair_weight is None else pair_weight.to(weight)[image]
         label = cells_of(labels[:, None], cell)[:, 0]
 
         keys, key_valid = self.queue.snapshot()
@@ -235,13 +242,16 @@ class DenseContrast(nn.Module):
             if self.per_class:
                 allowed &= PerClassQueue.negatives_mask(label, label_all)
             terms.append(pairwise_negatives(q, keys_all, allowed, self.temperature, weight))
-        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight, self.robust, step)
+        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight, self.robust, step,
+                                        query_weight)
         down = stats.pop("down_weighted", None)
         if down is not None:
             # slots are image-major with a fixed count per image: a reshape gives per-image sums
             n = weight.shape[0] // max(b, 1)
             self.last_robust_cells = {"cells": weight.reshape(b, n).sum(1),
-                                      "down": (down.float() * weight).reshape(b, n).sum(1)}
+                                      "down": (down.float() * weight).reshape(b, n).sum(1),
+                                      "slot_cell": cell, "slot_keep": keep,
+                                      "slot_down": down & keep}
         stats["queue_filled"] = self.queue.filled.sum().detach()
 
         # every process enqueues (possibly nothing): the queue gathers across processes

@@ -238,8 +238,8 @@ def pairwise_negatives(query: Tensor, keys: Tensor, allowed: Tensor, temperature
 
 def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm],
                       temperature: float, weight: Tensor | None = None,
-                      robust: RobustPositives | None = None, step: int = 0
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+                      robust: RobustPositives | None = None, step: int = 0,
+                      pair_weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """InfoNCE from the positives and pre-reduced negative groups (MoCo eq. 1).
 
     Args:
@@ -251,6 +251,12 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
         robust: optional robust positives (:mod:`densessl.losses.robust`: RINCE or loss
             truncation), built from the same positive logit and total log-sum-exp.
         step: the training step (host int), for the truncation warm-up.
+        pair_weight: optional N float, a factor on each query's term that is *not* part of
+            the mean's denominator: ``Σ w·p·ℓ / max(Σ w, 1)`` with ``w`` the (robust) weight
+            and ``p`` this factor, so a pair with weight 0.5 pulls (and pushes) half as hard
+            as a full positive whatever else is in the batch (far-in-time dates, see
+            :class:`densessl.pairs.temporal.TemporalPairs`). Stats and the robust ranking
+            ignore it.
 
     Returns:
         scalar float32 loss and detached ``stats``: ``pairs`` (Σ weight), ``pos_cos``,
@@ -269,7 +275,8 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
             per_query, mean_weight, down = robust_loss_terms(pos, lse, weight, robust, step)
         else:
             per_query, mean_weight, down = lse - pos, weight, None
-        loss = (per_query * mean_weight).sum() / mean_weight.sum().clamp_min(1.0)
+        scaled = mean_weight if pair_weight is None else mean_weight * pair_weight.float()
+        loss = (per_query * scaled).sum() / mean_weight.sum().clamp_min(1.0)
         with torch.no_grad():
             cos_sum = sum((t.cos_sum for t in terms), pos.new_zeros(()))
             count = sum((t.count for t in terms), pos.new_zeros(()))

@@ -31,8 +31,11 @@ class GlobalContrast(nn.Module):
         self.queue = MoCoQueue(queue_size, dim)
 
     def forward(
-        self, q: Tensor, k: Tensor, update_queue: bool | None = None
+        self, q: Tensor, k: Tensor, update_queue: bool | None = None,
+        pair_weight: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``pair_weight`` (B float, optional) scales each image's term (see
+        :func:`~densessl.losses.functional.weighted_info_nce`)."""
         if q.shape != k.shape or q.dim() != 2:
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be B×D")
         if update_queue is None:
@@ -42,7 +45,8 @@ class GlobalContrast(nn.Module):
         every_ring = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
         weight = q.new_ones(q.shape[0], dtype=torch.float32)
         negatives = ring_negatives(q, keys, valid, every_ring, self.temperature, weight)
-        loss, stats = weighted_info_nce(q, k, [negatives], self.temperature, weight)
+        loss, stats = weighted_info_nce(q, k, [negatives], self.temperature, weight,
+                                        pair_weight=pair_weight)
         del stats["pairs"]
         stats["queue_filled"] = self.queue.filled.detach().clone()
         if update_queue:

@@ -38,10 +38,12 @@ class InstanceContrast(nn.Module):
             2022, or loss truncation, Kang & Hashimoto 2020); None = InfoNCE.
 
     Shapes:
-        ``forward(q N×D, k N×D, labels N, update_queue, step) -> (loss scalar, stats)``; ``k``
-        is enqueued with its labels after the loss, by default only in training mode; ``step``
-        (host int) ramps in the truncation. With an enabled ``robust`` the stats also hold
-        ``robust_fraction`` (share of the boxes down-weighted).
+        ``forward(q N×D, k N×D, labels N, update_queue, step, pair_weight N) -> (loss scalar,
+        stats)``; ``k`` is enqueued with its labels after the loss, by default only in training
+        mode; ``step`` (host int) ramps in the truncation; ``pair_weight`` (optional, the weight
+        of the pair each box comes from) scales each box's term (see
+        :func:`~densessl.losses.functional.weighted_info_nce`). With an enabled ``robust``
+        the stats also hold ``robust_fraction`` (share of the boxes down-weighted).
     """
 
     def __init__(self, dim: int = 128, queue_size: int = 4096, temperature: float = 0.2,
@@ -56,8 +58,8 @@ class InstanceContrast(nn.Module):
                       else MoCoQueue(queue_size, dim))
 
     def forward(self, q: Tensor, k: Tensor, labels: Tensor | None = None,
-                update_queue: bool | None = None, step: int = 0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+                update_queue: bool | None = None, step: int = 0,
+                pair_weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if q.shape != k.shape or q.dim() != 2:
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be N×D")
         if labels is None:
@@ -77,7 +79,8 @@ class InstanceContrast(nn.Module):
         not_self = ~torch.eye(n, dtype=torch.bool, device=q.device)
         terms = [ring_negatives(q, keys, valid, rings, self.temperature, weight),
                  pairwise_negatives(q, k, not_self & ~same_class, self.temperature, weight)]
-        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight, self.robust, step)
+        loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight, self.robust, step,
+                                        pair_weight)
         stats.pop("down_weighted", None)  # per box; only the dense objective is analysed per cell
         stats["boxes"] = stats.pop("pairs")
         stats["queue_filled"] = self.queue.filled.sum().detach().clone()
@@ -113,15 +116,16 @@ class LevelwiseInstanceContrast(nn.Module):
         self.level = nn.ModuleDict({name: InstanceContrast(**kwargs) for name in levels})
 
     def forward(self, q: Tensor, k: Tensor, labels: Tensor | None = None,
-                update_queue: bool | None = None, step: int = 0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+                update_queue: bool | None = None, step: int = 0,
+                pair_weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if q.shape != k.shape or q.dim() != 3 or q.shape[0] != len(self.level):
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must both be L×N×D "
                              f"with L = {len(self.level)} levels")
         losses, per_level = [], []
         stats: dict[str, Tensor] = {}
         for (name, contrast), q_level, k_level in zip(self.level.items(), q, k):
-            loss, level_stats = contrast(q_level, k_level, labels, update_queue, step)
+            loss, level_stats = contrast(q_level, k_level, labels, update_queue, step,
+                                         pair_weight)
             losses.append(loss)
             per_level.append(level_stats)
             stats[f"loss_{name}"] = loss.detach()

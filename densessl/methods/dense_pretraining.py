@@ -74,8 +74,9 @@ class DensePretraining(pl.LightningModule):
         robust = RobustPositives(loss.robust, loss.rince_q, loss.rince_lambda,
                                  loss.truncate_fraction, loss.truncate_warmup_steps)
         # run totals of (down-weighted cells of noisy pairs, down-weighted cells, cells of
-        # noisy pairs): the precision / recall monitor against the benchmark's true noise
-        self.register_buffer("robust_counts", torch.zeros(3), persistent=False)
+        # noisy pairs, down-weighted wrong cells, wrong cells): the precision / recall monitor
+        # against the benchmark's true noise, per pair and per cell
+        self.register_buffer("robust_counts", torch.zeros(5), persistent=False)
         self.dense_loss = None
         if loss.dense_weight > 0:
             self.dense_loss = DenseContrast(
@@ -149,14 +150,15 @@ class DensePretraining(pl.LightningModule):
         if self.dense_loss is not None:
             dense, stats = self.dense_loss(query["dense"], key["dense"], batch.grid_ab,
                                            batch.valid_ab, class_map=batch.class_map_a,
-                                           step=self.global_step)
+                                           step=self.global_step, pair_weight=batch.pair_weight)
             total = total + self.recipe.loss.dense_weight * dense
             logs["loss_dense"] = dense.detach()
             logs.update({f"dense_{k}": v for k, v in stats.items()})
             if self.dense_loss.last_robust_cells is not None:
                 logs.update(self.robust_detection(batch))
         if self.global_loss is not None:
-            glob, stats = self.global_loss(query["global"], key["global"])
+            glob, stats = self.global_loss(query["global"], key["global"],
+                                           pair_weight=batch.pair_weight)
             total = total + self.recipe.loss.global_weight * glob
             logs["loss_global"] = glob.detach()
             logs.update({f"global_{k}": v for k, v in stats.items()})
@@ -178,9 +180,11 @@ class DensePretraining(pl.LightningModule):
         the FPN level each box's size selects, or on every level ``p{roi_min_level}..p5``
         (``loss.roi_levels``). With ``loss.box_jitter`` the query pools a random box around
         its instance (the localisation pretext); the key always pools the true box."""
+        pair_weight = (None if batch.pair_weight is None
+                       else batch.pair_weight.to(batch.box_batch.device)[batch.box_batch])
         return self.instance_loss(self.instance_queries(batch, query),
                                   self.instance_keys(batch, key), batch.box_label,
-                                  step=self.global_step)
+                                  step=self.global_step, pair_weight=pair_weight)
 
     def robust_detection(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         """How well the robust dense objective singles out the truly noisy pairs, over the
@@ -190,19 +194,39 @@ class DensePretraining(pl.LightningModule):
         down-weighted cells; ``dense_robust_recall``: down-weighted cells of noisy pairs / the
         query cells of noisy pairs. Pair level: every cell of a noisy pair counts as wrong,
         which is exact for ``mismatch`` and overstates the truth for ``partial_change`` (only
-        part of B changed). NaN while a denominator is 0. Totals since this process started.
+        part of B changed).
+
+        ``dense_robust_cell_precision`` / ``_recall``: the same per cell, where a cell is wrong
+        when its pair is noisy and, if the batch has a ``noise_mask_a`` (``partial_change``),
+        its positive lies on replaced content; without a mask every cell of a noisy pair is
+        wrong (so these equal the pair-level ones, e.g. for ``mismatch``). NaN while a
+        denominator is 0. Totals since this process started.
         """
         cells = self.dense_loss.last_robust_cells
-        noisy = batch.noisy.to(cells["down"].device, non_blocking=True).float()
-        step = torch.stack([(cells["down"] * noisy).sum(), cells["down"].sum(),
-                            (cells["cells"] * noisy).sum()])
+        device = cells["down"].device
+        noisy = batch.noisy.to(device, non_blocking=True)
+        noisy_f = noisy.float()
+        b = noisy.shape[0]
+        slot_cell, keep = cells["slot_cell"].reshape(b, -1), cells["slot_keep"].reshape(b, -1)
+        down = cells["slot_down"].reshape(b, -1)
+        wrong = noisy[:, None].expand_as(keep)
+        if batch.noise_mask_a is not None:
+            # a gather at the drawn cells: fixed shapes, no host read
+            mask = batch.noise_mask_a.to(device, non_blocking=True).reshape(b, -1)
+            wrong = wrong & mask.gather(1, slot_cell)
+        wrong = wrong & keep
+        step = torch.stack([(cells["down"] * noisy_f).sum(), cells["down"].sum(),
+                            (cells["cells"] * noisy_f).sum(), (down & wrong).sum().float(),
+                            wrong.sum().float()])
         if self.training:
             self.robust_counts += step.to(self.robust_counts)
             counts = self.robust_counts
         else:
             counts = step
         return {"dense_robust_precision": counts[0] / counts[1],
-                "dense_robust_recall": counts[0] / counts[2]}
+                "dense_robust_recall": counts[0] / counts[2],
+                "dense_robust_cell_precision": counts[3] / counts[1],
+                "dense_robust_cell_recall": counts[3] / counts[4]}
 
     def instance_queries(self, batch: PairBatch, query: dict) -> torch.Tensor:
         loss = self.recipe.loss
