@@ -9,6 +9,9 @@ losses are told "these pixels are the same place" when they are not:
   ``amount`` is the probability p that a pair is mismatched.
 * ``partial_change`` — a fraction f = ``amount`` of source B's area (square patches of ``patch``
   pixels) is replaced by another sample's content at the same place (new or destroyed buildings).
+  The pair records which source-A pixels' points were replaced (``noise_mask_a``, through the
+  base correspondence; all False when nothing was), so robust down-weighting can be scored per
+  cell against the truth.
 * ``misregistration`` — source B is shifted by s = ``amount`` pixels along a random axis
   direction (and rotated by ``rotation_degrees`` about its centre, when set); pixels moved in
   from outside are marked invalid (``valid_b`` False), the correspondence is *not* corrected.
@@ -106,6 +109,10 @@ class NoisyPairs(PairBuilder):
         info = {"kind": self.kind, "amount": self.amount, "applied": False}
         if touched:
             info.update(getattr(self, f"_{self.kind}")(sample, index, rng))
+        if self.kind == "partial_change" and sample.noise_mask_a is None:
+            # every pair of a partial_change run carries a mask, so batches always have one
+            _, ha, wa = sample.source_a.shape
+            sample.noise_mask_a = torch.zeros(ha, wa, dtype=torch.bool)
         sample.noisy = bool(sample.noisy or info["applied"])
         sample.meta = dict(sample.meta, noise=info)
         return sample
@@ -136,6 +143,7 @@ class NoisyPairs(PairBuilder):
         source_b = sample.source_b.clone()
         source_b[:, mask] = donor[:, mask]
         sample.source_b = source_b
+        sample.noise_mask_a = _mask_in_a(mask, sample.base_grid, sample.base_valid)
         return {"applied": True, "other_index": other_index,
                 "changed_fraction": float(mask.float().mean())}
 
@@ -213,6 +221,19 @@ class NoisyPairs(PairBuilder):
                 f"noise kind wrong_class needs a pair builder with labeled instances "
                 f"(boxes_a/boxes_b + labels), e.g. cut_paste; {type(self.source).__name__} "
                 "gives none")
+
+
+def _mask_in_a(mask_b: Tensor, base_grid: Tensor | None, base_valid: Tensor | None) -> Tensor:
+    """Source-B pixel mask → source-A pixels whose point (``base_grid``, nearest B pixel)
+    lies in it; identity when ``base_grid`` is None. A pixel without a point in B is False."""
+    if base_grid is None:
+        return mask_b.clone()
+    hb, wb = mask_b.shape
+    x = base_grid[..., 0].round().long()
+    y = base_grid[..., 1].round().long()
+    inside = (x >= 0) & (x < wb) & (y >= 0) & (y < hb)
+    hit = mask_b[y.clamp(0, hb - 1), x.clamp(0, wb - 1)] & inside
+    return hit if base_valid is None else hit & base_valid.bool()
 
 
 def _box_pixels(box: Tensor, h: int, w: int) -> tuple[int, int, int, int]:
