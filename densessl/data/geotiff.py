@@ -384,7 +384,9 @@ class GeoTiffPairs(Dataset):
          "valid_t0", "valid_t1": S×S bool, "meta": {...}}
 
     Args:
-        path: folder or glob of rasters; None writes a synthetic series into ``cache_dir``.
+        path: folder or glob of rasters; None writes a synthetic series into ``cache_dir``
+            (``synthetic_places`` places; with ``synthetic_series`` eight dates with seasonal,
+            gradual and abrupt change instead of three, see :mod:`densessl.data.geotiff_synth`).
         pattern: regex over file names with a ``date`` group and optionally a ``place`` group.
         bands: 1-based bands to use (default all); their number must equal ``channels``.
         pairing: ``all`` pairs of dates of a place, or ``consecutive`` dates only.
@@ -400,7 +402,8 @@ class GeoTiffPairs(Dataset):
                  pairing: str = "all", tiles_per_pair: int = 8, min_valid: float = 0.5,
                  tries: int = 8, seed: int = 0, skip_bad: bool = False,
                  cache_dir: str | None = None, stats_path: str | None = None,
-                 synthetic_places: int = 4, licence: str = "unknown (set data.options.licence)",
+                 synthetic_places: int = 4, synthetic_series: bool = False,
+                 licence: str = "unknown (set data.options.licence)",
                  attribution: str = "", provenance: ProvenanceFilter | None = None) -> None:
         if pairing not in ("all", "consecutive"):
             raise DataError(f"data.options.pairing: expected 'all' or 'consecutive', got "
@@ -408,7 +411,9 @@ class GeoTiffPairs(Dataset):
         self.skipped_samples: list[str] = []
         synthetic = path is None
         if synthetic:
-            path = str(cached_synthetic("geotiff", synthetic_places, seed, cache_dir))
+            # the long series (8 dates, seasonal + abrupt change) for near/far date pairs
+            kind = "geotiff-series" if synthetic_series else "geotiff"
+            path = str(cached_synthetic(kind, synthetic_places, seed, cache_dir))
             pattern = r"(?P<place>.+)_(?P<date>\d{8})\.tif$"
         try:
             regex = re.compile(pattern)
@@ -517,6 +522,13 @@ class GeoTiffPairs(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs) * self.tiles_per_pair
+
+    def date_pairs(self) -> list[tuple[str, dt.date, str, dt.date]]:
+        """(earlier file, its date, later file, its date) of every date pair; item ``index``
+        is a tile of pair ``index % len(date_pairs())``. The ``temporal`` builder's ``dates``
+        option picks pairs by time gap from this list."""
+        return [(str(p.early.path), p.early.date, str(p.late.path), p.late.date)
+                for p in self.pairs]
 
     def normalise(self, data: np.ndarray, valid: np.ndarray) -> torch.Tensor:
         out = 0.5 + 0.25 * (data - self.mean) / self.std

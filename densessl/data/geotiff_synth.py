@@ -5,10 +5,24 @@ uint16 reflectance ×10000 in UTM 33N with ``nodata = 0`` along a slanted swath 
 middle date, which is float32 in Web Mercator (EPSG:3857) with NaN as nodata — reprojected from
 the same ground scene, so aligning it back onto the first date's grid must restore the scene.
 Between dates the season changes the spectra and a few new buildings appear.
+
+``densessl data synth geotiff-series`` writes longer series (:data:`SERIES_DATES`, eight
+dates a season apart over two years, same rasters otherwise) with both kinds of change a
+temporal objective must tell apart:
+
+* gradual / seasonal — the fields' spectra follow a yearly cycle (NIR peaks in summer, visible
+  bands dip), and the terrain brightens slowly (+4 % a year);
+* abrupt — between :data:`SERIES_CHANGE_AFTER` and the next date three buildings are built
+  and one field is cleared to bare soil, and stay so.
+
+So near-in-time dates differ by a season at most, and dates a year or more apart straddle the
+abrupt change or not (``pairs.options.dates: near_far`` of the ``temporal`` builder).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +41,13 @@ UTM = CRS.from_epsg(32633)
 MERCATOR = CRS.from_epsg(3857)
 DATES = ("20210601", "20210901", "20220301")
 _SEASON = np.array([[1.0, 1.0, 1.0, 1.0], [0.9, 1.05, 0.95, 1.25], [1.1, 0.95, 1.1, 0.7]])
+#: dates of the long series: a season apart over two years
+SERIES_DATES = ("20190301", "20190601", "20190901", "20191201",
+                "20200301", "20200601", "20200901", "20201201")
+#: index of the last date before the abrupt change (new buildings, a cleared field)
+SERIES_CHANGE_AFTER = 3
+#: reflectance of the cleared field (bare soil), per band
+_BARE_SOIL = np.array([0.18, 0.22, 0.27, 0.30])
 
 
 def write_raster(path: Path, array: np.ndarray, crs: CRS | None, transform,
@@ -44,7 +65,37 @@ def write_raster(path: Path, array: np.ndarray, crs: CRS | None, transform,
 
 def _scene(rng: np.random.Generator, size: int, bands: int, date_index: int) -> np.ndarray:
     """C×H×W float reflectance in [0, 1] of one place at one date (terrain + buildings)."""
-    terrain = 0.08 + 0.25 * smooth_noise(rng, size, bands, cells=5)
+    return _render(rng, size, bands, _SEASON[date_index % 3, :bands], built=date_index >= 2)
+
+
+def seasonal_factor(date: dt.date, bands: int) -> np.ndarray:
+    """Per-band multiplier of the fields' reflectance on ``date``: a yearly cycle, NIR up
+    and the visible bands down in summer (day 172), amplitude 0.3 for NIR, 0.1 for the rest."""
+    phase = math.cos(2 * math.pi * (date.timetuple().tm_yday - 172) / 365.25)
+    amplitude = np.array([-0.1, 0.05, -0.1, 0.3])[:bands]
+    if bands > 4:
+        amplitude = np.concatenate([amplitude, np.full(bands - 4, 0.1)])
+    return 1.0 + amplitude * phase
+
+
+def series_scene(rng: np.random.Generator, size: int, bands: int, date_index: int,
+                 dates: tuple[str, ...] = SERIES_DATES,
+                 change_after: int = SERIES_CHANGE_AFTER) -> np.ndarray:
+    """One date of a long series (module docstring): seasonal and slow terrain change on
+    every date, the abrupt change from ``change_after + 1`` on."""
+    date = dt.datetime.strptime(dates[date_index], "%Y%m%d").date()
+    years = (date - dt.datetime.strptime(dates[0], "%Y%m%d").date()).days / 365.25
+    changed = date_index > change_after
+    return _render(rng, size, bands, seasonal_factor(date, bands), built=changed,
+                   drift=1.0 + 0.04 * years, cleared=changed)
+
+
+def _render(rng: np.random.Generator, size: int, bands: int, season: np.ndarray, built: bool,
+            drift: float = 1.0, cleared: bool = False) -> np.ndarray:
+    """Terrain (times ``drift``), four fields (crop spectra times ``season``; the first bare
+    soil when ``cleared``), seven buildings and three more when ``built``. The random draws do
+    not depend on the date, so every date of a place shows the same ground."""
+    terrain = drift * (0.08 + 0.25 * smooth_noise(rng, size, bands, cells=5))
     fields = rasterize_shapes(
         [(box(*sorted(rng.uniform(0, size, 2)), *sorted(rng.uniform(0, size, 2))), k + 1)
          for k in range(4)], size, size)
@@ -53,13 +104,16 @@ def _scene(rng: np.random.Generator, size: int, bands: int, date_index: int) -> 
         x, y = rng.uniform(0.1, 0.85, 2) * size
         w = rng.uniform(4, 10)
         poly = rotate(box(x, y, x + w, y + 0.7 * w), float(rng.uniform(0, 90)))
-        if k < 7 or date_index >= 2:  # three buildings are built between the dates
+        if k < 7 or built:  # three buildings are built between the dates
             buildings.append((poly, 1))
     roofs = rasterize_shapes(buildings, size, size) > 0
     crop = rng.uniform(0.05, 0.45, (4, bands))
     scene = terrain.copy()
     for k in range(4):
-        scene[:, fields == k + 1] = crop[k][:, None] * _SEASON[date_index % 3, :bands, None]
+        scene[:, fields == k + 1] = crop[k][:, None] * season[:, None]
+    if cleared:
+        soil = np.resize(_BARE_SOIL, bands)
+        scene[:, fields == 1] = soil[:, None]
     scene[:, roofs] = np.linspace(0.35, 0.55, bands)[:, None]
     return np.clip(scene, 0.0, 1.0)
 
@@ -73,18 +127,20 @@ def _swath_edge(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def write_place(out: Path, place: str, origin: tuple[float, float], rng: np.random.Generator,
                 size: int = 160, bands: int = 4, resolution: float = 10.0,
-                other_crs_date: int = 1) -> list[Path]:
-    """Write the three dates of one place; date ``other_crs_date`` goes to EPSG:3857."""
+                other_crs_date: int | None = 1, dates: tuple[str, ...] = DATES,
+                scene=_scene) -> list[Path]:
+    """Write every date of one place; date ``other_crs_date`` goes to EPSG:3857.
+    ``scene(rng, size, bands, date_index)`` renders one date (default: the three-date one)."""
     transform = from_origin(origin[0], origin[1], resolution, resolution)
     scene_seed = int(rng.integers(1 << 31))
     paths = []
-    for t, date in enumerate(DATES):
+    for t, date in enumerate(dates):
         # Same seed every date: the same terrain and buildings, only season/new builds change.
-        scene = _scene(np.random.default_rng(scene_seed), size, bands, t)
+        scene_t = scene(np.random.default_rng(scene_seed), size, bands, t)
         swath = _swath_edge(rng, size)
         path = out / f"{place}_{date}.tif"
         if t == other_crs_date:
-            data = np.where(swath, scene, np.nan).astype(np.float32) * 10000
+            data = np.where(swath, scene_t, np.nan).astype(np.float32) * 10000
             # ~1.4 Mercator metres per ground metre at 45°N: similar ground sampling distance.
             dst_transform, w, h = calculate_default_transform(
                 UTM, MERCATOR, size, size, *_bounds(transform, size),
@@ -95,7 +151,7 @@ def write_place(out: Path, place: str, origin: tuple[float, float], rng: np.rand
                       resampling=Resampling.bilinear)
             write_raster(path, warped, MERCATOR, dst_transform, nodata=float("nan"))
         else:
-            data = np.where(swath, np.round(scene * 9999) + 1, 0).astype(np.uint16)
+            data = np.where(swath, np.round(scene_t * 9999) + 1, 0).astype(np.uint16)
             write_raster(path, data, UTM, transform, nodata=0)
         paths.append(path)
     return paths
@@ -117,4 +173,28 @@ def synthesize_geotiff(out: Path, n: int | None = None, seed: int = 0, size: int
         origin = (500000.0 + 5000.0 * k, 5000000.0 - 3000.0 * k)
         write_place(out, f"site-{chr(ord('a') + k % 26)}{k // 26 or ''}", origin, rng,
                     size=size, bands=bands)
+    return out
+
+
+@register_synthesizer("geotiff-series")
+def synthesize_geotiff_series(out: Path, n: int | None = None, seed: int = 0, size: int = 160,
+                              bands: int = 4, dates: tuple[str, ...] = SERIES_DATES,
+                              change_after: int = SERIES_CHANGE_AFTER) -> Path:
+    """``n`` places (default 3) × ``len(dates)`` dates (default :data:`SERIES_DATES`) under
+    ``out``, with seasonal, gradual and abrupt change (module docstring); the second date is
+    in EPSG:3857 as in the three-date set."""
+    if len(dates) < 3 or not 0 <= change_after < len(dates) - 1:
+        raise ValueError(f"a series needs >= 3 dates and 0 <= change_after < {len(dates) - 1}; "
+                         f"got {len(dates)} dates, change_after {change_after}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def scene(scene_rng, size_, bands_, t):
+        return series_scene(scene_rng, size_, bands_, t, tuple(dates), change_after)
+
+    for k in range(n or 3):
+        origin = (500000.0 + 5000.0 * k, 5000000.0 - 3000.0 * k)
+        write_place(out, f"site-{chr(ord('a') + k % 26)}{k // 26 or ''}", origin, rng,
+                    size=size, bands=bands, dates=tuple(dates), scene=scene)
     return out
