@@ -7,6 +7,9 @@ keys, then every metric (``<init>/<task>/<metric>``, ``gap/...`` = pretrained �
 ``plots/<metric>.png``: the metric against the ``x`` grid key, one line per combination of the
 other grid keys (e.g. per noise kind), seed std as error bars, pretrained solid and the baseline
 init dashed in the same colour, so the pretrained-vs-random gap is read off one plot.
+``plots/robust_<metric>.png`` (when ``loss.robust`` is a grid key): grouped bars, one group per
+combination of the other grid keys (noise kind and amount), one bar per ``loss.robust`` value,
+mean ± seed std: robust vs plain InfoNCE for each noise kind.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ FIXED = ("cell_id", "status", "error", "seconds")
 #: pretraining monitors shown in summary.md next to the headline metrics when a cell has them:
 #: how well loss.robust's down-weighted cells match the true noisy pairs (issue #18)
 MONITORS = ("pretrain/dense_robust_fraction", "pretrain/dense_robust_precision",
-            "pretrain/dense_robust_recall")
+            "pretrain/dense_robust_recall", "pretrain/dense_robust_cell_precision",
+            "pretrain/dense_robust_cell_recall")
+#: the grid key whose values the robust plot compares
+ROBUST_KEY = "loss.robust"
 
 
 def as_text(value: Any) -> str:
@@ -188,6 +194,54 @@ def plot_metric(summary: list[dict], group_keys: list[str], x: str | None, metri
     return path
 
 
+def robust_bars(summary: list[dict], group_keys: list[str], metric: str
+                ) -> tuple[list[str], dict[str, list[tuple[float, float]]]]:
+    """What :func:`plot_robust` draws: the group labels (every combination of the grid keys
+    other than ``loss.robust``, e.g. ``kind=mismatch, amount=0.5``, in first-seen order) and,
+    per ``loss.robust`` value (first-seen order), ``(mean, std)`` of ``metric`` in each group
+    (NaN where the sweep has no such cell)."""
+    others = [k for k in group_keys if k != ROBUST_KEY]
+    groups: list[str] = []
+    values: dict[str, dict[str, tuple[float, float]]] = {}
+    for entry in summary:
+        group = ", ".join(f"{k.split('.')[-1]}={entry.get(k, '')}" for k in others) or metric
+        if group not in groups:
+            groups.append(group)
+        mean = entry.get(metric, math.nan)
+        values.setdefault(str(entry.get(ROBUST_KEY, "")), {})[group] = (
+            mean, entry.get(f"{metric}:std", 0.0))
+    return groups, {robust: [per.get(g, (math.nan, math.nan)) for g in groups]
+                    for robust, per in values.items()}
+
+
+def plot_robust(summary: list[dict], group_keys: list[str], metric: str, path: Path) -> Path:
+    """One PNG: ``metric`` (%) as grouped bars, one group per noise setting, one bar per
+    ``loss.robust`` value, seed std as error bars (:func:`robust_bars`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups, series = robust_bars(summary, group_keys, metric)
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) * max(len(series), 1) / 2), 3.8))
+    for j, (robust, points) in enumerate(series.items()):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(groups))]
+        ax.bar(xs, [100 * m for m, _ in points], width,
+               yerr=[100 * (0.0 if math.isnan(s) else s) for _, s in points], capsize=3,
+               label=f"robust={robust}")
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel(f"{metric.partition('/')[2] or metric} (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{metric}: loss.robust per noise setting, mean ± std over seeds", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_summary(out: Path, rows: list[dict], keys: list[str], report: dict) -> list[Path]:
     """``summary.csv``, ``summary.md`` and one plot per reported metric into ``out``."""
     over = report.get("over", ["seed"])
@@ -215,4 +269,13 @@ def write_summary(out: Path, rows: list[dict], keys: list[str], report: dict) ->
             paths.append(plot_metric(summary, group_keys, x, metric,
                                      report.get("baseline", "random"),
                                      out / "plots" / f"{name}.png"))
+            if ROBUST_KEY in group_keys:
+                paths.append(plot_robust(summary, group_keys, metric,
+                                         out / "plots" / f"robust_{name}.png"))
+    if ROBUST_KEY in group_keys:
+        # how well each robust form finds the wrong cells (precision / recall per cell)
+        for monitor in MONITORS[1:]:
+            if any(monitor in e for e in summary):
+                paths.append(plot_robust(summary, group_keys, monitor, out / "plots" /
+                                         f"robust_{monitor.replace('/', '_')}.png"))
     return paths
