@@ -103,6 +103,33 @@ def test_collapse_message_thresholds():
     assert "feature_std 0.010 < 0.1" in msg and "mean_cosine 0.990 > 0.95" in msg
 
 
+@pytest.mark.parametrize("final, warned", [
+    ({"loss": 5.1, "feature_std": 0.8, "mean_cosine": 0.2}, False),     # healthy
+    ({"loss": 5.1, "feature_std": 0.01, "mean_cosine": 0.99}, True),    # collapsed
+    ({"loss": float("nan"), "feature_std": 0.8, "mean_cosine": 0.2}, True),  # diverged
+])
+def test_run_warns_exactly_when_pretraining_collapsed(tmp_path, monkeypatch, final, warned):
+    """The pretraining's final monitors are set, so whether run must warn is known."""
+    import densessl.pretraining
+    from densessl.experiment import _pretrain_all
+    from densessl.recipe import load_recipe
+
+    def fake_pretrain(recipe, out, overwrite=False):
+        return {"final": final, "pairs_per_s": 1.0, "pairs": 16, "steps": 2}
+
+    monkeypatch.setattr(densessl.pretraining, "pretrain", fake_pretrain)
+    lines = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        files = _pretrain_all(load_recipe(SAME_IMAGE), tmp_path, lines.append)
+    assert files == [tmp_path / "encoder.pt"]
+    collapse = [r for r in record if r.category is CollapseWarning]
+    assert len(collapse) == int(warned)
+    assert any(line.startswith("warning: pretraining collapsed") for line in lines) == warned
+    if warned:
+        assert "pretraining collapsed" in str(collapse[0].message)
+
+
 def test_sparse_dense_message_counts_cells_per_image():
     from densessl.models.health import sparse_dense_message
 
