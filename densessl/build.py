@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch.nn as nn
 from torch.utils.data import Dataset
 
 from densessl.augment import ViewAugmentation
@@ -85,11 +86,31 @@ def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBu
 
 def build_encoder(recipe: Recipe) -> DenseEncoder:
     m = recipe.model
-    return DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels, neck=m.neck,
-                        dense_stride=m.dense_stride, neck_dim=m.neck_dim,
-                        fpn_upsample=m.fpn_upsample, dense_dim=m.dense_dim,
-                        global_head=m.global_head, global_dim=m.global_dim,
-                        pyramid=pyramid_levels(recipe))
+    if not m.backbone.startswith("timm:"):
+        return DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels, neck=m.neck,
+                            dense_stride=m.dense_stride, neck_dim=m.neck_dim,
+                            fpn_upsample=m.fpn_upsample, dense_dim=m.dense_dim,
+                            global_head=m.global_head, global_dim=m.global_dim,
+                            pyramid=pyramid_levels(recipe))
+    try:  # a timm model without stride 4..32 outputs is the recipe's mistake
+        encoder = DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels,
+                               neck=m.neck, dense_stride=m.dense_stride, neck_dim=m.neck_dim,
+                               fpn_upsample=m.fpn_upsample, dense_dim=m.dense_dim,
+                               global_head=m.global_head, global_dim=m.global_dim,
+                               pyramid=pyramid_levels(recipe))
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    if m.key_bn == "sync":
+        # torch's SyncBatchNorm conversion (what Lightning applies) turns timm's BatchNormAct2d
+        # into a plain SyncBatchNorm and silently drops its activation
+        fused = sorted({type(mod).__name__ for mod in encoder.backbone.modules()
+                        if isinstance(mod, nn.BatchNorm2d) and type(mod) is not nn.BatchNorm2d})
+        if fused:
+            raise RecipeError(f"model.key_bn: sync is not supported with model.backbone "
+                              f"{m.backbone}: its {', '.join(fused)} layers carry an activation "
+                              "that SyncBatchNorm conversion would drop; use key_bn: shuffle "
+                              "(several processes) or split (one device)")
+    return encoder
 
 
 def roi_levels(recipe: Recipe) -> list[str]:

@@ -15,6 +15,15 @@ Layouts (``encoder.pt`` is already torchvision's ResNet layout without ``fc``):
   with d2's ResNet names (``stem.conv1``, ``res2..res5``, ``convK.norm``, ``shortcut``), as
   detectron2's own torchvision converter writes; ``neck=True`` adds ``fpn_lateralK`` /
   ``fpn_outputK``. Use as ``MODEL.WEIGHTS``.
+
+A ``timm:<name>`` backbone (``encoder.pt`` in timm's ``features_only`` layout) exports to:
+
+* ``timm``: the keys of ``timm.create_model(name, num_classes=0, in_chans=C)``; load with
+  ``strict=False``: only the layers after the last feature stage (e.g. ConvNeXt's
+  ``head.norm``, EfficientNet's ``conv_head``/``bn2``) are missing, the card lists them.
+* ``smp``: ``model.encoder`` of an smp model with ``encoder_name="tu-<name>"`` (smp keeps the
+  timm features model as ``model.``), where smp's universal timm encoder accepts the model.
+* ``torchvision`` / ``detectron2``: refused (neither has these architectures).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from densessl.data.manifest import canonical_licence, inherited_terms
 from densessl.errors import DensesslError
 from densessl.io import atomic_write, save_torch, write_json, write_text
 from densessl.models.health import encoder_problems
-from densessl.models.weights import check_encoder_state, guess_backbone
+from densessl.models.weights import check_encoder_state, guess_backbone, to_smp_state
 
 TARGETS = ("torchvision", "smp", "timm", "detectron2")
 
@@ -50,7 +59,42 @@ LOAD_HINTS = {
             "m.load_state_dict(torch.load(FILE))",
     "detectron2": "cfg.MODEL.WEIGHTS = FILE  (RESNETS.DEPTH matching {backbone}, "
                   "STRIDE_IN_1X1=False, RES2_OUT_CHANNELS=64 for resnet18/34)",
+    "timm:smp": "m = smp.Unet('tu-{name}', encoder_weights=None, in_channels={in_channels}); "
+                "m.encoder.load_state_dict(torch.load(FILE))",
+    "timm:timm": "m = timm.create_model('{name}', num_classes=0, in_chans={in_channels}); "
+                 "m.load_state_dict(torch.load(FILE), strict=False)  (missing: the head)",
 }
+TIMM_TARGETS = ("timm", "smp")
+
+
+def timm_full_state(name: str, in_channels: int, state: dict[str, Tensor]
+                    ) -> tuple[dict[str, Tensor], list[str]]:
+    """A timm ``features_only`` state dict → the keys of the full model
+    ``timm.create_model(name, num_classes=0, in_chans=in_channels)``, and the full model's
+    keys it has no value for (the layers after the last feature stage).
+
+    timm's feature wrappers flatten the first level of ``nn.Sequential`` children into
+    ``parent_child`` names (``stem.0`` → ``stem_0``) or keep the model's own names; each key
+    is matched against the full model's under both spellings, with equal shapes."""
+    import timm
+
+    full = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
+    ref = full.state_dict()
+    spellings: dict[str, list[str]] = {}
+    for key in ref:
+        for spelled in dict.fromkeys((key, key.replace(".", "_", 1))):
+            spellings.setdefault(spelled, []).append(key)
+    out = {}
+    for key, value in state.items():
+        found = [k for k in spellings.get(key, []) if ref[k].shape == value.shape]
+        if len(found) != 1:
+            raise DensesslError(
+                f"export --to timm: timm:{name}'s feature key {key!r} matches "
+                f"{len(found)} keys of timm.create_model({name!r}) (expected one); this model's "
+                "features_only layout cannot be mapped back: export --to smp, or load "
+                "encoder.pt itself into timm.create_model(name, features_only=True)")
+        out[found[0]] = value
+    return out, sorted(set(ref) - set(out))
 
 
 def detectron2_name(key: str) -> str | None:
@@ -79,8 +123,20 @@ def detectron2_fpn_name(key: str) -> str:
     return f"fpn_{kind}{int(m[2]) + 2}.{m[3]}"
 
 
+def convert_timm(state: dict[str, Tensor], to: str, backbone: str, in_channels: int) -> dict:
+    """A ``timm:<name>`` encoder's state in ``to``'s layout (``timm`` or ``smp``)."""
+    if to not in TIMM_TARGETS:
+        raise DensesslError(
+            f"export --to {to}: model.backbone {backbone} has no {to} counterpart ({to} "
+            f"export is for resnet18/34/50); for timm backbones use --to timm or --to smp "
+            f"(smp encoder 'tu-{backbone.removeprefix('timm:')}')")
+    if to == "smp":
+        return to_smp_state(backbone, state)
+    return timm_full_state(backbone.removeprefix("timm:"), in_channels, state)[0]
+
+
 def convert(state: dict[str, Tensor], to: str, neck: dict[str, Tensor] | None = None) -> dict:
-    """The encoder (and neck) state in ``to``'s layout (see the module docstring)."""
+    """The ResNet encoder (and neck) state in ``to``'s layout (see the module docstring)."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     if to in ("smp", "timm"):
         return dict(state)
@@ -134,6 +190,8 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
             counts[lic] = counts.get(lic, 0) + 1
     terms = inherited_terms(counts)
     hint_key = "torchvision+fpn" if (to == "torchvision" and with_neck) else to
+    if backbone.startswith("timm:"):
+        hint_key = f"timm:{to}"
     # weights from before model.fpn_upsample existed were trained with torchvision's nearest
     upsample = provenance.get("fpn_upsample", "nearest")
     warnings = list(terms.pop("warnings"))
@@ -148,7 +206,8 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
         "file": file.name,
         "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
         "target": to,
-        "load": LOAD_HINTS[hint_key].format(backbone=backbone, in_channels=in_channels),
+        "load": LOAD_HINTS[hint_key].format(backbone=backbone, in_channels=in_channels,
+                                            name=backbone.removeprefix("timm:")),
         "architecture": {"backbone": backbone, "in_channels": in_channels,
                          "neck": "fpn" if with_neck else None,
                          **({"fpn_upsample": upsample} if with_neck else {})},
@@ -224,14 +283,25 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
         raise DensesslError(f"export: {weights} is not a torch state dict ({exc})") from None
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise DensesslError(f"export: {weights} is not a ResNet encoder in torchvision layout "
-                            "(no conv1.weight); pass the encoder.pt written by pretraining")
     provenance = _read_json(weights.with_suffix(".json")) or {}
-    backbone = provenance.get("backbone") or guess_backbone(state)
-    if backbone is None:
-        raise DensesslError(f"export: {weights}: not a resnet18/34/50 encoder")
-    in_channels = int(state["conv1.weight"].shape[1])
+    timm_backbone = str(provenance.get("backbone", "")).startswith("timm:")
+    if timm_backbone:
+        # a timm encoder.pt is only identified by its encoder.json
+        backbone, in_channels = provenance["backbone"], provenance.get("in_channels")
+        if not isinstance(in_channels, int):
+            raise DensesslError(f"export: {weights.with_suffix('.json')} names {backbone} but "
+                                "has no integer 'in_channels'")
+        if to not in TIMM_TARGETS:
+            convert_timm({}, to, backbone, in_channels)  # the clear error, before any work
+    else:
+        if not isinstance(state, dict) or "conv1.weight" not in state:
+            raise DensesslError(f"export: {weights} is not a ResNet encoder in torchvision "
+                                "layout (no conv1.weight) and no encoder.json next to it names "
+                                "a timm backbone; pass the encoder.pt written by pretraining")
+        backbone = provenance.get("backbone") or guess_backbone(state)
+        if backbone is None:
+            raise DensesslError(f"export: {weights}: not a resnet18/34/50 encoder")
+        in_channels = int(state["conv1.weight"].shape[1])
     check_encoder_state(state, backbone, in_channels, f"export: {weights}")
     problems = encoder_problems(state, _read_json(weights.parent / "metrics.json"))
     if problems and not force:
@@ -247,12 +317,18 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
             raise DensesslError(f"export --neck: no neck.pt next to {weights} (pretrained "
                                 "with model.neck: none?)")
         neck_state = torch.load(neck_path, map_location="cpu", weights_only=True)
-    converted = convert(state, to, neck_state)
+    if timm_backbone:
+        converted = convert_timm(state, to, backbone, in_channels)
+    else:
+        converted = convert(state, to, neck_state)
     if to == "detectron2":
         atomic_write(out, lambda tmp: tmp.write_bytes(pickle.dumps(converted)))
     else:
         save_torch(out, converted)
     card = model_card(weights, out, to, backbone, in_channels, neck_state is not None)
+    if timm_backbone and to == "timm":
+        missing = timm_full_state(backbone.removeprefix("timm:"), in_channels, state)[1]
+        card["missing_keys"] = missing  # what strict=False leaves at its random init
     # CC-BY asks for attribution: the per-image file pretraining wrote travels with the weights
     attribution = weights.parent / "attribution.csv"
     copy = out.with_name(out.name + ".attribution.csv")

@@ -26,6 +26,7 @@ from densessl.io import save_torch, write_json, write_text
 from densessl.methods import DensePretraining, PairThroughputMonitor
 from densessl.methods.guards import NonFiniteGuard
 from densessl.models.box_head import conv_fc_head_spec
+from densessl.models.weights import key_layout
 from densessl.pairs import collate_pairs
 from densessl.recipe import Recipe, dump_recipe, load_recipe
 from densessl.resume import (
@@ -103,7 +104,8 @@ def collect_provenance(builder) -> tuple[list[dict], list[str]]:
 
 def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
     """``encoder.pt``: the online backbone's state dict in torchvision's ResNet key layout,
-    loadable with ``torchvision.models.resnet18().load_state_dict(sd, strict=False)``.
+    loadable with ``torchvision.models.resnet18().load_state_dict(sd, strict=False)`` (a
+    ``timm:<name>`` backbone: timm's ``features_only`` layout, see ``key_layout``).
 
     Next to it, the parts a detector can start from (densessl.eval.detection): ``neck.pt``
     (the FPN; ``encoder.json`` records its ``fpn_upsample``) and ``box_head.pt`` (InsLoc's
@@ -157,7 +159,8 @@ def _repair_outputs(out: Path, ckpt: Path, state: ResumeState) -> None:
     image_provenance = checkpoint.get("provenance")
     export_encoder(task, out, {"backbone": recipe.model.backbone,
                                "in_channels": recipe.data.channels,
-                               "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
+                               "key_layout": key_layout(recipe.model.backbone),
+                               "recipe": recipe.name,
                                "pair_builder": recipe.pairs.builder,
                                "data_source": recipe.data.source, "datasets": cards,
                                **({"provenance": image_provenance} if image_provenance else {}),
@@ -257,7 +260,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     if progress is None:
         progress = sys.stderr.isatty()
     provenance = {"backbone": recipe.model.backbone, "in_channels": recipe.data.channels,
-                  "key_layout": "torchvision.models.resnet", "recipe": recipe.name,
+                  "key_layout": key_layout(recipe.model.backbone),
+                  "recipe": recipe.name,
                   "pair_builder": recipe.pairs.builder, "data_source": recipe.data.source,
                   "datasets": cards}
     if image_provenance is not None:

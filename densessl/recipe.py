@@ -109,7 +109,9 @@ class AugmentConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    backbone: str = Field("resnet18", description="resnet18, resnet34, resnet50 (torchvision) "
+                          "or timm:<name>, any timm CNN with features_only (e.g. "
+                          "timm:convnext_atto, timm:efficientnet_b0, timm:regnetx_002)")
     neck: Literal["fpn", "none"] = "fpn"
     dense_stride: Literal[8, 16, 32] = 8
     neck_dim: int = Field(128, ge=8)
@@ -126,6 +128,23 @@ class ModelConfig(Section):
         "batch", description="BatchNorm of the key branch: plain; shuffled across processes "
         "(lightly's batch shuffle, MoCo); SyncBN; or split-BN on one device (with shuffle)")
     split_bn_groups: int = Field(4, ge=1, description="sub-batches for key_bn: split")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value):
+        if value in ("resnet18", "resnet34", "resnet50"):
+            return value
+        if value.startswith("timm:"):
+            import timm  # only recipes naming a timm backbone pay for importing it
+
+            name = value[len("timm:"):]
+            if timm.is_model(name):
+                return value
+            close = difflib.get_close_matches(name, timm.list_models(), n=1)
+            hint = f" (did you mean timm:{close[0]}?)" if close else ""
+            raise ValueError(f"{name!r} is not a timm model name{hint}")
+        raise ValueError("expected resnet18, resnet34, resnet50 or timm:<timm model name> (a "
+                         "timm CNN with features_only, e.g. timm:convnext_atto)")
 
 
 class LossConfig(Section):

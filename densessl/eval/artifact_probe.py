@@ -419,7 +419,7 @@ def run_probe_artifacts(weights: str | Path, data: str, artifact: str, out: str 
     result (without the example images)."""
     import yaml
 
-    from densessl.models.backbone import ResNetBackbone
+    from densessl.models.backbone import build_backbone
 
     weights = Path(weights)
     if not weights.is_file():
@@ -429,14 +429,18 @@ def run_probe_artifacts(weights: str | Path, data: str, artifact: str, out: str 
     except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's to fix
         raise DensesslError(f"probe-artifacts: {weights} is not a torch state dict ({exc})"
                             ) from None
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise DensesslError(f"probe-artifacts: {weights} is not a ResNet encoder in torchvision "
-                            "layout (no conv1.weight)")
     info = json.loads(weights.with_suffix(".json").read_text()) \
         if weights.with_suffix(".json").is_file() else {}
-    backbone = info.get("backbone") or ("resnet50" if "layer1.0.conv3.weight" in state
-                                        else "resnet18")
-    channels = int(state["conv1.weight"].shape[1])
+    if str(info.get("backbone", "")).startswith("timm:") and isinstance(state, dict):
+        # a timm encoder.pt is identified by its encoder.json
+        backbone, channels = info["backbone"], int(info.get("in_channels", 3))
+    else:
+        if not isinstance(state, dict) or "conv1.weight" not in state:
+            raise DensesslError(f"probe-artifacts: {weights} is not a ResNet encoder in "
+                                "torchvision layout (no conv1.weight)")
+        backbone = info.get("backbone") or ("resnet50" if "layer1.0.conv3.weight" in state
+                                            else "resnet18")
+        channels = int(state["conv1.weight"].shape[1])
     mean, std = [0.5], [0.25]
     recipe_file = weights.parent / "recipe.yaml"
     if recipe_file.is_file():
@@ -445,7 +449,7 @@ def run_probe_artifacts(weights: str | Path, data: str, artifact: str, out: str 
         std = aug.get("std", 0.25)
         mean = mean if isinstance(mean, list) else [mean]
         std = std if isinstance(std, list) else [std]
-    encoder = ResNetBackbone(backbone, channels)
+    encoder = build_backbone(backbone, channels)
     try:
         encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
     except RuntimeError as exc:

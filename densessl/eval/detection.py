@@ -1,4 +1,5 @@
-"""Faster R-CNN / Mask R-CNN (torchvision) on a ResNet-FPN backbone from ``encoder.pt``.
+"""Faster R-CNN / Mask R-CNN (torchvision) on a ResNet-FPN backbone from ``encoder.pt``
+(a ``timm:`` backbone goes under the same FPN through :class:`EncoderWithFPN`).
 
 What pretraining wrote with a counterpart in the detector loads key for key:
 
@@ -15,6 +16,7 @@ fresh. :func:`detector_groups` names these parameter groups; the built model's
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Literal
 
 import torch.nn as nn
@@ -29,7 +31,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from densessl.errors import DensesslError
-from densessl.models.backbone import STAGE_CHANNELS
+from densessl.models.backbone import STAGE_CHANNELS, build_backbone
 from densessl.models.box_head import build_conv_fc_head
 from densessl.models.neck import CentredFeaturePyramidNetwork
 from densessl.models.weights import load_encoder
@@ -58,6 +60,9 @@ def build_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int = 128,
 
     The returned module's ``loaded_groups`` lists ``"backbone"`` / ``"fpn"`` when loaded.
     """
+    if backbone.startswith("timm:"):
+        return _timm_fpn_backbone(backbone, in_channels, fpn_dim, encoder_state, neck_state,
+                                  fpn_upsample)
     net = getattr(torchvision.models, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -77,6 +82,49 @@ def build_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int = 128,
         fpn = {k.removeprefix("fpn."): v for k, v in neck_state.items()}
         load_encoder(model.fpn, fpn, "detection FPN neck (recipe model.neck_dim must equal "
                      "the pretrained neck's channels)")
+        model.loaded_groups.append("fpn")
+    return model
+
+
+class EncoderWithFPN(nn.Module):
+    """Our ``c2..c5`` backbone under an FPN, with the interface torchvision's detectors read
+    off ``BackboneWithFPN`` (``body``, ``fpn``, ``out_channels``): how a ``timm:`` backbone,
+    which torchvision cannot build, becomes a detection backbone.
+
+    Shapes:
+        ``forward(x: B×C×H×W) -> {"0": …H/4, "1": …H/8, "2": …H/16, "3": …H/32, "pool": …H/64}``.
+    """
+
+    def __init__(self, body: nn.Module, fpn: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.body, self.fpn, self.out_channels = body, fpn, out_channels
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        feats = self.body(x)
+        return self.fpn(OrderedDict((name, feats[level]) for name, level in
+                                    zip(FPN_LEVELS, ("c2", "c3", "c4", "c5"))))
+
+
+def _timm_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int,
+                       encoder_state: dict[str, Tensor] | None,
+                       neck_state: dict[str, Tensor] | None,
+                       fpn_upsample: Literal["centred", "nearest"]) -> EncoderWithFPN:
+    """:func:`build_fpn_backbone` for ``timm:<name>``: the pretraining backbone itself (so
+    ``encoder.pt`` loads key for key) under the same FPN + max-pooled p6. Its BatchNorm
+    stays trainable, as for ResNets; LayerNorm models (ConvNeXt) have none."""
+    body = build_backbone(backbone, in_channels)
+    channels = [body.channels[k] for k in ("c2", "c3", "c4", "c5")]
+    fpn = CentredFeaturePyramidNetwork(channels, fpn_dim, extra_blocks=LastLevelMaxPool(),
+                                       upsample=fpn_upsample)
+    model = EncoderWithFPN(body, fpn, fpn_dim)
+    model.loaded_groups = []
+    if encoder_state is not None:
+        load_encoder(model.body, encoder_state, "detection backbone")
+        model.loaded_groups.append("backbone")
+    if neck_state is not None:
+        load_encoder(model.fpn, {k.removeprefix("fpn."): v for k, v in neck_state.items()},
+                     "detection FPN neck (recipe model.neck_dim must equal the pretrained "
+                     "neck's channels)")
         model.loaded_groups.append("fpn")
     return model
 

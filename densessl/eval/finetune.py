@@ -37,7 +37,7 @@ from densessl.eval.linear_probe import (
 )
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
 from densessl.eval.segmentation import build_segmentation_model
-from densessl.models.backbone import ResNetBackbone
+from densessl.models.backbone import build_backbone
 from densessl.models.weights import EncoderInit, load_encoder
 from densessl.recipe import Recipe
 
@@ -272,7 +272,7 @@ class ProbeCache:
             self.key, self.train, self.splits = None, None, {}  # free the previous features
             mean, std = channel_stats(recipe)
             torch.manual_seed(seed)  # random encoder weights
-            encoder = ResNetBackbone(recipe.model.backbone, recipe.data.channels)
+            encoder = build_backbone(recipe.model.backbone, recipe.data.channels)
             if init.encoder is not None:
                 load_encoder(encoder, init.encoder, f"{init.name} encoder (linear probe)")
             drop_channels(recipe, encoder)

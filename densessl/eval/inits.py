@@ -18,7 +18,7 @@ from densessl.errors import DensesslError
 from densessl.eval.augmentation import build_transform
 from densessl.eval.finetune import channel_stats, train_dense
 from densessl.eval.segmentation import build_segmentation_model
-from densessl.models.weights import EncoderInit
+from densessl.models.weights import EncoderInit, from_smp_state
 
 INITS = ("pretrained", "random", "supervised")
 
@@ -45,6 +45,7 @@ def supervised_init(recipe, data, log=print) -> EncoderInit:
     train_dense(model, source, steps=cfg.supervised_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                 weight_decay=cfg.weight_decay, seed=recipe.seed, mean=mean, std=std,
                 augment=build_transform(cfg.augment, size, recipe.data.channels, recipe.seed))
-    state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    state = from_smp_state(recipe.model.backbone,
+                           {k: v.detach().clone() for k, v in model.encoder.state_dict().items()})
     return EncoderInit("supervised", state, None, {"trained_on": where,
                                                    "steps": cfg.supervised_steps})

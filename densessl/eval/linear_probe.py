@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from densessl.errors import DensesslError
-from densessl.models.backbone import ResNetBackbone
+from densessl.models.backbone import build_backbone
 from densessl.models.weights import load_encoder
 
 LEVELS = ("c2", "c3", "c4", "c5")
@@ -103,7 +103,7 @@ class LinearProbe(nn.Module):
                  encoder_state: dict[str, Tensor] | None = None,
                  levels: tuple[str, ...] = ("c3", "c4", "c5")) -> None:
         super().__init__()
-        self.encoder = ResNetBackbone(backbone, in_channels)
+        self.encoder = build_backbone(backbone, in_channels)
         if encoder_state is not None:
             load_encoder(self.encoder, encoder_state, "linear probe encoder")
         self.encoder.requires_grad_(False)

@@ -1,8 +1,10 @@
-"""Segmentation models (segmentation-models-pytorch) with a ResNet encoder from ``encoder.pt``.
+"""Segmentation models (segmentation-models-pytorch) with an encoder from ``encoder.pt``.
 
 smp's ResNet encoders subclass torchvision's ResNet (minus ``fc``/``avgpool``), so our exported
 state dict loads into ``model.encoder`` key for key; :func:`densessl.models.weights.load_encoder`
-insists on exactly that.
+insists on exactly that. A ``timm:<name>`` backbone becomes smp's ``tu-<name>`` encoder, which
+holds the same timm ``features_only`` model under ``model.``
+(:func:`densessl.models.weights.to_smp_state`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from densessl.errors import DensesslError, RecipeError
-from densessl.models.weights import load_encoder
+from densessl.models.weights import load_encoder, smp_encoder_name, to_smp_state
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
 
@@ -25,7 +27,7 @@ def build_segmentation_model(arch: str, backbone: str, in_channels: int, num_cla
 
     Args:
         arch: ``"unet"``, ``"fpn"`` or ``"deeplabv3plus"``.
-        backbone: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        backbone: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"timm:<name>"``.
         in_channels: input bands (any count).
         num_classes: output classes including background.
 
@@ -35,10 +37,20 @@ def build_segmentation_model(arch: str, backbone: str, in_channels: int, num_cla
     """
     if arch not in ARCHS:
         raise DensesslError(f"unknown segmentation architecture {arch!r}; valid: {sorted(ARCHS)}")
-    model = getattr(smp, ARCHS[arch])(encoder_name=backbone, encoder_weights=None,
-                                      in_channels=in_channels, classes=num_classes)
+    try:
+        model = getattr(smp, ARCHS[arch])(encoder_name=smp_encoder_name(backbone),
+                                          encoder_weights=None, in_channels=in_channels,
+                                          classes=num_classes)
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+        if not backbone.startswith("timm:"):
+            raise
+        # e.g. DeepLabV3+ asks timm for output_stride=16, which not every model supports
+        raise DensesslError(f"segmentation {arch}: smp cannot build encoder "
+                            f"{smp_encoder_name(backbone)!r} for model.backbone {backbone} "
+                            f"({type(exc).__name__}: {exc}); choose another "
+                            "finetune.segmentation_archs") from None
     if encoder_state is not None:
-        load_encoder(model.encoder, encoder_state, f"{arch} encoder")
+        load_encoder(model.encoder, to_smp_state(backbone, encoder_state), f"{arch} encoder")
     return model
 
 

@@ -60,3 +60,14 @@ class ResNetBackbone(nn.Module):
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
+
+
+def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
+    """``"resnet18/34/50"`` → :class:`ResNetBackbone`; ``"timm:<model>"`` →
+    :class:`~densessl.models.timm_backbone.TimmBackbone`. Both return ``{"c2".."c5"}`` at
+    strides 4..32 and expose ``channels``."""
+    if name.startswith("timm:"):
+        from densessl.models.timm_backbone import TimmBackbone  # imports timm: only when used
+
+        return TimmBackbone(name, in_channels)
+    return ResNetBackbone(name, in_channels)

@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn as nn
 from torch import Tensor
 
-from densessl.models.backbone import ResNetBackbone
+from densessl.models.backbone import build_backbone
 from densessl.models.heads import DenseProjectionHead, GlobalProjectionHead
 from densessl.models.neck import FPNNeck
 
@@ -18,7 +18,8 @@ class DenseEncoder(nn.Module):
     """Backbone, optional FPN neck, a dense projection head and an optional global head.
 
     Args:
-        backbone: ResNet name, see :class:`ResNetBackbone`.
+        backbone: ResNet name (:class:`ResNetBackbone`) or ``timm:<model>`` (any timm CNN with
+            ``features_only``, :class:`~densessl.models.timm_backbone.TimmBackbone`).
         in_channels: input channels.
         neck: ``"fpn"`` (dense head reads FPN level ``p{3,4,5}``) or ``"none"`` (dense head reads
             backbone level ``c{3,4,5}``).
@@ -67,7 +68,7 @@ class DenseEncoder(nn.Module):
                              f"of FPN levels such as ['p3', 'p4', 'p5']")
         if dense_stride not in _LEVEL_FOR_STRIDE:
             raise ValueError(f"dense_stride must be one of {sorted(_LEVEL_FOR_STRIDE)}")
-        self.backbone = ResNetBackbone(backbone, in_channels)
+        self.backbone = build_backbone(backbone, in_channels)
         self.neck = FPNNeck(self.backbone.channels, neck_dim, fpn_upsample) if neck == "fpn" else None
         prefix = "p" if self.neck is not None else "c"
         self.dense_level = prefix + _LEVEL_FOR_STRIDE[dense_stride]

@@ -8,6 +8,9 @@ the keys, see :meth:`DensePretraining` with ``model.key_bn: split``) has the sam
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,34 +27,87 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.groups = groups
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        if not self.training or self.groups <= 1 or b % self.groups:
+        if not self.training or self.groups <= 1 or x.shape[0] % self.groups:
             return super().forward(x)
-        g = self.groups
-        # Sub-batch i (samples [i*b/g, (i+1)*b/g)) becomes channels [i*C, (i+1)*C) of a batch
-        # of b/g: one BN call, per-group statistics.
-        x = x.view(g, b // g, c, h, w).transpose(0, 1).reshape(b // g, g * c, h, w)
-        running_mean = self.running_mean.repeat(g)
-        running_var = self.running_var.repeat(g)
-        out = F.batch_norm(x, running_mean, running_var, self.weight.repeat(g),
-                           self.bias.repeat(g), True, self.momentum or 0.1, self.eps)
-        self.running_mean.copy_(running_mean.view(g, c).mean(0))
-        self.running_var.copy_(running_var.view(g, c).mean(0))
-        self.num_batches_tracked += 1
-        return out.view(b // g, g, c, h, w).transpose(0, 1).reshape(b, c, h, w)
+        return _split_batch_norm(self, x, self.groups)
+
+
+def _split_batch_norm(bn: nn.BatchNorm2d, x: Tensor, g: int) -> Tensor:
+    """Training-mode batch norm of ``x`` with statistics per each of ``g`` sub-batches;
+    ``bn``'s running statistics become the mean over groups."""
+    b, c, h, w = x.shape
+    # Sub-batch i (samples [i*b/g, (i+1)*b/g)) becomes channels [i*C, (i+1)*C) of a batch
+    # of b/g: one BN call, per-group statistics.
+    x = x.view(g, b // g, c, h, w).transpose(0, 1).reshape(b // g, g * c, h, w)
+    running_mean = bn.running_mean.repeat(g)
+    running_var = bn.running_var.repeat(g)
+    out = F.batch_norm(x, running_mean, running_var, bn.weight.repeat(g),
+                       bn.bias.repeat(g), True, bn.momentum or 0.1, bn.eps)
+    bn.running_mean.copy_(running_mean.view(g, c).mean(0))
+    bn.running_var.copy_(running_var.view(g, c).mean(0))
+    bn.num_batches_tracked += 1
+    return out.view(b // g, g, c, h, w).transpose(0, 1).reshape(b, c, h, w)
+
+
+@functools.cache
+def _split_bn_act_class() -> type | None:
+    """timm's BatchNormAct2d (BN, then dropout and activation in one module, used by
+    EfficientNet, RegNet, MobileNetV3, ...) with split statistics; ``None`` without timm."""
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:
+        return None
+
+    class SplitBatchNormAct2d(BatchNormAct2d):
+        """:class:`SplitBatchNorm2d` for timm's BatchNormAct2d: split statistics, then the
+        module's own dropout and activation (replacing it by a plain BN would drop them)."""
+
+        groups = 1
+
+        def forward(self, x: Tensor) -> Tensor:
+            if not self.training or self.groups <= 1 or x.shape[0] % self.groups:
+                return super().forward(x)
+            return self.act(self.drop(_split_batch_norm(self, x, self.groups)))
+
+    # picklable: found by name through the module's __getattr__
+    SplitBatchNormAct2d.__module__ = __name__
+    SplitBatchNormAct2d.__qualname__ = "SplitBatchNormAct2d"
+    return SplitBatchNormAct2d
+
+
+def __getattr__(name: str):
+    if name == "SplitBatchNormAct2d" and _split_bn_act_class() is not None:
+        return _split_bn_act_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def convert_to_split_batchnorm(module: nn.Module, groups: int) -> nn.Module:
     """Replace every BatchNorm2d in ``module`` (in place) by a SplitBatchNorm2d with the same
-    parameters and buffers."""
+    parameters and buffers; timm's BatchNormAct2d by its split twin (same activation).
+
+    Any other BatchNorm2d subclass is a ValueError: it may compute more than BN, which a
+    plain replacement would silently drop. LayerNorm / GroupNorm models (e.g. ConvNeXt) have
+    no batch statistics to leak and are left alone."""
+    bn_act = _split_bn_act_class()
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
+        if type(child) is nn.BatchNorm2d:
             split = SplitBatchNorm2d(child.num_features, groups, eps=child.eps,
                                      momentum=child.momentum, affine=child.affine,
                                      track_running_stats=child.track_running_stats)
             split.load_state_dict(child.state_dict())
             split.to(child.weight.device if child.weight is not None else "cpu")
             setattr(module, name, split)
+        elif bn_act is not None and type(child) is bn_act.__base__:
+            # the same module (weights, buffers, dropout, activation), split statistics
+            split = copy.deepcopy(child)
+            split.__class__ = bn_act  # no constructor: BatchNormAct2d's varies across timm
+            split.groups = groups
+            setattr(module, name, split)
+        elif isinstance(child, nn.BatchNorm2d) and not isinstance(
+                child, (SplitBatchNorm2d, *((bn_act,) if bn_act else ()))):
+            raise ValueError(f"model.key_bn: split: cannot convert {name} "
+                             f"({type(child).__module__}.{type(child).__name__}), a BatchNorm2d "
+                             "subclass that may compute more than BN; use key_bn: shuffle")
         else:
             convert_to_split_batchnorm(child, groups)
     return module

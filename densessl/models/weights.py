@@ -44,7 +44,12 @@ class EncoderInit:
 
 
 def reference_state(backbone: str, in_channels: int) -> dict[str, Tensor]:
-    """Key → tensor of a randomly initialised torchvision ResNet (no ``fc``), our layout."""
+    """Key → tensor of a randomly initialised torchvision ResNet (no ``fc``), our layout; for
+    ``timm:<name>`` the timm ``features_only`` model's state dict."""
+    if backbone.startswith("timm:"):
+        from densessl.models.timm_backbone import TimmBackbone
+
+        return TimmBackbone(backbone, in_channels).state_dict()
     net = getattr(torchvision.models, backbone)(weights=None)
     if in_channels != 3:
         net.conv1 = torch.nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
@@ -63,6 +68,12 @@ def check_encoder_state(state: dict, backbone: str, in_channels: int, where: str
     ref = reference_state(backbone, in_channels)
     missing = sorted(set(ref) - set(state))
     unexpected = sorted(set(state) - set(ref) - {k for k in state if k.startswith("fc.")})
+    if (missing or unexpected) and backbone.startswith("timm:"):
+        raise DensesslError(
+            f"{where}: not a {backbone} encoder (timm features_only key layout): "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]}); is model.backbone the one it was pretrained with "
+            "(encoder.json 'backbone')?")
     if missing or unexpected:
         guess = guess_backbone(state)
         hint = f" (they look like {guess})" if guess and guess != backbone else ""
@@ -73,7 +84,39 @@ def check_encoder_state(state: dict, backbone: str, in_channels: int, where: str
     for key, ref_value in ref.items():
         if state[key].shape != ref_value.shape:
             raise DensesslError(f"{where}: {key} has shape {tuple(state[key].shape)}, a "
-                                f"{backbone} needs {tuple(ref_value.shape)}")
+                                f"{backbone} needs {tuple(ref_value.shape)}"
+                                + (f" with data.channels={in_channels}"
+                                   if backbone.startswith("timm:") else ""))
+
+
+def key_layout(backbone: str) -> str:
+    """``encoder.json``'s ``key_layout``: what ``encoder.pt``'s keys follow."""
+    if backbone.startswith("timm:"):
+        import timm
+
+        return f"timm features_only ({backbone[len('timm:'):]}, timm {timm.__version__})"
+    return "torchvision.models.resnet"
+
+
+def to_smp_state(backbone: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our encoder layout → the ``model.encoder`` state of an smp model built with
+    :func:`smp_encoder_name`: unchanged for ResNets; smp's ``tu-`` encoder keeps the timm
+    features_only model as ``model``."""
+    if backbone.startswith("timm:"):
+        return {f"model.{k}": v for k, v in state.items()}
+    return dict(state)
+
+
+def from_smp_state(backbone: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`to_smp_state`."""
+    if backbone.startswith("timm:"):
+        return {k.removeprefix("model."): v for k, v in state.items()}
+    return dict(state)
+
+
+def smp_encoder_name(backbone: str) -> str:
+    """smp's encoder for our backbone: ``resnet18`` → ``resnet18``, ``timm:X`` → ``tu-X``."""
+    return "tu-" + backbone[len("timm:"):] if backbone.startswith("timm:") else backbone
 
 
 def guess_backbone(state: dict) -> str | None:

@@ -1,0 +1,116 @@
+"""Any timm CNN as a backbone: ``model.backbone: timm:<name>`` (e.g. ``timm:convnext_atto``).
+
+timm builds the network with ``features_only=True`` and reports each output's stride and
+channels in ``feature_info``; the outputs at strides 4, 8, 16 and 32 become ``c2..c5``, the
+levels the FPN, the dense head and RoIAlign (stride ``2^K`` for ``pK``/``cK``) read. A
+stride-2 output (ResNet-style stems) is computed by timm but not used.
+
+``state_dict()`` is the timm ``features_only`` model's own (no wrapper prefix), so
+``encoder.pt`` loads into ``timm.create_model(name, features_only=True, in_chans=C)`` key for
+key, and into smp's ``tu-<name>`` encoder with a ``model.`` prefix
+(:func:`densessl.models.weights.to_smp_state`).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch.nn as nn
+from torch import Tensor
+
+TIMM_PREFIX = "timm:"
+LEVEL_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+
+
+def is_timm(backbone: str) -> bool:
+    return backbone.startswith(TIMM_PREFIX)
+
+
+def timm_name(backbone: str) -> str:
+    """``"timm:convnext_atto"`` → ``"convnext_atto"``."""
+    return backbone[len(TIMM_PREFIX):] if is_timm(backbone) else backbone
+
+
+def create_features_model(name: str, in_channels: int) -> nn.Module:
+    """timm's ``features_only`` model, randomly initialised (never downloads weights)."""
+    return timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels)
+
+
+def level_indices(name: str, reductions: list[int]) -> dict[str, int]:
+    """Output index of ``c2..c5`` in a features_only model whose outputs have ``reductions``:
+    the deepest output at each stride. A ValueError naming the model when one is missing."""
+    found = {}
+    for level, stride in LEVEL_STRIDES.items():
+        at = [i for i, r in enumerate(reductions) if r == stride]
+        if not at:
+            raise ValueError(
+                f"model.backbone: timm:{name} has feature strides {list(reductions)}; a dense "
+                f"encoder needs outputs at strides 4, 8, 16 and 32 (c2..c5) and stride "
+                f"{stride} is missing (hierarchical CNNs such as convnext, efficientnet, "
+                f"regnet, resnest, resnet have them; plain ViTs do not)")
+        found[level] = at[-1]
+    return found
+
+
+class TimmBackbone(nn.Module):
+    """A timm ``features_only`` CNN returning ``{"c2".."c5"}`` at strides 4..32.
+
+    Args:
+        name: timm model name (without ``timm:``), e.g. ``"convnext_atto"``; random init.
+        in_channels: input channels; timm adapts the stem (any count).
+
+    Shapes:
+        ``forward(x: B×in_channels×H×W) -> {"c2": …H/4, "c3": …H/8, "c4": …H/16, "c5": …H/32}``
+        with H, W multiples of 32; ``self.channels`` gives their channels.
+    """
+
+    strides = dict(LEVEL_STRIDES)
+
+    def __init__(self, name: str, in_channels: int = 3) -> None:
+        super().__init__()
+        name = timm_name(name)
+        if not timm.is_model(name):
+            raise ValueError(f"model.backbone: timm:{name} is not a timm model name "
+                             "(timm.list_models() lists them)")
+        try:
+            self.model = create_features_model(name, in_channels)
+        except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+            raise ValueError(f"model.backbone: timm:{name} cannot be built with "
+                             f"features_only=True ({exc})") from None
+        info = self.model.feature_info
+        self._index = level_indices(name, list(info.reduction()))
+        channels = info.channels()
+        self.channels: dict[str, int] = {k: int(channels[i]) for k, i in self._index.items()}
+        self.name = TIMM_PREFIX + name
+        self.in_channels = in_channels
+        # NHWC outputs (a few timm families) are permuted back to the NCHW every consumer reads
+        self._channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+        # encoder.pt is the timm features model's own state dict: no "model." prefix
+        self._register_state_dict_hook(_strip_prefix)
+        self._register_load_state_dict_pre_hook(_add_prefix)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            # timm's stages round odd sizes their own way (ConvNeXt floors, ResNets ceil), and
+            # the FPN and the cell grid (densessl.cells) need each level exactly 2× the next
+            raise ValueError(f"{self.name}: input sides must be multiples of 32, got "
+                             f"{tuple(x.shape[-2:])} (augment.view_size, finetune.image_size)")
+        feats = self.model(x)
+        if isinstance(feats, dict):
+            feats = list(feats.values())
+        out = {k: feats[i] for k, i in self._index.items()}
+        if self._channels_last:
+            out = {k: v.permute(0, 3, 1, 2) for k, v in out.items()}
+        return out
+
+
+def _strip_prefix(module, state_dict, prefix, local_metadata) -> None:
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_prefix(state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    # every key under prefix is in the stripped layout (the timm model's own keys may
+    # themselves start with "model.")
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
