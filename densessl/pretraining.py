@@ -68,7 +68,6 @@ def check_class_ids(recipe: Recipe, builder) -> None:
     for obj in wrapped_objects(builder):
         if callable(getattr(obj, "label_ids", None)):
             ids |= set(obj.label_ids())
-    if ids and max(ids) >= recipe.loss.num_classes:
     ids.discard(-1)  # -1 is "unknown", never a ring
     if recipe.loss.num_classes is None:
         if ids:
@@ -80,6 +79,7 @@ def check_class_ids(recipe: Recipe, builder) -> None:
         return
     if recipe.loss.queue != "per_class":
         return  # one queue: labels are not read
+    if ids and max(ids) >= recipe.loss.num_classes:
         raise RecipeError(f"loss.num_classes: {recipe.loss.num_classes}, but pair builder "
                           f"{recipe.pairs.builder!r} emits class ids up to {max(ids)} "
                           f"({sorted(ids)}); set loss.num_classes >= {max(ids) + 1}")
@@ -272,11 +272,11 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         return {
             "recipe": recipe.name,
+            "num_classes": recipe.loss.num_classes,  # resolved from the builder when null
             "status": "finished" if finished else "running",
             "steps": int(trainer.global_step),
             "max_steps": t.max_steps,
             "resumed_from_step": monitor.start_step,
-            "num_classes": recipe.loss.num_classes,  # resolved from the builder when null
             "final": task.final_stats(),
             **stats,
             "nonfinite_steps_skipped": guard.skipped,
