@@ -8,7 +8,6 @@ train it on a seeded fraction of the labeled train split, score it on every eval
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -37,6 +36,7 @@ from densessl.eval.linear_probe import (
 )
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
 from densessl.eval.segmentation import build_segmentation_model
+from densessl.methods.schedule import warmup_cosine
 from densessl.models.backbone import build_backbone
 from densessl.models.weights import EncoderInit, load_encoder
 from densessl.recipe import Recipe
@@ -105,11 +105,8 @@ def _optimizer(params, lr: float, weight_decay: float, steps: int):
     if params and not isinstance(params[0], dict):
         params = [{"params": [p for p in params if p.requires_grad], "lr": lr}]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 10)
-    # Linear warmup then cosine decay: short runs still end on a small learning rate.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, steps) / steps)))
-    return opt, sched
+    # warmup over the first tenth, then cosine decay: short runs still end on a small rate
+    return opt, warmup_cosine(opt, max(1, steps // 10), steps)
 
 
 def _augmented(dataset: Dataset, augment: A.Compose | None) -> Dataset:

@@ -7,7 +7,6 @@ device-side view augmentation → PairBatch → online encoder on view A, moment
 
 from __future__ import annotations
 
-import math
 import time
 
 import pytorch_lightning as pl
@@ -32,6 +31,7 @@ from densessl.losses import (
 )
 from densessl.losses.robust import RobustPositives
 from densessl.methods.monitors import collapse_stats, dense_cells
+from densessl.methods.schedule import warmup_cosine
 from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.instance_head import InstanceHead
 from densessl.models.split_batchnorm import convert_to_split_batchnorm
@@ -282,14 +282,6 @@ class DensePretraining(pl.LightningModule):
             optimizer = torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
         else:
             optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        total, warmup = t.max_steps, t.warmup_steps
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = warmup_cosine(optimizer, t.warmup_steps, t.max_steps)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
