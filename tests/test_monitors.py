@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from densessl.methods.monitors import collapse_stats, dense_cells
@@ -21,3 +22,16 @@ def test_dense_cells_compare_only_different_images():
     stats = collapse_stats(cells, groups)
     reference = collapse_stats(per_image[:, :, 0, 0])
     torch.testing.assert_close(stats["mean_cosine"], reference["mean_cosine"])
+
+
+def test_feature_std_is_the_sqrt_d_scaled_std_of_unit_features():
+    # written out in float64: unit rows, unbiased std per dimension, mean, × √D
+    features = torch.randn(10, 6, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    rows = [[v / sum(x * x for x in row) ** 0.5 for v in row] for row in features.double().tolist()]
+    stds = []
+    for j in range(6):
+        col = [row[j] for row in rows]
+        mean = sum(col) / len(col)
+        stds.append((sum((v - mean) ** 2 for v in col) / (len(col) - 1)) ** 0.5)
+    expected = sum(stds) / len(stds) * 6**0.5
+    assert float(collapse_stats(features)["feature_std"]) == pytest.approx(expected, rel=1e-5)

@@ -7,14 +7,17 @@ import time
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightly.utils.debug import std_of_l2_normalized
 from torch import Tensor
 
 
 def collapse_stats(features: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
     """Collapse monitors on N×D features (SimSiam §4.1 / lightly's std monitor).
 
-    ``feature_std``: std over the N features after L2 normalisation, averaged over dims and
-    scaled by sqrt(D) — about 1 for healthy features, 0 when everything maps to one point.
+    ``feature_std``: lightly's ``std_of_l2_normalized`` (std over the N features after L2
+    normalisation, averaged over dims) scaled by sqrt(D) — about 1 for healthy features
+    (lightly's value is about 1/sqrt(D) there), 0 when everything maps to one point; the
+    collapse warning's threshold (densessl.models.health) is on this scale.
     ``mean_cosine``: mean cosine similarity between features of *different* images (→ 1 when
     collapsed). ``groups`` (N) gives each feature's image when there are several per image
     (dense cells); pairs within one image are left out.
@@ -28,7 +31,7 @@ def collapse_stats(features: Tensor, groups: Tensor | None = None) -> dict[str, 
         return {"feature_std": nan, "mean_cosine": nan}
     sim = z @ z.T
     mean_cos = (sim * other).sum() / other.sum().clamp_min(1)
-    return {"feature_std": z.std(dim=0).mean() * d**0.5, "mean_cosine": mean_cos}
+    return {"feature_std": std_of_l2_normalized(z) * d**0.5, "mean_cosine": mean_cos}
 
 
 def dense_cells(dense: Tensor, step: int = 2) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,8 @@ import math
 import torch
 from torch import Tensor
 
-# Collapse thresholds on pretraining's monitors (densessl.methods.monitors.collapse_stats).
+# Collapse thresholds on pretraining's monitors (densessl.methods.monitors.collapse_stats);
+# feature_std is lightly's std_of_l2_normalized × √D, about 1 for healthy features.
 MIN_FEATURE_STD = 0.1
 MAX_MEAN_COSINE = 0.95
 
