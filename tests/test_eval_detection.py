@@ -132,10 +132,23 @@ def test_detector_trains_and_is_scored(arch):
     target = {"boxes": sample["boxes"], "labels": sample["labels"]}
     if masks:
         target["masks"] = sample["instance_masks"].to(torch.uint8)
-    first = {k: v.item() for k, v in model([sample["image"]], [target]).items()}
+
+    def fixed_batch_loss():  # the same RPN / RoI sampling draws each time
+        model.train()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return {k: v.item() for k, v in model([sample["image"]], [target]).items()}
+
+    first = fixed_batch_loss()
     assert ("loss_mask" in first) == masks
-    train_detector(model, data.train, steps=2, batch_size=2, lr=1e-3, weight_decay=0, seed=0,
+    train_detector(model, [sample] * 2, steps=8, batch_size=2, lr=1e-3, weight_decay=0, seed=0,
                    masks=masks)
+    # training fits the batch it sees: the summed loss falls well below where it started
+    # (≈ 2.3 → 0.75 Faster, 4.0 → 1.3 Mask R-CNN), the classifier's (≈ ln 5 at start) most
+    after = fixed_batch_loss()
+    assert after.keys() == first.keys()
+    assert sum(after.values()) < 0.6 * sum(first.values()), (first, after)
+    assert after["loss_classifier"] < 0.3 * first["loss_classifier"]
     out = evaluate_detector(model, data.val, batch_size=2, masks=masks)
     assert {"box_mAP", "box_AP50", "box_AP75", "box_AR100"} <= set(out)
     assert ("mask_mAP" in out) == masks

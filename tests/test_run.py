@@ -29,6 +29,14 @@ TINY = [
 ]
 
 
+def assert_not_constant(scores: dict, prefix: str = "") -> None:
+    """Per-class IoUs of a predictor that outputs one class everywhere are 0 but for that
+    class: ask for at least two classes with IoU > 0."""
+    ious = {k: v for k, v in scores.items()
+            if k.startswith(prefix + "IoU_") and not k.endswith("_std")}
+    assert len(ious) >= 2 and sum(v > 0 for v in ious.values()) >= 2, ious
+
+
 @pytest.mark.slow
 def test_run_end_to_end(tmp_path, capsys):
     overrides = TINY + ["finetune.tasks=[segmentation,linear_probe,detection]",
@@ -55,6 +63,11 @@ def test_run_end_to_end(tmp_path, capsys):
             init["detection/faster_rcnn@50%"])
         assert init["linear_probe@50%"]["n_seeds"] == 2
         assert "fg_mIoU" in init["linear_probe@50%"]
+        # the probe's predictions are not constant: a constant map has IoU > 0 for at most
+        # one class, and its foreground IoU is the predict-background floor's (0)
+        assert_not_constant(init["linear_probe@50%"])
+        assert init["linear_probe@50%"]["fg_mIoU"] > on_disk["floor"]["linear_probe@50%"][
+            "fg_mIoU"]
     table = (tmp_path / "results.md").read_text()
     assert "| segmentation/fpn@50% | mIoU |" in table and "supervised" in table
     assert table.splitlines()[-1] in capsys.readouterr().out  # printed too
