@@ -4,6 +4,10 @@
 keys, then every metric (``<init>/<task>/<metric>``, ``gap/...`` = pretrained − random,
 ``pretrain/...``). ``summary.csv`` / ``summary.md``: rows grouped by every grid key except the
 ``over`` keys (seeds), each metric as mean and sample std (0 with one seed) over the ok rows.
+Two spreads, not one: ``<metric>:std`` is the std over the sweep's seeds (separate pretraining
+runs), while a ``<metric>_std`` column (from each cell's ``results.json``) is the std over that
+cell's fine-tuning / probe seeds, so its summary value is that within-run spread averaged over
+the sweep's seeds. Both use :func:`densessl.eval.report.mean_std`.
 ``plots/<metric>.png``: the metric against the ``x`` grid key, one line per combination of the
 other grid keys (e.g. per noise kind), seed std as error bars, pretrained solid and the baseline
 init dashed in the same colour, so the pretrained-vs-random gap is read off one plot.
@@ -22,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from densessl.eval.report import HEADLINE
+from densessl.eval.report import HEADLINE, mean_std
 from densessl.io import write_text
 
 FIXED = ("cell_id", "status", "error", "seconds")
@@ -76,7 +80,8 @@ def summarize(rows: Iterable[dict], keys: list[str], over: Iterable[str] = ("see
     """Group ok rows by the grid keys not in ``over``; mean, sample std and count per metric.
 
     Returns one dict per group: the group's key texts, ``n`` (rows), and for every metric
-    ``<metric>`` (mean) and ``<metric>:std``. NaN values are left out of their metric's mean.
+    ``<metric>`` (mean) and ``<metric>:std`` (over the sweep seeds, see the module docstring).
+    NaN values are left out of their metric's mean.
     """
     over = set(over)
     group_keys = [k for k in keys if k not in over]
@@ -92,11 +97,8 @@ def summarize(rows: Iterable[dict], keys: list[str], over: Iterable[str] = ("see
         entry["n"] = len(members)
         metrics = sorted({k for r in members for k in r} - skip)
         for metric in metrics:
-            values = [v for v in (_number(r.get(metric)) for r in members) if not math.isnan(v)]
-            mean = sum(values) / len(values) if values else math.nan
-            std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                   if len(values) > 1 else 0.0)
-            entry[metric], entry[f"{metric}:std"] = mean, std
+            entry[metric], entry[f"{metric}:std"] = mean_std(_number(r.get(metric))
+                                                             for r in members)
         summary.append(entry)
     return summary
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from densessl.eval.report import build_results, paired_interval, results_table
+from densessl.eval.report import aggregate, build_results, mean_std, paired_interval, results_table
 
 
 def test_paired_interval_against_hand_formula():
@@ -78,3 +78,14 @@ def test_unequal_seed_counts_are_an_error():
     raw = _raw([0.3, 0.3, 0.3], [0.2, 0.2], [0.4, 0.4, 0.4])
     with pytest.raises(ValueError, match="3 seeds against 2"):
         build_results(raw, FLOOR)
+
+
+def test_mean_std_leaves_nan_out_and_is_a_sample_std():
+    # by hand: mean of 0.2, 0.4, 0.9 is 0.5; squared deviations 0.09 + 0.01 + 0.16 over n − 1
+    assert mean_std([0.2, float("nan"), 0.4, 0.9]) == pytest.approx((0.5, math.sqrt(0.13)))
+    assert mean_std([0.7]) == (0.7, 0.0)
+    mean, std = mean_std([float("nan")])
+    assert math.isnan(mean) and std == 0.0
+    cell = aggregate({"random": {"seg": [{"mIoU": 0.2}, {"mIoU": 0.4}, {"mIoU": 0.9}]}})
+    assert cell["random"]["seg"] == pytest.approx({"mIoU": 0.5, "mIoU_std": math.sqrt(0.13),
+                                                   "n_seeds": 3})

@@ -11,6 +11,11 @@
                     "discriminates": true | false | null, "warnings": [...],
                     "labels": {"<init>": "what labels it used"}}}
 
+``<metric>_std`` is the spread over the *fine-tuning / probe* seeds of one encoder (one
+pretraining run). A sweep's ``summary.csv`` (:mod:`densessl.sweep_report`) has it averaged over
+the sweep's seeds, next to ``<metric>:std``, the spread over those *sweep* seeds (pretraining
+runs); both come from :func:`mean_std`.
+
 Task keys look like ``segmentation/fpn@10%`` (see :func:`densessl.eval.finetune.task_runs`).
 ``floor`` is what predicting the majority class everywhere (no box, for detection) scores,
 shaped like an init. A difference pairs the i-th seed of an init with the i-th seed of the
@@ -20,6 +25,7 @@ random init; its interval is Student's t over those paired differences.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +45,24 @@ def inits_of(results: dict) -> list[str]:
     return [k for k in results if k not in RESERVED]
 
 
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof 1) of the non-NaN ``values``: std 0 with one value, mean NaN
+    with none. The one aggregation of this report and of a sweep's summary."""
+    array = np.asarray(list(values), dtype=float)
+    ok = array[~np.isnan(array)]
+    return (float(ok.mean()) if len(ok) else math.nan,
+            float(ok.std(ddof=1)) if len(ok) > 1 else 0.0)
+
+
 def aggregate(raw: dict[str, dict[str, list[dict]]]) -> dict:
-    """Per-seed metric dicts → mean and (sample) std per metric; std is 0 for one seed."""
+    """Per-seed metric dicts → mean and (sample) std over the seeds per metric
+    (:func:`mean_std`; ``<metric>_std``); std is 0 for one seed."""
     results: dict = {}
     for init, tasks in raw.items():
         for task, runs in tasks.items():
             cell = results.setdefault(init, {}).setdefault(task, {})
             for key in runs[0]:
-                values = np.array([r[key] for r in runs], dtype=float)
-                ok = values[~np.isnan(values)]
-                cell[key] = float(ok.mean()) if len(ok) else math.nan
-                cell[f"{key}_std"] = float(ok.std(ddof=1)) if len(ok) > 1 else 0.0
+                cell[key], cell[f"{key}_std"] = mean_std(r[key] for r in runs)
             cell["n_seeds"] = len(runs)
     return results
 
