@@ -10,6 +10,8 @@ from torch import Tensor
 from densessl.distributed import gather_concat
 
 
+# Not lightly's MemoryBankModule: its bank is not saved in checkpoints, starts as random
+# negatives, holds no class labels (per-class queues) and reads its pointer on the host (a sync).
 class MoCoQueue(nn.Module):
     """A FIFO ring of ``size`` keys (and optionally their class labels).
 

@@ -38,6 +38,8 @@ def upsample_centred(coarse: Tensor, size: tuple[int, int]) -> Tensor:
     return up
 
 
+# Not torchvision's FPN as is: its nearest top-down upsampling puts odd cells one fine cell off
+# where densessl.cells places them; subclassing keeps its modules and state-dict keys.
 class CentredFeaturePyramidNetwork(FeaturePyramidNetwork):
     """torchvision's FPN (same modules, same state-dict keys, same ``extra_blocks``) with a
     choice of top-down upsampling, and optionally only some output levels.

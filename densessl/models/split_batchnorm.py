@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+# Not lightly's SplitBatchNorm: it stores C×groups running statistics, so its checkpoints do not
+# load into a plain BatchNorm2d ResNet; this one keeps C-sized buffers and BatchNorm2d's keys.
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d computing statistics over ``groups`` equal sub-batches in training mode.
 
