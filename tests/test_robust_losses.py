@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import identity_grid
 
 from densessl.errors import RecipeError
 from densessl.losses import DenseContrast, InstanceContrast
@@ -64,15 +65,6 @@ def reference_loss(queries, positives, negatives, weights, kind="none", q=0.5, l
 
 def unit_np(tensor):
     return F.normalize(tensor.double(), dim=-1).numpy()
-
-
-def identity_grid(b, h, w, stride=8):
-    """Cell (i, j) of a stride-s map sits at pixel (s·j, s·i) of its image (densessl.cells),
-    in grid_sample(align_corners=False) coordinates: view B's key at a cell is that cell."""
-    ys = (2 * stride * torch.arange(h) + 1) / (stride * h) - 1
-    xs = (2 * stride * torch.arange(w) + 1) / (stride * w) - 1
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
-    return grid[None].repeat(b, 1, 1, 1)
 
 
 # ---------------------------------------------------------------- dense objective
