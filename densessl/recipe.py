@@ -469,25 +469,6 @@ class Recipe(Section):
                              " groups or a larger batch")
         return self
 
-
-def _section_at(path: tuple) -> type[BaseModel] | None:
-    model: Any = Recipe
-    for key in path:
-        field = getattr(model, "model_fields", {}).get(key)
-        if field is None:
-            return None
-        model = field.annotation
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _describe(error: dict, source: str) -> str:
-    loc = tuple(p for p in error["loc"] if not isinstance(p, int))
-    key = ".".join(str(p) for p in error["loc"])
-    if error["type"] == "extra_forbidden":
-        section = _section_at(loc[:-1])
-        valid = sorted(section.model_fields) if section else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
     @model_validator(mode="after")
     def _normalisation_per_channel(self):
         # one mean / std per band (or one scalar for all): a list of another length has no
@@ -553,6 +534,25 @@ def _describe(error: dict, source: str) -> str:
                              "single (and no wrong_class noise)")
         return self
 
+
+def _section_at(path: tuple) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for key in path:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(error: dict, source: str) -> str:
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int))
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        valid = sorted(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         return f"recipe {source}: {key}: unknown key ({hint}valid keys: {', '.join(valid)})"
     found = error.get("input")
     found_text = "" if isinstance(found, dict) else f", got {found!r}"
