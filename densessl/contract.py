@@ -55,7 +55,8 @@ class PairSample:
             far-in-time dates of a temporal series (``pairs.options.dates: near_far``).
         meta: free-form provenance (dataset, file names, noise kind/amount, …).
         paste: optional :class:`PastePlan`: segments to composite on the device; then the
-            sources are the bare backgrounds and the correspondence, class map and boxes are
+            sources are the bare backgrounds (float, or uint8 0..255: 4× fewer bytes from the
+            worker, scaled on the device) and the correspondence, class map and boxes are
             filled in after collation.
     """
 
@@ -119,6 +120,11 @@ class PasteBatch:
     maps a pixel of instance j in source A to source B; ``paste_scale`` (B×k×2) is each
     paste's area scale (|det|) in A and B. Matrices are inverted in float64 on the host
     (k 3×3 inverses), so the device never inverts and the reference's precision is kept.
+
+    ``window_a`` / ``window_b`` ((height, width), host ints) bound every paste's footprint in
+    source A / B, and ``origin_a`` / ``origin_b`` (B×k×2 long, x, y) place each paste's window
+    inside its source: the device stage works only in these windows, and their sizes are fixed
+    on the host, so no shape depends on device values.
     """
 
     layers: Tensor
@@ -130,6 +136,10 @@ class PasteBatch:
     same_background: Tensor
     blend: str
     min_visible: float
+    origin_a: Tensor
+    origin_b: Tensor
+    window_a: tuple[int, int]
+    window_b: tuple[int, int]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteBatch:
         return _move(self, device, non_blocking)

@@ -9,6 +9,7 @@ checked by colour without the reference, before and after view augmentation.
 
 import pytest
 import torch
+from helpers import coordinate_image
 from test_cut_paste import SIZE, painted_background, painted_colours_agree, painted_segment
 
 from densessl.augment import ViewAugmentation
@@ -16,19 +17,25 @@ from densessl.augment.correspondence import sample_at
 from densessl.contract import PairSample, PastePlan
 from densessl.errors import PairContractError, RecipeError
 from densessl.pairs import CutPastePairs, NoisyPairs, collate_pairs
+from densessl.pairs.cut_paste import paste_matrix
 from densessl.pairs.device_paste import composite_pastes, composite_sample
 from densessl.recipe import load_recipe
 
 
-def builder(device_composite, blend="alpha", mode="segloc", uint8=False, k=3):
+def builder(device_composite, blend="alpha", mode="segloc", uint8=False, k=3, size=SIZE,
+            uint8_backgrounds=False):
     segments = [painted_segment(h, w, i + 1)
                 for i, (h, w) in enumerate([(20, 34), (26, 26), (16, 30), (30, 18)])]
-    if uint8:  # as the segment bank stores them
-        for s in segments:
+    for s in segments:
+        s["source_size"] = size  # native scale 1: small items on a large canvas stay small
+        if uint8:  # as the segment bank stores them
             s["image"] = (s["image"].clamp(0, 1) * 255).round().to(torch.uint8)
-    backgrounds = [painted_background(c) for c in (0.7, 0.8, 0.9)]
+    backgrounds = [{"image": coordinate_image(size, code=c)} for c in (0.7, 0.8, 0.9)]
+    if uint8_backgrounds:  # as SIXray's 8-bit JPEGs arrive (keep_uint8)
+        for b in backgrounds:
+            b["image"] = (b["image"] * 255).round().to(torch.uint8)
     return CutPastePairs(mode=mode, k=k, blend=blend, scale_range=(1.0, 1.8),
-                         same_background=None if mode == "insloc" else 0.5, image_size=SIZE,
+                         same_background=None if mode == "insloc" else 0.5, image_size=size,
                          segments=segments, backgrounds=backgrounds, num_pairs=32,
                          device_composite=device_composite)
 
@@ -44,8 +51,15 @@ def both(index, **options):
 
 
 @pytest.mark.parametrize("options", [
-    {"blend": "alpha"}, {"blend": "transmission", "uint8": True}, {"mode": "insloc"}])
+    {"blend": "alpha"}, {"blend": "transmission", "uint8": True}, {"mode": "insloc"},
+    # a canvas large against the items: the stage works in paste windows, not the canvas
+    {"size": 192}, {"size": 192, "blend": "transmission", "uint8_backgrounds": True}])
 def test_same_pairs_as_the_host_builder(options):
+    size = options.get("size", SIZE)
+    if size > SIZE:  # the windowed path is really taken
+        torch.manual_seed(1000)
+        plan = collate_pairs([builder(True, **options)[0]]).paste
+        assert plan.window_a[0] * plan.window_a[1] < 0.5 * size * size
     pixels = disagree_valid = disagree_class = kept = 0
     for i in range(12):
         ref, dev = both(i, **options)
@@ -55,7 +69,7 @@ def test_same_pairs_as_the_host_builder(options):
         # same map where both say valid (float32 vs float64 matrices)
         assert (dev.base_grid[0] - ref.base_grid)[both_valid].abs().max() < 1e-3
         # validity and classes may differ only where interpolation sits on a threshold
-        pixels += SIZE * SIZE
+        pixels += size * size
         disagree_valid += int((ref.base_valid != dev.base_valid[0]).sum())
         disagree_class += int((ref.class_map_a != dev.class_map_a[0]).sum())
         # boxes: the instances kept and their boxes (COCO edges) agree
@@ -67,6 +81,35 @@ def test_same_pairs_as_the_host_builder(options):
         kept += int(keep.sum())
     assert disagree_valid <= 0.002 * pixels and disagree_class <= 0.002 * pixels
     assert kept >= 6
+
+
+def test_paste_windows_hold_every_footprint():
+    """Every pixel a paste covers (the host builder's cv2 warp of its mask, alpha > 0) lies in
+    that paste's window, windows stay inside the source, and one size serves the batch."""
+    size = 96
+    pairs = builder(True, size=size, k=3)
+    torch.manual_seed(3)
+    samples = [pairs[i] for i in range(8)]
+    for sample in samples:  # full rectangles: the footprint reaches the crop's corners
+        sample.paste.masks = [torch.ones_like(m) for m in sample.paste.masks]
+    # a paste hanging over the corner and one larger than the source
+    corner = samples[0].paste
+    corner.matrix_a[0] = torch.from_numpy(paste_matrix(20, 34, 1.5, 0.3, 2.0, 94.0))
+    corner.matrix_b[1] = torch.from_numpy(paste_matrix(26, 26, 6.0, 0.0, 48.0, 48.0))
+    paste = collate_pairs(samples).paste
+    for view, matrix, origin, window in (("a", "matrix_a", paste.origin_a, paste.window_a),
+                                         ("b", "matrix_b", paste.origin_b, paste.window_b)):
+        assert window[0] <= size and window[1] <= size
+        for b, sample in enumerate(samples):
+            for j, mask in enumerate(sample.paste.masks):
+                m = getattr(sample.paste, matrix)[j].numpy()
+                _, alpha = CutPastePairs._warp({"image": torch.zeros(1, *mask.shape),
+                                                "mask": mask}, m, size)
+                ys, xs = (alpha > 0).nonzero()
+                x0, y0 = origin[b, j].tolist()
+                assert 0 <= x0 <= size - window[1] and 0 <= y0 <= size - window[0], view
+                assert xs.min() >= x0 and xs.max() < x0 + window[1], (view, b, j)
+                assert ys.min() >= y0 and ys.max() < y0 + window[0], (view, b, j)
 
 
 def test_device_pairs_correspond_by_colour():

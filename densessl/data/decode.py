@@ -46,9 +46,11 @@ def _bit_depth_scale(array: np.ndarray, mode: str, path: Path) -> np.ndarray:
     return array
 
 
-def decode_image(path: str | Path, channels: int = 3) -> np.ndarray:
+def decode_image(path: str | Path, channels: int = 3, keep_uint8: bool = False) -> np.ndarray:
     """C×H×W float32 in [0, 1] (C = ``channels``, 1 or 3) of an image file, scaled by its bit
-    depth; a truncated or unreadable file is a :class:`DataError` naming it."""
+    depth; a truncated or unreadable file is a :class:`DataError` naming it. With
+    ``keep_uint8`` an 8-bit image stays uint8 0..255 (4× fewer bytes to resize, collate and
+    copy; whoever reads it scales it); other bit depths are float32 as always."""
     path = Path(path)
     if channels not in (1, 3):
         raise DataError(f"{path}: images decode to 1 or 3 channels, got {channels}")
@@ -57,8 +59,11 @@ def decode_image(path: str | Path, channels: int = 3) -> np.ndarray:
             img.load()  # decodes every byte: a truncated file fails here, not later
             if img.mode in ("L", "RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "LAB", "HSV",
                             "PA", "RGBX", "La", "RGBa"):
-                array = np.asarray(img.convert("RGB" if channels == 3 else "L"),
-                                   dtype=np.float32) / 255.0
+                array = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+                if keep_uint8:
+                    array = np.ascontiguousarray(array)
+                    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+                array = array.astype(np.float32) / np.float32(255.0)
             else:  # 1-bit, 16-bit, 32-bit int / float: one band, scaled by its depth
                 array = _bit_depth_scale(np.asarray(img), img.mode, path)
                 if array.ndim == 3:  # multi-band non-8-bit data PIL exposes as an array

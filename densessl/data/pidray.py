@@ -109,10 +109,11 @@ def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(segmentation_to_rle(segmentation, height, width)).astype(bool)
 
 
-def read_image(path: Path, channels: int = 3) -> np.ndarray:
+def read_image(path: Path, channels: int = 3, keep_uint8: bool = False) -> np.ndarray:
     """C×H×W float32 in [0, 1], scaled by bit depth (:func:`densessl.data.decode.decode_image`,
-    the decoder every loader shares); a truncated or unreadable file is a DataError naming it."""
-    return decode_image(path, channels)
+    the decoder every loader shares), or uint8 0..255 for 8-bit files with ``keep_uint8``; a
+    truncated or unreadable file is a DataError naming it."""
+    return decode_image(path, channels, keep_uint8)
 
 
 def load_coco(json_path: Path, image_dir: Path, skip_bad: bool = False,

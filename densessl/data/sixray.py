@@ -96,6 +96,8 @@ def read_voc_boxes(path: Path) -> list[tuple[int, list[float]]]:
 def resize_crop(image: torch.Tensor, size: int) -> tuple[torch.Tensor, float, float, float]:
     """Resize the short side to ``size`` and centre-crop: (image, scale, left, top)."""
     _, h, w = image.shape
+    if h == w == size:  # already the output size: nothing to resample
+        return image, 1.0, 0, 0
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     # cv2 (area averaging when shrinking) rather than torch: fast and single-threaded,
@@ -110,7 +112,8 @@ def resize_crop(image: torch.Tensor, size: int) -> tuple[torch.Tensor, float, fl
 
 @register_source("sixray")
 class SIXray(Dataset):
-    """SIXray images as ``{"image": C×S×S float [0, 1], "image_labels": 5 float 0/1,
+    """SIXray images as ``{"image": C×S×S float [0, 1] (or uint8, see keep_uint8),
+    "image_labels": 5 float 0/1,
     "boxes": N×4, "labels": N (PIDray class ids), "meta"}``.
 
     Args:
@@ -123,6 +126,8 @@ class SIXray(Dataset):
         channels: 3 or 1.
         skip_bad: warn and list bad entries in ``skipped_samples`` instead of failing.
         verify_images: decode every image once at construction (finds truncated JPEGs).
+        keep_uint8: 8-bit images stay uint8 0..255 (resized as uint8): cut-paste backgrounds
+            travel to the device that way and are scaled there. 16-bit images stay float.
     """
 
     classes = SIXRAY_CLASSES
@@ -131,7 +136,7 @@ class SIXray(Dataset):
                  split: Literal["train", "test", "all"] = "train",
                  which: Literal["negative", "positive", "all"] = "negative",
                  image_size: int = 96, channels: int = 3, skip_bad: bool = False,
-                 verify_images: bool = False) -> None:
+                 verify_images: bool = False, keep_uint8: bool = False) -> None:
         if path is None:
             raise DataError("SIXray: the dataset root is required")
         if which not in ("negative", "positive", "all"):
@@ -140,7 +145,7 @@ class SIXray(Dataset):
         self.image_dir = self.root / "JPEGImage"
         if not self.image_dir.is_dir():
             raise DataError(f"SIXray: {str(self.image_dir)!r} does not exist")
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.keep_uint8 = image_size, channels, keep_uint8
         self.skipped_samples: list[str] = []
         self.dataset_cards = [SIXRAY_CARD]
         rows = self._rows(subset, split)
@@ -204,7 +209,7 @@ class SIXray(Dataset):
 
     def _read(self, index: int) -> dict:
         file, image_labels = self.items[index]
-        pixels = read_image(file, self.channels)
+        pixels = read_image(file, self.channels, self.keep_uint8)
         warn_if_tiny(file, *pixels.shape[1:], self.image_size)
         image, scale, left, top = resize_crop(torch.from_numpy(pixels), self.image_size)
         xml = self.root / "positive-Annotation" / "Annotation" / f"{file.stem}.xml"

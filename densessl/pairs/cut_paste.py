@@ -96,7 +96,7 @@ class CutPastePairs(PairBuilder):
             augmentation calls it). False composites here, on the CPU (the reference path).
         segments, backgrounds: ready-made sequences instead of the roots (tests, custom data):
             ``segments[i]`` = ``{"image": C×h×w uint8 or float, "mask": h×w bool, "label": int}``,
-            ``backgrounds[i]`` = ``{"image": C×S×S float}``.
+            ``backgrounds[i]`` = ``{"image": C×S×S float in [0, 1] or uint8}``.
         provenance: ``data.manifest`` and ``data.provenance`` (set by the recipe, not in
             pairs.options): one manifest for both datasets, rows relative to ``data.path`` or,
             without it, the deepest folder holding both roots (``pidray/train/…``,
@@ -140,7 +140,7 @@ class CutPastePairs(PairBuilder):
             pidray_root, channels=channels, cache_dir=bank_dir, skip_bad=skip_bad)
         self.backgrounds = backgrounds if backgrounds is not None else SIXray(
             sixray_root, subset=sixray_subset, which="negative", image_size=image_size,
-            channels=channels, skip_bad=skip_bad)
+            channels=channels, skip_bad=skip_bad, keep_uint8=True)
         self.mode, self.blend, self.rotate = mode, blend, rotate
         self.device_composite = device_composite
         self.k = 1 if mode == "insloc" else k
@@ -186,8 +186,14 @@ class CutPastePairs(PairBuilder):
         return set(self._label_ids)
 
     # -- sampling ---------------------------------------------------------------------------
-    def _background(self, index: int) -> torch.Tensor:
-        image = self.backgrounds[index]["image"].float()
+    def _background(self, index: int, as_float: bool = True) -> torch.Tensor:
+        """Background ``index`` at ``image_size``: float in [0, 1], or as stored (uint8 from
+        SIXray's 8-bit JPEGs) with ``as_float`` False, for the device stage to scale."""
+        image = self.backgrounds[index]["image"]
+        size = (self.image_size, self.image_size)
+        if image.dtype == torch.uint8 and not as_float and tuple(image.shape[1:]) == size:
+            return image
+        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
         if tuple(image.shape[1:]) != (self.image_size, self.image_size):
             image = F.interpolate(image[None], size=(self.image_size, self.image_size),
                                   mode="bilinear", align_corners=False, antialias=True)[0]
@@ -265,8 +271,8 @@ class CutPastePairs(PairBuilder):
                 matrix_a=torch.from_numpy(np.stack(mats_a)),
                 matrix_b=torch.from_numpy(np.stack(mats_b)), labels=labels,
                 same_background=same_bg, blend=self.blend, min_visible=self.min_visible)
-            return PairSample(source_a=self._background(bg_a), source_b=self._background(bg_b),
-                              paste=plan, meta=self._meta(bg_a, bg_b, picks, same_bg))
+            return PairSample(source_a=self._background(bg_a, as_float=False),
+                              source_b=self._background(bg_b, as_float=False), paste=plan, meta=self._meta(bg_a, bg_b, picks, same_bg))
         size = self.image_size
         layers_a = [self._warp(seg, m, size) for seg, m in zip(segs, mats_a)]
         layers_b = [self._warp(seg, m, size) for seg, m in zip(segs, mats_b)]

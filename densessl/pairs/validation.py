@@ -19,9 +19,13 @@ def validate_pair_sample(sample: PairSample, builder: str = "custom") -> None:
         _fail(builder, "return value", f"must be a PairSample, got {type(sample).__name__}")
     for name in ("source_a", "source_b"):
         src = getattr(sample, name)
-        if not torch.is_tensor(src) or src.ndim != 3 or not src.is_floating_point():
-            _fail(builder, name, "must be a float tensor C×H×W, got "
-                  f"{getattr(src, 'shape', type(src).__name__)}")
+        # uint8 only for backgrounds awaiting the device-side paste, which scales them
+        deferred_uint8 = sample.paste is not None and getattr(src, "dtype", None) == torch.uint8
+        if not torch.is_tensor(src) or src.ndim != 3 or not (src.is_floating_point()
+                                                             or deferred_uint8):
+            _fail(builder, name, "must be a float tensor C×H×W (uint8 only with a paste plan), "
+                  f"got {getattr(src, 'dtype', type(src).__name__)} "
+                  f"{tuple(getattr(src, 'shape', ()))}")
     ca, ha, wa = sample.source_a.shape
     cb, hb, wb = sample.source_b.shape
     if ca != cb:
