@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from densessl.bench_queue import compare_queues, synchronize
-from densessl.recipe import Recipe, load_recipe
+from densessl.recipe import Recipe, load_recipe, packaged_recipe
 
 
 class PeakMemory:
@@ -69,6 +69,10 @@ class PeakMemory:
 
 #: queue sizes of configuration (3), per class: those of recipes/xray_segloc.yaml
 PER_CLASS_QUEUES = {"dense_queue_size": 512, "instance_queue_size": 256}
+#: class ids 0..BENCH_CLASSES-1 in the synthetic boxes and class maps of make_pair_batch
+BENCH_CLASSES = 12
+#: issue #7's GPU setting, the step the real-size data pipeline feeds (ResNet-50, 224-px views)
+REAL_SETTING = {"backbone": "resnet50", "image_size": 224}
 
 
 def bench_recipe(backbone: str, image_size: int, batch_size: int, **loss) -> Recipe:
@@ -101,7 +105,7 @@ def make_pair_batch(recipe: Recipe, device: torch.device, with_instances: bool =
     if with_instances:
         gen = torch.Generator().manual_seed(0)
         b, size = batch.batch_size, recipe.augment.view_size
-        per_image, classes = 4, 12
+        per_image, classes = 4, BENCH_CLASSES
         xy = torch.rand(b * per_image, 2, generator=gen) * size * 0.6
         wh = torch.rand(b * per_image, 2, generator=gen) * size * 0.3 + size * 0.1
         boxes = torch.cat([xy, xy + wh], dim=1).to(device)
@@ -230,7 +234,7 @@ def bench_builders(samples: int = 32) -> dict:
     from densessl.build import build_pair_builder
 
     results = {}
-    root = Path(__file__).resolve().parents[1] / "recipes"
+    root = packaged_recipe("demo").parent  # found in a wheel install too
     for path in sorted(glob.glob(str(root / "*.yaml"))):
         name = Path(path).stem
         try:
@@ -253,7 +257,7 @@ def bench_data_wait(steps: int = 20) -> dict:
     """A short real pretraining run of the demo recipe with its DataLoader workers."""
     from densessl.pretraining import pretrain
 
-    demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    demo = packaged_recipe("demo")
     with tempfile.TemporaryDirectory() as out:
         metrics = pretrain(demo, out, overrides=[f"train.max_steps={steps}"], progress=False)
     return {k: metrics[k] for k in ("steps", "pairs_per_s", "data_wait_fraction")}
@@ -302,6 +306,24 @@ def profile_steps(step: Callable, batch, device: torch.device, precision: str, o
     write_text(out / f"{name}.top_ops.txt", table + "\n")
 
 
+def real_setting_step_ms(device: torch.device, batch_size: int, precision: str,
+                         channels_last: bool, rounds: int = 3) -> float:
+    """Median step time (ms) of configuration (3) at :data:`REAL_SETTING`: dense + instance
+    contrast with per-class queues on ResNet-50 at 224-px views, one step per round."""
+    recipe = bench_recipe(REAL_SETTING["backbone"], REAL_SETTING["image_size"], batch_size,
+                          instance_weight=1.0, queue="per_class", num_classes=BENCH_CLASSES,
+                          **PER_CLASS_QUEUES)
+    batch = make_pair_batch(recipe, device, with_instances=True)
+    step, module = densessl_step_fn(recipe, device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+        batch.view_a = batch.view_a.contiguous(memory_format=torch.channels_last)
+        batch.view_b = batch.view_b.contiguous(memory_format=torch.channels_last)
+    warm_up(step, batch, 1, device, precision)
+    timed = time_interleaved({"real": step}, batch, 1, rounds, device, precision)
+    return timed["real"]["step_ms"]
+
+
 def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int = 32,
               steps: int = 3, warmup: int = 2, device: str = "auto", precision: str = "32",
               rounds: int = 3, channels_last: bool = False, builders: bool = True,
@@ -323,11 +345,12 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
     # per-class ring sizes of the X-ray SegLoc recipes (14 rings × 512 ≈ the single dense
     # queue's 8,192 keys), so (2) and (3) contrast against about as many negatives
     full = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
-                        queue="per_class", **PER_CLASS_QUEUES)
+                        queue="per_class", num_classes=BENCH_CLASSES, **PER_CLASS_QUEUES)
     configs["dense_instance_per_class"] = lambda: densessl_step_fn(full, dev)
     # the same with RoIAlign from p3 up: what the stride-4 FPN level costs
     from_p3 = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
-                           queue="per_class", roi_min_level=3, **PER_CLASS_QUEUES)
+                           queue="per_class", roi_min_level=3, num_classes=BENCH_CLASSES,
+                           **PER_CLASS_QUEUES)
     configs["dense_instance_per_class_from_p3"] = lambda: densessl_step_fn(from_p3, dev)
     results: dict = {"device": str(dev), "torch": torch.__version__, "backbone": backbone,
                      "image_size": image_size, "batch_size": batch_size, "precision": precision,
@@ -376,6 +399,16 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
         if stage:
             step_ms = results["steps"]["dense_instance_per_class"]["step_ms"]
             stage["fraction_of_training_step"] = round(stage["ms_per_batch"] / step_ms, 3)
+            # the stage prepares 512-px sources for the real setting's step, so compare it
+            # with that step too (the same as above when the bench already runs it)
+            if (backbone, image_size) == tuple(REAL_SETTING.values()):
+                real_ms = step_ms
+            else:
+                real_ms = real_setting_step_ms(dev, batch_size, precision, channels_last)
+            stage["real_setting_step"] = {**REAL_SETTING, "batch_size": batch_size,
+                                          "precision": precision, "step_ms": round(real_ms, 1)}
+            stage["fraction_of_real_setting_step"] = round(stage["ms_per_batch"] / real_ms, 3)
+            log(f"device stage vs training steps: {stage}")
         results["real_sizes"] = real
     if data_wait:
         results["data_wait"] = bench_data_wait()

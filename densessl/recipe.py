@@ -587,9 +587,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def packaged_recipe(name: str) -> Path:
+    """Recipe ``name`` (e.g. ``xray_segloc``) as shipped inside the package: found in a wheel
+    install as in a source checkout (same files as the repository's recipes/)."""
+    return Path(str(resources.files("densessl") / "recipes" / f"{name}.yaml"))
+
+
 def demo_recipe_path() -> Path:
     """The demo recipe shipped inside the package (same as recipes/demo.yaml)."""
-    return Path(str(resources.files("densessl") / "recipes" / "demo.yaml"))
+    return packaged_recipe("demo")
 
 
 def recipe_path(value: str | Path) -> Path:

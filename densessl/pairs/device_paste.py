@@ -124,7 +124,8 @@ def _warp(layers: Tensor, inverse: Tensor, origin: Tensor, window: tuple[int, in
     out = F.grid_sample(layers.reshape(batch * k, channels, crop_h, crop_w), grid,
                         mode="bilinear", padding_mode="zeros", align_corners=False)
     out = out.reshape(batch, k, channels, window[0] * window[1])
-    return out[:, :, :-1], out[:, :, -1].clamp(0.0, 1.0)
+    # bilinear weights of values in [0, 1] stay in [0, 1] up to rounding: no clamp pass
+    return out[:, :, :-1], out[:, :, -1]
 
 
 def _paint(background: Tensor, windows: _Windows, layers: Tensor, alpha: Tensor, blend: str
@@ -179,21 +180,19 @@ def _reads_only(labels: Tensor, xy: Tensor, want: Tensor) -> Tensor:
     """True where a bilinear read of ``labels``' image (B×H×W) at ``xy`` (B×…×2 pixels) gives
     weight only to pixels inside the image whose label is ``want`` (B×…, non-zero)."""
     batch, height, width = labels.shape
-    # non-finite or far outside is outside either way; clamping keeps the integer conversion
-    # safe (NaN fails every comparison below, so it ends up outside too)
-    x = xy[..., 0].clamp(-2.0, width + 1.0)
-    y = xy[..., 1].clamp(-2.0, height + 1.0)
+    # a ring of label 0 around the image stands for "outside": a read that touches it fails
+    # the label test, so positions only need clamping onto the ring (NaN and ±inf included)
+    ring = F.pad(labels, (1, 1, 1, 1), value=0).reshape(batch, -1)
+    x = torch.nan_to_num(xy[..., 0], nan=-1.0).clamp(-1.0, float(width))
+    y = torch.nan_to_num(xy[..., 1], nan=-1.0).clamp(-1.0, float(height))
     fx, fy = torch.floor(x), torch.floor(y)
-    dx, dy = (x > fx).long(), (y > fy).long()  # an integer position reads one pixel
-    x0, y0 = fx.long(), fy.long()
-    ok = (x0 >= 0) & (y0 >= 0) & (x0 + dx < width) & (y0 + dy < height) & (x == x)
-    corner = (y0.clamp(0, height - 1) * width + x0.clamp(0, width - 1)).reshape(batch, -1)
-    step_x, step_y = dx.reshape(batch, -1), (dy * width).reshape(batch, -1)
-    flat, want = labels.reshape(batch, -1), want.reshape(batch, -1)
-    ok = ok.reshape(batch, -1)
-    for offset in (0, step_x, step_y, step_x + step_y):
-        # a corner outside the image is already ``ok = False``; clamp only to stay in bounds
-        ok = ok & (flat.gather(1, (corner + offset).clamp(max=height * width - 1)) == want)
+    step_x = (x > fx).long().reshape(batch, -1)  # an integer position reads one pixel
+    step_y = (y > fy).long().reshape(batch, -1) * (width + 2)
+    corner = ((fy.long() + 1) * (width + 2) + fx.long() + 1).reshape(batch, -1)
+    want = want.reshape(batch, -1).to(labels.dtype)
+    ok = ring.gather(1, corner) == want
+    for offset in (step_x, step_y, step_x + step_y):
+        ok &= ring.gather(1, corner + offset) == want
     return ok.view(xy.shape[:-1])
 
 
