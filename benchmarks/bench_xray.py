@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from densessl.bench_queue import compare_queues
+from densessl.bench.queues import compare_queues
 from densessl.pairs import CutPastePairs
 
 

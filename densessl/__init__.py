@@ -13,24 +13,26 @@ __version__ = "0.1.0"
 
 
 def pretrain(recipe, out, overrides=None, resume=False, progress=None):
-    """Python entry point of ``densessl pretrain`` (see :func:`densessl.pretraining.pretrain`)."""
-    from densessl.pretraining import pretrain as _pretrain
+    """Python entry point of ``densessl pretrain``
+    (see :func:`densessl.workflows.pretraining.pretrain`)."""
+    from densessl.workflows.pretraining import pretrain as _pretrain
 
     return _pretrain(recipe, out, overrides=overrides, resume=resume, progress=progress)
 
 
 def finetune(recipe, weights, out, overrides=None):
-    """Python entry point of ``densessl finetune`` (see :func:`densessl.experiment.finetune`):
-    fine-tunes every init of the recipe's ``finetune`` section; returns the results dict."""
-    from densessl.experiment import finetune as _finetune
+    """Python entry point of ``densessl finetune``
+    (see :func:`densessl.workflows.experiment.finetune`): fine-tunes every init of the recipe's
+    ``finetune`` section; returns the results dict."""
+    from densessl.workflows.experiment import finetune as _finetune
 
     return _finetune(recipe, weights, out, overrides=overrides)
 
 
 def run(recipe, out, overrides=None):
-    """Python entry point of ``densessl run`` (see :func:`densessl.experiment.run`): pretrain,
-    then fine-tune every init; returns the results dict that ``results.json`` holds."""
-    from densessl.experiment import run as _run
+    """Python entry point of ``densessl run`` (see :func:`densessl.workflows.experiment.run`):
+    pretrain, then fine-tune every init; returns the results dict that ``results.json`` holds."""
+    from densessl.workflows.experiment import run as _run
 
     return _run(recipe, out, overrides=overrides)
 

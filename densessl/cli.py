@@ -22,7 +22,7 @@ def _recipe_arg(value: str) -> str:
 
 
 def cmd_pretrain(args) -> int:
-    from densessl.pretraining import pretrain
+    from densessl.workflows.pretraining import pretrain
 
     metrics = pretrain(_recipe_arg(args.recipe), args.out, overrides=args.set,
                        resume=args.resume, overwrite=args.overwrite)
@@ -43,7 +43,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from densessl.experiment import finetune
+    from densessl.workflows.experiment import finetune
 
     finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set,
              label_free_weights=args.label_free_weights, force=args.force)
@@ -52,7 +52,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from densessl.experiment import run
+    from densessl.workflows.experiment import run
 
     run(_recipe_arg(args.recipe), args.out, overrides=args.set, overwrite=args.overwrite)
     print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png "
@@ -70,7 +70,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from densessl.export import export_weights
+    from densessl.workflows.export import export_weights
 
     path = export_weights(args.weights, args.to, args.out, neck=args.neck,
                           overwrite=args.overwrite, force=args.force)
@@ -97,7 +97,7 @@ def cmd_probe_artifacts(args) -> int:
 
 
 def cmd_inspect_pairs(args) -> int:
-    from densessl.inspect_pairs import inspect_pairs
+    from densessl.workflows.inspect_pairs import inspect_pairs
 
     path = inspect_pairs(_recipe_arg(args.recipe), args.out, overrides=args.set, count=args.n,
                          seed=args.seed)

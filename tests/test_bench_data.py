@@ -2,7 +2,7 @@
 
 import torch
 
-from densessl.bench_data import bench_real_sizes
+from densessl.bench.data_pipeline import bench_real_sizes
 
 
 def test_real_size_bench_reports_every_part():

@@ -38,7 +38,7 @@ from densessl.losses.robust import RobustPositives
 from densessl.methods import DensePretraining
 from densessl.pairs import NoisyPairs, TemporalPairs, collate_pairs
 from densessl.pairs.temporal import date_candidates, places_of
-from densessl.sweep_report import robust_bars, write_summary
+from densessl.sweep.report import robust_bars, write_summary
 
 T = 0.2
 
@@ -441,7 +441,7 @@ def test_cell_precision_recall_against_the_true_cells():
 def test_step_with_pair_weights_and_noise_mask_has_no_host_sync():
     from test_sync_free_step import fake_step
 
-    from densessl.bench import bench_recipe, make_pair_batch
+    from densessl.bench.training import bench_recipe, make_pair_batch
 
     torch.manual_seed(0)
     recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
@@ -462,7 +462,7 @@ def test_step_with_pair_weights_and_noise_mask_has_no_host_sync():
 
 
 def test_pretrain_on_a_series_with_near_far_dates(series_dir, tmp_path):
-    from densessl.pretraining import pretrain
+    from densessl.workflows.pretraining import pretrain
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "geotiff_temporal.yaml"
     metrics = pretrain(recipe, tmp_path / "run", overrides=[
@@ -542,7 +542,7 @@ def test_robust_plot_is_written_with_one_bar_series_per_robust_value(tmp_path, m
 def test_robust_bars_mark_missing_cells():
     rows, _, _ = fake_rows()
     rows = [r for r in rows if not (r["noise.kind"] == "mismatch" and r["loss.robust"] == "rince")]
-    from densessl.sweep_report import summarize
+    from densessl.sweep.report import summarize
 
     summary = summarize(rows, ["noise.kind", "noise.amount", "loss.robust", "seed"])
     groups, series = robust_bars(summary, ["noise.kind", "noise.amount", "loss.robust"],

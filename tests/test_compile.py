@@ -8,7 +8,7 @@ import copy
 
 import torch
 
-from densessl.bench import bench_recipe, make_pair_batch
+from densessl.bench.training import bench_recipe, make_pair_batch
 from densessl.methods import DensePretraining
 from densessl.recipe import load_recipe
 

@@ -13,7 +13,7 @@ from helpers import colours_agree, coordinate_image
 from densessl.augment import ViewAugmentation
 from densessl.augment.correspondence import sample_at
 from densessl.pairs import CutPastePairs, collate_pairs
-from densessl.pretraining import collect_provenance
+from densessl.workflows.pretraining import collect_provenance
 
 SIZE = 64
 

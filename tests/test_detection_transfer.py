@@ -16,13 +16,13 @@ from densessl.errors import RecipeError
 from densessl.eval.detection import build_detector
 from densessl.eval.finetune import detection_box_head_spec, detection_start, run_one
 from densessl.eval.labeled_data import build_eval_dataset
-from densessl.experiment import finetune
 from densessl.models import DenseEncoder
 from densessl.models.box_head import build_conv_fc_head, conv_fc_head_spec
 from densessl.models.instance_head import InstanceHead
 from densessl.models.weights import EncoderInit, load_encoder_file
-from densessl.pretraining import export_encoder
 from densessl.recipe import load_recipe
+from densessl.workflows.experiment import finetune
+from densessl.workflows.pretraining import export_encoder
 
 FPN_DIM, ROI, FC = 32, 5, 64
 # What InstanceHead(head="conv") is documented to build: 4 convs of the FPN width, one fc.
@@ -206,7 +206,7 @@ def test_insloc_pretraining_hands_its_box_head_to_the_detector(tmp_path):
     online encoder's tensors from the Lightning checkpoint (read apart from the export)."""
     from pathlib import Path
 
-    from densessl.pretraining import pretrain
+    from densessl.workflows.pretraining import pretrain
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "xray_insloc.yaml"
     out = tmp_path / "run"

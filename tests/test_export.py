@@ -15,9 +15,9 @@ import torchvision
 
 from densessl.cli import main
 from densessl.errors import DensesslError
-from densessl.export import export_weights
 from densessl.io import save_torch, write_json
 from densessl.models import DenseEncoder
+from densessl.workflows.export import export_weights
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from rasterio.warp import Resampling
 from rasterio.windows import Window
 
 import densessl.data.geotiff as geotiff_module
-from densessl.bench_data import write_geotiff_series
+from densessl.bench.data_pipeline import write_geotiff_series
 from densessl.data.geotiff import WARP_TOLERANCE, GeoTiffPairs
 
 PATTERN = r"(?P<place>tile)_(?P<date>\d{8})\.tif$"

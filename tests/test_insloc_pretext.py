@@ -13,7 +13,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import box_iou, roi_align
 
 from densessl.augment.box_jitter import jitter_boxes
-from densessl.bench import bench_recipe, make_pair_batch
+from densessl.bench.training import bench_recipe, make_pair_batch
 from densessl.errors import RecipeError
 from densessl.losses import LevelwiseInstanceContrast
 from densessl.methods import DensePretraining

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from helpers import identity_grid
 
-from densessl.bench import bench_recipe, make_pair_batch
+from densessl.bench.training import bench_recipe, make_pair_batch
 from densessl.losses import DenseContrast, InstanceContrast
 
 

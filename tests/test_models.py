@@ -183,7 +183,7 @@ def test_dense_only_pyramid_computes_the_same_dense_level_and_nothing_finer():
 def test_pyramid_levels_follow_the_objectives():
     """build_encoder computes the dense level, plus RoIAlign's p{roi_min_level}..p5 when the
     instance objective is on; a pretraining step then runs with p2 skipped."""
-    from densessl.bench import bench_recipe, make_pair_batch
+    from densessl.bench.training import bench_recipe, make_pair_batch
     from densessl.build import build_encoder
     from densessl.methods import DensePretraining
 

@@ -11,8 +11,8 @@ import yaml
 from densessl import cli
 from densessl.errors import RecipeError
 from densessl.methods import DensePretraining
-from densessl.pretraining import check_class_ids
 from densessl.recipe import load_recipe
+from densessl.workflows.pretraining import check_class_ids
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SAME_IMAGE = str(RECIPES / "same_image.yaml")

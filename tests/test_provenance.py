@@ -202,7 +202,7 @@ def test_data_inspect_reports_licences_missing_and_flagged(folder, capsys):
 
 
 def test_export_carries_attribution_and_the_most_restrictive_terms(folder, tmp_path):
-    from densessl.export import export_weights
+    from densessl.workflows.export import export_weights
 
     root, manifest_path = folder
     out = tmp_path / "run"
@@ -231,8 +231,8 @@ def test_export_carries_attribution_and_the_most_restrictive_terms(folder, tmp_p
 
 
 def test_card_terms_from_dataset_cards_without_manifest(tmp_path):
-    from densessl.export import model_card
     from densessl.io import write_json
+    from densessl.workflows.export import model_card
 
     weights = tmp_path / "encoder.pt"
     weights.write_bytes(b"x")

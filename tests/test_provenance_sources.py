@@ -250,8 +250,8 @@ def test_data_inspect_xbd_counts_images_and_pairs(xbd, capsys):
 def test_temporal_pretrain_carries_provenance_like_a_folder(xbd, tmp_path):
     """End to end through the Python API: metrics.json, encoder.json, the checkpoint, the
     attribution file and the exported model card."""
-    from densessl.export import export_weights
-    from densessl.pretraining import pretrain
+    from densessl.workflows.export import export_weights
+    from densessl.workflows.pretraining import pretrain
 
     root, manifest, table, pairs = xbd
     out = tmp_path / "run"
@@ -319,7 +319,7 @@ def test_geotiff_pairs_need_both_dates_and_dropped_files_are_never_read(tmp_path
 
 
 def test_cut_paste_pretrain_carries_provenance_like_a_folder(xray, tmp_path):
-    from densessl.pretraining import pretrain
+    from densessl.workflows.pretraining import pretrain
 
     root, cache, manifest, table, negatives, seg_files = xray
     out = tmp_path / "run"

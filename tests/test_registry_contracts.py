@@ -198,8 +198,8 @@ def test_backbone_builds_and_runs(name):
 def test_backbone_exports_to_timm(name, tmp_path):
     import timm
 
-    from densessl.export import export_weights
     from densessl.io import save_torch, write_json
+    from densessl.workflows.export import export_weights
 
     backbone = _build(name).backbone.eval()
     save_torch(tmp_path / "encoder.pt", backbone.state_dict())

@@ -349,7 +349,7 @@ def test_detection_counts_accumulate_over_the_run():
 
 def test_sweep_summary_shows_the_detection_monitors(tmp_path):
     """summary.md carries the robust monitors next to the headline metrics, mean ± std in %."""
-    from densessl.sweep_report import write_summary
+    from densessl.sweep.report import write_summary
 
     rows = [{"cell_id": f"c{seed}", "status": "ok", "error": "", "seconds": 1.0,
              "loss.robust": "truncate", "seed": seed,

@@ -12,8 +12,8 @@ import torch
 
 from densessl.cli import main
 from densessl.eval.report import aggregate, results_table
-from densessl.experiment import CollapseWarning, collapse_message, run
 from densessl.models import ResNetBackbone
+from densessl.workflows.experiment import CollapseWarning, collapse_message, run
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 SAME_IMAGE = str(RECIPES / "same_image.yaml")
@@ -123,14 +123,14 @@ def test_collapse_message_thresholds():
 ])
 def test_run_warns_exactly_when_pretraining_collapsed(tmp_path, monkeypatch, final, warned):
     """The pretraining's final monitors are set, so whether run must warn is known."""
-    import densessl.pretraining
-    from densessl.experiment import _pretrain_all
+    import densessl.workflows.pretraining
     from densessl.recipe import load_recipe
+    from densessl.workflows.experiment import _pretrain_all
 
     def fake_pretrain(recipe, out, overwrite=False):
         return {"final": final, "pairs_per_s": 1.0, "pairs": 16, "steps": 2}
 
-    monkeypatch.setattr(densessl.pretraining, "pretrain", fake_pretrain)
+    monkeypatch.setattr(densessl.workflows.pretraining, "pretrain", fake_pretrain)
     lines = []
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -201,8 +201,8 @@ def test_xray_demo_runs_end_to_end_on_its_synthetic_set(tmp_path, monkeypatch):
 
 def test_label_free_control_must_not_read_class_ids():
     from densessl.errors import RecipeError
-    from densessl.experiment import label_free_recipe, pretraining_labels
     from densessl.recipe import load_recipe
+    from densessl.workflows.experiment import label_free_recipe, pretraining_labels
 
     demo = load_recipe(str(RECIPES / "demo.yaml"))
     assert pretraining_labels(demo).endswith("class ids (per-class queues)")

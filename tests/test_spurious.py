@@ -12,8 +12,8 @@ import torch
 from densessl.errors import RecipeError
 from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.spurious import spurious_data
-from densessl.experiment import finetune
 from densessl.recipe import load_recipe
+from densessl.workflows.experiment import finetune
 
 
 def _data(size=48):

@@ -17,7 +17,7 @@ import pytest
 
 from densessl.errors import RecipeError
 from densessl.sweep import cell_id, expand_grid, plan, run_sweep
-from densessl.sweep_report import read_results, summarize
+from densessl.sweep.report import read_results, summarize
 
 SPEC = {"name": "t", "base": "demo", "set": {"train.max_steps": 1},
         "grid": [{"noise.kind": ["none"], "seed": [0, 1]},
@@ -173,7 +173,7 @@ def gpu_cell(recipe: dict, cell_dir: Path) -> dict:
 
 def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
     # no GPU here: pretend there are two; the workers only read CUDA_VISIBLE_DEVICES
-    monkeypatch.setattr("densessl.sweep.visible_gpus", lambda: 2)
+    monkeypatch.setattr("densessl.sweep.runner.visible_gpus", lambda: 2)
     spec = {**SPEC, "grid": {"noise.kind": ["mismatch"], "noise.amount": [0.0, 0.5, 1.0, 0.7]}}
     rows = run_sweep(spec, tmp_path, jobs=2, cell_fn=gpu_cell, log=lambda *_: None)
     assert all(r["status"] == "ok" for r in rows)

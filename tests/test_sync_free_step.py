@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
 )
 
-from densessl.bench import bench_recipe, make_pair_batch
+from densessl.bench.training import bench_recipe, make_pair_batch
 from densessl.methods import DensePretraining
 
 CONFIGS = {

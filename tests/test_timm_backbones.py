@@ -14,13 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from densessl.bench import make_pair_batch
+from densessl.bench.training import make_pair_batch
 from densessl.build import build_encoder
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.detection import build_detector
 from densessl.eval.linear_probe import LinearProbe
 from densessl.eval.segmentation import build_segmentation_model
-from densessl.export import export_weights
 from densessl.io import save_torch, write_json
 from densessl.methods import DensePretraining
 from densessl.models import DenseEncoder
@@ -28,6 +27,7 @@ from densessl.models.split_batchnorm import convert_to_split_batchnorm
 from densessl.models.timm_backbone import TimmBackbone, level_indices
 from densessl.models.weights import load_encoder_file
 from densessl.recipe import load_recipe
+from densessl.workflows.export import export_weights
 
 # LayerNorm (ConvNeXt), BatchNormAct2d + plain BN (MobileNetV3), BatchNormAct2d (RegNet)
 MODELS = ["convnext_atto", "mobilenetv3_small_050", "regnetx_002"]

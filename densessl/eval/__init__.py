@@ -4,7 +4,7 @@ encoder, against random and supervised inits, over label fractions and seeds.
 ``labeled_data`` (the labeled splits a recipe names; their registry is ``densessl.data.labeled``)
 → ``inits`` (pretrained / random / supervised; weights read by ``densessl.models.weights``) →
 ``segmentation`` / ``detection`` / ``linear_probe`` models → ``finetune`` loops → ``metrics`` →
-``report`` (results.json / .md / .png). ``densessl.experiment`` ties them to pretraining.
+``report`` (results.json / .md / .png). ``densessl.workflows.experiment`` ties them to pretraining.
 """
 
 from densessl.data.labeled import (

@@ -12,7 +12,7 @@
                     "labels": {"<init>": "what labels it used"}}}
 
 ``<metric>_std`` is the spread over the *fine-tuning / probe* seeds of one encoder (one
-pretraining run). A sweep's ``summary.csv`` (:mod:`densessl.sweep_report`) has it averaged over
+pretraining run). A sweep's ``summary.csv`` (:mod:`densessl.sweep.report`) has it averaged over
 the sweep's seeds, next to ``<metric>:std``, the spread over those *sweep* seeds (pretraining
 runs); both come from :func:`mean_std`.
 

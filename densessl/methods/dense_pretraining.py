@@ -45,9 +45,10 @@ class DensePretraining(pl.LightningModule):
         if isinstance(recipe, dict):
             recipe = parse_recipe(recipe, "<checkpoint>")
         if recipe.loss.queue == "per_class" and recipe.loss.num_classes is None:
-            # the rings are sized here; densessl.pretraining resolves null from the builder
+            # the rings are sized here; densessl.workflows.pretraining resolves null from the
+            # builder
             raise RecipeError("loss.num_classes: null (from the data) is not resolved yet: "
-                              "build the pair builder and call densessl.pretraining."
+                              "build the pair builder and call densessl.workflows.pretraining."
                               "check_class_ids(recipe, builder) first, or set "
                               "loss.num_classes for loss.queue: per_class")
         self.recipe = recipe

@@ -54,7 +54,7 @@ class NoisyPairs(PairBuilder):
 
     Args:
         source: the wrapped builder (named ``source`` so provenance and dataset cards are still
-            found by :func:`densessl.pretraining.collect_provenance`).
+            found by :func:`densessl.workflows.pretraining.collect_provenance`).
         kind: one of :data:`NOISE_KINDS`.
         amount: the kind's strength (see the module docstring); a fraction in [0, 1] except for
             ``misregistration`` (pixels).

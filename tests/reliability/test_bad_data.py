@@ -25,7 +25,7 @@ from densessl.data.pidray import PIDray, read_image
 from densessl.data.xbd import XBDDataset, inspect_xbd, read_rgb
 from densessl.data.xbd_synth import synthesize_xbd
 from densessl.errors import DataError, DensesslError, RecipeError
-from densessl.pretraining import pretrain
+from densessl.workflows.pretraining import pretrain
 from tests.reliability.helpers import SAME_IMAGE
 
 UTM = CRS.from_epsg(32633)
@@ -281,8 +281,8 @@ def test_run_refuses_bad_finetune_size_before_pretraining(capsys, tmp_path):
 
 
 def test_num_classes_below_cut_paste_ids_refused_before_training(tmp_path):
-    from densessl.pretraining import check_class_ids
     from densessl.recipe import load_recipe
+    from densessl.workflows.pretraining import check_class_ids
 
     class Builder:  # what a cut-paste builder over a PIDray bank reports
         def label_ids(self):

@@ -12,10 +12,10 @@ import torch
 
 from densessl.cli import main
 from densessl.errors import DensesslError
-from densessl.experiment import collapse_message
 from densessl.methods import DensePretraining
 from densessl.methods.guards import DivergenceError
-from densessl.pretraining import pretrain
+from densessl.workflows.experiment import collapse_message
+from densessl.workflows.pretraining import pretrain
 from tests.reliability.helpers import SAME_IMAGE, TINY, sets
 
 RUN = TINY + ["train.num_workers=0"]
@@ -124,7 +124,7 @@ def test_export_refuses_a_broken_encoder_without_force(healthy, tmp_path, capsys
 
 
 def test_finetune_refuses_a_nan_encoder_without_force(healthy, tmp_path):
-    from densessl.experiment import finetune
+    from densessl.workflows.experiment import finetune
 
     weights = _copy_run(healthy, tmp_path / "nan", poison=True)
     with pytest.raises(DensesslError, match="NaN/inf.*--force"):

@@ -12,8 +12,8 @@ import pytest
 
 from densessl.cli import main
 from densessl.errors import DensesslError
-from densessl.pretraining import pretrain
 from densessl.sweep import run_sweep
+from densessl.workflows.pretraining import pretrain
 from tests.reliability.helpers import SAME_IMAGE, TINY, sets
 
 RUN = TINY + ["train.num_workers=0", "train.max_steps=2"]
@@ -54,7 +54,7 @@ def test_resume_with_changed_settings_is_refused_and_changes_nothing(finished, c
 
 def test_resume_may_change_budget_and_logging_keys(finished):
     from densessl.recipe import load_recipe
-    from densessl.resume import prepare_out
+    from densessl.workflows.resume import prepare_out
 
     recipe = load_recipe(SAME_IMAGE, RUN + ["train.max_steps=9", "train.log_every=3",
                                             "train.checkpoint_every=5", "train.num_workers=2",
@@ -120,7 +120,7 @@ def _fake_cell(recipe, cell_dir):
 
 
 def test_sweep_refuses_to_mix_jobs_settings(tmp_path, monkeypatch):
-    import densessl.sweep as sweep
+    import densessl.sweep.runner as sweep
 
     spec = {"base": SAME_IMAGE, "set": {"model.split_bn_groups": 2},
             "grid": {"seed": [0, 1]}, "report": {"x": None, "over": ["seed"]}}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from densessl import pretraining
-from densessl.pretraining import PeriodicCheckpoint
+from densessl.workflows import pretraining
+from densessl.workflows.pretraining import PeriodicCheckpoint
 
 
 class _Trainer:

@@ -8,7 +8,7 @@ objective (dense + global InfoNCE with MoCo queues); (3) dense + instance contra
 queues (and (3) with RoIAlign from p3). Queues start full; the configurations are timed in
 interleaved rounds (median reported) with their model FLOPs, achieved TFLOP/s and, when the
 device's peak is known, model FLOP utilisation. With the builders, the data pipeline at real
-image sizes too (:mod:`densessl.bench_data`).
+image sizes too (:mod:`densessl.bench.data_pipeline`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from densessl.bench_queue import compare_queues, synchronize
+from densessl.bench.queues import compare_queues, synchronize
 from densessl.recipe import Recipe, load_recipe, packaged_recipe
 
 
@@ -255,7 +255,7 @@ def bench_builders(samples: int = 32) -> dict:
 
 def bench_data_wait(steps: int = 20) -> dict:
     """A short real pretraining run of the demo recipe with its DataLoader workers."""
-    from densessl.pretraining import pretrain
+    from densessl.workflows.pretraining import pretrain
 
     demo = packaged_recipe("demo")
     with tempfile.TemporaryDirectory() as out:
@@ -392,7 +392,7 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
         log(f"builders: {results['builders']}")
         # the same builders at real image sizes, against decoding alone, and the device-side
         # cut-paste stage next to this run's training step (same device, same batch)
-        from densessl.bench_data import bench_real_sizes
+        from densessl.bench.data_pipeline import bench_real_sizes
 
         real = bench_real_sizes(dev, batch_size=batch_size, log=log)
         stage = real.get("xray", {}).get("device_stage")

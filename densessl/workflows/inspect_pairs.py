@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from densessl.augment.correspondence import normalized_to_pixel  # noqa: E402
-from densessl.cells import cell_centres  # noqa: E402
 from densessl.build import build_augmentation, build_pair_builder  # noqa: E402
+from densessl.cells import cell_centres  # noqa: E402
 from densessl.io import atomic_write  # noqa: E402
 from densessl.pairs import collate_pairs  # noqa: E402
 from densessl.recipe import load_recipe  # noqa: E402

@@ -83,7 +83,7 @@ def finetune(recipe: str | Path | dict | Recipe,
     = ``label_free_weights``; several files = one pretraining per seed, zipped with
     ``finetune.seeds``), score the floor, and write ``out/results.{json,md,png}`` plus
     ``out/runs.json`` (every seed). Returns the results."""
-    from densessl.resume import check_writable
+    from densessl.workflows.resume import check_writable
 
     recipe = load_recipe(recipe, overrides)
     cfg = recipe.finetune
@@ -167,7 +167,7 @@ def finetune(recipe: str | Path | dict | Recipe,
 def _pretrain_all(recipe: Recipe, folder: Path, log, overwrite: bool = False) -> list[Path]:
     """One pretraining per ``finetune.pretrain_seeds`` (``folder``, or ``folder/seed<s>`` with
     several); returns the encoder files."""
-    from densessl.pretraining import pretrain
+    from densessl.workflows.pretraining import pretrain
 
     seeds = recipe.finetune.pretrain_seeds or [recipe.seed]
     files = []
@@ -195,7 +195,7 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
     """Pretrain into ``out/pretrain`` (and the label-free control into
     ``out/pretrain_label_free``; one folder ``seed<s>`` per pretraining seed when there are
     several), then :func:`finetune` every init into ``out``."""
-    from densessl.resume import check_writable
+    from densessl.workflows.resume import check_writable
 
     recipe = load_recipe(recipe, overrides)
     cfg = recipe.finetune

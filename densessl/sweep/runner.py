@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from densessl.errors import DensesslError, RecipeError
 from densessl.io import write_text
 from densessl.recipe import apply_overrides, demo_recipe_path, parse_recipe, read_recipe_dict
-from densessl.sweep_report import read_results, write_results, write_summary
+from densessl.sweep.report import read_results, write_results, write_summary
 
 CellFn = Callable[[dict, Path], dict[str, float]]
 
@@ -168,10 +168,10 @@ def flatten_results(results: dict, prefix: str = "") -> dict[str, float]:
 
 
 def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
-    """The real cell: :func:`densessl.experiment.run` (pretrain → fine-tune every init) in
+    """The real cell: :func:`densessl.workflows.experiment.run` (pretrain → fine-tune every init) in
     ``cell_dir``; returns every downstream metric, the pretrained − random gaps and the final
     pretraining monitors."""
-    from densessl.experiment import run
+    from densessl.workflows.experiment import run
 
     with open(cell_dir / "log.txt", "a") as log_file:
         results = run(recipe, cell_dir, log=lambda *a: print(*a, file=log_file, flush=True))

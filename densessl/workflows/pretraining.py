@@ -29,7 +29,8 @@ from densessl.models.box_head import conv_fc_head_spec
 from densessl.models.weights import key_layout
 from densessl.pairs import collate_pairs
 from densessl.recipe import Recipe, dump_recipe, load_recipe
-from densessl.resume import (
+from densessl.seeding import SeededSamples, StreamSampler, rng_states, set_rng_states
+from densessl.workflows.resume import (
     ResumeState,
     check_writable,
     clear_run,
@@ -37,7 +38,6 @@ from densessl.resume import (
     read_checkpoint,
     remove_stale_temporaries,
 )
-from densessl.seeding import SeededSamples, StreamSampler, rng_states, set_rng_states
 
 
 def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densessl.bench_queue import synchronize
+from densessl.bench.queues import synchronize
 from densessl.recipe import packaged_recipe
 
 # the recipes as shipped in the package (a wheel install has no repository recipes/ folder)
