@@ -136,6 +136,17 @@ def _axes_groups(line_keys: list[str], x: str | None, lines: dict) -> dict[str, 
     return groups
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close a report figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_metric(summary: list[dict], group_keys: list[str], x: str | None, metric: str,
                 baseline: str, path: Path) -> Path:
     """One PNG: ``metric`` vs ``x`` with error bars, one line per other-key combination;
@@ -189,11 +200,7 @@ def plot_metric(summary: list[dict], group_keys: list[str], x: str | None, metri
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"pretrained (solid) vs {baseline} init (dashed), mean ± std", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def robust_bars(summary: list[dict], group_keys: list[str], metric: str
@@ -237,11 +244,7 @@ def plot_robust(summary: list[dict], group_keys: list[str], metric: str, path: P
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     ax.set_title(f"{metric}: loss.robust per noise setting, mean ± std over seeds", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_summary(out: Path, rows: list[dict], keys: list[str], report: dict) -> list[Path]:
