@@ -57,7 +57,8 @@ def centroid_errors(neck: str, stride: int, size: int, upsample: str = "centred"
         encoder = DenseEncoder("resnet18", 3, neck=neck, dense_stride=stride, global_head=False,
                                fpn_upsample=upsample, pyramid="dense").eval()
         images = torch.randn(len(cells), 3, size, size)
-        total += field_centroids(lambda x: encoder(x)["features"], images, cells)
+        total += field_centroids(lambda x, encoder=encoder: encoder(x)["features"], images,
+                                 cells)
     placed = where_the_grid_puts(n, size)
     expected = torch.stack([placed[i, j] for i, j in cells])
     return total / seeds - expected

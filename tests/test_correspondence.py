@@ -7,8 +7,8 @@ import torch
 from helpers import cell_colours, colours_agree, coordinate_image
 
 from densessl.augment import ViewAugmentation
-from densessl.cells import cell_centres
 from densessl.augment.correspondence import pixel_to_normalized
+from densessl.cells import cell_centres
 from densessl.contract import PairSample
 from densessl.pairs import collate_pairs
 

@@ -125,7 +125,8 @@ def test_filters_count_every_drop(folder):
     assert summary["terms"]["commercial_use"] is True
     assert summary["terms"]["sharealike_images"] == 1
     assert [r["author"] for r in rows] == [by_file[files[i]][2] for i in keep]
-    with pytest.raises(DataError, match="2 images lack licence .* data.provenance.on_missing is error"):
+    with pytest.raises(DataError,
+                       match="2 images lack licence .* data.provenance.on_missing is error"):
         select_images(files, manifest, require=["licence"], on_missing="error")
 
 

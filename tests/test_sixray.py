@@ -13,7 +13,6 @@ from densessl.data.sixray import SIXray, read_voc_boxes
 from densessl.data.xray_synth import synthesize_xray
 from densessl.errors import DataError
 
-
 #: image name → [(class name, item mask)] as the fixture writer placed them (recorded below)
 PLACED: dict[str, list] = {}
 

@@ -32,9 +32,9 @@ import numpy as np
 import rasterio
 import torch
 from rasterio.enums import MaskFlags
+from rasterio.errors import WindowError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import Resampling, transform_bounds
-from rasterio.errors import WindowError
 from rasterio.windows import Window, from_bounds, intersection
 from torch.utils.data import Dataset
 

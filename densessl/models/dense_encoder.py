@@ -69,7 +69,8 @@ class DenseEncoder(nn.Module):
         if dense_stride not in _LEVEL_FOR_STRIDE:
             raise ValueError(f"dense_stride must be one of {sorted(_LEVEL_FOR_STRIDE)}")
         self.backbone = build_backbone(backbone, in_channels)
-        self.neck = FPNNeck(self.backbone.channels, neck_dim, fpn_upsample) if neck == "fpn" else None
+        self.neck = (FPNNeck(self.backbone.channels, neck_dim, fpn_upsample) if neck == "fpn"
+                     else None)
         prefix = "p" if self.neck is not None else "c"
         self.dense_level = prefix + _LEVEL_FOR_STRIDE[dense_stride]
         dense_in = neck_dim if self.neck is not None else self.backbone.channels[self.dense_level]

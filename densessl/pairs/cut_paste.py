@@ -272,7 +272,8 @@ class CutPastePairs(PairBuilder):
                 matrix_b=torch.from_numpy(np.stack(mats_b)), labels=labels,
                 same_background=same_bg, blend=self.blend, min_visible=self.min_visible)
             return PairSample(source_a=self._background(bg_a, as_float=False),
-                              source_b=self._background(bg_b, as_float=False), paste=plan, meta=self._meta(bg_a, bg_b, picks, same_bg))
+                              source_b=self._background(bg_b, as_float=False), paste=plan,
+                              meta=self._meta(bg_a, bg_b, picks, same_bg))
         size = self.image_size
         layers_a = [self._warp(seg, m, size) for seg, m in zip(segs, mats_a)]
         layers_b = [self._warp(seg, m, size) for seg, m in zip(segs, mats_b)]
