@@ -85,21 +85,19 @@ def test_same_pairs_as_the_host_builder(options):
 
 def test_paste_windows_hold_every_footprint():
     """Every pixel a paste covers (the host builder's cv2 warp of its mask, alpha > 0) lies in
-    that paste's window, windows stay inside the source, and one size serves the batch."""
-    size = 96
+    that paste's window, and windows stay inside the source; one paste hangs over a corner.
+    A paste larger than the source makes the window the source."""
+    size = 192
     pairs = builder(True, size=size, k=3)
     torch.manual_seed(3)
     samples = [pairs[i] for i in range(8)]
     for sample in samples:  # full rectangles: the footprint reaches the crop's corners
         sample.paste.masks = [torch.ones_like(m) for m in sample.paste.masks]
-    # a paste hanging over the corner and one larger than the source
-    corner = samples[0].paste
-    corner.matrix_a[0] = torch.from_numpy(paste_matrix(20, 34, 1.5, 0.3, 2.0, 94.0))
-    corner.matrix_b[1] = torch.from_numpy(paste_matrix(26, 26, 6.0, 0.0, 48.0, 48.0))
+    samples[0].paste.matrix_a[0] = torch.from_numpy(paste_matrix(20, 34, 1.5, 0.3, 2.0, 190.0))
     paste = collate_pairs(samples).paste
     for view, matrix, origin, window in (("a", "matrix_a", paste.origin_a, paste.window_a),
                                          ("b", "matrix_b", paste.origin_b, paste.window_b)):
-        assert window[0] <= size and window[1] <= size
+        assert window[0] * window[1] < 0.5 * size * size, view  # windows, not the source
         for b, sample in enumerate(samples):
             for j, mask in enumerate(sample.paste.masks):
                 m = getattr(sample.paste, matrix)[j].numpy()
@@ -110,6 +108,9 @@ def test_paste_windows_hold_every_footprint():
                 assert 0 <= x0 <= size - window[1] and 0 <= y0 <= size - window[0], view
                 assert xs.min() >= x0 and xs.max() < x0 + window[1], (view, b, j)
                 assert ys.min() >= y0 and ys.max() < y0 + window[0], (view, b, j)
+    samples[1].paste.matrix_b[1] = torch.from_numpy(paste_matrix(26, 26, 12.0, 0.0, 96.0, 96.0))
+    paste = collate_pairs(samples).paste
+    assert paste.window_b == (size, size) and int(paste.origin_b.abs().sum()) == 0
 
 
 def test_device_pairs_correspond_by_colour():
