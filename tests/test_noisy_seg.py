@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from densessl.cli import main
@@ -92,3 +93,41 @@ def test_registries_and_cli(tmp_path):
     assert len(json.loads((tmp_path / "d" / "manifest.json").read_text())["pairs"]) == 2
     with pytest.raises(DataError, match="multiple of 1/8"):
         synthesize_noisy_seg(tmp_path / "bad", n=1, levels=(0.3,))
+
+
+def test_changed_pixels_are_the_files_differences(root):
+    """``changed_t0_t1`` against the PNGs read independently: exactly the pixels where the two
+    dates' pictures differ, covering every pixel whose label changed; none at level 0."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    for level in (0.0, 0.5):
+        source = NoisySegPairs(path=str(root), change=level, image_size=32)
+        for i, record in enumerate(manifest["pairs"]):
+            b = next(v for k, v in record["b"].items() if float(k) == level)
+            a_png = np.asarray(Image.open(root / record["a"]["image"]))
+            b_png = np.asarray(Image.open(root / b["image"]))
+            labels = [np.asarray(Image.open(root / r["label"])) for r in (record["a"], b)]
+            changed = source[i]["changed_t0_t1"].numpy()
+            assert np.array_equal(changed, (a_png != b_png).any(-1))
+            assert not ((labels[0] != labels[1]) & ~changed).any()
+            assert changed.any() == (level > 0)
+
+
+def test_temporal_pairs_mark_the_changed_cells_and_noise_keeps_them(root):
+    from densessl.pairs import NoisyPairs, TemporalPairs
+
+    still = TemporalPairs(NoisySegPairs(path=str(root), change=0.0, image_size=32))[0]
+    assert still.noise_mask_a is None and not still.noisy
+    source = NoisySegPairs(path=str(root), change=0.5, image_size=32)
+    torch.manual_seed(0)
+    pair = TemporalPairs(source, swap_p=1.0)[2]  # either date order: one pixel grid
+    assert pair.noisy and torch.equal(pair.noise_mask_a, source[2]["changed_t0_t1"])
+    # injected noise on top: a mismatched pair is wrong everywhere; replaced patches add to
+    # the pixels the source itself changed
+    mismatched = NoisyPairs(TemporalPairs(source), "mismatch", 1.0)[2]
+    assert mismatched.noise_mask_a.all()
+    patched = NoisyPairs(TemporalPairs(source), "partial_change", 0.25, patch=8)[2]
+    replaced = (patched.source_b != source[2]["image_t1"]).any(0)
+    natural = source[2]["changed_t0_t1"]
+    assert not ((natural | replaced) & ~patched.noise_mask_a).any()  # at least both
+    # and no more: the patches' pixels whose donor content happens to equal the original
+    assert (patched.noise_mask_a & ~natural & ~replaced).float().mean() < 0.01

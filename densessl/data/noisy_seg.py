@@ -233,7 +233,8 @@ def _check_channels(channels: int) -> None:
 @register_source("noisy-seg")
 class NoisySegPairs(Dataset):
     """Pretraining source: ``image_t0`` = view A, ``image_t1`` = view B at change ``change``
-    (use with ``pairs.builder: temporal``), plus ``image`` (= A) and the label maps.
+    (use with ``pairs.builder: temporal``), plus ``image`` (= A), the label maps and
+    ``changed_t0_t1`` (H×W bool, the pixels that differ between the dates).
 
     Args:
         path: dataset root; ``None`` generates (once) a cached set of ``n`` scenes.
@@ -266,8 +267,12 @@ class NoisySegPairs(Dataset):
         b = record["b"][self.key]
         image_a, label_a = _load(self.root, record["a"], self.image_size)
         image_b, label_b = _load(self.root, b, self.image_size)
+        # the background never changes, so the pixels that differ are exactly the changed
+        # objects (with the resize's one-pixel blend around them): the benchmark's truth for
+        # analysis, e.g. whether loss.robust down-weights changed cells; no loss reads it
+        changed = (image_a != image_b).any(0)
         return {"image": image_a, "image_t0": image_a, "image_t1": image_b, "mask": label_a,
-                "mask_t0": label_a, "mask_t1": label_b,
+                "mask_t0": label_a, "mask_t1": label_b, "changed_t0_t1": changed,
                 "meta": {"source": "noisy-seg", "index": index, "change": b["change"],
                          "changed_objects": b["changed_objects"]}}
 

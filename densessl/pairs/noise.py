@@ -11,7 +11,9 @@ losses are told "these pixels are the same place" when they are not:
   pixels) is replaced by another sample's content at the same place (new or destroyed buildings).
   The pair records which source-A pixels' points were replaced (``noise_mask_a``, through the
   base correspondence; all False when nothing was), so robust down-weighting can be scored per
-  cell against the truth.
+  cell against the truth. A pair whose source already marked changed pixels (noisy-seg's
+  natural change) keeps them: the patches are added to that mask, and ``mismatch`` /
+  ``misregistration`` set it everywhere (every cell is then wrong).
 * ``misregistration`` — source B is shifted by s = ``amount`` pixels along a random axis
   direction (and rotated by ``rotation_degrees`` about its centre, when set); pixels moved in
   from outside are marked invalid (``valid_b`` False), the correspondence is *not* corrected.
@@ -130,6 +132,8 @@ class NoisyPairs(PairBuilder):
         # a nodata mask is all valid (None), whatever the replaced B had.
         sample.valid_b = (None if other.valid_b is None
                           else resize_labels(other.valid_b.bool(), (h, w)))
+        if sample.noise_mask_a is not None:  # a source's own change mask: now every cell is
+            sample.noise_mask_a = torch.ones_like(sample.noise_mask_a)  # wrong
         return {"applied": True, "other_index": other_index}
 
     def _partial_change(self, sample: PairSample, index: int, rng: np.random.Generator) -> dict:
@@ -143,7 +147,10 @@ class NoisyPairs(PairBuilder):
         source_b = sample.source_b.clone()
         source_b[:, mask] = donor[:, mask]
         sample.source_b = source_b
-        sample.noise_mask_a = _mask_in_a(mask, sample.base_grid, sample.base_valid)
+        replaced = _mask_in_a(mask, sample.base_grid, sample.base_valid)
+        # cells the source itself marked as changed (noisy-seg's natural change) stay wrong
+        sample.noise_mask_a = (replaced if sample.noise_mask_a is None
+                               else replaced | sample.noise_mask_a)
         return {"applied": True, "other_index": other_index,
                 "changed_fraction": float(mask.float().mean())}
 
@@ -176,6 +183,8 @@ class NoisyPairs(PairBuilder):
                  else torch.ones(h, w, dtype=torch.bool))
         moved, moved_valid = _warp(sample.source_b, valid, dx, dy, angle)
         sample.source_b, sample.valid_b = moved, moved_valid
+        if sample.noise_mask_a is not None:  # every correspondence is now off by the shift
+            sample.noise_mask_a = torch.ones_like(sample.noise_mask_a)
         return {"applied": True, "shift": [float(dx), float(dy)], "rotation": angle}
 
     def _wrong_class(self, sample: PairSample, index: int, rng: np.random.Generator) -> dict:

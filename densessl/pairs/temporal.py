@@ -201,7 +201,13 @@ class TemporalPairs(PairBuilder):
         swapped = bool(self.swap_p > 0 and torch.rand(()) < self.swap_p)
         if swapped:
             a, b, valid_a, valid_b = b, a, valid_b, valid_a
+        # a source that knows what changed between the dates (noisy-seg) marks those pixels:
+        # analysis only (how loss.robust treats changed cells), never read by a loss; one
+        # pixel grid, so the mask holds for either date order
+        changed = item.get("changed_t0_t1")
+        noisy = changed is not None and bool(changed.any())
         return PairSample(source_a=a, source_b=b, valid_a=valid_a, valid_b=valid_b,
-                          pair_weight=weight,
+                          pair_weight=weight, noisy=noisy,
+                          noise_mask_a=changed if noisy else None,
                           meta=dict(item.get("meta", {}), builder="temporal", swapped=swapped,
                                     **extra))
