@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
@@ -16,6 +17,7 @@ from densessl.data.manifest import ProvenanceFilter, apply_provenance
 from densessl.data.registry import SOURCES
 from densessl.errors import PairContractError, RecipeError
 from densessl.models import DenseEncoder
+from densessl.models.backbone import build_backbone
 from densessl.options import construct
 from densessl.pairs import PairBuilder, get_pair_builder
 from densessl.recipe import Recipe
@@ -124,7 +126,11 @@ def pyramid_levels(recipe: Recipe) -> list[str] | str:
     return roi_levels(recipe) if recipe.loss.instance_weight > 0 else "dense"
 
 
-def build_augmentation(recipe: Recipe, grid_stride: int) -> ViewAugmentation:
+def build_augmentation(recipe: Recipe, grid_stride: int, *,
+                       cell_alignment: str) -> ViewAugmentation:
+    """The recipe's view augmentation, its correspondence grid on the trained encoder's cells:
+    ``grid_stride`` and ``cell_alignment`` are that encoder's ``stride`` / ``cell_alignment``
+    (:func:`backbone_cell_alignment` when there is no encoder at hand)."""
     a = recipe.augment
     photometry = None
     if a.photometry.enabled:
@@ -132,6 +138,19 @@ def build_augmentation(recipe: Recipe, grid_stride: int) -> ViewAugmentation:
     try:
         return ViewAugmentation(recipe.data.channels, view_size=a.view_size,
                                 grid_stride=grid_stride, geometry=a.geometry.model_dump(),
-                                photometry=photometry, mean=a.mean, std=a.std)
+                                photometry=photometry, mean=a.mean, std=a.std,
+                                cell_alignment=cell_alignment)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+def backbone_cell_alignment(recipe: Recipe) -> str:
+    """``cell_alignment`` of the recipe's backbone, asked of the backbone itself (built, random
+    init) for code that draws pairs without the encoder (inspect-pairs, benchmarks); a
+    training task reads its own encoder's instead. The caller's random state is left as it
+    was (the init draws from a forked generator), so what it draws next does not change."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return build_backbone(recipe.model.backbone, recipe.data.channels).cell_alignment
     except ValueError as exc:
         raise RecipeError(str(exc)) from None

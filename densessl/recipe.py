@@ -117,8 +117,10 @@ class ModelConfig(Section):
     neck_dim: int = Field(128, ge=8)
     fpn_upsample: Literal["centred", "nearest"] = Field(
         "centred", description="FPN top-down upsampling: centred keeps each cell on the pixel "
-        "its feature is centred on (densessl.cells); nearest is torchvision's, which gives odd "
-        "cells a neighbour's top-down value")
+        "its feature is centred on, for the backbone's cell alignment (densessl.cells: ResNets "
+        "coarse cell j on fine cell 2j, ConvNeXt's patchify cells bilinear "
+        "align_corners=False); nearest is torchvision's, which gives odd cells a neighbour's "
+        "top-down value")
     dense_dim: int = Field(128, ge=8)
     global_head: bool = True
     global_dim: int = Field(128, ge=8)

@@ -53,17 +53,20 @@ def compose_correspondence(
     valid_b: Tensor,
     base_grid: Tensor | None = None,
     base_valid: Tensor | None = None,
+    alignment: str = "centre",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Correspondence of view A's cell grid in view B.
 
     Args:
         matrix_a, matrix_b: B×3×3, source pixel → view pixel for each view.
         grid_size: (h, w) feature cells over view A; the stride is ``H / h`` and each cell
-            sits where :mod:`densessl.cells` says (a ResNet's cell i at pixel ``s·i``).
+            sits where :mod:`densessl.cells` says for ``alignment``.
         view_size_a, view_size_b: (H, W) of each view.
         valid_a, valid_b: B×Ha×Wa / B×Hb×Wb bool data masks of the sources.
         base_grid: B×Ha×Wa×2 pixel positions in source B of each source-A pixel, None = identity.
         base_valid: B×Ha×Wa bool, where the base correspondence exists.
+        alignment: the encoder's ``cell_alignment``: ``"centre"`` (a ResNet's cell i at pixel
+            ``s·i``) or ``"block"`` (ConvNeXt's at ``s·i + (s − 1)/2``).
 
     Returns:
         grid_ab (B×h×w×2 normalised positions in view B), valid_ab (B×h×w bool),
@@ -76,7 +79,7 @@ def compose_correspondence(
     height_b, width_b = valid_b.shape[-2:]
     if view_h_a * w != view_w_a * h:
         raise ValueError(f"grid {grid_size} and view {view_size_a} need one stride on both axes")
-    cells = cell_centres(h, w, view_h_a / h, device=matrix_a.device)
+    cells = cell_centres(h, w, view_h_a / h, device=matrix_a.device, alignment=alignment)
     cells = cells.expand(batch, h, w, 2)
 
     src_a = apply_homography(torch.linalg.inv(matrix_a.float()), cells)

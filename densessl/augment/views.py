@@ -17,6 +17,7 @@ from torchvision.ops import box_area
 from densessl.augment.correspondence import compose_correspondence, sample_at, transform_boxes
 from densessl.augment.geometry import ViewGeometry
 from densessl.augment.photometric import ViewPhotometry
+from densessl.cells import CELL_ALIGNMENTS
 from densessl.contract import PairBatch, SourceBatch
 from densessl.pairs.device_paste import composite_pastes
 
@@ -37,6 +38,8 @@ class ViewAugmentation(nn.Module):
         channels: number of image channels.
         view_size: side of the square views.
         grid_stride: pixels per correspondence cell.
+        cell_alignment: where the encoder's cells sit (its ``cell_alignment``,
+            :mod:`densessl.cells`): ``"centre"`` (ResNets) or ``"block"`` (ConvNeXt).
         geometry: keyword arguments of :class:`ViewGeometry` (crop scale, flips, rotation).
         photometry: keyword arguments of :class:`ViewPhotometry`, or None for none.
         mean, std: per-channel normalisation applied last (scalar or one value per channel).
@@ -47,12 +50,16 @@ class ViewAugmentation(nn.Module):
     def __init__(self, channels: int, view_size: int = 96, grid_stride: int = 8,
                  geometry: dict | None = None, photometry: dict | None = None,
                  mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.25,
-                 min_box_visible: float = 0.3) -> None:
+                 min_box_visible: float = 0.3, cell_alignment: str = "centre") -> None:
         super().__init__()
         if view_size % grid_stride:
             raise ValueError(f"augment.view_size ({view_size}) must be a multiple of the grid "
                              f"stride ({grid_stride})")
+        if cell_alignment not in CELL_ALIGNMENTS:
+            raise ValueError(f"unknown cell alignment {cell_alignment!r}; valid: "
+                             f"{list(CELL_ALIGNMENTS)}")
         self.view_size, self.grid_stride = view_size, grid_stride
+        self.cell_alignment = cell_alignment
         self.geometry_a = ViewGeometry(view_size, **(geometry or {}))
         self.geometry_b = ViewGeometry(view_size, **(geometry or {}))
         self.photometry = (ViewPhotometry(channels, **photometry)
@@ -76,7 +83,7 @@ class ViewAugmentation(nn.Module):
         size = (self.view_size, self.view_size)
         grid_ab, valid_ab, src_a = compose_correspondence(
             matrix_a, matrix_b, (cells, cells), size, size, batch.valid_a, batch.valid_b,
-            batch.base_grid, batch.base_valid)
+            batch.base_grid, batch.base_valid, alignment=self.cell_alignment)
         class_map = None
         if batch.class_map_a is not None:
             # Shift by one so that "outside" (zero padding) decodes to -1 like "unknown".

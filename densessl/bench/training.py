@@ -86,21 +86,27 @@ def bench_recipe(backbone: str, image_size: int, batch_size: int, **loss) -> Rec
     })
 
 
-def source_batch(recipe: Recipe, device: torch.device):
+def source_batch(recipe: Recipe, device: torch.device, cell_alignment: str | None = None):
     """One collated SourceBatch of the recipe's builder on ``device``, and the recipe's view
-    augmentation (moved there too)."""
-    from densessl.build import build_augmentation, build_pair_builder
+    augmentation (moved there too), its grid on the cells of the recipe's backbone
+    (``cell_alignment``; None: asked of that backbone)."""
+    from densessl.build import backbone_cell_alignment, build_augmentation, build_pair_builder
     from densessl.pairs import collate_pairs
 
     builder = build_pair_builder(recipe)
     source = collate_pairs([builder[i] for i in range(recipe.train.batch_size)]).to(device)
-    return source, build_augmentation(recipe, recipe.model.dense_stride).to(device)
+    if cell_alignment is None:
+        cell_alignment = backbone_cell_alignment(recipe)
+    augment = build_augmentation(recipe, recipe.model.dense_stride,
+                                 cell_alignment=cell_alignment)
+    return source, augment.to(device)
 
 
-def make_pair_batch(recipe: Recipe, device: torch.device, with_instances: bool = False):
+def make_pair_batch(recipe: Recipe, device: torch.device, with_instances: bool = False,
+                    cell_alignment: str | None = None):
     """One augmented PairBatch on ``device`` (optionally with random boxes and class maps, so the
-    instance objective has work to do)."""
-    source, augment = source_batch(recipe, device)
+    instance objective has work to do); ``cell_alignment`` as :func:`source_batch`."""
+    source, augment = source_batch(recipe, device, cell_alignment)
     batch = augment(source)
     if with_instances:
         gen = torch.Generator().manual_seed(0)

@@ -111,11 +111,13 @@ def _timm_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int,
                        fpn_upsample: Literal["centred", "nearest"]) -> EncoderWithFPN:
     """:func:`build_fpn_backbone` for ``timm:<name>``: the pretraining backbone itself (so
     ``encoder.pt`` loads key for key) under the same FPN + max-pooled p6. Its BatchNorm
-    stays trainable, as for ResNets; LayerNorm models (ConvNeXt) have none."""
+    stays trainable, as for ResNets; LayerNorm models (ConvNeXt) have none. The FPN's
+    ``centred`` upsampling follows the backbone's ``cell_alignment``, as the pretraining neck's
+    did (bilinear for ConvNeXt's ``block`` cells)."""
     body = build_backbone(backbone, in_channels)
     channels = [body.channels[k] for k in ("c2", "c3", "c4", "c5")]
     fpn = CentredFeaturePyramidNetwork(channels, fpn_dim, extra_blocks=LastLevelMaxPool(),
-                                       upsample=fpn_upsample)
+                                       upsample=fpn_upsample, alignment=body.cell_alignment)
     model = EncoderWithFPN(body, fpn, fpn_dim)
     model.loaded_groups = []
     if encoder_state is not None:

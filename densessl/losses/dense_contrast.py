@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from densessl.cells import image_to_feature_grid
+from densessl.cells import CELL_ALIGNMENTS, image_to_feature_grid
 from densessl.distributed import gather_concat, rank, world_size
 from densessl.losses.functional import pairwise_negatives, ring_negatives, weighted_info_nce
 from densessl.losses.per_class_queue import PerClassQueue
@@ -60,18 +60,19 @@ def cells_of(dense: Tensor, cell: Tensor) -> Tensor:
     return dense.flatten(2).gather(2, index).transpose(1, 2).reshape(-1, d)
 
 
-def keys_at(k_dense: Tensor, grid_ab: Tensor, cell: Tensor, stride: int) -> Tensor:
+def keys_at(k_dense: Tensor, grid_ab: Tensor, cell: Tensor, stride: int,
+            alignment: str = "centre") -> Tensor:
     """View-B features at the points of the chosen view-A cells: bilinear at ``grid_ab``, only
     where needed → B·n×D.
 
     ``grid_ab`` is in view-B image coordinates; ``k_dense`` is view B's stride-``stride`` map,
-    whose cells sit where :mod:`densessl.cells` says. Border padding: a point inside view B but
-    past its outermost cell centre takes the edge cell's feature instead of being blended with
-    zeros.
+    whose cells sit where :mod:`densessl.cells` says for ``alignment`` (the encoder's
+    ``cell_alignment``). Border padding: a point inside view B but past its outermost cell
+    centre takes the edge cell's feature instead of being blended with zeros.
     """
     b, d, fh, fw = k_dense.shape
     grid = grid_ab.reshape(b, -1, 2).gather(1, cell.reshape(b, -1, 1).expand(b, -1, 2))
-    grid = image_to_feature_grid(grid, (fh * stride, fw * stride), (fh, fw), stride)
+    grid = image_to_feature_grid(grid, (fh * stride, fw * stride), (fh, fw), stride, alignment)
     sampled = F.grid_sample(k_dense, grid[:, :, None, :].to(k_dense.dtype), mode="bilinear",
                             padding_mode="border", align_corners=False)
     return sampled[..., 0].transpose(1, 2).reshape(-1, d)
@@ -91,6 +92,8 @@ class DenseContrast(nn.Module):
         enqueue_per_image: key cells per image pushed to the queue each training step.
         stride: input pixels per cell of the dense maps (the encoder's dense stride); places
             the key map's cells (:mod:`densessl.cells`) when sampling it at ``grid_ab``.
+        alignment: the encoder's ``cell_alignment`` (``"centre"`` or ``"block"``): with
+            ``stride``, where the key map's cells sit.
         num_classes: if given, one queue ring per class (:class:`PerClassQueue`, SegLoc): a
             query cell of class c gets no negatives of class c, queued or in the batch. Cell
             classes come from ``class_map``; a key carries the class of the A cell it
@@ -131,6 +134,7 @@ class DenseContrast(nn.Module):
         stride: int = 8,
         background: Literal["negative", "own_class", "ignore"] = "negative",
         robust: RobustPositives | None = None,
+        alignment: str = "centre",
     ) -> None:
         super().__init__()
         if background not in ("negative", "own_class", "ignore"):
@@ -140,6 +144,10 @@ class DenseContrast(nn.Module):
             raise ValueError("background='own_class' needs per-class queues (num_classes)")
         self.dim = dim
         self.stride = stride
+        if alignment not in CELL_ALIGNMENTS:
+            raise ValueError(f"unknown cell alignment {alignment!r}; valid: "
+                             f"{list(CELL_ALIGNMENTS)}")
+        self.alignment = alignment
         self.background = background
         self.temperature = temperature
         self.samples_per_image = samples_per_image
@@ -220,7 +228,7 @@ class DenseContrast(nn.Module):
 
         image, cell, keep = sample_cells(valid, self.samples_per_image)
         q = F.normalize(cells_of(q_dense, cell), dim=1)
-        k = F.normalize(keys_at(k_dense, grid_ab, cell, self.stride), dim=1)
+        k = F.normalize(keys_at(k_dense, grid_ab, cell, self.stride, self.alignment), dim=1)
         weight = keep.float()
         # a gather by image index: fixed shapes, no host read
         query_weight = None if pair_weight is None else pair_weight.to(weight)[image]
@@ -257,7 +265,8 @@ class DenseContrast(nn.Module):
         # every process enqueues (possibly nothing): the queue gathers across processes
         if update_queue and self.enqueue_per_image > 0:
             _, e_cell, e_keep = sample_cells(valid, self.enqueue_per_image)
-            e_keys = F.normalize(keys_at(k_dense.detach(), grid_ab, e_cell, self.stride), dim=1)
+            e_keys = F.normalize(keys_at(k_dense.detach(), grid_ab, e_cell, self.stride,
+                                           self.alignment), dim=1)
             if self.per_class:
                 e_label = cells_of(labels[:, None], e_cell)[:, 0]
                 self.queue.enqueue(e_keys, e_label, keep=e_keep, same_shape=True)
@@ -273,6 +282,7 @@ class PerClassDenseContrast(DenseContrast):
     def __init__(self, num_classes: int, dim: int = 128, queue_size: int = 1024,
                  temperature: float = 0.2, samples_per_image: int = 64,
                  batch_negatives: bool = True, enqueue_per_image: int = 16,
-                 stride: int = 8) -> None:
+                 stride: int = 8, alignment: str = "centre") -> None:
         super().__init__(dim, queue_size, temperature, samples_per_image, batch_negatives,
-                         enqueue_per_image, num_classes=num_classes, stride=stride)
+                         enqueue_per_image, num_classes=num_classes, stride=stride,
+                         alignment=alignment)

@@ -64,13 +64,15 @@ class DensePretraining(pl.LightningModule):
                 output_size=recipe.loss.roi_output_size,
                 canonical_scale=recipe.loss.roi_canonical_scale,
                 levels=recipe.loss.roi_levels, head=recipe.loss.roi_head,
-                fc_dim=recipe.loss.roi_head_fc_dim)
+                fc_dim=recipe.loss.roi_head_fc_dim, alignment=encoder.cell_alignment)
         if recipe.model.key_bn == "split":
             # after the instance head is attached: its conv head's BN must not see the whole
             # key batch either (a RoI count the groups do not divide falls back to it)
             convert_to_split_batchnorm(encoder, recipe.model.split_bn_groups)
         self.model = MomentumPair(encoder)
-        self.augment = build_augmentation(recipe, grid_stride=encoder.stride)
+        # the correspondence grid, the keys and RoIAlign all place cells as this encoder does
+        self.augment = build_augmentation(recipe, grid_stride=encoder.stride,
+                                          cell_alignment=encoder.cell_alignment)
         loss = recipe.loss
         robust = RobustPositives(loss.robust, loss.rince_q, loss.rince_lambda,
                                  loss.truncate_fraction, loss.truncate_warmup_steps)
@@ -85,7 +87,8 @@ class DensePretraining(pl.LightningModule):
                 temperature=loss.temperature, samples_per_image=loss.samples_per_image,
                 batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image,
                 num_classes=loss.num_classes if loss.queue == "per_class" else None,
-                stride=encoder.stride, background=loss.background, robust=robust)
+                stride=encoder.stride, background=loss.background, robust=robust,
+                alignment=encoder.cell_alignment)
         self.global_loss = None
         if loss.global_weight > 0 and recipe.model.global_head:
             self.global_loss = GlobalContrast(dim=recipe.model.global_dim,

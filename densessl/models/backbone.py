@@ -33,6 +33,8 @@ class ResNetBackbone(nn.Module):
     """
 
     strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+    #: every strided layer pads symmetrically: stride-s cell i on pixel s·i (densessl.cells)
+    cell_alignment = "centre"
 
     def __init__(self, name: str = "resnet18", in_channels: int = 3) -> None:
         super().__init__()
@@ -65,7 +67,7 @@ class ResNetBackbone(nn.Module):
 def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
     """``"resnet18/34/50"`` → :class:`ResNetBackbone`; ``"timm:<model>"`` →
     :class:`~densessl.models.timm_backbone.TimmBackbone`. Both return ``{"c2".."c5"}`` at
-    strides 4..32 and expose ``channels``."""
+    strides 4..32 and expose ``channels`` and ``cell_alignment`` (:mod:`densessl.cells`)."""
     if name.startswith("timm:"):
         from densessl.models.timm_backbone import TimmBackbone  # imports timm: only when used
 

@@ -26,8 +26,9 @@ class DenseEncoder(nn.Module):
         dense_stride: 8, 16 or 32: the stride of the dense output, picks the level.
         neck_dim: FPN channels.
         fpn_upsample: the FPN's top-down upsampling: ``"centred"`` keeps every cell where
-            :mod:`densessl.cells` places it; ``"nearest"`` is torchvision's (odd cells take a
-            neighbour's top-down value, one cell off).
+            :mod:`densessl.cells` places it for the backbone's ``cell_alignment`` (bilinear
+            ``align_corners=False`` for ``"block"``); ``"nearest"`` is torchvision's (odd cells
+            take a neighbour's top-down value, one cell off).
         dense_dim, dense_hidden: dense head output / hidden channels.
         global_head: add a MoCo-v2 style head on pooled ``c5`` (Chen et al. 2020).
         global_dim, global_hidden: global head output / hidden sizes.
@@ -69,8 +70,8 @@ class DenseEncoder(nn.Module):
         if dense_stride not in _LEVEL_FOR_STRIDE:
             raise ValueError(f"dense_stride must be one of {sorted(_LEVEL_FOR_STRIDE)}")
         self.backbone = build_backbone(backbone, in_channels)
-        self.neck = (FPNNeck(self.backbone.channels, neck_dim, fpn_upsample) if neck == "fpn"
-                     else None)
+        self.neck = (FPNNeck(self.backbone.channels, neck_dim, fpn_upsample,
+                             alignment=self.cell_alignment) if neck == "fpn" else None)
         prefix = "p" if self.neck is not None else "c"
         self.dense_level = prefix + _LEVEL_FOR_STRIDE[dense_stride]
         dense_in = neck_dim if self.neck is not None else self.backbone.channels[self.dense_level]
@@ -92,6 +93,12 @@ class DenseEncoder(nn.Module):
     def stride(self) -> int:
         """Input pixels per cell of the dense output."""
         return self._stride
+
+    @property
+    def cell_alignment(self) -> str:
+        """Where the backbone's (and so every output's) cells sit: ``"centre"`` or ``"block"``
+        (:mod:`densessl.cells`); what the correspondence, the keys and RoIAlign must use."""
+        return self.backbone.cell_alignment
 
     def forward(self, x: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
         feats = self.backbone(x)

@@ -19,7 +19,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import LevelMapper
 
-from densessl.cells import boxes_for_roi_align
+from densessl.cells import CELL_ALIGNMENTS, boxes_for_roi_align
 
 
 def assign_fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: float = 224.0,
@@ -35,18 +35,20 @@ def assign_fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: fl
 def multiscale_roi_align(pyramid: dict[str, Tensor], boxes: Tensor, box_batch: Tensor,
                          output_size: int = 7, sampling_ratio: int = 2,
                          canonical_scale: float = 224.0, canonical_level: int = 4,
-                         sync_free: bool | None = None) -> Tensor:
+                         sync_free: bool | None = None, alignment: str = "centre") -> Tensor:
     """Pool each box from the pyramid level its size selects.
 
     Args:
         pyramid: ``{"p2": B×C×H/4×W/4, …, "p5": …}`` (any ``pK``/``cK`` names with the same C).
         boxes: N×4 xyxy in input pixels, COCO edges (image spans [0, W]); each level's
-            cells are placed as :mod:`densessl.cells` says (a ResNet's cell i at pixel s·i).
+            cells are placed as :mod:`densessl.cells` says for ``alignment``.
         box_batch: N image index of each box.
         sync_free: pool every box on every level and keep its own level's result, so no
             count of boxes per level is read on the host (a GPU step never waits); the default
             does so off the CPU, where the 4× RoIAlign work is cheaper than a sync. On a CPU
             each level pools only its own boxes. Both give the same values.
+        alignment: the backbone's cell alignment (:mod:`densessl.cells`), which places each
+            level's cells.
 
     Returns:
         N×C×output_size×output_size.
@@ -64,7 +66,8 @@ def multiscale_roi_align(pyramid: dict[str, Tensor], boxes: Tensor, box_batch: T
     for name, level in zip(names, levels):
         feature = pyramid[name]
         stride = 2 ** level  # pK / cK has stride 2^K, whatever the input size
-        rois = torch.cat([box_batch[:, None].to(boxes), boxes_for_roi_align(boxes, stride)], 1)
+        rois = torch.cat([box_batch[:, None].to(boxes),
+                          boxes_for_roi_align(boxes, stride, alignment)], 1)
         scale = 1.0 / stride
         if sync_free:
             pooled = roi_align(feature, rois.to(feature.dtype), output_size, scale,
@@ -80,7 +83,8 @@ def multiscale_roi_align(pyramid: dict[str, Tensor], boxes: Tensor, box_batch: T
 
 
 def all_level_roi_align(pyramid: dict[str, Tensor], boxes: Tensor, box_batch: Tensor,
-                        output_size: int = 7, sampling_ratio: int = 2) -> Tensor:
+                        output_size: int = 7, sampling_ratio: int = 2,
+                        alignment: str = "centre") -> Tensor:
     """Pool every box on every level (InsLoc: one RoI feature, and one loss, per level).
 
     Args:
@@ -88,6 +92,7 @@ def all_level_roi_align(pyramid: dict[str, Tensor], boxes: Tensor, box_batch: Te
         boxes: N×4 (the same boxes on every level) or L×N×4 (row l on the l-th level, e.g. the
             query's jittered box on the coarsest level only), xyxy input pixels, COCO edges.
         box_batch: N image index of each box.
+        alignment: as :func:`multiscale_roi_align`.
 
     Returns:
         L×N×C×output_size×output_size. Fixed shapes, no host read.
@@ -103,7 +108,7 @@ def all_level_roi_align(pyramid: dict[str, Tensor], boxes: Tensor, box_batch: Te
         feature = pyramid[name]
         stride = 2 ** int(name[1:])  # pK / cK has stride 2^K
         rois = torch.cat([box_batch[:, None].to(level_boxes),
-                          boxes_for_roi_align(level_boxes, stride)], 1)
+                          boxes_for_roi_align(level_boxes, stride, alignment)], 1)
         pooled.append(roi_align(feature, rois.to(feature.dtype), output_size, 1.0 / stride,
                                 sampling_ratio, aligned=True))
     return torch.stack(pooled)
@@ -142,6 +147,8 @@ class InstanceHead(nn.Module):
         levels: ``by_size`` or ``all``.
         head: ``mlp`` or ``conv``.
         fc_dim: width of the ``conv`` head's fc (torchvision's and InsLoc's 1024).
+        alignment: the encoder's ``cell_alignment`` (:mod:`densessl.cells`): where the
+            pyramid's cells sit, so that RoIAlign samples the cells centred on each box.
 
     Shapes:
         ``forward(pyramid, boxes, box_batch N)``: ``by_size``: boxes N×4 → N×out_dim;
@@ -152,7 +159,8 @@ class InstanceHead(nn.Module):
                  output_size: int = 7, canonical_scale: float = 224.0,
                  canonical_level: int = 4, sync_free: bool | None = None,
                  levels: Literal["by_size", "all"] = "by_size",
-                 head: Literal["mlp", "conv"] = "mlp", fc_dim: int = 1024) -> None:
+                 head: Literal["mlp", "conv"] = "mlp", fc_dim: int = 1024,
+                 alignment: str = "centre") -> None:
         super().__init__()
         if levels not in ("by_size", "all"):
             raise ValueError(f"levels must be 'by_size' or 'all', got {levels!r}")
@@ -161,6 +169,10 @@ class InstanceHead(nn.Module):
         if head == "conv" and output_size < 2:
             raise ValueError(f"the conv head's BatchNorm needs output_size >= 2 (one box must "
                              f"give it 2 values per channel), got {output_size}")
+        if alignment not in CELL_ALIGNMENTS:
+            raise ValueError(f"unknown cell alignment {alignment!r}; valid: "
+                             f"{list(CELL_ALIGNMENTS)}")
+        self.alignment = alignment
         self.output_size = output_size
         self.canonical_scale, self.canonical_level = canonical_scale, canonical_level
         self.sync_free = sync_free
@@ -180,11 +192,12 @@ class InstanceHead(nn.Module):
     def pool(self, pyramid: dict[str, Tensor], boxes: Tensor, box_batch: Tensor) -> Tensor:
         """RoI features: N×C×S×S (``by_size``) or L×N×C×S×S (``all``)."""
         if self.levels == "all":
-            return all_level_roi_align(pyramid, boxes, box_batch, self.output_size)
+            return all_level_roi_align(pyramid, boxes, box_batch, self.output_size,
+                                       alignment=self.alignment)
         return multiscale_roi_align(pyramid, boxes, box_batch, self.output_size,
                                     canonical_scale=self.canonical_scale,
                                     canonical_level=self.canonical_level,
-                                    sync_free=self.sync_free)
+                                    sync_free=self.sync_free, alignment=self.alignment)
 
     def embed(self, pooled: Tensor) -> Tensor:
         """RoI features M×C×S×S → M×out_dim."""

@@ -1,5 +1,6 @@
 """FPN neck (Lin et al. 2017, "Feature Pyramid Networks for Object Detection") whose top-down
-path keeps every cell where :mod:`densessl.cells` places it."""
+path keeps every cell where :mod:`densessl.cells` places it, for the backbone's cell alignment
+(``"centre"``: :func:`upsample_centred`; ``"block"``: :func:`upsample_block`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import FeaturePyramidNetwork
+
+from densessl.cells import CELL_ALIGNMENTS
 
 
 def upsample_centred(coarse: Tensor, size: tuple[int, int]) -> Tensor:
@@ -38,6 +41,21 @@ def upsample_centred(coarse: Tensor, size: tuple[int, int]) -> Tensor:
     return up
 
 
+def upsample_block(coarse: Tensor, size: tuple[int, int]) -> Tensor:
+    """2× upsampling for ``"block"``-aligned cells (:mod:`densessl.cells`, e.g. ConvNeXt).
+
+    Stride-``s`` cell ``i`` sits on pixel ``s·i + (s − 1)/2`` and stride-``2s`` cell ``j`` on
+    ``2s·j + s − 1/2``, so fine cell ``i`` is at coarse position ``i/2 − 1/4``: fine cells
+    ``2j`` and ``2j + 1`` at ``j − 1/4`` and ``j + 1/4``. That is bilinear with
+    ``align_corners=False`` at exactly 2× (clamped at the borders: the edge repeats).
+    """
+    h, w = coarse.shape[-2:]
+    if tuple(size) != (2 * h, 2 * w):
+        # another scale factor would move the sample points
+        raise ValueError(f"upsample_block: {tuple(size)} is not exactly 2× of {(h, w)}")
+    return F.interpolate(coarse, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 # Not torchvision's FPN as is: its nearest top-down upsampling puts odd cells one fine cell off
 # where densessl.cells places them; subclassing keeps its modules and state-dict keys.
 class CentredFeaturePyramidNetwork(FeaturePyramidNetwork):
@@ -45,20 +63,30 @@ class CentredFeaturePyramidNetwork(FeaturePyramidNetwork):
     choice of top-down upsampling, and optionally only some output levels.
 
     Args:
-        upsample: ``"centred"`` (:func:`upsample_centred`, the default) or ``"nearest"``
-            (torchvision's own, for weights trained with it).
+        upsample: ``"centred"`` (the default: keeps each cell where the backbone's
+            ``alignment`` puts it) or ``"nearest"`` (torchvision's own, for weights trained
+            with it; whatever the alignment).
+        alignment: the backbone's cell alignment (:data:`densessl.cells.CELL_ALIGNMENTS`):
+            ``"centre"`` → :func:`upsample_centred`, ``"block"`` → :func:`upsample_block`.
     """
 
     def __init__(self, in_channels_list: list[int], out_channels: int, extra_blocks=None,
-                 upsample: Literal["centred", "nearest"] = "centred") -> None:
+                 upsample: Literal["centred", "nearest"] = "centred",
+                 alignment: str = "centre") -> None:
         super().__init__(in_channels_list, out_channels, extra_blocks=extra_blocks)
         if upsample not in ("centred", "nearest"):
             raise ValueError(f"unknown FPN upsampling {upsample!r}; valid: 'centred', 'nearest'")
+        if alignment not in CELL_ALIGNMENTS:
+            raise ValueError(f"unknown cell alignment {alignment!r}; valid: "
+                             f"{list(CELL_ALIGNMENTS)}")
         self.upsample = upsample
+        self.alignment = alignment
 
     def _up(self, inner: Tensor, size: tuple[int, int]) -> Tensor:
         if self.upsample == "nearest":
             return F.interpolate(inner, size=size, mode="nearest")
+        if self.alignment == "block":
+            return upsample_block(inner, size)
         return upsample_centred(inner, size)
 
     def forward(self, x: dict[str, Tensor], finest: int = 0) -> dict[str, Tensor]:
@@ -87,19 +115,21 @@ class FPNNeck(nn.Module):
     Args:
         in_channels: channels of each backbone level, e.g. ``{"c2": 64, …, "c5": 512}``.
         out_channels: channels of every output level.
-        upsample: top-down upsampling, see :class:`CentredFeaturePyramidNetwork`.
+        upsample, alignment: top-down upsampling, see :class:`CentredFeaturePyramidNetwork`.
 
     Shapes:
         ``forward({"cK": B×Ck×hK×wK}) -> {"pK": B×out_channels×hK×wK}`` for the same K.
     """
 
     def __init__(self, in_channels: dict[str, int], out_channels: int = 128,
-                 upsample: Literal["centred", "nearest"] = "centred") -> None:
+                 upsample: Literal["centred", "nearest"] = "centred",
+                 alignment: str = "centre") -> None:
         super().__init__()
         self.levels = list(in_channels)
         self.out_channels = out_channels
         self.fpn = CentredFeaturePyramidNetwork([in_channels[k] for k in self.levels],
-                                                out_channels, upsample=upsample)
+                                                out_channels, upsample=upsample,
+                                                alignment=alignment)
 
     def forward(self, features: dict[str, Tensor],
                 outputs: set[str] | None = None) -> dict[str, Tensor]:

@@ -35,6 +35,29 @@ def create_features_model(name: str, in_channels: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels)
 
 
+def stem_cell_alignment(model: nn.Module) -> str:
+    """Where the model's cells sit (:mod:`densessl.cells`), read off its first convolution:
+    ``"block"`` when it is a patchify conv (kernel size == stride > 1 on both axes, no
+    padding: each output covers its own s×s block, ConvNeXt's 4×4/4 stem), else ``"centre"``.
+
+    The rule assumes the rest of the network downsamples the same way as its stem, which
+    timm's hierarchical CNNs do (ConvNeXt: unpadded 2×2/2 downsamples; ResNet / RegNet /
+    EfficientNet / MobileNet: symmetrically padded strided convs). Its limits: a network that
+    mixes the two (e.g. a ResNet-D, whose shortcut downsamples by a 2×2 average pool, block
+    aligned, while the main path's 3×3/2 conv is centre aligned, so its cells sit between the
+    two), a stem conv with padding that is not symmetric (timm's ``*_same`` TF ports pad
+    right/bottom only, a fraction of a pixel per layer) or a first conv that is not the stem
+    are classified by the stem alone.
+    """
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return "centre"
+    kernel, stride, padding = conv.kernel_size, conv.stride, conv.padding
+    unpadded = padding in ("valid", 0) or (not isinstance(padding, str) and not any(padding))
+    patchify = all(k == s > 1 for k, s in zip(kernel, stride))
+    return "block" if patchify and unpadded else "centre"
+
+
 def level_indices(name: str, reductions: list[int]) -> dict[str, int]:
     """Output index of ``c2..c5`` in a features_only model whose outputs have ``reductions``:
     the deepest output at each stride. A ValueError naming the model when one is missing."""
@@ -60,7 +83,8 @@ class TimmBackbone(nn.Module):
 
     Shapes:
         ``forward(x: B×in_channels×H×W) -> {"c2": …H/4, "c3": …H/8, "c4": …H/16, "c5": …H/32}``
-        with H, W multiples of 32; ``self.channels`` gives their channels.
+        with H, W multiples of 32; ``self.channels`` gives their channels and
+        ``self.cell_alignment`` where their cells sit (:func:`stem_cell_alignment`).
     """
 
     strides = dict(LEVEL_STRIDES)
@@ -82,6 +106,7 @@ class TimmBackbone(nn.Module):
         self.channels: dict[str, int] = {k: int(channels[i]) for k, i in self._index.items()}
         self.name = TIMM_PREFIX + name
         self.in_channels = in_channels
+        self.cell_alignment = stem_cell_alignment(self.model)
         # NHWC outputs (a few timm families) are permuted back to the NCHW every consumer reads
         self._channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         # encoder.pt is the timm features model's own state dict: no "model." prefix

@@ -12,7 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from densessl.augment.correspondence import normalized_to_pixel  # noqa: E402
-from densessl.build import build_augmentation, build_pair_builder  # noqa: E402
+from densessl.build import (  # noqa: E402
+    backbone_cell_alignment,
+    build_augmentation,
+    build_pair_builder,
+)
 from densessl.cells import cell_centres  # noqa: E402
 from densessl.io import atomic_write  # noqa: E402
 from densessl.pairs import collate_pairs  # noqa: E402
@@ -34,12 +38,13 @@ def inspect_pairs(recipe, out: str | Path, overrides: list[str] | None = None, c
     torch.manual_seed(seed)
     builder = build_pair_builder(recipe)
     stride = recipe.model.dense_stride
-    augment = build_augmentation(recipe, grid_stride=stride)
+    augment = build_augmentation(recipe, grid_stride=stride,
+                                 cell_alignment=backbone_cell_alignment(recipe))
     indices = torch.randperm(len(builder))[:count].tolist()
     batch = augment(collate_pairs([builder[i] for i in indices]))
     size = augment.view_size
     cells = size // stride
-    centres = cell_centres(cells, cells, stride)
+    centres = cell_centres(cells, cells, stride, alignment=augment.cell_alignment)
     fig, axes = plt.subplots(len(indices), 1, figsize=(6, 3.1 * len(indices)), squeeze=False)
     for row, ax in enumerate(axes[:, 0]):
         a = _displayable(batch.view_a[row], augment.mean, augment.std)
