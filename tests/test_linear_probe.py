@@ -215,3 +215,23 @@ def test_default_probe_reaches_the_optimum_of_its_objective():
                             labels).item()
     assert optimum < 0.8 * prior  # the features carry signal: the test can tell
     assert probe_loss <= 1.1 * optimum, (probe_loss, optimum, prior)
+
+
+@pytest.mark.parametrize("alignment", ["centre", "block"])
+@pytest.mark.parametrize("stride", [4, 8, 32])
+def test_upsampling_reads_each_pixel_between_the_cells_centred_around_it(stride, alignment):
+    """A map whose cells hold their own centre's pixel x (y) coordinate, upsampled: every
+    pixel between the first and last cell centres reads back its own coordinate (bilinear
+    is exact on a linear ramp), and pixels outside read the border cell."""
+    from densessl.cells import cell_offset
+    from densessl.eval.linear_probe import upsample_level
+
+    size, n = 4 * stride, 4
+    offset = cell_offset(stride, alignment)
+    centres = torch.arange(n, dtype=torch.float64) * stride + offset
+    ramp = torch.stack([centres.expand(n, n), centres[:, None].expand(n, n)])[None]
+    out = upsample_level(ramp, (size, size), stride, alignment)[0]
+    pixels = torch.arange(size, dtype=torch.float64)
+    expected = pixels.clamp(float(centres[0]), float(centres[-1]))
+    torch.testing.assert_close(out[0, 0], expected, atol=1e-9, rtol=0)  # x along a row
+    torch.testing.assert_close(out[1, :, 0], expected, atol=1e-9, rtol=0)  # y down a column

@@ -28,11 +28,44 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from densessl.cells import cell_offset
 from densessl.errors import DensesslError
 from densessl.models.backbone import build_backbone
 from densessl.models.weights import load_encoder
 
 LEVELS = ("c2", "c3", "c4", "c5")
+#: the backbone stride of each probe level
+LEVEL_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+
+
+def _feature_coords(pixels: Tensor, length: int, stride: float, alignment: str) -> Tensor:
+    """grid_sample coordinates (align_corners=False) along one axis of a ``length``-cell map
+    of pixel positions ``pixels``: the cell index is (pixel − offset) / stride, where the
+    cell is centred (:mod:`densessl.cells`: a ResNet cell ``i`` sits on pixel ``s·i``, not on
+    the middle of its block, which ``F.interpolate(align_corners=False)`` would assume)."""
+    index = (pixels - cell_offset(stride, alignment)) / stride
+    return (2 * index + 1) / length - 1
+
+
+def upsample_level(f: Tensor, size: tuple[int, int], stride: float,
+                   alignment: str = "centre") -> Tensor:
+    """A stride-``stride`` map B×C×h×w bilinearly resampled at every pixel of a ``size``
+    image, each pixel reading the cells centred around it (edges: the border cell)."""
+    (height, width), (fh, fw) = size, f.shape[-2:]
+    ys = _feature_coords(torch.arange(height, dtype=f.dtype, device=f.device), fh, stride,
+                         alignment)
+    xs = _feature_coords(torch.arange(width, dtype=f.dtype, device=f.device), fw, stride,
+                         alignment)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)[None]
+    return F.grid_sample(f, grid.expand(f.shape[0], -1, -1, -1), mode="bilinear",
+                         padding_mode="border", align_corners=False)
+
+
+def _strides(feats: Sequence[Tensor], size: tuple[int, int],
+             strides: Sequence[float] | None) -> list[float]:
+    """Each level's stride: given, or the image height over the map's (exact for sides that
+    are multiples of the coarsest stride)."""
+    return list(strides) if strides is not None else [size[0] / f.shape[-2] for f in feats]
 
 
 class DenseLinearHead(nn.Module):
@@ -63,7 +96,8 @@ class DenseLinearHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.norm(x))
 
-    def dense(self, feats: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    def dense(self, feats: Sequence[Tensor], size: tuple[int, int],
+              strides: Sequence[float] | None = None, alignment: str = "centre") -> Tensor:
         if self.training:
             raise RuntimeError("DenseLinearHead.dense needs eval mode (running statistics)")
         if len(feats) != len(self.channels):
@@ -75,11 +109,10 @@ class DenseLinearHead(nn.Module):
         weight = self.linear.weight * scale[None]
         bias = self.linear.bias + self.linear.weight @ shift
         out, at = None, 0
-        for f in feats:
+        for f, stride in zip(feats, _strides(feats, size, strides)):
             c = f.shape[1]
             w = weight[:, at:at + c, None, None].to(f.dtype)
-            logits = F.interpolate(F.conv2d(f, w), size=size, mode="bilinear",
-                                   align_corners=False)
+            logits = upsample_level(F.conv2d(f, w), size, stride, alignment)
             out = logits if out is None else out + logits
             at += c
         return out + bias[None, :, None, None].to(out.dtype)
@@ -119,18 +152,23 @@ class LinearProbe(nn.Module):
         with torch.no_grad():
             feats = self.encoder(x)
         feats = [feats[k] for k in self.levels]
+        strides = [LEVEL_STRIDES[k] for k in self.levels]
+        alignment = getattr(self.encoder, "cell_alignment", "centre")
         if not self.training:
-            return self.head.dense(feats, x.shape[-2:])
+            return self.head.dense(feats, x.shape[-2:], strides, alignment)
         # training: every pixel is a row (the cached protocol samples pixels instead)
         b, (h, w) = x.shape[0], x.shape[-2:]
-        rows = upsampled(feats, (h, w)).permute(0, 2, 3, 1).reshape(b * h * w, -1)
+        rows = upsampled(feats, (h, w), strides, alignment).permute(0, 2, 3, 1).reshape(
+            b * h * w, -1)
         return self.head(rows).reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
 
-def upsampled(feats: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
-    """The hypercolumn: every level bilinearly upsampled to ``size`` and concatenated."""
-    return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                      for f in feats], dim=1)
+def upsampled(feats: Sequence[Tensor], size: tuple[int, int],
+              strides: Sequence[float] | None = None, alignment: str = "centre") -> Tensor:
+    """The hypercolumn: every level bilinearly upsampled to ``size`` (each pixel reading the
+    cells centred around it, :func:`upsample_level`) and concatenated."""
+    return torch.cat([upsample_level(f, size, s, alignment)
+                      for f, s in zip(feats, _strides(feats, size, strides))], dim=1)
 
 
 def check_levels(levels: Sequence[str]) -> tuple[str, ...]:
@@ -177,10 +215,13 @@ def recompute_bn_stats(encoder: nn.Module, dataset: Dataset, mean: Sequence[floa
 @dataclass
 class ProbeFeatures:
     """Cached features of one evaluation split: ``feats[l]`` N×C_l×h_l×w_l (float32, CPU) at
-    native resolution, ``masks`` N×H×W long."""
+    native resolution, ``masks`` N×H×W long, each level's ``strides`` and the encoder's cell
+    ``alignment`` (where its cells sit, for upsampling)."""
 
     feats: list[Tensor]
     masks: Tensor
+    strides: list[float] | None = None
+    alignment: str = "centre"
 
     def __len__(self) -> int:
         return self.masks.shape[0]
@@ -219,7 +260,9 @@ def encode_split(encoder: nn.Module, dataset: Dataset, levels: Sequence[str],
         masks.append(mask)
     if not masks:
         raise DensesslError("linear probe: a split to encode is empty")
-    return ProbeFeatures([torch.cat(f) for f in feats], torch.cat(masks))
+    return ProbeFeatures([torch.cat(f) for f in feats], torch.cat(masks),
+                         [LEVEL_STRIDES[k] for k in levels],
+                         getattr(encoder, "cell_alignment", "centre"))
 
 
 @torch.no_grad()
@@ -234,24 +277,30 @@ def encode_pixels(encoder: nn.Module, dataset: Dataset, levels: Sequence[str],
         raise DensesslError(f"finetune.probe_pixels_per_image: expected >= 1, got "
                             f"{pixels_per_image}")
     encoder.eval()
+    alignment = getattr(encoder, "cell_alignment", "centre")
     gen = torch.Generator().manual_seed(seed)
     xs, labels, images = [], [], []
     first, channels = 0, []
     for image, mask in _images(dataset, batch_size):
         out = encoder(_normalise(image, mean, std))
         channels = [out[k].shape[1] for k in levels]
-        b, (h, w) = image.shape[0], mask.shape[-2:]
+        b, w = image.shape[0], mask.shape[-1]
         for i in range(b):
             flat = mask[i].flatten()
             where = (flat != ignore_index).nonzero()[:, 0]
             pick = where[torch.randperm(len(where), generator=gen)[:pixels_per_image]]
             ys, xs_ = (pick // w).float(), (pick % w).float()
-            # pixel centres in grid_sample's normalised coordinates (align_corners=False and
-            # border padding: the same points F.interpolate(bilinear) samples)
-            grid = torch.stack([(2 * xs_ + 1) / w - 1, (2 * ys + 1) / h - 1], -1)[None, None]
-            rows = [F.grid_sample(out[k][i:i + 1].float(), grid, mode="bilinear",
-                                  padding_mode="border", align_corners=False)[0, :, 0].T
-                    for k in levels]
+            # the same points upsample_level reads: each pixel between the cells centred
+            # around it, border cells at the edges
+            rows = []
+            for k in levels:
+                f = out[k][i:i + 1].float()
+                stride, (fh, fw) = LEVEL_STRIDES[k], f.shape[-2:]
+                grid = torch.stack([_feature_coords(xs_, fw, stride, alignment),
+                                    _feature_coords(ys, fh, stride, alignment)], -1)
+                rows.append(F.grid_sample(f, grid[None, None], mode="bilinear",
+                                          padding_mode="border",
+                                          align_corners=False)[0, :, 0].T)
             xs.append(torch.cat(rows, 1))
             labels.append(flat[pick])
             images.append(torch.full((len(pick),), first + i, dtype=torch.long))
@@ -324,6 +373,7 @@ def predict_probe(head: DenseLinearHead, split: ProbeFeatures, batch_size: int =
     """Argmax class map N×H×W of a trained head over a split's cached levels."""
     head.eval()
     size = tuple(split.masks.shape[-2:])
-    preds = [head.dense([f[i:i + batch_size] for f in split.feats], size).argmax(1)
+    preds = [head.dense([f[i:i + batch_size] for f in split.feats], size, split.strides,
+                        split.alignment).argmax(1)
              for i in range(0, len(split), batch_size)]
     return torch.cat(preds)
