@@ -66,13 +66,13 @@ def _window_map(theta: Tensor, origin: Tensor, window: tuple[int, int]) -> Tenso
 
 
 class _Windows:
-    """The pixels of every paste's window in one view: canvas flat indices (B×k×N) and pixel
-    coordinates (B×k×N×2), N = window height × width. A window as large as the source is the
+    """Every paste's window in one view: its origin (B×k×2, x, y) and the canvas flat indices
+    of its pixels (B×k×N, N = window height × width). A window as large as the source is the
     source itself (every origin is then 0): reads and writes go to the canvas directly."""
 
     def __init__(self, origin: Tensor, window: tuple[int, int], size: tuple[int, int]) -> None:
         height, width = window
-        self.origin, self.window, self.size = origin, window, size
+        self.origin, self.window = origin, window
         self.whole = tuple(window) == tuple(size)
         self.index = None
         if not self.whole:
@@ -103,6 +103,11 @@ class _Windows:
         return canvas.scatter_(canvas.dim() - 1, self._index(canvas, j), values)
 
 
+def _as_float(image: Tensor) -> Tensor:
+    """uint8 0..255 → float32 in [0, 1]; a float image as it is."""
+    return image.float() / 255.0 if image.dtype == torch.uint8 else image
+
+
 def _layers(paste: PasteBatch, dtype: torch.dtype) -> Tensor:
     """The crop-and-mask layers as ``dtype`` in [0, 1] (uint8 layers scaled), once per batch."""
     layers = paste.layers.to(dtype)
@@ -129,7 +134,7 @@ def _warp(layers: Tensor, inverse: Tensor, origin: Tensor, window: tuple[int, in
 
 
 def _paint(background: Tensor, windows: _Windows, layers: Tensor, alpha: Tensor, blend: str
-           ) -> tuple[Tensor, Tensor, Tensor]:
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Blend the layers onto ``background`` in paste order (a later segment covers earlier
     ones) and label every canvas pixel (B×HW uint8) with 1 + the index of the last instance
     with any coverage (``last``, 0 = none), whether that instance is opaque there (``opaque``)
@@ -150,12 +155,10 @@ def _paint(background: Tensor, windows: _Windows, layers: Tensor, alpha: Tensor,
             over = under * torch.lerp(torch.ones_like(a_c), layers[:, j], a_c)
         image = windows.put(image, j, over)
         covers = a > 0.0
-        last = windows.put(last, j, torch.where(covers, j + 1, windows.take(last, j)).to(
-            torch.uint8))
+        last = windows.put(last, j, torch.where(covers, j + 1, windows.take(last, j)))
         opaque = windows.put(opaque, j, torch.where(covers, a >= OPAQUE,
                                                     windows.take(opaque, j)))
-        top = windows.put(top, j, torch.where(a > 0.5, j + 1, windows.take(top, j)).to(
-            torch.uint8))
+        top = windows.put(top, j, torch.where(a > 0.5, j + 1, windows.take(top, j)))
     return image.view_as(background), last, opaque, top
 
 
@@ -196,12 +199,11 @@ def _reads_only(labels: Tensor, xy: Tensor, want: Tensor) -> Tensor:
     return ok.view(xy.shape[:-1])
 
 
-def _window_boxes(top: Tensor, windows: _Windows, origin: Tensor, j: int
-                  ) -> tuple[Tensor, Tensor]:
+def _window_boxes(top: Tensor, windows: _Windows, j: int) -> tuple[Tensor, Tensor]:
     """COCO-edge box (B×4) of instance ``j``'s pixels on top, and their number (B)."""
     visible = windows.take(top, j) == j + 1
     boxes = masks_to_boxes(visible.view(-1, *windows.window))
-    corner = origin[:, j].to(boxes.dtype).repeat(1, 2)  # window → canvas pixels
+    corner = windows.origin[:, j].to(boxes.dtype).repeat(1, 2)  # window → canvas pixels
     boxes = boxes + corner + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
     count = visible.sum(1)
     return boxes * (count > 0)[:, None], count
@@ -222,13 +224,9 @@ def composite_pastes(batch: SourceBatch) -> SourceBatch:
         if window[0] > size[0] or window[1] > size[1]:
             raise PairContractError(f"paste window_{name} {window} is larger than source_{name} "
                                     f"{size}; collate the plans with the sources' sizes")
-    background_a, background_b = batch.source_a, batch.source_b
-    dtype = torch.float32 if background_a.dtype == torch.uint8 else background_a.dtype
-    if background_a.dtype == torch.uint8:  # workers ship 4× fewer bytes; scale here
-        background_a = background_a.to(dtype) / 255.0
-    if background_b.dtype == torch.uint8:
-        background_b = background_b.to(dtype) / 255.0
-    device = background_a.device
+    # workers ship 8-bit backgrounds as uint8 (4× fewer bytes); they are scaled here
+    background_a, background_b = _as_float(batch.source_a), _as_float(batch.source_b)
+    dtype, device = background_a.dtype, background_a.device
     b, k = paste.labels.shape
     win_a = _Windows(paste.origin_a, paste.window_a, size_a)
     win_b = _Windows(paste.origin_b, paste.window_b, size_b)
@@ -257,10 +255,9 @@ def composite_pastes(batch: SourceBatch) -> SourceBatch:
         mapped = mapped.view(b, -1, 2)
         on_top = (win_a.take(top_a, j) == j + 1)[..., None]
         grid = win_a.put(grid, j, torch.where(on_top, mapped, win_a.take(grid, j)))
-        for boxes, seen, top, windows, origin in (
-                (boxes_a, seen_a, top_a, win_a, paste.origin_a),
-                (boxes_b, seen_b, top_b, win_b, paste.origin_b)):
-            box, count = _window_boxes(top, windows, origin, j)
+        for boxes, seen, top, windows in ((boxes_a, seen_a, top_a, win_a),
+                                          (boxes_b, seen_b, top_b, win_b)):
+            box, count = _window_boxes(top, windows, j)
             boxes.append(box)
             seen.append(count)
     grid = grid.view(b, *size_a, 2)
