@@ -80,9 +80,13 @@ def bench_xray(root: Path, size: int, device: torch.device, batch_size: int, sam
     synthesize_xray(root, images, seed=0, size=size)
     jpegs = sorted((root / "sixray" / "JPEGImage").glob("*.jpg"))
 
-    def decode(i):  # the floor: two JPEGs decoded to 8-bit arrays, nothing else
-        read_image(jpegs[i % len(jpegs)], keep_uint8=True)
-        read_image(jpegs[(i + 1) % len(jpegs)], keep_uint8=True)
+    def decoding(keep_uint8: bool) -> Callable[[int], None]:
+        """Decoding pair ``i``'s two JPEGs: to 8-bit arrays (the floor), or scaled to float32
+        as every loader decoded before ``keep_uint8``."""
+        def decode(i):
+            read_image(jpegs[i % len(jpegs)], keep_uint8=keep_uint8)
+            read_image(jpegs[(i + 1) % len(jpegs)], keep_uint8=keep_uint8)
+        return decode
 
     def builder(device_composite: bool):
         recipe = load_recipe(X_RAY, overrides=[
@@ -92,14 +96,10 @@ def bench_xray(root: Path, size: int, device: torch.device, batch_size: int, sam
             f"pairs.options.device_composite={str(device_composite).lower()}"])
         return build_pair_builder(recipe)
 
-    def decode_float(i):  # as every loader decoded before keep_uint8 (scaled to float32)
-        read_image(jpegs[i % len(jpegs)])
-        read_image(jpegs[(i + 1) % len(jpegs)])
-
     host, deferred = builder(False), builder(True)
     with _OneThread():
-        decode_ms = _per_call_ms(decode, samples)
-        decode_float_ms = _per_call_ms(decode_float, samples)
+        decode_ms = _per_call_ms(decoding(keep_uint8=True), samples)
+        decode_float_ms = _per_call_ms(decoding(keep_uint8=False), samples)
         host_ms = _per_call_ms(lambda i: host[i % len(host)], samples)
         deferred_ms = _per_call_ms(lambda i: deferred[i % len(deferred)], samples)
         plans = [deferred[i % len(deferred)] for i in range(batch_size)]

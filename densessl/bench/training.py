@@ -103,11 +103,15 @@ def source_batch(recipe: Recipe, device: torch.device, cell_alignment: str | Non
 
 
 def make_pair_batch(recipe: Recipe, device: torch.device, with_instances: bool = False,
-                    cell_alignment: str | None = None):
+                    cell_alignment: str | None = None, channels_last: bool = False):
     """One augmented PairBatch on ``device`` (optionally with random boxes and class maps, so the
-    instance objective has work to do); ``cell_alignment`` as :func:`source_batch`."""
+    instance objective has work to do, and views in ``channels_last`` memory format);
+    ``cell_alignment`` as :func:`source_batch`."""
     source, augment = source_batch(recipe, device, cell_alignment)
     batch = augment(source)
+    if channels_last:
+        batch.view_a = batch.view_a.contiguous(memory_format=torch.channels_last)
+        batch.view_b = batch.view_b.contiguous(memory_format=torch.channels_last)
     if with_instances:
         gen = torch.Generator().manual_seed(0)
         b, size = batch.batch_size, recipe.augment.view_size
@@ -319,12 +323,10 @@ def real_setting_step_ms(device: torch.device, batch_size: int, precision: str,
     recipe = bench_recipe(REAL_SETTING["backbone"], REAL_SETTING["image_size"], batch_size,
                           instance_weight=1.0, queue="per_class", num_classes=BENCH_CLASSES,
                           **PER_CLASS_QUEUES)
-    batch = make_pair_batch(recipe, device, with_instances=True)
+    batch = make_pair_batch(recipe, device, with_instances=True, channels_last=channels_last)
     step, module = densessl_step_fn(recipe, device)
     if channels_last:
         module.to(memory_format=torch.channels_last)
-        batch.view_a = batch.view_a.contiguous(memory_format=torch.channels_last)
-        batch.view_b = batch.view_b.contiguous(memory_format=torch.channels_last)
     warm_up(step, batch, 1, device, precision)
     timed = time_interleaved({"real": step}, batch, 1, rounds, device, precision)
     return timed["real"]["step_ms"]
@@ -340,10 +342,7 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
                        ("cpu" if device == "auto" else device))
     torch.manual_seed(0)
     base = bench_recipe(backbone, image_size, batch_size)
-    batch = make_pair_batch(base, dev, with_instances=True)
-    if channels_last:
-        batch.view_a = batch.view_a.contiguous(memory_format=torch.channels_last)
-        batch.view_b = batch.view_b.contiguous(memory_format=torch.channels_last)
+    batch = make_pair_batch(base, dev, with_instances=True, channels_last=channels_last)
     configs: dict[str, Callable] = {
         "moco_v2_lightly": lambda: moco_v2_step_fn(base, dev),
         "dense": lambda: densessl_step_fn(base, dev),

@@ -194,8 +194,8 @@ class CutPastePairs(PairBuilder):
         if image.dtype == torch.uint8 and not as_float and tuple(image.shape[1:]) == size:
             return image
         image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-        if tuple(image.shape[1:]) != (self.image_size, self.image_size):
-            image = F.interpolate(image[None], size=(self.image_size, self.image_size),
+        if tuple(image.shape[1:]) != size:
+            image = F.interpolate(image[None], size=size,
                                   mode="bilinear", align_corners=False, antialias=True)[0]
         return image
 

@@ -132,8 +132,7 @@ class NoisyPairs(PairBuilder):
         # a nodata mask is all valid (None), whatever the replaced B had.
         sample.valid_b = (None if other.valid_b is None
                           else resize_labels(other.valid_b.bool(), (h, w)))
-        if sample.noise_mask_a is not None:  # a source's own change mask: now every cell is
-            sample.noise_mask_a = torch.ones_like(sample.noise_mask_a)  # wrong
+        _every_cell_wrong(sample)
         return {"applied": True, "other_index": other_index}
 
     def _partial_change(self, sample: PairSample, index: int, rng: np.random.Generator) -> dict:
@@ -183,8 +182,7 @@ class NoisyPairs(PairBuilder):
                  else torch.ones(h, w, dtype=torch.bool))
         moved, moved_valid = _warp(sample.source_b, valid, dx, dy, angle)
         sample.source_b, sample.valid_b = moved, moved_valid
-        if sample.noise_mask_a is not None:  # every correspondence is now off by the shift
-            sample.noise_mask_a = torch.ones_like(sample.noise_mask_a)
+        _every_cell_wrong(sample)  # every correspondence is now off by the shift
         return {"applied": True, "shift": [float(dx), float(dy)], "rotation": angle}
 
     def _wrong_class(self, sample: PairSample, index: int, rng: np.random.Generator) -> dict:
@@ -243,6 +241,13 @@ def _mask_in_a(mask_b: Tensor, base_grid: Tensor | None, base_valid: Tensor | No
     inside = (x >= 0) & (x < wb) & (y >= 0) & (y < hb)
     hit = mask_b[y.clamp(0, hb - 1), x.clamp(0, wb - 1)] & inside
     return hit if base_valid is None else hit & base_valid.bool()
+
+
+def _every_cell_wrong(sample: PairSample) -> None:
+    """A corruption of the whole pair: a change mask the source already gave (noisy-seg's
+    natural change) now marks every cell; without one, the noisy flag alone says so."""
+    if sample.noise_mask_a is not None:
+        sample.noise_mask_a = torch.ones_like(sample.noise_mask_a)
 
 
 def _box_pixels(box: Tensor, h: int, w: int) -> tuple[int, int, int, int]:
