@@ -113,21 +113,29 @@ class PastePlan:
 class PasteBatch:
     """Collated :class:`PastePlan` s (see :func:`densessl.pairs.collate.collate_pastes`).
 
-    ``layers`` (B×k×(C+1)×h×w, uint8 or float): each crop's C image channels and its mask as
-    the last channel, one pixel in from the corner of a zero canvas the size of the batch's
-    largest crop, the image's edge repeated on that one-pixel ring. ``inverse_a`` /
-    ``inverse_b`` (B×k×3×3) map source pixels back to crop pixels; ``matrix_ab`` (B×k×3×3)
-    maps a pixel of instance j in source A to source B; ``paste_scale`` (B×k×2) is each
-    paste's area scale (|det|) in A and B. Matrices are inverted in float64 on the host
-    (k 3×3 inverses), so the device never inverts and the reference's precision is kept.
+    ``layers`` ((C+1)×H×W, uint8 or float) is an *atlas*: every crop's C image channels and
+    its mask as the last channel, each in a cell of its own two pixels larger than the crop
+    (``cells``, B×k×4 long: x, y, width, height in the atlas), the crop one pixel in from the
+    cell's corner and its edge repeated on that ring (where the mask is zero). One image, so
+    the stage samples every paste with one ``grid_sample``. ``mask_area`` (B×k) is
+    each mask's pixel count. ``inverse_a`` / ``inverse_b`` (B×k×3×3) map source pixels back
+    to crop pixels; ``matrix_ab`` (B×k×3×3) maps a pixel of instance j in source A to source
+    B; ``paste_scale`` (B×k×2) is each paste's area scale (|det|) in A and B. Matrices are
+    inverted in float64 on the host, so the device never inverts and the reference's
+    precision is kept.
 
-    ``window_a`` / ``window_b`` ((height, width), host ints) bound every paste's footprint in
-    source A / B, and ``origin_a`` / ``origin_b`` (B×k×2 long, x, y) place each paste's window
-    inside its source: the device stage works only in these windows, and their sizes are fixed
-    on the host, so no shape depends on device values.
+    The stage works in square *tiles* of ``tile`` pixels, a source being cut into
+    ``ceil(H / tile) × ceil(W / tile)`` of them. ``tiles_a`` / ``tiles_b`` (N×2 long) list,
+    for every paste in source A / B, the tiles its footprint touches as (tile index in
+    ``B × tiles_y × tiles_x``, paste index ``b·k + j``), sorted by paste order ``j``;
+    ``rounds_a`` / ``rounds_b`` (k + 1 host ints) delimit each ``j``'s rows. Tiles of one
+    ``j`` never repeat, so each round writes its tiles once. Collation (on the host, where the
+    matrices are) fixes these counts: no shape in the stage depends on device values.
     """
 
     layers: Tensor
+    cells: Tensor
+    mask_area: Tensor
     inverse_a: Tensor
     inverse_b: Tensor
     matrix_ab: Tensor
@@ -136,10 +144,11 @@ class PasteBatch:
     same_background: Tensor
     blend: str
     min_visible: float
-    origin_a: Tensor
-    origin_b: Tensor
-    window_a: tuple[int, int]
-    window_b: tuple[int, int]
+    tile: int
+    tiles_a: Tensor
+    tiles_b: Tensor
+    rounds_a: tuple[int, ...]
+    rounds_b: tuple[int, ...]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PasteBatch:
         return _move(self, device, non_blocking)

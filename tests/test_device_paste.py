@@ -52,14 +52,17 @@ def both(index, **options):
 
 @pytest.mark.parametrize("options", [
     {"blend": "alpha"}, {"blend": "transmission", "uint8": True}, {"mode": "insloc"},
-    # a canvas large against the items: the stage works in paste windows, not the canvas
-    {"size": 192}, {"size": 192, "blend": "transmission", "uint8_backgrounds": True}])
+    # a canvas large against the items: each paste touches a few of the canvas's tiles
+    {"size": 192}, {"size": 192, "blend": "transmission", "uint8_backgrounds": True},
+    # a canvas that is not a whole number of tiles
+    {"size": 100}])
 def test_same_pairs_as_the_host_builder(options):
     size = options.get("size", SIZE)
-    if size > SIZE:  # the windowed path is really taken
+    if size > SIZE:  # the tiles really are a part of the canvas
         torch.manual_seed(1000)
         plan = collate_pairs([builder(True, **options)[0]]).paste
-        assert plan.window_a[0] * plan.window_a[1] < 0.5 * size * size
+        whole = plan.labels.shape[1] * (-(-size // plan.tile)) ** 2
+        assert 0 < len(plan.tiles_a) < 0.5 * whole and 0 < len(plan.tiles_b) < 0.5 * whole
     pixels = disagree_valid = disagree_class = kept = 0
     for i in range(12):
         ref, dev = both(i, **options)
@@ -83,34 +86,44 @@ def test_same_pairs_as_the_host_builder(options):
     assert kept >= 6
 
 
-def test_paste_windows_hold_every_footprint():
+def test_paste_tiles_hold_every_footprint():
     """Every pixel a paste covers (the host builder's cv2 warp of its mask, alpha > 0) lies in
-    that paste's window, and windows stay inside the source; one paste hangs over a corner.
-    A paste larger than the source makes the window the source."""
-    size = 192
+    one of that paste's tiles; tiles are listed in paste order, once per paste, and inside the
+    source; one paste hangs over a corner, one lies wholly outside (no tiles)."""
+    size = 200  # not a whole number of tiles
     pairs = builder(True, size=size, k=3)
     torch.manual_seed(3)
     samples = [pairs[i] for i in range(8)]
     for sample in samples:  # full rectangles: the footprint reaches the crop's corners
         sample.paste.masks = [torch.ones_like(m) for m in sample.paste.masks]
-    samples[0].paste.matrix_a[0] = torch.from_numpy(paste_matrix(20, 34, 1.5, 0.3, 2.0, 190.0))
+    samples[0].paste.matrix_a[0] = torch.from_numpy(paste_matrix(20, 34, 1.5, 0.3, 2.0, 198.0))
+    samples[1].paste.matrix_b[2] = torch.from_numpy(paste_matrix(20, 34, 1.0, 0.0, 400.0, 50.0))
     paste = collate_pairs(samples).paste
-    for view, matrix, origin, window in (("a", "matrix_a", paste.origin_a, paste.window_a),
-                                         ("b", "matrix_b", paste.origin_b, paste.window_b)):
-        assert window[0] * window[1] < 0.5 * size * size, view  # windows, not the source
+    t, k = paste.tile, 3
+    per_side = -(-size // t)
+    for view, matrix, tiles, rounds in (("a", "matrix_a", paste.tiles_a, paste.rounds_a),
+                                        ("b", "matrix_b", paste.tiles_b, paste.rounds_b)):
+        assert len(rounds) == k + 1 and rounds[0] == 0 and rounds[-1] == len(tiles)
+        assert tiles[:, 0].min() >= 0 and tiles[:, 0].max() < len(samples) * per_side ** 2
+        for j in range(k):  # round j holds paste j's tiles, none twice
+            part = tiles[rounds[j]:rounds[j + 1]]
+            assert (part[:, 1] % k == j).all(), view
+            assert len(set(part[:, 0].tolist())) == len(part), view
         for b, sample in enumerate(samples):
             for j, mask in enumerate(sample.paste.masks):
                 m = getattr(sample.paste, matrix)[j].numpy()
                 _, alpha = CutPastePairs._warp({"image": torch.zeros(1, *mask.shape),
                                                 "mask": mask}, m, size)
                 ys, xs = (alpha > 0).nonzero()
-                x0, y0 = origin[b, j].tolist()
-                assert 0 <= x0 <= size - window[1] and 0 <= y0 <= size - window[0], view
-                assert xs.min() >= x0 and xs.max() < x0 + window[1], (view, b, j)
-                assert ys.min() >= y0 and ys.max() < y0 + window[0], (view, b, j)
-    samples[1].paste.matrix_b[1] = torch.from_numpy(paste_matrix(26, 26, 12.0, 0.0, 96.0, 96.0))
-    paste = collate_pairs(samples).paste
-    assert paste.window_b == (size, size) and int(paste.origin_b.abs().sum()) == 0
+                mine = tiles[tiles[:, 1] == b * k + j, 0] - b * per_side ** 2
+                listed = {(int(i) // per_side, int(i) % per_side) for i in mine}
+                covered = {(int(y) // t, int(x) // t) for y, x in zip(ys, xs)}
+                assert covered <= listed, (view, b, j)
+                if (view, b, j) == ("a", 0, 0):  # over the bottom-left corner
+                    assert xs.min() == 0 and ys.max() == size - 1
+                    assert (per_side - 1, 0) in listed
+                if (view, b, j) == ("b", 1, 2):
+                    assert not covered and not listed
 
 
 def test_device_pairs_correspond_by_colour():
@@ -196,3 +209,48 @@ def test_same_on_the_gpu():
     torch.testing.assert_close(gpu.source_a.cpu(), cpu.source_a, atol=1e-4, rtol=0)
     assert (gpu.base_valid.cpu() != cpu.base_valid).float().mean() < 0.002
     assert torch.equal(gpu.box_valid.cpu(), cpu.box_valid)
+
+
+def test_reads_only_against_a_loop():
+    """One gather from the four read planes against a loop over the pixels each bilinear read
+    gives weight to: integer positions (one pixel, or two along one axis), fractions, points
+    on and past the edges."""
+    from densessl.pairs.device_paste import _read_planes, _reads_only
+
+    g = torch.Generator().manual_seed(0)
+    batch, height, width = 2, 7, 9
+    labels = torch.randint(1, 3, (batch, height, width), generator=g, dtype=torch.uint8)
+    labels[:, 2:5, 3:7] = 1  # a block, so some reads do pass
+    xy = torch.rand(batch, 400, 2, generator=g) * torch.tensor([width + 1.0, height + 1.0]) - 1
+    xy[:, :150] = xy[:, :150].round()  # integers: one pixel (or two, or four) read
+    xy[:, 150:200, 0] = xy[:, 150:200, 0].round()  # integer x only
+    xy[:, 200:220] = torch.tensor([[float(width - 1), 3.0], [-0.5, 2.0], [4.0, float(height)],
+                                   [1e9, 3.0]]).repeat(5, 1)
+    planes = _read_planes(labels)
+    image_of = torch.arange(batch)
+    for want in (1, 2):
+        got = _reads_only(planes, (height, width), batch, xy, image_of, want)
+        for b in range(batch):
+            for n, (x, y) in enumerate(xy[b].tolist()):
+                x0, y0 = int(torch.floor(torch.tensor(x))), int(torch.floor(torch.tensor(y)))
+                touched = [(yy, xx) for yy in {y0, y0 + (y > y0)} for xx in {x0, x0 + (x > x0)}]
+                expected = all(0 <= yy < height and 0 <= xx < width
+                               and int(labels[b, yy, xx]) == want for yy, xx in touched)
+                assert bool(got[b, n]) == expected, (b, x, y, want)
+
+
+def test_atlas_cells_never_overlap():
+    from densessl.pairs.collate import pack_cells
+
+    g = torch.Generator().manual_seed(1)
+    sizes = [tuple(int(v) for v in torch.randint(3, 60, (2,), generator=g)) for _ in range(40)]
+    cells = pack_cells(sizes)
+    canvas = torch.zeros(int((cells[:, 1] + cells[:, 3]).max()),
+                         int((cells[:, 0] + cells[:, 2]).max()), dtype=torch.long)
+    for (x, y, w, h), (height, width) in zip(cells.tolist(), sizes):
+        assert (h, w) == (height, width) and x >= 0 and y >= 0
+        canvas[y:y + h, x:x + w] += 1
+    assert canvas.max() == 1
+    # near square, and not much larger than the cells themselves
+    assert canvas.shape[1] <= 2 * canvas.shape[0] and canvas.shape[0] <= 2 * canvas.shape[1]
+    assert canvas.numel() <= 2 * sum(h * w for h, w in sizes)

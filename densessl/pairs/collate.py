@@ -14,26 +14,22 @@ from densessl.pairs.correspondence import pixel_grid
 _PAD_MULTIPLE = 16
 
 
-#: the paste windows are used only when each is at most this share of the source's area
-_WINDOW_SHARE = 0.5
+#: side of the square tiles the device stage works in: each paste touches only the tiles under
+#: its footprint (about a third of k whole canvases at 512 px), and a tile is large enough that
+#: moving whole tiles (index_select / index_copy_) costs little next to the pixel work
+TILE = 32
 
 
 def _round_up(value: int) -> int:
     return -(-value // _PAD_MULTIPLE) * _PAD_MULTIPLE
 
 
-def paste_windows(matrix: torch.Tensor, crop_hw: torch.Tensor, size: tuple[int, int]
-                  ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Window origins (B×k×2 long, x, y) and the batch's window (height, width) that hold every
-    paste's footprint in a ``size`` source.
+def footprints(matrix: torch.Tensor, crop_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each paste's footprint as (low, high) pixel corners (B×k×2 float64, x, y, inclusive).
 
     A bilinear read of a crop's mask is non-zero only strictly inside (−1, w) × (−1, h) crop
     pixels, so the footprint is the bounding box of those corners under ``matrix`` (B×k×3×3,
-    crop pixel → source pixel, float64), widened by a pixel for rounding. One window size for
-    the batch (the largest footprint, rounded up, at most the source) keeps the device's
-    shapes fixed; each window is then moved inside the source, still covering the footprint's
-    part in it. A window above :data:`_WINDOW_SHARE` of the source becomes the source."""
-    height, width = size
+    crop pixel → source pixel, float64), widened by a pixel for rounding."""
     h, w = crop_hw[..., 0].double(), crop_hw[..., 1].double()
     xs = torch.stack([-torch.ones_like(w), w, -torch.ones_like(w), w], -1)
     ys = torch.stack([-torch.ones_like(h), -torch.ones_like(h), h, h], -1)
@@ -41,24 +37,63 @@ def paste_windows(matrix: torch.Tensor, crop_hw: torch.Tensor, size: tuple[int, 
     y = matrix[..., 1, :1] * xs + matrix[..., 1, 1:2] * ys + matrix[..., 1, 2:]
     low = torch.stack([x.amin(-1), y.amin(-1)], -1).floor() - 1
     high = torch.stack([x.amax(-1), y.amax(-1)], -1).ceil() + 1
-    extent = (high - low + 1).amax((0, 1)) if matrix.numel() else torch.ones(2)
-    window = (min(_round_up(int(extent[1])), height), min(_round_up(int(extent[0])), width))
-    if window[0] * window[1] > _WINDOW_SHARE * height * width:
-        # windows this large save little and cost a gather and a scatter per pixel: use the
-        # source itself (the device stage then reads and writes the canvas directly)
-        window = (height, width)
-    limit = torch.tensor([width - window[1], height - window[0]], dtype=low.dtype)
-    origin = torch.minimum(low.clamp_min(0), limit).long()
-    return origin, window
+    return low, high
+
+
+def paste_tiles(matrix: torch.Tensor, crop_hw: torch.Tensor, size: tuple[int, int],
+                tile: int = TILE) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The tiles every paste's footprint touches in a ``size`` source cut into ``tile``-px
+    tiles: (N×2 long rows of (tile index in B × tiles_y × tiles_x, paste index b·k + j),
+    sorted by j; k + 1 offsets delimiting each j's rows). A paste wholly outside the source
+    has no tiles."""
+    batch, k = matrix.shape[:2]
+    height, width = size
+    tiles_y, tiles_x = -(-height // tile), -(-width // tile)
+    low, high = footprints(matrix, crop_hw)
+    limit = torch.tensor([width - 1, height - 1], dtype=low.dtype)
+    inside = ((high >= 0) & (low <= limit)).all(-1)
+    first = (low.clamp_min(0) // tile).long()
+    last = (torch.minimum(high, limit).clamp_min(0) // tile).long()
+    rows, rounds = [], [0]
+    for j in range(k):
+        for b in range(batch):
+            if not inside[b, j]:
+                continue
+            (x0, y0), (x1, y1) = first[b, j].tolist(), last[b, j].tolist()
+            ys = torch.arange(y0, y1 + 1).view(-1, 1)
+            xs = torch.arange(x0, x1 + 1).view(1, -1)
+            index = (b * tiles_y + ys) * tiles_x + xs
+            rows.append(torch.stack([index.flatten(), torch.full((index.numel(),), b * k + j)],
+                                    1))
+        rounds.append(sum(len(r) for r in rows))
+    tiles = torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.long)
+    return tiles, tuple(rounds)
+
+
+def pack_cells(sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """Places cells of ``sizes`` ((height, width) each) side by side on shelves in one atlas
+    about as wide as it is tall: (x, y, width, height) per cell (N×4 long), in input order.
+    Tallest first, so a shelf's cells waste little height; cells never overlap."""
+    area = sum(h * w for h, w in sizes)
+    width = max(max(w for _, w in sizes), int(area ** 0.5) + 1)
+    cells = torch.zeros(len(sizes), 4, dtype=torch.long)
+    x = y = shelf = 0
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i][0]):
+        h, w = sizes[i]
+        if x + w > width:  # next shelf
+            x, y, shelf = 0, y + shelf, 0
+        cells[i] = torch.tensor([x, y, w, h])
+        x, shelf = x + w, max(shelf, h)
+    return cells
 
 
 def collate_pastes(plans: list[PastePlan], size_a: tuple[int, int], size_b: tuple[int, int]
                    ) -> PasteBatch:
     """Stack per-sample plans (host side): each crop and its mask as one ``C + 1``-channel
-    layer, placed one pixel in from the corner of a zero canvas the size of the batch's largest
-    crop, with that one-pixel ring repeating the crop's edge in the image channels (so one
-    bilinear read gives OpenCV's replicated border for the image and zero for the mask); and
-    the paste windows in sources of ``size_a`` / ``size_b`` (:func:`paste_windows`)."""
+    cell of an atlas (:func:`pack_cells`), one pixel in from the cell's corner, with that
+    one-pixel ring repeating the crop's edge in the image channels (so one bilinear read gives
+    OpenCV's replicated border for the image and zero for the mask); and the tiles each paste
+    touches in sources of ``size_a`` / ``size_b`` (:func:`paste_tiles`)."""
     counts = {len(p.crops) for p in plans}
     if len(counts) != 1 or any(len(p.masks) != len(p.crops) for p in plans):
         raise PairContractError(f"paste plans in one batch need the same number of segments "
@@ -69,40 +104,42 @@ def collate_pastes(plans: list[PastePlan], size_a: tuple[int, int], size_b: tupl
     if len({float(p.min_visible) for p in plans}) != 1:
         raise PairContractError("paste plans in one batch need one min_visible")
     k, size = counts.pop(), len(plans)
-    every = [c for p in plans for c in p.crops]
-    channels = every[0].shape[0]
-    height = _round_up(max(c.shape[1] for c in every) + 2)
-    width = _round_up(max(c.shape[2] for c in every) + 2)
-    as_uint8 = all(c.dtype == torch.uint8 for c in every)  # 4× less to copy to the device
-    layers = torch.zeros(size, k, channels + 1, height, width,
+    crops = [c for p in plans for c in p.crops]
+    masks = [m for p in plans for m in p.masks]
+    channels = crops[0].shape[0]
+    cells = pack_cells([(c.shape[1] + 2, c.shape[2] + 2) for c in crops])
+    height = _round_up(int((cells[:, 1] + cells[:, 3]).max()))
+    width = _round_up(int((cells[:, 0] + cells[:, 2]).max()))
+    as_uint8 = all(c.dtype == torch.uint8 for c in crops)  # 4× less to copy to the device
+    layers = torch.zeros(channels + 1, height, width,
                          dtype=torch.uint8 if as_uint8 else torch.float32)
     opaque = 255 if as_uint8 else 1.0
-    for b, plan in enumerate(plans):
-        for j, (crop, mask) in enumerate(zip(plan.crops, plan.masks)):
-            _, h, w = crop.shape
-            if crop.dtype == torch.uint8 and not as_uint8:
-                crop = crop.float() / 255.0
-            image = layers[b, j, :channels]
-            image[:, 1:h + 1, 1:w + 1] = crop
-            image[:, 0, 1:w + 1], image[:, h + 1, 1:w + 1] = crop[:, 0], crop[:, -1]
-            image[:, :h + 2, 0] = image[:, :h + 2, 1]
-            image[:, :h + 2, w + 1] = image[:, :h + 2, w]
-            layers[b, j, channels, 1:h + 1, 1:w + 1] = mask.to(layers.dtype) * opaque
+    for (x, y, w, h), crop, mask in zip(cells.tolist(), crops, masks):
+        if crop.dtype == torch.uint8 and not as_uint8:
+            crop = crop.float() / 255.0
+        cell = layers[:, y:y + h, x:x + w]
+        image = cell[:channels]
+        image[:, 1:-1, 1:-1] = crop
+        image[:, 0, 1:-1], image[:, -1, 1:-1] = crop[:, 0], crop[:, -1]
+        image[:, :, 0], image[:, :, -1] = image[:, :, 1], image[:, :, -2]
+        cell[channels, 1:-1, 1:-1] = mask.to(layers.dtype) * opaque
     matrix_a = torch.stack([torch.as_tensor(p.matrix_a, dtype=torch.float64) for p in plans])
     matrix_b = torch.stack([torch.as_tensor(p.matrix_b, dtype=torch.float64) for p in plans])
     inverse_a = torch.linalg.inv(matrix_a)
     scale = torch.stack([torch.linalg.det(m[..., :2, :2]).abs() for m in (matrix_a, matrix_b)],
                         -1)
-    crop_hw = torch.tensor([[c.shape[1:] for c in p.crops] for p in plans]).view(size, k, 2)
-    origin_a, window_a = paste_windows(matrix_a, crop_hw, size_a)
-    origin_b, window_b = paste_windows(matrix_b, crop_hw, size_b)
+    crop_hw = (cells[:, [3, 2]] - 2).view(size, k, 2)
+    tiles_a, rounds_a = paste_tiles(matrix_a, crop_hw, size_a)
+    tiles_b, rounds_b = paste_tiles(matrix_b, crop_hw, size_b)
     return PasteBatch(
-        layers=layers, inverse_a=inverse_a.float(), inverse_b=torch.linalg.inv(matrix_b).float(),
+        layers=layers, cells=cells.view(size, k, 4),
+        mask_area=torch.tensor([int(m.sum()) for m in masks]).view(size, k),
+        inverse_a=inverse_a.float(), inverse_b=torch.linalg.inv(matrix_b).float(),
         matrix_ab=(matrix_b @ inverse_a).float(), paste_scale=scale.float(),
         labels=torch.stack([torch.as_tensor(p.labels, dtype=torch.long) for p in plans]),
         same_background=torch.tensor([bool(p.same_background) for p in plans]),
-        blend=plans[0].blend, min_visible=float(plans[0].min_visible),
-        origin_a=origin_a, origin_b=origin_b, window_a=window_a, window_b=window_b)
+        blend=plans[0].blend, min_visible=float(plans[0].min_visible), tile=TILE,
+        tiles_a=tiles_a, tiles_b=tiles_b, rounds_a=rounds_a, rounds_b=rounds_b)
 
 
 def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
