@@ -361,8 +361,9 @@ def composite_pastes(batch: SourceBatch) -> SourceBatch:
 
     top_a = image(tiles_a, top_a)
     labels = paste.labels
-    class_map = torch.where(top_a > 0, labels.gather(1, (top_a.long() - 1).clamp_min(0)
-                                                     .flatten(1)).view_as(top_a), -1)
+    # each image's classes behind a −1 for "no instance": one lookup by the top instance
+    table = torch.cat([torch.full_like(labels[:, :1], -1), labels], 1)
+    class_map = table.gather(1, top_a.flatten(1).long()).view(top_a.shape)
     area = paste.mask_area.to(dtype)
     seen_a = extents_a.count.view(b, k) / (area * paste.paste_scale[..., 0]).clamp_min(1.0)
     seen_b = extents_b.count.view(b, k) / (area * paste.paste_scale[..., 1]).clamp_min(1.0)
