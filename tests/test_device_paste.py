@@ -143,6 +143,32 @@ def test_device_pairs_correspond_by_colour():
     assert ((batch.source_a[:, 2] / 0.1).round().long()[solid] == batch.class_map_a[solid]).all()
 
 
+def test_a_larger_source_b_corresponds_by_colour():
+    """Source B larger than A (the same bag, more of it, in a size that is not a whole number
+    of tiles): the bag still maps to itself and instances to their pastes; B's extra rows and
+    columns never correspond."""
+    torch.manual_seed(7)
+    build = builder(True)
+    samples = [build[i] for i in range(8)]
+    for sample in samples:
+        wide = torch.full((3, SIZE + 21, SIZE + 9), 0.05, dtype=sample.source_b.dtype)
+        wide[:, :SIZE, :SIZE] = sample.source_b
+        sample.source_b = wide
+        sample.valid_b = None
+    batch = composite_pastes(collate_pairs(samples))
+    assert batch.source_b.shape[-2:] == (SIZE + 21, SIZE + 9)
+    seen_b = sample_at(batch.source_b, batch.base_grid)
+    diff = (batch.source_a - seen_b).abs().amax(1)
+    valid = batch.base_valid
+    assert valid.sum() > 3000 and (diff[valid] < 1e-3).all()
+    same = torch.tensor([m["same_background"] for m in batch.meta])
+    bag = valid & (batch.class_map_a < 0)
+    assert (bag & same[:, None, None]).any() and not (bag & ~same[:, None, None]).any()
+    ys, xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    own = torch.stack([xs, ys], -1).float().expand_as(batch.base_grid)
+    assert torch.equal(batch.base_grid[bag], own[bag])  # the bag maps to itself
+
+
 def test_colours_agree_after_augmentation():
     torch.manual_seed(6)
     build = builder(True)

@@ -249,10 +249,12 @@ def _reads_only(planes: Tensor, size: tuple[int, int], batch: int, xy: Tensor,
     x = xy[..., 0].clamp(-1.0, float(width))
     y = xy[..., 1].clamp(-1.0, float(height))
     fx, fy = torch.floor(x), torch.floor(y)
-    # int32 indices (index_select takes them): a flat index stays below 2^31 up to ~2^29 pixels
-    index = (fy.int() + 1) * (width + 2) + fx.int() + 1
-    index += (image_of.int() * ring).view(-1, *[1] * (x.dim() - 1))
-    index += (x > fx).int() * (batch * ring) + (y > fy).int() * (2 * batch * ring)
+    # int32 indices (index_select takes them, at half the bytes) while the four planes allow
+    index_type = torch.int32 if 4 * batch * ring < 2 ** 31 else torch.long
+    index = (fy.to(index_type) + 1) * (width + 2) + fx.to(index_type) + 1
+    index += (image_of.to(index_type) * ring).view(-1, *[1] * (x.dim() - 1))
+    index += ((x > fx).to(index_type) * (batch * ring)
+              + (y > fy).to(index_type) * (2 * batch * ring))
     return planes.index_select(0, index.reshape(-1)).view(index.shape) == want
 
 
