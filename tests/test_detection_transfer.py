@@ -75,6 +75,8 @@ def test_export_writes_neck_and_box_head_with_their_parameters(tmp_path):
     meta = json.loads((tmp_path / "p" / "encoder.json").read_text())
     assert meta["fpn_upsample"] == "centred" and meta["neck_dim"] == FPN_DIM
     assert meta["box_head"] == SPEC
+    # a torchvision ResNet pads its strided layers symmetrically: cell i sits on pixel s·i
+    assert meta["cell_alignment"] == "centre"
     init = load_encoder_file(weights, "resnet18", 3)
     assert init.box_head is not None and init.neck is not None and init.path == weights
     # a later run without those parts in the same directory leaves no stale files behind

@@ -108,7 +108,8 @@ def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
     ``timm:<name>`` backbone: timm's ``features_only`` layout, see ``key_layout``).
 
     Next to it, the parts a detector can start from (densessl.eval.detection): ``neck.pt``
-    (the FPN; ``encoder.json`` records its ``fpn_upsample``) and ``box_head.pt`` (InsLoc's
+    (the FPN; ``encoder.json`` records its ``fpn_upsample``, and the backbone's
+    ``cell_alignment``) and ``box_head.pt`` (InsLoc's
     4conv-1fc head, torchvision's FastRCNNConvFCHead; ``encoder.json`` ``box_head`` holds
     its construction parameters). A part this run does not have is removed, so a stale one
     from an earlier run in ``out`` is never taken for this run's."""
@@ -117,6 +118,9 @@ def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     path = save_torch(out / "encoder.pt", cpu(task.encoder.backbone))
+    # where the backbone's feature cells sit (densessl.cells): code that reads features at
+    # pixels (a probe, a dense head, a correspondence) needs it and should not guess it
+    provenance = {**provenance, "cell_alignment": task.encoder.cell_alignment}
     neck = task.encoder.neck
     if neck is not None:
         save_torch(out / "neck.pt", cpu(neck))
