@@ -56,6 +56,7 @@ def paste_tiles(matrix: torch.Tensor, crop_hw: torch.Tensor, size: tuple[int, in
     last = (torch.minimum(high, limit).clamp_min(0) // tile).long()
     rows, rounds = [], [0]
     for j in range(k):
+        count = rounds[-1]
         for b in range(batch):
             if not inside[b, j]:
                 continue
@@ -65,7 +66,8 @@ def paste_tiles(matrix: torch.Tensor, crop_hw: torch.Tensor, size: tuple[int, in
             index = (b * tiles_y + ys) * tiles_x + xs
             rows.append(torch.stack([index.flatten(), torch.full((index.numel(),), b * k + j)],
                                     1))
-        rounds.append(sum(len(r) for r in rows))
+            count += index.numel()
+        rounds.append(count)
     tiles = torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.long)
     return tiles, tuple(rounds)
 
@@ -76,15 +78,15 @@ def pack_cells(sizes: list[tuple[int, int]]) -> torch.Tensor:
     Tallest first, so a shelf's cells waste little height; cells never overlap."""
     area = sum(h * w for h, w in sizes)
     width = max(max(w for _, w in sizes), int(area ** 0.5) + 1)
-    cells = torch.zeros(len(sizes), 4, dtype=torch.long)
+    cells = [(0, 0, 0, 0)] * len(sizes)
     x = y = shelf = 0
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i][0]):
         h, w = sizes[i]
         if x + w > width:  # next shelf
             x, y, shelf = 0, y + shelf, 0
-        cells[i] = torch.tensor([x, y, w, h])
+        cells[i] = (x, y, w, h)
         x, shelf = x + w, max(shelf, h)
-    return cells
+    return torch.tensor(cells, dtype=torch.long).view(-1, 4)
 
 
 def collate_pastes(plans: list[PastePlan], size_a: tuple[int, int], size_b: tuple[int, int]

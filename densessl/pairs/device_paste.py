@@ -84,10 +84,13 @@ class _Tiles:
         self.ny, self.nx = -(-size[0] // tile), -(-size[1] // tile)
         self.rounds = rounds
         self.index, self.paste = rows[:, 0], rows[:, 1]
-        per_image = self.ny * self.nx
-        self.image_of = self.index // per_image
-        within = self.index % per_image
-        self.origin = torch.stack([within % self.nx, within // self.nx], 1) * tile
+        self.image_of = self.index // (self.ny * self.nx)
+        self.origin = self.origins(self.index)
+
+    def origins(self, index: Tensor) -> Tensor:
+        """Pixel origin (x, y) of tiles ``index`` (N, among the batch's B·ny·nx): N×2."""
+        within = index % (self.ny * self.nx)
+        return torch.stack([within % self.nx, within // self.nx], 1) * self.tile
 
     def round(self, j: int) -> slice:
         """The rows of paste order ``j``."""
@@ -99,11 +102,11 @@ class _Tiles:
         t, count = self.tile, self.batch * self.ny * self.nx
         steps = torch.arange(t, dtype=dtype, device=keep.device)
         tile = torch.arange(count, device=keep.device)
-        within = tile % (self.ny * self.nx)
+        origin = self.origins(tile).to(dtype)
         scale = keep.to(dtype)[tile // (self.ny * self.nx)].view(-1, 1, 1)
         grid = torch.empty(count, 2, t, t, dtype=dtype, device=keep.device)
-        grid[:, 0] = (steps + (within % self.nx * t).to(dtype)[:, None])[:, None, :] * scale
-        grid[:, 1] = (steps + (within // self.nx * t).to(dtype)[:, None])[:, :, None] * scale
+        grid[:, 0] = (steps + origin[:, 0, None])[:, None, :] * scale
+        grid[:, 1] = (steps + origin[:, 1, None])[:, :, None] * scale
         return grid
 
     def inside(self, mask: Tensor, rows: slice) -> Tensor:
@@ -118,7 +121,10 @@ class _Tiles:
         return mask & xs[:, None, :] & ys[:, :, None]
 
     def split(self, image: Tensor) -> Tensor:
-        """B×C×H×W → (B·ny·nx)×C×T×T, the source padded to whole tiles."""
+        """B×C×H×W → (B·ny·nx)×C×T×T, the source padded to whole tiles (a B×H×W label map →
+        (B·ny·nx)×T×T)."""
+        if image.dim() == 3:
+            return self.split(image[:, None])[:, 0]
         t, (height, width) = self.tile, self.size
         pad_y, pad_x = self.ny * t - height, self.nx * t - width
         if pad_y or pad_x:
@@ -128,7 +134,10 @@ class _Tiles:
         return tiles.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, t, t)
 
     def join(self, tiles: Tensor) -> Tensor:
-        """(B·ny·nx)×C×T×T → B×C×H×W (the inverse of :meth:`split`)."""
+        """(B·ny·nx)×C×T×T → B×C×H×W (the inverse of :meth:`split`; (B·ny·nx)×T×T label
+        tiles → B×H×W)."""
+        if tiles.dim() == 3:
+            return self.join(tiles[:, None])[:, 0]
         t, (height, width) = self.tile, self.size
         channels = tiles.shape[1]
         image = tiles.reshape(self.batch, self.ny, self.nx, channels, t, t)
@@ -232,9 +241,10 @@ def _read_planes(labels: Tensor) -> Tensor:
     right = F.pad(ring[:, :, 1:], (0, 1), value=0)
     below = F.pad(ring[:, 1:], (0, 0, 0, 1), value=0)
     diagonal = F.pad(ring[:, 1:, 1:], (0, 1, 0, 1), value=0)
-    pair_x = torch.where(ring == right, ring, 0)
-    pair_y = torch.where(ring == below, ring, 0)
-    block = torch.where((ring == right) & (ring == below) & (ring == diagonal), ring, 0)
+    same_x, same_y = ring == right, ring == below
+    pair_x = torch.where(same_x, ring, 0)
+    pair_y = torch.where(same_y, ring, 0)
+    block = torch.where(same_x & same_y & (ring == diagonal), ring, 0)
     return torch.stack([ring, pair_x, pair_y, block]).reshape(-1)
 
 
@@ -319,20 +329,17 @@ def composite_pastes(batch: SourceBatch) -> SourceBatch:
         paste.blend, k)
     del image_a, alpha_a, image_b, alpha_b
 
-    def image(tiles: _Tiles, labels: Tensor) -> Tensor:  # tiled labels → B×H×W
-        return tiles.join(labels[:, None])[:, 0]
-
     same = paste.same_background
-    label_a = _eroded_labels(image(tiles_a, last_a), image(tiles_a, opaque_a),
+    label_a = _eroded_labels(tiles_a.join(last_a), tiles_a.join(opaque_a),
                              torch.where(same, k + 1, 0), size_a)
-    label_b = _eroded_labels(image(tiles_b, last_b), image(tiles_b, opaque_b),
+    label_b = _eroded_labels(tiles_b.join(last_b), tiles_b.join(opaque_b),
                              torch.full_like(same, k + 1, dtype=torch.long), size_b)
 
     # the top instance's map (A pixel → B pixel) in its tiles, the shared background's identity
     # elsewhere; valid where the pixel is solid in A and every pixel the read touches in B
     # shows the same label (an instance, or the shared bag)
     grid = tiles_a.identity(same, dtype)
-    wanted = tiles_a.split(label_a[:, None])[:, 0]
+    wanted = tiles_a.split(label_a)
     planes_b = _read_planes(label_b)
     instance_valid = torch.zeros_like(wanted, dtype=torch.bool)
     extents_a, extents_b = _Extents(b * k, device), _Extents(b * k, device)
@@ -359,9 +366,9 @@ def composite_pastes(batch: SourceBatch) -> SourceBatch:
     if size_b != size_a:  # outside B counts as no label
         bag_b = F.pad(label_b, (0, max(0, size_a[1] - size_b[1]), 0,
                                 max(0, size_a[0] - size_b[0])))[:, :size_a[0], :size_a[1]]
-    valid = image(tiles_a, instance_valid) | ((label_a == k + 1) & (bag_b == k + 1))
+    valid = tiles_a.join(instance_valid) | ((label_a == k + 1) & (bag_b == k + 1))
 
-    top_a = image(tiles_a, top_a)
+    top_a = tiles_a.join(top_a)
     labels = paste.labels
     # each image's classes behind a −1 for "no instance": one lookup by the top instance
     table = torch.cat([torch.full_like(labels[:, :1], -1), labels], 1)
