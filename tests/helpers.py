@@ -8,9 +8,13 @@
 * the colour-correspondence harness: :func:`coordinate_image` paints every pixel with its own
   (x, y) — a unique, linearly interpolable colour — and :func:`colours_agree` checks, at the
   cell centres of view A, that view B shows the same colour at ``grid_ab``.
+* :func:`small_xray_pretrain_args`: ``densessl pretrain`` of the X-ray SegLoc recipe at a
+  size a test can afford.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,3 +69,16 @@ def colours_agree(pair, view: int, cells: int = 12, size: float = 64,
     if code_tol is not None:
         agree &= (colour_a[:, 2] - colour_b[:, 2]).abs() < code_tol
     return colour_a, agree
+
+
+def small_xray_pretrain_args(out: Path, cache: Path, *settings: str) -> list[str]:
+    """CLI arguments for ``densessl pretrain`` of ``recipes/xray_segloc.yaml`` into ``out`` on
+    the synthetic X-ray set (generated into ``cache``): 96-px sources, 64-px views (with
+    ``background: ignore`` only the segments' cells count, and a view needs a few cells per
+    segment: at 48-px views none survives), no worker processes; ``settings`` (``key=value``)
+    come after these."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "xray_segloc.yaml"
+    every = ["train.num_workers=0", "data.image_size=96", "augment.view_size=64",
+             f"pairs.options.cache_dir={cache}", *settings]
+    return ["pretrain", str(recipe), "--out", str(out),
+            *[arg for setting in every for arg in ("--set", setting)]]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import small_xray_pretrain_args
 
 from densessl import cli
 from densessl.errors import RecipeError
@@ -69,13 +70,9 @@ def test_per_class_queues_without_ids_or_resolution_are_refused():
 def test_pretraining_records_the_resolved_value(tmp_path, capsys):
     # the SegLoc recipe with its classes filtered to PIDray ids 2 and 5: 6 rings, not 13
     out = tmp_path / "run"
-    code = cli.main(["pretrain", str(RECIPES / "xray_segloc.yaml"), "--out", str(out),
-                     "--set", "loss.num_classes=null", "--set", "pairs.options.classes=[2, 5]",
-                     "--set", "train.max_steps=1", "--set", "train.batch_size=4",
-                     "--set", "model.split_bn_groups=2",
-                     "--set", "train.num_workers=0", "--set", "data.image_size=96",
-                     "--set", "augment.view_size=64",
-                     "--set", f"pairs.options.cache_dir={tmp_path / 'cache'}"])
+    code = cli.main(small_xray_pretrain_args(
+        out, tmp_path / "cache", "loss.num_classes=null", "pairs.options.classes=[2, 5]",
+        "train.max_steps=1", "train.batch_size=4", "model.split_bn_groups=2"))
     assert code == 0, capsys.readouterr().err
     assert yaml.safe_load((out / "recipe.yaml").read_text())["loss"]["num_classes"] == 6
     assert json.loads((out / "metrics.json").read_text())["num_classes"] == 6

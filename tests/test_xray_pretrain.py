@@ -1,24 +1,17 @@
 """End to end: the X-ray SegLoc recipe pretrains for two steps on the synthetic X-ray set."""
 
 import json
-from pathlib import Path
 
 import torch
+from helpers import small_xray_pretrain_args
 
 from densessl import cli
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def test_segloc_recipe_two_steps(tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli.main(["pretrain", str(RECIPES / "xray_segloc.yaml"), "--out", str(out),
-                     "--set", "train.max_steps=2", "--set", "train.batch_size=8",
-                     # background: ignore leaves only the segments' cells, which need a view
-                     # of a few cells per segment: at 48-px views none survives
-                     "--set", "train.num_workers=0", "--set", "data.image_size=96",
-                     "--set", "augment.view_size=64",
-                     "--set", f"pairs.options.cache_dir={tmp_path / 'cache'}"])
+    code = cli.main(small_xray_pretrain_args(out, tmp_path / "cache", "train.max_steps=2",
+                                             "train.batch_size=8"))
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     final = metrics["final"]
