@@ -29,7 +29,7 @@ def build_source_dataset(recipe: Recipe) -> Dataset:
         raise RecipeError(f"data.source: unknown source {data.source!r}; registered sources: "
                           f"{', '.join(sorted(SOURCES))}")
     defaults = {"path": data.path, "image_size": data.image_size, "channels": data.channels,
-                "seed": recipe.seed, "skip_bad": data.skip_bad}
+                "seed": recipe.seed, "skip_bad": data.skip_bad, "bit_depth": data.bit_depth}
     if "provenance" in data.options:
         raise RecipeError("data.options.provenance: set by densessl from data.manifest and "
                           "data.provenance; use those keys")
@@ -132,13 +132,14 @@ def build_augmentation(recipe: Recipe, grid_stride: int, *,
     ``grid_stride`` and ``cell_alignment`` are that encoder's ``stride`` / ``cell_alignment``
     (:func:`backbone_cell_alignment` when there is no encoder at hand)."""
     a = recipe.augment
+    mean, std = a.normalisation()
     photometry = None
     if a.photometry.enabled:
         photometry = a.photometry.model_dump(exclude={"enabled"})
     try:
         return ViewAugmentation(recipe.data.channels, view_size=a.view_size,
                                 grid_stride=grid_stride, geometry=a.geometry.model_dump(),
-                                photometry=photometry, mean=a.mean, std=a.std,
+                                photometry=photometry, mean=mean, std=std,
                                 cell_alignment=cell_alignment)
     except ValueError as exc:
         raise RecipeError(str(exc)) from None

@@ -171,6 +171,31 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_data_stats(args) -> int:
+    import yaml
+
+    from densessl.build import build_pair_builder
+    from densessl.recipe import load_recipe
+    from densessl.workflows.data_settings import builder_bit_depth, sample_statistics
+
+    recipe = load_recipe(_recipe_arg(args.recipe), args.set)
+    builder = build_pair_builder(recipe)
+    mean, std, pixels, pairs = sample_statistics(
+        builder, args.samples, where=f"data stats {args.recipe}")
+    depth = recipe.data.bit_depth if recipe.data.bit_depth != "auto" else builder_bit_depth(builder)
+    # YAML to paste into the recipe: the scaling these statistics were computed after
+    print(f"# densessl data stats: per-band mean / std over {pairs} samples ({pixels:,} valid "
+          f"pixels, nodata excluded) of data.source {recipe.data.source!r}, "
+          f"pairs.builder {recipe.pairs.builder!r}, after scaling by "
+          f"{f'{depth} bits' if depth else 'the storage type'}")
+    section = {"augment": {"mean": [round(m, 4) for m in mean],
+                           "std": [round(s, 4) for s in std]}}
+    if depth:
+        section = {"data": {"bit_depth": depth}, **section}
+    print(yaml.safe_dump(section, sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from densessl.bench import run_bench
     from densessl.io import write_json
@@ -292,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode every file (slow on large sets) and list the bad ones; exit 1 "
                         "when there are any")
     p.set_defaults(func=cmd_data_inspect)
+    p = with_recipe(data_sub.add_parser(
+        "stats", help="per-band mean / std of a recipe's data (nodata excluded), as YAML"))
+    p.add_argument("--samples", type=int, default=64,
+                   help="pairs read, spread evenly over the data (default 64)")
+    p.set_defaults(func=cmd_data_stats)
 
     p = sub.add_parser("bench", help="pairs/s and peak memory vs a plain MoCo-v2 step")
     p.add_argument("--json", help="write the figures to this JSON file")

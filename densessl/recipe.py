@@ -46,6 +46,12 @@ class DataConfig(Section):
     path: str | None = Field(None, description="dataset root / folder, when the source reads disk")
     channels: int = Field(3, ge=1)
     image_size: int = Field(96, ge=16, description="side of the source images given to the builder")
+    bit_depth: Literal["auto", 8, 10, 12, 14, 16] = Field(
+        "auto", description="bits of data per pixel: integer images stored in more than 8 bits "
+        "are scaled to [0, 1] by 2**bit_depth - 1 (a 12-bit X-ray in a 16-bit PNG by 4095, "
+        "not 65535); auto = what the files declare (PNG sBIT, GeoTIFF NBITS), else the "
+        "smallest depth holding the largest value of a sample; resolved at start-up and "
+        "written to recipe.yaml. 8-bit files always scale by 255 (densessl.data.bit_depth)")
     options: dict[str, Any] = Field({}, description="keyword options of the data source, e.g. "
                                     "num_images for 'synthetic'")
     skip_bad: bool = Field(False, description="skip unreadable samples with a warning and a count "
@@ -104,8 +110,29 @@ class AugmentConfig(Section):
     view_size: int = Field(64, ge=16)
     geometry: GeometryConfig = GeometryConfig()
     photometry: PhotometryConfig = PhotometryConfig()
-    mean: float | list[float] = 0.5
-    std: float | list[float] = 0.25
+    mean: float | list[float] | Literal["auto"] = Field(
+        0.5, description="normalisation mean after bit-depth scaling: one number, one per band, "
+        "or auto (per-band means over a sample of the pretraining data, nodata excluded, "
+        "computed at start-up and written to recipe.yaml; densessl data stats prints them)")
+    std: float | list[float] | Literal["auto"] = Field(
+        0.25, description="normalisation std: one number, one per band, or auto (as mean)")
+
+    @model_validator(mode="after")
+    def _auto_together(self):
+        # a computed mean with a typed-in std (or the reverse) rescales bands inconsistently
+        if (self.mean == "auto") != (self.std == "auto"):
+            raise ValueError("augment.mean and augment.std: set both to auto or neither (got "
+                             f"mean {self.mean!r}, std {self.std!r})")
+        return self
+
+    def normalisation(self) -> tuple[float | list[float], float | list[float]]:
+        """(mean, std) as numbers; auto must have been resolved from the data first
+        (densessl.workflows.data_settings)."""
+        if self.mean == "auto" or self.std == "auto":
+            raise RecipeError("augment.mean / augment.std: auto is not resolved yet; run "
+                              "densessl data stats RECIPE and paste its values, or start "
+                              "through densessl pretrain / run / finetune, which compute them")
+        return self.mean, self.std
 
 
 class ModelConfig(Section):
@@ -478,6 +505,10 @@ class Recipe(Section):
         c = self.data.channels
         for name in ("mean", "std"):
             value = getattr(self.augment, name)
+            if name == "std" and isinstance(value, (list, float, int)) and not isinstance(
+                    value, bool) and min(value if isinstance(value, list) else [value]) <= 0:
+                raise ValueError(f"augment.std: {value} has a value <= 0; every band's std "
+                                 "must be positive")
             if isinstance(value, list) and len(value) != c:
                 raise ValueError(f"augment.{name}: {len(value)} values {value} for data.channels "
                                  f"{c}; give one value per channel or a single number")

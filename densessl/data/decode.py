@@ -2,8 +2,10 @@
 
 PIL's ``convert("RGB")`` clips a 16-bit image (mode ``I;16``, ``I``) to 0..255 instead of
 scaling it, which turns almost every pixel of a real 16-bit X-ray or satellite PNG white. So
-integer images are divided by the largest value of their type (65535 for 16-bit), never by
-255 after a conversion. 8-bit images go through PIL's conversion as before (same values).
+integer images are divided by the full scale of their bit depth, never by 255 after a
+conversion: ``bit_depth`` bits (``data.bit_depth``; a 12-bit X-ray in a 16-bit PNG by 4095),
+or the storage type's maximum (65535) when none is given. 8-bit images go through PIL's
+conversion as before (same values).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from densessl.data.bit_depth import scale_to_unit
 from densessl.errors import DataError
 
 #: ITU-R 601-2 luma weights, what PIL's convert("L") uses for 8-bit RGB
@@ -26,19 +29,20 @@ class TinyImageWarning(UserWarning):
     """An image far smaller than the size it is resized to: mostly interpolation, no detail."""
 
 
-def _bit_depth_scale(array: np.ndarray, mode: str, path: Path) -> np.ndarray:
+def _bit_depth_scale(array: np.ndarray, mode: str, path: Path,
+                     bit_depth: int | None) -> np.ndarray:
     """float32 in [0, 1] of an integer or float pixel array."""
     if array.dtype == np.bool_:  # mode "1"
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.integer):
         # mode "I" (32-bit signed) is how PIL reads 16-bit PNG / TIFF data in some versions: the
-        # file's values are 16-bit, so 65535 is their full scale
-        top = 65535.0 if mode.startswith("I") and array.dtype.itemsize >= 2 else \
-            float(np.iinfo(array.dtype).max)
-        if array.min() < 0 or array.max() > top:
-            raise DataError(f"{path}: {mode} pixel values {array.min()}..{array.max()} are "
-                            f"outside 0..{int(top)}; expected 8- or 16-bit unsigned images")
-        return array.astype(np.float32) / np.float32(top)
+        # file's values are 16-bit, so 65535 (or 2**bit_depth - 1) is their full scale
+        if array.dtype.itemsize >= 4 and mode.startswith("I"):
+            if array.size and (array.min() < 0 or array.max() > 65535):
+                raise DataError(f"{path}: {mode} pixel values {array.min()}..{array.max()} are "
+                                "outside 0..65535; expected 8- or 16-bit unsigned images")
+            array = array.astype(np.uint16)
+        return scale_to_unit(array, bit_depth, path)
     array = array.astype(np.float32)
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
         raise DataError(f"{path}: floating-point image (mode {mode}) with values outside "
@@ -46,9 +50,13 @@ def _bit_depth_scale(array: np.ndarray, mode: str, path: Path) -> np.ndarray:
     return array
 
 
-def decode_image(path: str | Path, channels: int = 3, keep_uint8: bool = False) -> np.ndarray:
+def decode_image(path: str | Path, channels: int = 3, keep_uint8: bool = False,
+                 bit_depth: int | None = None) -> np.ndarray:
     """C×H×W float32 in [0, 1] (C = ``channels``, 1 or 3) of an image file, scaled by its bit
-    depth; a truncated or unreadable file is a :class:`DataError` naming it. With
+    depth: 8-bit files by 255, wider integer files by ``2**bit_depth - 1`` (the data's depth,
+    ``data.bit_depth`` resolved by :func:`densessl.data.bit_depth.resolve_bit_depth`; None:
+    the storage type's maximum, 65535 for 16-bit); a truncated or unreadable file is a
+    :class:`DataError` naming it. With
     ``keep_uint8`` an 8-bit image stays uint8 0..255 (4× fewer bytes to resize, collate and
     copy; whoever reads it scales it); other bit depths are float32 as always."""
     path = Path(path)
@@ -65,7 +73,7 @@ def decode_image(path: str | Path, channels: int = 3, keep_uint8: bool = False) 
                     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
                 array = array.astype(np.float32) / np.float32(255.0)
             else:  # 1-bit, 16-bit, 32-bit int / float: one band, scaled by its depth
-                array = _bit_depth_scale(np.asarray(img), img.mode, path)
+                array = _bit_depth_scale(np.asarray(img), img.mode, path, bit_depth)
                 if array.ndim == 3:  # multi-band non-8-bit data PIL exposes as an array
                     array = array[..., :3] @ _LUMA if channels == 1 else array[..., :3]
                 if array.ndim == 2 and channels == 3:

@@ -51,6 +51,11 @@ class LabeledData:
         extra_segmentation_metrics: hook for dataset-specific scores (e.g. the xView2 score from
             ``densessl.eval.xview2`` for xBD damage): a factory of an object with
             ``update(preds: B×H×W long, target: B×H×W long)`` and ``compute() -> dict``.
+        split_record: how the splits were made, for results.json: ``{"method": "files" |
+            "seeded" | "scenes" | "blocks", ...}`` plus the items (stems, scenes or blocks)
+            of each split, so a seeded split can be repeated and checked for leaks.
+        bit_depth: the bits per pixel the images were scaled by (``data.bit_depth`` resolved),
+            None when the loader does not read integer images of several depths.
     """
 
     train: Dataset
@@ -61,6 +66,8 @@ class LabeledData:
     source: Dataset | None = None
     cards: list[dict] = field(default_factory=list)
     extra_segmentation_metrics: Callable[[], object] | None = None
+    split_record: dict | None = None
+    bit_depth: int | None = None
 
     @property
     def num_classes(self) -> int:

@@ -51,7 +51,8 @@ def channel_stats(recipe: Recipe) -> tuple[list[float], list[float]]:
     def expand(v):  # a list has data.channels values (a Recipe validator)
         return [float(v)] * c if isinstance(v, (int, float)) else [float(x) for x in v]
 
-    return expand(recipe.augment.mean), expand(recipe.augment.std)
+    mean, std = recipe.augment.normalisation()
+    return expand(mean), expand(std)
 
 
 def label_subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:

@@ -25,12 +25,16 @@ from densessl.options import construct
 
 
 def build_eval_dataset(name: str, options: dict, *, path: str | None = None,
-                       image_size: int = 64, channels: int = 3, seed: int = 0) -> LabeledData:
-    """Instantiate a registered labeled dataset; unknown names or options are RecipeErrors."""
+                       image_size: int = 64, channels: int = 3, seed: int = 0,
+                       bit_depth: int | str | None = "auto") -> LabeledData:
+    """Instantiate a registered labeled dataset; unknown names or options are RecipeErrors.
+    ``bit_depth`` (the recipe's ``data.bit_depth``, resolved by pretraining where it could
+    be) reaches the datasets that read integer images of several depths."""
     if name not in EVAL_DATASETS:
         raise RecipeError(f"finetune.dataset: unknown labeled dataset {name!r}; registered: "
                           f"{', '.join(sorted(EVAL_DATASETS))}")
-    defaults = {"path": path, "image_size": image_size, "channels": channels, "seed": seed}
+    defaults = {"path": path, "image_size": image_size, "channels": channels, "seed": seed,
+                "bit_depth": bit_depth}
     return construct(EVAL_DATASETS[name], options, "finetune.options", defaults,
                      label=f"dataset {name!r}")
 

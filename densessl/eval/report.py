@@ -35,7 +35,7 @@ from densessl.io import atomic_write, write_json, write_text
 
 HEADLINE = ("mIoU", "fg_mIoU", "box_mAP", "box_AP50", "mask_mAP")
 #: top-level keys of results.json that are not inits
-RESERVED = ("differences", "protocol")
+RESERVED = ("differences", "protocol", "data")
 BASELINE, CEILING, FLOOR = "random", "supervised", "floor"
 CONFIDENCE = 0.95
 

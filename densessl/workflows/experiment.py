@@ -33,6 +33,7 @@ from densessl.io import write_json
 from densessl.models.health import collapse_message, encoder_problems, sparse_dense_message
 from densessl.models.weights import EncoderInit, load_encoder_file
 from densessl.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from densessl.workflows.data_settings import inherit_data_settings, resolve_data_settings
 
 
 class CollapseWarning(UserWarning):
@@ -114,9 +115,15 @@ def finetune(recipe: str | Path | dict | Recipe,
                                     "--force to fine-tune from it anyway")
             inits.append(dataclasses.replace(init, name=name))
         labels[name] = _weights_labels(files[0])
+    # bit depth and normalisation as the encoder saw them in pretraining (its recipe.yaml);
+    # without pretrained weights, computed from the recipe's pretraining data
+    if inherit_data_settings(recipe, next(iter(_as_paths(weights)), None)):
+        from densessl.build import build_pair_builder
+
+        resolve_data_settings(recipe, build_pair_builder(recipe))
     data = build_eval_dataset(cfg.dataset, cfg.options, path=cfg.path,
                               image_size=cfg.image_size, channels=recipe.data.channels,
-                              seed=recipe.seed)
+                              seed=recipe.seed, bit_depth=recipe.data.bit_depth)
     if cfg.spurious is not None:  # before the supervised init, which trains on it too
         data = spurious_data(data, cfg.spurious, recipe.seed)
     check_data(recipe, data)  # before the supervised init spends time training
@@ -150,6 +157,13 @@ def finetune(recipe: str | Path | dict | Recipe,
                 if cfg.spurious is not None else "")
     header = (f"## {recipe.name}: {cfg.dataset}, {recipe.model.backbone}, scores (%) on "
               f"{splits}, mean ± std over seeds {cfg.seeds}{pretrain_seeds}{spurious}\n")
+    # how the labeled splits were made (a seeded split can be repeated and checked for leaks)
+    # and how the images were scaled and normalised
+    results["data"] = {"dataset": cfg.dataset, "splits": data.split_record,
+                       "eval_splits": {k: len(v) for k, v in data.eval_splits().items()},
+                       "bit_depth": data.bit_depth if data.bit_depth is not None
+                       else recipe.data.bit_depth,
+                       "normalisation": {"mean": recipe.augment.mean, "std": recipe.augment.std}}
     table = write_report(results, out, header)
     write_json(out / "runs.json", {
         "recipe": recipe.name, "dataset": cfg.dataset, "datasets": data.cards,

@@ -21,6 +21,7 @@ from densessl.cells import cell_centres  # noqa: E402
 from densessl.io import atomic_write  # noqa: E402
 from densessl.pairs import collate_pairs  # noqa: E402
 from densessl.recipe import load_recipe  # noqa: E402
+from densessl.workflows.data_settings import resolve_data_settings
 
 
 def _displayable(view: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,7 @@ def inspect_pairs(recipe, out: str | Path, overrides: list[str] | None = None, c
     recipe = load_recipe(recipe, overrides)
     torch.manual_seed(seed)
     builder = build_pair_builder(recipe)
+    resolve_data_settings(recipe, builder)  # augment.mean / std: auto
     stride = recipe.model.dense_stride
     augment = build_augmentation(recipe, grid_stride=stride,
                                  cell_alignment=backbone_cell_alignment(recipe))

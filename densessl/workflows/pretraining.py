@@ -30,6 +30,7 @@ from densessl.models.weights import key_layout
 from densessl.pairs import collate_pairs
 from densessl.recipe import Recipe, dump_recipe, load_recipe
 from densessl.seeding import SeededSamples, StreamSampler, rng_states, set_rng_states
+from densessl.workflows.data_settings import inherit_data_settings, resolve_data_settings
 from densessl.workflows.resume import (
     ResumeState,
     check_writable,
@@ -245,8 +246,11 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     check_writable(out)
     _quiet_lightning()
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    if state is not None:  # what the interrupted run resolved from the data, not a new draw
+        inherit_data_settings(recipe, out / "encoder.pt")
     builder = build_pair_builder(recipe)
     check_class_ids(recipe, builder)
+    resolve_data_settings(recipe, builder)  # data.bit_depth, augment.mean / std: auto
     cards, skipped = collect_provenance(builder)
     image_provenance, attribution = find_image_provenance(builder)
     before = ((state.metrics if state is not None else None) or {}).get("provenance") or {}
@@ -277,6 +281,9 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         return {
             "recipe": recipe.name,
             "num_classes": recipe.loss.num_classes,  # resolved from the builder when null
+            # resolved from the data when auto (densessl.workflows.data_settings)
+            "bit_depth": recipe.data.bit_depth,
+            "normalisation": {"mean": recipe.augment.mean, "std": recipe.augment.std},
             "status": "finished" if finished else "running",
             "steps": int(trainer.global_step),
             "max_steps": t.max_steps,

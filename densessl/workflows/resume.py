@@ -59,6 +59,11 @@ def recipe_differences(saved: dict, recipe: Recipe) -> list[str]:
     # (a changed data set is caught when the builder's ids are checked against it)
     if new.get("loss.num_classes") is None:
         new["loss.num_classes"] = old.get("loss.num_classes")
+    # auto means "from the data" too: the saved recipe holds the values it resolved to, and a
+    # resumed run reads them back (densessl.workflows.data_settings.inherit_data_settings)
+    for key in ("data.bit_depth", "augment.mean", "augment.std"):
+        if new.get(key) == "auto":
+            new[key] = old.get(key)
     return [f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}" for k in keys
             if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS
             and not k.startswith(RESUMABLE_PREFIXES)]
