@@ -9,14 +9,14 @@ Benchmark" (ICCV). Layout (see datasets/pidray/README.md)::
     <root>/annotations/xray_test_hidden.json  <root>/hidden/
     (extended release: annotations/train.json + train/, annotations/test.json + test/)
 
-Masks are polygons, compressed RLE or uncompressed RLE (decoded with pycocotools). Every problem
+Masks are polygons, compressed RLE or uncompressed RLE (decoded with pycocotools; the COCO
+parsing is shared with the generic loader, :mod:`densessl.data.coco`). Every problem
 in the annotations is a :class:`DataError` naming the file and the entry, or with
 ``skip_bad=True`` a warning plus an entry in ``skipped_samples``.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from functools import partial
 from pathlib import Path
@@ -26,11 +26,11 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from densessl.boxes import mask_edge_boxes
-from densessl.data.bad_samples import ReadSkips, report_bad
+from densessl.data.bad_samples import ReadSkips
+from densessl.data.coco import load_coco_records, read_coco_json, render_annotations
 from densessl.data.decode import decode_image, warn_if_tiny
 from densessl.data.registry import register_inspector, register_source
-from densessl.data.resize import resize_image, resize_labels
+from densessl.data.resize import resize_image
 from densessl.errors import DataError
 
 #: PIDray class names in category-id order 1..12 (Wang et al. 2021, "Towards Real-world
@@ -76,39 +76,6 @@ def available_splits(root: str | Path) -> list[str]:
             if any((root / "annotations" / j).is_file() for j, _ in cands)]
 
 
-def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
-    """COCO segmentation (polygons, compressed or uncompressed RLE) → one compressed RLE.
-
-    Raises ValueError for an empty or malformed segmentation (caller adds file + entry).
-    """
-    if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list)]
-        if not polygons or len(polygons) != len(segmentation):
-            raise ValueError("empty segmentation (no polygon)")
-        if any(len(p) < 6 or len(p) % 2 for p in polygons):
-            raise ValueError("polygon with fewer than 3 points or an odd number of coordinates")
-        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            raise ValueError(f"RLE size {segmentation['size']} differs from the image's "
-                             f"{[height, width]}")
-        counts = segmentation["counts"]
-        if isinstance(counts, list):
-            if sum(counts) != height * width:
-                raise ValueError(f"uncompressed RLE covers {sum(counts)} pixels, image has "
-                                 f"{height * width}")
-            return mask_utils.frPyObjects(segmentation, height, width)
-        counts = counts.encode("ascii") if isinstance(counts, str) else counts
-        return {"size": [height, width], "counts": counts}
-    raise ValueError(f"segmentation must be a polygon list or an RLE dict, got "
-                     f"{type(segmentation).__name__}")
-
-
-def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """H×W bool mask of a COCO segmentation (same as ``COCO.annToMask``)."""
-    return mask_utils.decode(segmentation_to_rle(segmentation, height, width)).astype(bool)
-
-
 def read_image(path: Path, channels: int = 3, keep_uint8: bool = False) -> np.ndarray:
     """C×H×W float32 in [0, 1], scaled by bit depth (:func:`densessl.data.decode.decode_image`,
     the decoder every loader shares), or uint8 0..255 for 8-bit files with ``keep_uint8``; a
@@ -118,20 +85,13 @@ def read_image(path: Path, channels: int = 3, keep_uint8: bool = False) -> np.nd
 
 def load_coco(json_path: Path, image_dir: Path, skip_bad: bool = False,
               verify_images: bool = False) -> tuple[list[dict], list[str]]:
-    """Validated records ``{"file", "id", "height", "width", "anns": [...]}`` + skipped list.
+    """Validated records ``{"file", "id", "height", "width", "anns": [...]}`` + skipped list
+    (:func:`densessl.data.coco.load_coco_records`).
 
     Each kept annotation has ``category_id`` in 1..12 (PIDray order, matched by category name),
     ``rle`` (compressed) and ``iscrowd``.
     """
-    skipped: list[str] = []
-    skip = partial(report_bad, skip_bad=skip_bad, skipped=skipped)
-    try:
-        coco = json.loads(Path(json_path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{json_path}: not a readable COCO JSON ({exc})") from exc
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(coco.get(key), list):
-            raise DataError(f"{json_path}: missing list {key!r}")
+    coco = read_coco_json(json_path)
     name_to_ours = {n.lower(): i + 1 for i, n in enumerate(PIDRAY_CLASSES)}
     cat_map = {}
     for cat in coco["categories"]:
@@ -140,48 +100,9 @@ def load_coco(json_path: Path, image_dir: Path, skip_bad: bool = False,
             raise DataError(f"{json_path}: category {cat.get('id')} {cat.get('name')!r} is "
                             f"not a PIDray class ({', '.join(PIDRAY_CLASSES)})")
         cat_map[cat["id"]] = ours
-    records, by_id = [], {}
-    for img in coco["images"]:
-        path = image_dir / img["file_name"]
-        if not path.is_file():
-            skip(f"{json_path}: image id {img['id']} points at missing file {path}")
-            continue
-        if verify_images:
-            try:
-                read_image(path, 1)
-            except DataError as exc:
-                skip(f"{json_path}: image id {img['id']}: {exc}")
-                continue
-        rec = {"file": path, "id": img["id"], "height": int(img["height"]),
-               "width": int(img["width"]), "anns": []}
-        records.append(rec)
-        by_id[img["id"]] = rec
-    bad_images = set()
-    for ann in coco["annotations"]:
-        where = f"{json_path}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
-        rec = by_id.get(ann.get("image_id"))
-        if rec is None:
-            if not any(ann.get("image_id") == i["id"] for i in coco["images"]):
-                skip(f"{where}: no image with this id")
-            continue  # its image was already reported as skipped
-        if ann.get("category_id") not in cat_map:
-            skip(f"{where}: unknown category id {ann.get('category_id')} "
-                 f"(known: {sorted(cat_map)})")
-            bad_images.add(rec["id"])
-            continue
-        try:
-            rle = segmentation_to_rle(ann.get("segmentation"), rec["height"], rec["width"])
-            if mask_utils.area(rle) == 0:
-                raise ValueError("segmentation covers no pixel")
-        except (ValueError, TypeError, KeyError) as exc:
-            skip(f"{where}: invalid segmentation ({exc})")
-            bad_images.add(rec["id"])
-            continue
-        rec["anns"].append({"id": ann.get("id"), "category_id": cat_map[ann["category_id"]],
-                            "rle": rle, "iscrowd": int(ann.get("iscrowd", 0))})
-    # an image with a dropped annotation would teach "background" where an item is: drop it
-    records = [r for r in records if r["id"] not in bad_images]
-    return records, skipped
+    verify = partial(read_image, channels=1) if verify_images else None
+    return load_coco_records(coco, Path(json_path), Path(image_dir), cat_map,
+                             skip_bad=skip_bad, verify=verify)
 
 
 @register_source("pidray")
@@ -237,30 +158,15 @@ class PIDray(Dataset):
         if tuple(image.shape[1:]) != (h, w):
             raise DataError(f"{self.json_path}: image id {rec['id']}: {rec['file']} is "
                             f"{tuple(image.shape[1:])} but the JSON says {(h, w)}")
-        semantic = torch.zeros(h, w, dtype=torch.long)
-        inst_masks, labels = [], []
-        for ann in rec["anns"]:
-            mask = torch.from_numpy(mask_utils.decode(ann["rle"]).astype(bool))
-            semantic[mask] = ann["category_id"]
-            if not ann["iscrowd"]:
-                inst_masks.append(mask)
-                labels.append(ann["category_id"])
-        inst = torch.stack(inst_masks) if inst_masks else torch.zeros(0, h, w, dtype=torch.bool)
         if self.image_size is not None:
             warn_if_tiny(rec["file"], h, w, self.image_size)
-            size = (self.image_size, self.image_size)
-            # one sampling grid for image and labels (densessl.data.resize)
-            image = resize_image(image, size)
-            semantic = resize_labels(semantic, size)
-            inst = resize_labels(inst, size)
-        # an instance the resize shrank to no pixel would be a zero-area box: drop, count
-        keep = inst.flatten(1).any(1)
-        labels = torch.tensor(labels, dtype=torch.long)[keep]
-        inst = inst[keep]
-        return {"image": image, "mask": semantic, "boxes": mask_edge_boxes(inst),
-                "labels": labels, "instance_masks": inst,
+            image = resize_image(image, (self.image_size, self.image_size))
+        # crowd regions carry their class; instances the resize shrank away are counted
+        targets = render_annotations(rec["anns"], h, w, self.image_size, crowd_label=None)
+        dropped = targets.pop("dropped")
+        return {"image": image, **targets,
                 "meta": {"source": "pidray", "split": self.split, "file": str(rec["file"]),
-                         "image_id": rec["id"], "dropped_instances": int((~keep).sum())}}
+                         "image_id": rec["id"], "dropped_instances": dropped}}
 
 
 @register_inspector("pidray")

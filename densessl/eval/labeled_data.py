@@ -2,14 +2,19 @@
 
 The registry and the sample keys every split yields are in :mod:`densessl.data.labeled`.
 Importing this module registers every built-in labeled dataset: ``synthetic`` (here),
-``noisy-seg`` (:mod:`densessl.data.noisy_seg`), ``xbd`` (:mod:`densessl.eval.xbd_labeled`) and
-``pidray`` (:mod:`densessl.eval.xray_labeled`).
+``noisy-seg`` (:mod:`densessl.data.noisy_seg`), ``xbd`` (:mod:`densessl.eval.xbd_labeled`),
+``pidray`` (:mod:`densessl.eval.xray_labeled`), and for a user's own labels ``mask_folder``
+(:mod:`densessl.data.mask_folder`), ``coco`` (:mod:`densessl.data.coco`) and
+``geotiff_masks`` (:mod:`densessl.data.geotiff_masks`).
 """
 
 from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+import densessl.data.coco  # noqa: F401 - registers coco
+import densessl.data.geotiff_masks  # noqa: F401 - registers geotiff_masks
+import densessl.data.mask_folder  # noqa: F401 - registers mask_folder
 import densessl.data.noisy_seg  # noqa: F401 - registers noisy-seg
 import densessl.eval.xbd_labeled  # noqa: F401 - registers xbd
 import densessl.eval.xray_labeled  # noqa: F401 - registers pidray
