@@ -334,7 +334,7 @@ def _default_annotations(root: Path) -> dict[str, str]:
     return {f.stem: str(f) for f in files}
 
 
-@register_eval_dataset("coco")
+@register_eval_dataset("coco", needs_path=True)
 def coco_labeled(annotations: dict[str, str] | None = None, path: str | None = None,
                  image_size: int = 64, channels: int = 3, bit_depth: BitDepth | None = "auto",
                  skip_bad: bool = False) -> LabeledData:

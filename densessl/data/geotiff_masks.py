@@ -444,7 +444,7 @@ def _read_classes(root: Path, class_values: list[int] | None) -> list[str] | Non
     return names
 
 
-@register_eval_dataset("geotiff_masks")
+@register_eval_dataset("geotiff_masks", needs_path=True)
 def geotiff_masks(path: str | None = None, image_size: int = 64, channels: int = 3,
                   seed: int = 0, bands: list[int] | None = None, bit_depth: BitDepth = "auto",
                   scale: float | None = None, max_nodata: float = 0.5,

@@ -79,7 +79,14 @@ class LabeledData:
         return dict(self.test) if self.test else {"val": self.val}
 
 
-def register_eval_dataset(name: str):
+#: labeled datasets that read only the user's files (no built-in or synthetic fallback):
+#: ``finetune.path`` must be set, checked before any pretraining starts
+NEEDS_PATH: set[str] = set()
+
+
+def register_eval_dataset(name: str, needs_path: bool = False):
+    if needs_path:
+        NEEDS_PATH.add(name)
     return registrar(EVAL_DATASETS, "eval dataset", name)
 
 

@@ -260,7 +260,7 @@ class MaskFolderSplit(Dataset):
                          "mask_file": str(mask_path)}}
 
 
-@register_eval_dataset("mask_folder")
+@register_eval_dataset("mask_folder", needs_path=True)
 def mask_folder_labeled(path: str | None = None, image_size: int = 64, channels: int = 3,
                         seed: int = 0, class_values: list[int] | None = None,
                         val_fraction: float = 0.2, test_fraction: float = 0.2,

@@ -20,6 +20,7 @@ import densessl.eval.xbd_labeled  # noqa: F401 - registers xbd
 import densessl.eval.xray_labeled  # noqa: F401 - registers pidray
 from densessl.data.labeled import (
     EVAL_DATASETS,
+    NEEDS_PATH,
     LabeledData,
     instances_from_mask,
     register_eval_dataset,
@@ -42,6 +43,15 @@ def build_eval_dataset(name: str, options: dict, *, path: str | None = None,
                 "bit_depth": bit_depth}
     return construct(EVAL_DATASETS[name], options, "finetune.options", defaults,
                      label=f"dataset {name!r}")
+
+
+def check_finetune_path(dataset: str, path: str | None) -> None:
+    """A dataset that reads only the user's files needs ``finetune.path``: refused in one line
+    before any pretraining, never a silent evaluation on something else."""
+    if dataset in NEEDS_PATH and not path:
+        raise RecipeError(f"finetune.path: not set, and finetune.dataset {dataset!r} reads your "
+                          "own labeled files (it has no built-in data); set it, e.g. --set "
+                          "finetune.path=/data/labeled (README, Your own data)")
 
 
 class SyntheticLabeled(Dataset):

@@ -25,7 +25,7 @@ import torch
 from densessl.errors import DensesslError
 from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
 from densessl.eval.inits import supervised_init
-from densessl.eval.labeled_data import build_eval_dataset
+from densessl.eval.labeled_data import build_eval_dataset, check_finetune_path
 from densessl.eval.report import build_results, write_report
 from densessl.eval.segmentation import check_input_size
 from densessl.eval.spurious import spurious_data
@@ -91,6 +91,7 @@ def finetune(recipe: str | Path | dict | Recipe,
     out = Path(out)
     check_writable(out)  # before any training, not after it
     check_input_size(recipe)
+    check_finetune_path(cfg.dataset, cfg.path)
     inits: list[EncoderInit] = []
     labels: dict[str, str] = {}
     for name, files, flag in (("pretrained", _as_paths(weights), "--weights encoder.pt"),
@@ -219,6 +220,7 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
                             "to replace them or choose another --out")
     check_writable(out)
     check_input_size(recipe)  # before pretraining: smp would refuse it only after
+    check_finetune_path(cfg.dataset, cfg.path)
     control = label_free_recipe(recipe) if "label_free" in cfg.inits else None
     weights = (_pretrain_all(recipe, out / "pretrain", log, overwrite)
                if "pretrained" in cfg.inits else None)
