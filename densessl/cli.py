@@ -205,7 +205,8 @@ def cmd_bench(args) -> int:
                         device=args.device,
                         precision=args.precision, channels_last=args.channels_last,
                         builders=not args.skip_builders, data_wait=not args.skip_data_wait,
-                        peak=args.peak_tflops, profile_dir=args.profile)
+                        peak=args.peak_tflops, profile_dir=args.profile,
+                        tiles=not args.skip_tiles, tiles_only=args.tiles_only)
     if args.json:
         write_json(args.json, results)
         print(f"wrote {Path(args.json).resolve()}")
@@ -336,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--skip-builders", action="store_true", help="skip builder throughput")
     p.add_argument("--skip-data-wait", action="store_true", help="skip the short real run")
+    p.add_argument("--skip-tiles", action="store_true",
+                   help="skip geotiff_tiles on a 10,980² 13-band scene (part of the builder "
+                        "figures; the first run writes a 1.8 GB scene into the cache)")
+    p.add_argument("--tiles-only", action="store_true",
+                   help="only the geotiff_tiles figures (pairs/s per worker, peak RSS at two "
+                        "scene sizes)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak TFLOP/s for model FLOP utilisation (known: bf16 on "
                         "H100/H200/A100)")

@@ -6,6 +6,8 @@
   augmentation and the trainer's wait on data; :func:`run_bench` is the command.
 * :mod:`~densessl.bench.data_pipeline` — the data pipeline at real image sizes: decoding,
   each recipe's builder per pair and per DataLoader worker, and the device paste stage.
+* :mod:`~densessl.bench.tiles` — ``geotiff_tiles`` windows of a whole 10,980² 13-band
+  scene: pairs/s per worker and peak RSS against a scene a sixteenth the size.
 * :mod:`~densessl.bench.queues` — :class:`~densessl.losses.PerClassQueue` against the naive
   per-class loop: enqueue, then the negatives' log-sum-exp, with rings filling and full.
 """

@@ -336,8 +336,12 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
               steps: int = 3, warmup: int = 2, device: str = "auto", precision: str = "32",
               rounds: int = 3, channels_last: bool = False, builders: bool = True,
               data_wait: bool = True, peak: float | None = None,
-              profile_dir: str | Path | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              profile_dir: str | Path | None = None, tiles: bool = True,
+              tiles_only: bool = False, log: Callable[[str], None] = print) -> dict:
+    if tiles_only:  # densessl bench --tiles-only: no model, no device
+        from densessl.bench.tiles import bench_geotiff_tiles
+
+        return {"geotiff_tiles": bench_geotiff_tiles(log=log)}
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     torch.manual_seed(0)
@@ -415,6 +419,13 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
             stage["fraction_of_real_setting_step"] = round(stage["ms_per_batch"] / real_ms, 3)
             log(f"device stage vs training steps: {stage}")
         results["real_sizes"] = real
+        if tiles:  # whole-scene windows: pairs/s per worker and memory vs scene size
+            from densessl.bench.tiles import bench_geotiff_tiles
+
+            try:
+                results["geotiff_tiles"] = bench_geotiff_tiles(log=log)
+            except Exception as exc:  # one broken part must not hide the other figures
+                results["geotiff_tiles"] = {"error": f"{type(exc).__name__}: {exc}"}
     if data_wait:
         results["data_wait"] = bench_data_wait()
         log(f"data wait: {results['data_wait']}")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from densessl.data.bad_samples import ReadSkips
+from densessl.data.bit_depth import BitDepth, resolve_bit_depth
 from densessl.data.decode import decode_image, warn_if_tiny
 from densessl.data.registry import register_inspector, register_source
 from densessl.data.sixray import resize_crop
@@ -21,16 +24,40 @@ def list_images(root: str | Path) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _file_max(path: Path) -> tuple[float, int]:
+    """``read_max`` for :func:`resolve_bit_depth`: an image's largest value and storage bits;
+    an unreadable file counts as an empty 8-bit one (it is reported when it is read, where
+    ``skip_bad`` applies)."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img)
+    except (OSError, SyntaxError, ValueError):
+        return 0.0, 8
+    storage = 8 if array.dtype in (np.uint8, np.bool_) else 16
+    return (float(array.max()) if array.size else 0.0), storage
+
+
 @register_source("folder")
 class ImageFolder(Dataset):
     """Every image under ``root`` (recursively), resized so its short side is ``image_size``
     and centre-cropped to a square: ``{"image": C×S×S float in [0, 1]}``.
 
+    With ``tiles: true`` an item is instead a random ``image_size`` crop at the image's native
+    resolution (large aerial or satellite tiles keep their ground resolution; nothing is
+    resized), placed by a generator seeded by ``(seed, index)`` (the same crop for the same
+    item in every epoch, worker and resumed run), with ``"valid"`` (S×S bool). An image
+    smaller than ``image_size`` is padded with zeros marked invalid, at a random offset,
+    rather than upscaled: upscaling would invent pixels at another resolution than the rest.
+
+    Integer images wider than 8 bits are scaled by ``bit_depth`` (``auto``: resolved once over
+    a sample of the files, :func:`~densessl.data.bit_depth.resolve_bit_depth`).
+
     Geometry augmentation happens later on the device, so this stays a plain, cheap loader.
     """
 
     def __init__(self, path: str | Path, image_size: int = 224, channels: int = 3,
-                 skip_bad: bool = False) -> None:
+                 skip_bad: bool = False, tiles: bool = False, bit_depth: BitDepth = "auto",
+                 seed: int = 0) -> None:
         self.root = Path(path)
         if not self.root.is_dir():
             raise DataError(f"data.path: folder {str(self.root)!r} does not exist")
@@ -42,6 +69,8 @@ class ImageFolder(Dataset):
             raise DataError(f"data.channels: image folders give 1 or 3 channels, got {channels}; "
                             "use a GeoTIFF source for multispectral imagery")
         self.image_size, self.channels, self.skip_bad = image_size, channels, skip_bad
+        self.tiles, self.seed = tiles, seed
+        self.bit_depth = resolve_bit_depth(bit_depth, self.files, read_max=_file_max)
         self.read_skips = ReadSkips(len(self.files))  # unreadable files found in workers
 
     def __len__(self) -> int:
@@ -63,10 +92,35 @@ class ImageFolder(Dataset):
 
     def _read(self, index: int) -> dict:
         path = self.files[index]
-        pixels = decode_image(path, self.channels)  # scaled by bit depth (16-bit too)
+        # scaled by bit depth (16-bit too)
+        pixels = decode_image(path, self.channels, bit_depth=self.bit_depth)
+        if self.tiles:
+            return self._tile(index, path, pixels)
         warn_if_tiny(path, *pixels.shape[1:], self.image_size)
         image, *_ = resize_crop(torch.from_numpy(pixels), self.image_size)
         return {"image": image.contiguous(), "meta": {"source": "folder", "file": str(path)}}
+
+    def _tile(self, index: int, path: Path, pixels: np.ndarray) -> dict:
+        """The native-resolution crop of item ``index`` (class doc); ``meta["window"]`` is
+        ``[col, row, S, S]`` in the image's pixels (negative offsets: padding)."""
+        s = self.image_size
+        _, h, w = pixels.shape
+        rng = np.random.default_rng([self.seed, index])
+        col = int(rng.integers(min(0, w - s), max(0, w - s) + 1))
+        row = int(rng.integers(min(0, h - s), max(0, h - s) + 1))
+        if h >= s and w >= s:
+            image = pixels[:, row:row + s, col:col + s]
+            valid = np.ones((s, s), bool)
+        else:  # smaller than the crop in some side: the image sits inside, zeros around
+            image = np.zeros((pixels.shape[0], s, s), np.float32)
+            valid = np.zeros((s, s), bool)
+            c0, r0 = max(col, 0), max(row, 0)
+            c1, r1 = min(col + s, w), min(row + s, h)
+            image[:, r0 - row:r1 - row, c0 - col:c1 - col] = pixels[:, r0:r1, c0:c1]
+            valid[r0 - row:r1 - row, c0 - col:c1 - col] = True
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)),
+                "valid": torch.from_numpy(valid),
+                "meta": {"source": "folder", "file": str(path), "window": [col, row, s, s]}}
 
 
 @register_inspector("folder")
