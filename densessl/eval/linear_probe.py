@@ -203,8 +203,17 @@ def recompute_bn_stats(encoder: nn.Module, dataset: Dataset, mean: Sequence[floa
         m.momentum = None
         m.train()
     try:
+        # a trailing batch of one image joins the batch before it: BatchNorm in train mode
+        # cannot take one value per channel (a small image's c5 map is 1×1)
+        pending = None
         for image, _ in _images(dataset, batch_size):
-            encoder(_normalise(image, mean, std))
+            if pending is not None and image.shape[0] > 1:
+                encoder(_normalise(pending, mean, std))
+                pending = image
+            else:
+                pending = image if pending is None else torch.cat([pending, image])
+        if pending is not None:
+            encoder(_normalise(pending, mean, std))
     finally:
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum
