@@ -71,17 +71,37 @@ class StreamSampler(Sampler):
     processes each global batch of ``batch_size × world`` positions is split in rank order, so
     a 2-process run sees what a 1-process run with twice the batch sees. The rank and world
     size are read when iteration starts (after the process group exists).
+
+    ``group`` > 1 keeps runs of ``group`` consecutive indices together (a source whose items
+    come in groups that share reads, e.g. ``geotiff_tiles``' ``windows_per_block``): epoch e
+    permutes the ceil(n / group) groups — the same seeded ``randperm``, over groups — and
+    lists each group's indices in order, dropping the indices ≥ n of a last partial group, so
+    an epoch is still n positions and each group sits at consecutive positions (in one batch
+    when ``batch_size`` is a multiple of ``group`` and n is too). ``group`` 1 is the plain
+    permutation of the n indices.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0,
+                 group: int = 1) -> None:
+        if group < 1:
+            raise ValueError(f"StreamSampler: group must be >= 1, got {group}")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.group = int(group)
         self._epoch, self._order = -1, None
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The n indices of epoch ``epoch`` in stream order: a function of (seed, epoch)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, ORDER))
+        if self.group == 1:
+            return torch.randperm(self.n, generator=generator)
+        groups = torch.randperm(-(-self.n // self.group), generator=generator)
+        order = (groups[:, None] * self.group + torch.arange(self.group)).reshape(-1)
+        return order[order < self.n]
 
     def index_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.n)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, ORDER))
-            self._epoch, self._order = epoch, torch.randperm(self.n, generator=generator)
+            self._epoch, self._order = epoch, self.epoch_order(epoch)
         return int(self._order[offset])
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

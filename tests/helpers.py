@@ -82,3 +82,17 @@ def small_xray_pretrain_args(out: Path, cache: Path, *settings: str) -> list[str
              f"pairs.options.cache_dir={cache}", *settings]
     return ["pretrain", str(recipe), "--out", str(out),
             *[arg for setting in every for arg in ("--set", setting)]]
+
+
+#: shipped recipes that read only the user's data and so cannot load without a path
+USER_DATA_PATH = "/data/your/images"
+
+
+def load_shipped_recipe(path: Path, overrides: list[str] | None = None):
+    """A shipped recipe as a user loads it: the ones whose data source reads only the user's
+    files (``own_xray_coco``: ``data.source: folder``) get a ``data.path``, as the README's
+    command gives them."""
+    from densessl.recipe import load_recipe, read_recipe_dict
+
+    needs_path = (read_recipe_dict(path).get("data") or {}).get("source") == "folder"
+    return load_recipe(path, [f"data.path={USER_DATA_PATH}"] * needs_path + (overrides or []))

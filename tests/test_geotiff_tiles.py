@@ -176,7 +176,7 @@ def test_overview_lets_redraws_skip_reads_without_changing_windows(tmp_path, mon
     items = {}
     for path in (plain, with_ovr):
         data = GeoTiffTiles(str(path), image_size=64, channels=2, max_nodata=0.3,
-                            items_per_epoch=60)
+                            items_per_epoch=60, windows_per_block=1)
         monkeypatch.setattr(rasterio.io.DatasetReader, "read", counting_read)
         items[path] = [data[i] for i in range(60)]
         monkeypatch.undo()
@@ -391,3 +391,283 @@ def test_pretrains_on_a_folder_of_4_band_scenes(tmp_path):
     metrics = pretrain(recipe, tmp_path / "out")
     assert metrics["steps"] == 2
     assert (tmp_path / "out" / "encoder.pt").stat().st_size > 0
+
+
+# --- block-local window groups (windows_per_block) ---------------------------------------
+
+
+def block_grid(path):
+    """The internal block (tile) height and width, read with rasterio."""
+    with rasterio.open(path) as src:
+        return tuple(src.block_shapes[0])
+
+
+def block_of(window, grid):
+    """The (block row, block col) holding ``window`` whole, or None if it spans blocks."""
+    col, row, w, h = window
+    bh, bw = grid
+    first, last = (row // bh, col // bw), ((row + h - 1) // bh, (col + w - 1) // bw)
+    return first if first == last else None
+
+
+@pytest.fixture
+def tiled(tmp_path):
+    """4 bands uint16, 256 × 320 (whole 64² blocks), nodata 0 over the left 100 columns."""
+    raw = np.random.default_rng(7).integers(1, 4096, (4, 256, 320)).astype(np.uint16)
+    raw[:, :, :100] = 0
+    return write_scene(tmp_path / "t" / "tiled.tif", raw, nodata=0, block=64), raw
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_group_members_lie_in_one_internal_block(tiled, k):
+    path, raw = tiled
+    grid = block_grid(path)
+    assert grid == (64, 64)
+    data = GeoTiffTiles(str(path), image_size=48, channels=4, max_nodata=0.25,
+                        items_per_epoch=12 * k, windows_per_block=k)
+    assert data.sample_group == k
+    blocks = set()
+    for g in range(12):
+        members = [data[i] for i in range(g * k, (g + 1) * k)]
+        windows = [m["meta"]["window"] for m in members]
+        held = {block_of(w, grid) for w in windows}
+        assert len(held) == 1 and None not in held, windows  # one block, wholly inside
+        blocks |= held
+        for m, w in zip(members, windows):  # still the right pixels, max_nodata per window
+            expected_valid = (cut(raw, w) != 0).all(0)
+            assert np.array_equal(m["valid"].numpy(), expected_valid)
+            assert np.array_equal(m["image"].numpy(),
+                                  np.where(expected_valid, scaled(cut(raw, w), 12), 0))
+            assert (~expected_valid).mean() <= 0.25
+        assert len({tuple(w) for w in windows}) > 1  # members differ inside the block
+    assert len(blocks) > 3  # groups spread over the scene
+    # the mostly-nodata blocks (columns 0-99) are redrawn: never a block wholly in them
+    assert all(c >= 1 for _, c in blocks)
+
+
+def test_group_redraws_its_block_when_the_block_is_too_empty(tmp_path):
+    """Data in 4 of 16 blocks only: every group lands in one of them (the block draw is
+    redrawn, the same for every member), every window within max_nodata."""
+    raw = np.zeros((2, 256, 256), np.uint8)
+    good = [(0, 3), (1, 1), (2, 2), (3, 0)]
+    rng = np.random.default_rng(8)
+    for r, c in good:
+        raw[:, r * 64:(r + 1) * 64, c * 64:(c + 1) * 64] = rng.integers(1, 256, (2, 64, 64))
+    path = write_scene(tmp_path / "r" / "sparse.tif", raw, nodata=0, block=64)
+    data = GeoTiffTiles(str(path), image_size=32, channels=2, max_nodata=0.2,
+                        items_per_epoch=80, windows_per_block=8)
+    seen = set()
+    for g in range(10):
+        windows = [data[i]["meta"]["window"] for i in range(g * 8, (g + 1) * 8)]
+        held = {block_of(w, (64, 64)) for w in windows}
+        assert len(held) == 1 and held <= set(good), (g, windows)
+        seen |= held
+        for w in windows:
+            assert (cut(raw, w) == 0).any(0).mean() <= 0.2
+    assert len(seen) > 1
+
+
+def test_members_fall_back_to_the_group_probe(tmp_path):
+    """A block where few windows qualify: a member whose own tries all fail takes the group's
+    probe window (proven within max_nodata), never a window over the limit; a group none of
+    whose probes qualifies is an error naming the item and windows_per_block."""
+    raw = np.zeros((1, 64, 64), np.uint8)
+    raw[:, :36, :36] = 9  # only windows near the top-left corner are mostly valid
+    path = write_scene(tmp_path / "p" / "corner.tif", raw, nodata=0, block=64)
+    data = GeoTiffTiles(str(path), image_size=32, channels=1, max_nodata=0.6, tries=3,
+                        items_per_epoch=128, windows_per_block=8)
+    fallbacks = failed = 0
+    for g in range(16):
+        _, region, probe, _ = data.group_region(g)
+        if probe is None:
+            failed += 1
+            with pytest.raises(DataError, match=rf"item {g * 8 + 3}: window group {g} "
+                                                r"\(data.options.windows_per_block 8\).*"
+                                                r"max_nodata"):
+                data[g * 8 + 3]
+            continue
+        for i in range(g * 8, (g + 1) * 8):
+            w = data[i]["meta"]["window"]
+            assert (cut(raw, w)[0] == 0).mean() <= 0.6
+            origins = list(data.draw(i)[1])
+            assert len(origins) == 3 + 1 and origins[-1] == probe
+            own = [o for o in origins[:-1] if (cut(raw, [*o, 32, 32])[0] == 0).mean() <= 0.6]
+            assert tuple(w[:2]) == (own[0] if own else probe)
+            fallbacks += not own
+    assert fallbacks > 0 and failed > 0
+
+
+def test_group_windows_are_a_function_of_seed_and_index(tiled):
+    """Whatever the access order, the object, or what it has remembered: item i is the same
+    window (a group's region is derived from (seed, group) alone)."""
+    path, _ = tiled
+
+    def make(seed=0):
+        return GeoTiffTiles(str(path), image_size=48, channels=4, max_nodata=0.25,
+                            items_per_epoch=64, windows_per_block=8, seed=seed)
+
+    forward = make()
+    expected = [forward[i] for i in range(64)]
+    shuffled = make()
+    for i in np.random.default_rng(1).permutation(64):
+        got = shuffled[int(i)]
+        assert got["meta"] == expected[i]["meta"]
+        assert torch.equal(got["image"], expected[i]["image"])
+    for i in (63, 5, 17):  # a fresh object per item: no remembered region
+        assert make()[i]["meta"] == expected[i]["meta"]
+    assert any(make(1)[i]["meta"] != expected[i]["meta"] for i in range(8))
+
+
+def test_windows_per_block_1_is_the_ungrouped_draw(twelve_bit):
+    """k = 1: each window is the first candidate of draw(), drawn over the whole scene from
+    (seed, index) exactly as before groups existed (a per-item generator: scene, col, row)."""
+    path, _ = twelve_bit
+    data = GeoTiffTiles(str(path), image_size=48, channels=4, items_per_epoch=20,
+                        windows_per_block=1)
+    for i in range(20):
+        rng = np.random.default_rng([0, i])
+        rng.random()  # the scene draw (one scene)
+        expected = [int(rng.integers(0, 170 - 48 + 1)), int(rng.integers(0, 150 - 48 + 1))]
+        assert data[i]["meta"]["window"] == [*expected, 48, 48]
+
+
+def test_small_blocks_group_inside_one_and_a_half_windows(tmp_path):
+    raw = np.random.default_rng(9).integers(1, 256, (1, 200, 240)).astype(np.uint8)
+    path = write_scene(tmp_path / "b" / "small_blocks.tif", raw, block=16)
+    data = GeoTiffTiles(str(path), image_size=48, channels=1, items_per_epoch=48,
+                        windows_per_block=6)
+    for g in range(8):
+        windows = np.array([data[i]["meta"]["window"] for i in range(g * 6, (g + 1) * 6)])
+        assert np.ptp(windows[:, 0]) <= 72 - 48 and np.ptp(windows[:, 1]) <= 72 - 48
+        assert windows[:, 0].min() >= 0 and windows[:, 0].max() <= 240 - 48
+
+
+def test_default_length_is_whole_groups(tmp_path):
+    write_scene(tmp_path / "e" / "x.tif", np.ones((1, 640, 481), np.uint8))
+    data = GeoTiffTiles(str(tmp_path / "e"), image_size=16, channels=1, windows_per_block=8)
+    assert len(data) == 8 * math.ceil(math.ceil(640 * 481 / 16**2) / 8)
+    with pytest.raises(DataError, match="windows_per_block"):
+        GeoTiffTiles(str(tmp_path / "e"), image_size=16, channels=1, windows_per_block=0)
+
+
+class ReadLog:
+    """Opens the scene through a Python file object that logs every (offset, size) GDAL
+    reads: a tile's compressed bytes are read once per decode (GDAL's block cache holds the
+    decoded tile, so a cache hit reads nothing)."""
+
+    def __init__(self, path):
+        import io
+
+        self.path, self.reads, self.handles = path, [], []
+        log = self.reads
+
+        class Logged(io.FileIO):
+            def read(self, size=-1):
+                at = self.tell()
+                out = super().read(size)
+                log.append((at, len(out)))
+                return out
+
+        self.file_class = Logged
+        with rasterio.open(path) as src:
+            bh, bw = src.block_shapes[0]
+            ny, nx = math.ceil(src.height / bh), math.ceil(src.width / bw)
+            self.tiles = {(y, x): (int(src.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=1)),
+                                   int(src.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=1)))
+                          for y in range(ny) for x in range(nx)}
+        assert len({o for o, _ in self.tiles.values()}) == len(self.tiles)
+
+    def open(self):
+        handle = rasterio.open(self.path, opener=lambda p, mode="rb": self.file_class(p, "rb"))
+        handle.read(1, window=rasterio.windows.Window(0, 0, 1, 1))  # headers; tile (0, 0)
+        self.handles.append(handle)
+        return handle
+
+    def decodes(self):
+        """How often each tile's bytes were read since the log was last cleared."""
+        counts = {}
+        for at, size in self.reads:
+            for tile, (offset, length) in self.tiles.items():
+                if at < offset + length and offset < at + size:
+                    counts[tile] = counts.get(tile, 0) + 1
+        return counts
+
+    def close(self):  # explicitly: a Python-backed handle left to the interpreter's exit crashes
+        for handle in self.handles:
+            handle.close()
+
+
+def test_a_group_decodes_each_internal_tile_once(tiled, monkeypatch):
+    path, _ = tiled
+    k = 8
+    data = GeoTiffTiles(str(path), image_size=48, channels=4, max_nodata=0.25,
+                        items_per_epoch=10 * k, windows_per_block=k)
+    expected = [data[i]["meta"]["window"] for i in range(10 * k)]  # through a plain handle
+    log = ReadLog(path)
+    try:
+        handle = log.open()
+        monkeypatch.setattr(data.handles, "get", lambda *args, **kwargs: handle)
+        data._groups.clear()  # choose each region again, through the logged handle
+        # opening reads the headers and tile (0, 0) (its read may overlap the next tile)
+        opened, decoded = set(log.decodes()), set()
+        for g in range(10):
+            log.reads.clear()
+            windows = [data[i]["meta"]["window"] for i in range(g * k, (g + 1) * k)]
+            assert windows == expected[g * k:(g + 1) * k]
+            counts = log.decodes()
+            # each tile at most once in the group: the k windows and the kept region's probe
+            # share the block (a rejected region's probe reads its own block once)
+            assert all(n == 1 for n in counts.values()), counts
+            block = block_of(windows[0], (64, 64))
+            assert block in set(counts) | decoded | opened  # read now, or still cached
+            assert not decoded & set(counts)  # a tile decoded before is never decoded again
+            decoded |= set(counts)
+        # the control: the same group's windows each through a fresh handle (no shared
+        # cache) read its block once per window — what the count would show on a re-decode
+        log.reads.clear()
+        for w in expected[:k]:
+            log.open().read(window=rasterio.windows.Window(*w))
+        assert log.decodes()[block_of(expected[0], (64, 64))] == k + (
+            block_of(expected[0], (64, 64)) == (0, 0)) * k
+    finally:
+        log.close()
+
+
+def test_data_check_reads_scenes_with_rasterio(tmp_path, monkeypatch):
+    """``data inspect --check --format geotiff_tiles``: rasters decoded with rasterio, block by
+    block (PIL would fail on 13-band uint16); a truncated scene is named; one file works."""
+    from densessl.data import check
+
+    good = write_scene(tmp_path / "c" / "good.tif",
+                       np.random.default_rng(0).integers(1, 4096, (13, 96, 96)).astype(np.uint16))
+    bad = write_scene(tmp_path / "c" / "sub" / "bad.tif",
+                      np.random.default_rng(1).integers(1, 4096, (13, 96, 96)).astype(np.uint16))
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+    monkeypatch.setattr(check, "decode_image", lambda p: pytest.fail(f"PIL decode of {p}"))
+    report = check.check_files(tmp_path / "c", "geotiff_tiles")
+    assert report["files"] == 2 and len(report["bad"]) == 1 and "bad.tif" in report["bad"][0]
+    assert check.check_files(good, "geotiff_tiles") == {"files": 1, "bad": []}
+
+
+def test_bench_reports_pairs_per_s_for_each_windows_per_block(tmp_path):
+    from densessl.bench.tiles import bench_geotiff_tiles
+    from densessl.data.geotiff_tiles import WINDOWS_PER_BLOCK
+
+    report = bench_geotiff_tiles(sizes=(128, 64), window=32, samples=8, bands=2, tile=64,
+                                 windows_per_block=(1, 2), cache_dir=tmp_path, isolate=False,
+                                 uncapped=False, log=lambda m: None)
+    ks = sorted({1, 2, WINDOWS_PER_BLOCK})
+    assert report["default_windows_per_block"] == WINDOWS_PER_BLOCK
+    assert sorted(report["table"]) == sorted(f"k={k}" for k in ks)
+    for row in report["table"].values():
+        assert set(row) == {"128px", "64px"}
+        assert all(v["pairs_per_s"] > 0 and v["rss_growth_mb"] >= 0 for v in row.values())
+    for entry in report["scenes"].values():
+        by_k = entry["by_windows_per_block"]
+        assert sorted(by_k, key=int) == [str(k) for k in ks]
+        assert all(f["windows_per_block"] == int(k) and f["pairs_timed"] % int(k) == 0
+                   for k, f in by_k.items())
+        # the scene's top-level figures are those at the source's default
+        assert entry["pairs_per_s_per_worker"] == \
+            by_k[str(WINDOWS_PER_BLOCK)]["pairs_per_s_per_worker"]
+    assert set(report["rss_growth_ratio_by_windows_per_block"]) == {str(k) for k in ks}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
+from helpers import load_shipped_recipe
 
 from densessl.build import build_pair_builder, build_source_dataset
 from densessl.data.registry import SOURCES
@@ -78,7 +79,7 @@ def test_every_shipped_recipe_and_default_passes_the_check():
     assert len(names) >= 5
     for name in names:
         path = Path(str(resources.files("densessl") / "recipes" / name))
-        recipe = load_recipe(path)
+        recipe = load_shipped_recipe(path)
         check_option_types(get_pair_builder(recipe.pairs.builder), recipe.pairs.options,
                            f"{name}: pairs.options", recipe.pairs.builder)
         check_option_types(SOURCES[recipe.data.source], recipe.data.options,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_shipped_recipe
 
 from densessl import cli
 from densessl.errors import RecipeError
@@ -24,7 +25,7 @@ def test_every_recipe_is_found():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_short_recipes_keep_momentum_constant_and_split_key_bn(path):
-    recipe = load_recipe(path)
+    recipe = load_shipped_recipe(path)
     m, t = recipe.model, recipe.train
     assert t.max_steps <= 1000 and t.devices == 1  # the budget these defaults are for
     # the momentum actually used at every step of the run stays at its start value

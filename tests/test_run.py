@@ -50,7 +50,7 @@ def test_run_end_to_end(tmp_path, capsys):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert list(on_disk) == ["floor", "pretrained", "random", "supervised", "differences",
-                             "protocol"]
+                             "protocol", "data"]
     tasks = {"segmentation/fpn@50%", "linear_probe@50%", "detection/faster_rcnn@50%"}
     assert on_disk["protocol"]["primary"] == "linear_probe@50%/mIoU"
     assert set(on_disk["differences"]) == {"pretrained - random", "supervised - random"}
@@ -87,7 +87,7 @@ def test_cli_finetune_and_bad_input(tmp_path, capsys):
         base += ["--set", s]
     assert main(base + ["--weights", str(weights)]) == 0
     results = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert set(results) == {"floor", "pretrained", "random", "differences", "protocol"}
+    assert set(results) == {"floor", "pretrained", "random", "differences", "protocol", "data"}
     assert 0 <= results["pretrained"]["linear_probe@50%"]["mIoU"] <= 1
 
     torch.save(ResNetBackbone("resnet18", 4).state_dict(), tmp_path / "four.pt")
@@ -183,7 +183,7 @@ def test_xray_demo_runs_end_to_end_on_its_synthetic_set(tmp_path, monkeypatch):
                                      "finetune.options={synthetic_n: 16}",
                                      "finetune.seeds=[0,1]", "finetune.probe_steps=5"])
     assert list(results) == ["floor", "pretrained", "label_free", "random", "supervised",
-                             "differences", "protocol"]
+                             "differences", "protocol", "data"]
     for init in ("floor", "pretrained", "label_free", "random", "supervised"):
         probe = results[init]["linear_probe@100%"]
         for subset in ("easy", "hard", "hidden"):

@@ -8,14 +8,19 @@ written tile by tile, so writing never holds the 3 GB array, from a block-evalua
 parcels with per-class spectra, a large-scale gradient, bright clouds up to 14 bits, sensor
 noise, a nodata swath edge — so DEFLATE sees data about as compressible as real imagery.
 
-Each size is measured in a fresh process (``spawn``): the ``same_image`` builder over the
-source, one thread (one DataLoader worker), ``pairs_per_s_per_worker`` (median of 3 rounds),
-against the floor of reading the same kind of windows alone through an open file
-(``decode_ms_per_pair``, in the same rounds), and the peak RSS growth over the process's size
-after setup (the kernel's peak count, ``VmHWM``, restarted after setup). A small scene
-(2,745², a sixteenth of the pixels) run the same way shows whether memory follows the scene
-size; one run on the large scene with GDAL's default block cache (5 % of RAM) shows the
-growth the source's ``gdal_cache_mb`` ceiling prevents.
+Each size and each ``windows_per_block`` k (1, 4, 8, 16) is measured in a fresh process
+(``spawn``): the ``same_image`` builder over the source, one thread (one DataLoader worker),
+items in the order the training sampler gives them (:class:`~densessl.seeding.StreamSampler`
+with the source's ``sample_group``: a group's k windows one after another, groups in seeded
+random order), ``pairs_per_s_per_worker`` (median of 3 rounds), against the floor of reading
+the same kind of windows (each item's first candidate, in the same order) alone through an
+open file (``decode_ms_per_pair``, in the same rounds), and the peak RSS growth over the
+process's size after setup (the kernel's peak count, ``VmHWM``, restarted after setup). A
+small scene (2,745², a sixteenth of the pixels) run the same way shows whether memory follows
+the scene size; one run on the large scene with GDAL's default block cache (5 % of RAM) shows
+the growth the source's ``gdal_cache_mb`` ceiling prevents. Each scene's top-level figures
+are those at the source's default ``windows_per_block``; ``by_windows_per_block`` holds every
+k.
 """
 
 from __future__ import annotations
@@ -163,47 +168,56 @@ def _peak_mb(reset: bool) -> float:
 
 
 def measure(path: str, window: int, samples: int, gdal_cache_mb: int | None,
-            rounds: int = 3) -> dict:
-    """One process's figures for one scene: setup; then ``rounds`` rounds, each timing the
-    ``same_image`` builder (one thread) over its share of ``samples`` items and the floor —
-    the first candidate windows of as many other items read alone through an open file —
-    reporting the median round (shared machines drift); and the peak RSS above the size after
-    setup. Run it in a fresh process: the peak is the process's own."""
+            rounds: int = 3, windows_per_block: int = 1) -> dict:
+    """One process's figures for one scene and ``windows_per_block``: setup; then ``rounds``
+    rounds, each timing the ``same_image`` builder (one thread) over its share of ``samples``
+    items (whole window groups) at consecutive sampler positions, and the floor — the first
+    candidate windows of as many other items, in sampler order, read alone through an open
+    file — reporting the median round (shared machines drift); and the peak RSS above the
+    size after setup. Run it in a fresh process: the peak is the process's own."""
     import rasterio
     import torch
     from rasterio.windows import Window
 
     from densessl.data.geotiff_tiles import GeoTiffTiles
     from densessl.pairs.same_image import SameImagePairs
+    from densessl.seeding import StreamSampler
 
     torch.set_num_threads(1)
     with rasterio.open(path) as src:
         bands = src.count
+    k = windows_per_block
+    per_round = k * max(1, round(samples / rounds / k))  # whole groups
+    n = k + 2 * rounds * per_round  # the warm-up group, then builder and floor items
     start = time.perf_counter()
     source = GeoTiffTiles(path, image_size=window, channels=bands, gdal_cache_mb=gdal_cache_mb,
-                          items_per_epoch=2 * samples + 1)
+                          items_per_epoch=n, windows_per_block=k)
     builder = SameImagePairs(source)
-    builder.build(0)  # opens the file
+    sampler = StreamSampler(n, k, seed=0, group=source.sample_group)
+    builder.build(sampler.index_at(0))  # opens the file
     setup_s = time.perf_counter() - start
     reset = _reset_peak_rss()
     rss_setup = _status_mb("VmRSS") if reset else _peak_mb(False)
-    per_round = max(1, samples // rounds)
     builder_ms, decode_ms = [], []
     with rasterio.open(path) as src:
         for r in range(rounds):
-            items = range(1 + r * per_round, 1 + (r + 1) * per_round)
+            first = k + r * per_round  # a group's first position
+            items = [sampler.index_at(p) for p in range(first, first + per_round)]
             start = time.perf_counter()
             for i in items:
                 builder.build(i)
             builder_ms.append(1000 * (time.perf_counter() - start) / per_round)
-            origins = [next(source.draw(samples + i)[1]) for i in items]
+            first += rounds * per_round
+            others = [sampler.index_at(p) for p in range(first, first + per_round)]
+            origins = [next(source.draw(i)[1]) for i in others]  # may read probes: untimed
             start = time.perf_counter()
             for col, row in origins:
                 src.read(window=Window(col, row, window, window))
             decode_ms.append(1000 * (time.perf_counter() - start) / per_round)
     rss_peak = _peak_mb(reset)
     builder_med, decode_med = sorted(builder_ms)[rounds // 2], sorted(decode_ms)[rounds // 2]
-    return {"setup_s": round(setup_s, 2), "bit_depth": source.bit_depth,
+    return {"windows_per_block": k, "pairs_timed": rounds * per_round,
+            "setup_s": round(setup_s, 2), "bit_depth": source.bit_depth,
             "decode_ms_per_pair": round(decode_med, 2),
             "builder_ms_per_pair": round(builder_med, 2),
             "builder_ms_rounds": [round(x, 1) for x in builder_ms],
@@ -223,26 +237,41 @@ def _measure_isolated(isolate: bool, *args) -> dict:
 def bench_geotiff_tiles(sizes: tuple[int, ...] = (10980, 2745), window: int = 256,
                         samples: int = 240, bands: int = 13, tile: int = 512,
                         gdal_cache_mb: int = 256, uncapped: bool = True,
+                        windows_per_block: tuple[int, ...] = (1, 4, 8, 16),
                         cache_dir: str | Path | None = None, isolate: bool = True,
                         log: Callable[[str], None] = print) -> dict:
-    """The figures of the module doc, for each of ``sizes`` (the first is "the large scene"),
-    each in a fresh process unless ``isolate`` is False (tests: RSS then includes what the
-    calling process already holds)."""
+    """The figures of the module doc, for each of ``sizes`` (the first is "the large scene")
+    and each ``windows_per_block`` (plus the source's default), each in a fresh process
+    unless ``isolate`` is False (tests: RSS then includes what the calling process already
+    holds). ``table`` sums them up: k → scene → pairs/s per worker and RSS growth (MiB)."""
+    from densessl.data.geotiff_tiles import WINDOWS_PER_BLOCK
+
+    ks = sorted({*windows_per_block, WINDOWS_PER_BLOCK})
     results: dict = {"window_px": window, "bands": bands, "tile_px": tile,
                      "compression": "deflate, predictor 2", "gdal_cache_mb": gdal_cache_mb,
                      "samples": samples, "threads": 1, "target_pairs_per_s": TARGET_PAIRS_PER_S,
-                     "load_1min_before": round(os.getloadavg()[0], 2), "scenes": {}}
+                     "default_windows_per_block": WINDOWS_PER_BLOCK,
+                     "load_1min_before": round(os.getloadavg()[0], 2), "scenes": {},
+                     "table": {}}
     for size in sizes:
         path, synth_s = cached_scene(size, bands, tile, cache_dir)
+        by_k = {}
+        for k in ks:
+            by_k[str(k)] = figures = _measure_isolated(isolate, str(path), window, samples,
+                                                       gdal_cache_mb, 3, k)
+            log(f"geotiff_tiles {size}², windows_per_block {k}: {figures}")
+            results["table"].setdefault(f"k={k}", {})[f"{size}px"] = {
+                "pairs_per_s": figures["pairs_per_s_per_worker"],
+                "rss_growth_mb": figures["rss_growth_mb"]}
         entry = {"scene_px": size, "file_mb": round(path.stat().st_size / 2**20, 1),
                  "raw_mb": round(size * size * bands * 2 / 2**20, 1),
                  "synthesize_s": None if synth_s is None else round(synth_s, 2),
-                 **_measure_isolated(isolate, str(path), window, samples, gdal_cache_mb)}
+                 **by_k[str(WINDOWS_PER_BLOCK)], "by_windows_per_block": by_k}
         results["scenes"][f"{size}px"] = entry
-        log(f"geotiff_tiles {size}²: {entry}")
     if uncapped and isolate:
         path, _ = cached_scene(sizes[0], bands, tile, cache_dir)
-        entry = _measure_isolated(isolate, str(path), window, samples, None)
+        entry = _measure_isolated(isolate, str(path), window, samples, None, 3,
+                                  WINDOWS_PER_BLOCK)
         results["gdal_default_cache"] = {"scene_px": sizes[0], **entry}
         log(f"geotiff_tiles {sizes[0]}² with GDAL's default cache: {entry}")
     large = results["scenes"][f"{sizes[0]}px"]
@@ -251,6 +280,10 @@ def bench_geotiff_tiles(sizes: tuple[int, ...] = (10980, 2745), window: int = 25
         small = results["scenes"][f"{sizes[-1]}px"]
         results["rss_growth_ratio_large_over_small"] = round(
             large["rss_growth_mb"] / max(small["rss_growth_mb"], 1.0), 2)
+        results["rss_growth_ratio_by_windows_per_block"] = {
+            k: round(large["by_windows_per_block"][k]["rss_growth_mb"]
+                     / max(small["by_windows_per_block"][k]["rss_growth_mb"], 1.0), 2)
+            for k in large["by_windows_per_block"]}
         results["pixels_ratio_large_over_small"] = round((sizes[0] / sizes[-1]) ** 2, 1)
     results["load_1min_after"] = round(os.getloadavg()[0], 2)
     return results

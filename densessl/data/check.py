@@ -28,11 +28,21 @@ def _check_raster(path: Path) -> None:
         raise DataError(f"{path}: cannot read GeoTIFF ({exc})") from None
 
 
+#: formats whose files are rasters read with rasterio (block by block), not images
+RASTER_FORMATS = ("geotiff", "geotiff_tiles")
+
+
 def check_files(root: str | Path, fmt: str) -> dict:
     """``{"files": N decoded, "bad": [one line per file that fails]}`` for every image file
-    under ``root`` (every .tif/.tiff with rasterio for ``fmt == "geotiff"``)."""
+    under ``root`` (every .tif/.tiff with rasterio for the :data:`RASTER_FORMATS`;
+    ``geotiff_tiles``: the scenes its source reads — a folder, recursively, or one file)."""
     root = Path(root)
-    if fmt == "geotiff":
+    if fmt == "geotiff_tiles":
+        from densessl.data.geotiff_tiles import scene_files
+
+        files = sorted(scene_files(root))
+        read = _check_raster
+    elif fmt in RASTER_FORMATS:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in RASTER_EXTENSIONS)
         read = _check_raster
     else:

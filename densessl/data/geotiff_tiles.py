@@ -37,6 +37,23 @@ Reads are decode-bound: a random 256² window of a DEFLATE scene with 512² tile
 tiles × every band (``densessl bench --tiles-only``). With overviews, the build-time sample's
 overview gives a validity map per scene, so redraws skip candidates that are sure to be over
 ``max_nodata`` without reading them (:func:`surely_too_empty`; the kept window is the same).
+
+Block-local window groups (``windows_per_block`` k > 1) decode each internal tile once for k
+windows: items come in groups of k consecutive indices, group g = index // k. The group draws
+(from ``(seed, g)`` only, so every member agrees) a scene as above, then a region — the
+internal block (tile) under a uniform anchor pixel, when blocks are at least ``image_size``
+(an edge block narrower than the window is widened into its neighbour), else
+⌈1.5·``image_size``⌉ around the anchor (per axis: a striped file's region spans the strip's
+whole width) — and one probe window in it. A region whose probe is over ``max_nodata`` is
+redrawn (up to ``tries`` regions, in the same scene); the probe of the kept region proves it
+holds an acceptable window. Each member then draws its window uniformly inside the region
+from ``(seed, index)``, redrawing inside the region up to ``tries`` times and else taking the
+probe, so ``max_nodata`` holds per window and item i is still a function of ``(seed, i)``.
+The region choice is remembered for the last few groups in each process (a cache of a pure
+function: what a window is never depends on what was read before). The sampler keeps a group's
+indices at consecutive positions (``sample_group``, :class:`~densessl.seeding.StreamSampler`),
+so one worker reads them right after each other and GDAL's block cache serves all but the
+first from the decoded tile.
 """
 
 from __future__ import annotations
@@ -80,6 +97,18 @@ SAMPLE_SIDE = 256
 #: the largest overview (pixels) read at build time: its validity map (≤ 256 KiB a scene)
 #: lets redraws skip windows that are sure to be mostly nodata
 COARSE_CELLS = 512 * 512
+#: a window group's region side, in windows, where the internal blocks are smaller than one
+GROUP_REGION = 1.5
+#: default ``windows_per_block``. ``densessl bench --tiles-only`` (256² windows of a 10,980²
+#: 13-band DEFLATE scene, 512² tiles, one worker, two runs): k = 1 21-22 pairs/s, 4 144-168,
+#: 8 199-288, 16 230-366.
+#: 4 is the smallest k past the 100 pairs/s a worker needs, with margin, and keeps 4 regions
+#: in a batch of 16 (8 would leave 2; 16 one tile a batch)
+WINDOWS_PER_BLOCK = 4
+#: stream tag of the per-group draws: (seed, group) never repeats a per-item (seed, index)
+GROUP_STREAM = 0x67727570
+#: window groups whose region is remembered per process
+GROUP_MEMORY = 64
 
 
 @dataclass(frozen=True)
@@ -255,16 +284,31 @@ class GeoTiffTiles(Dataset):
         path: a folder of .tif/.tiff (searched recursively), a glob, or one file.
         bands: 1-based bands to read (default all); their number must equal ``channels``.
         items_per_epoch: ``len()``; default (None) as many windows as tile every scene once
-            (Σ width·height / S²), at least :data:`MIN_ITEMS`. Item ``index`` is always the same
-            window, so a larger value means more distinct windows over a run.
+            (Σ width·height / S²), at least :data:`MIN_ITEMS`, rounded up to a multiple of
+            ``windows_per_block``. Item ``index`` is always the same window, so a larger value
+            means more distinct windows over a run.
         max_nodata: a window whose nodata share (of its pixels inside the scene) is above this
             is redrawn, up to ``tries`` times, then a DataError (or skipped with ``skip_bad``).
         bit_depth: integer bands are divided by ``2**bit_depth - 1`` (8-bit by 255); ``auto``
             = the files' NBITS, else the depth of the largest value in a windowed sample of
             the scenes (resolved once, :attr:`bit_depth`). Float bands must lie in [0, 1].
         gdal_cache_mb: GDAL's block cache ceiling in each reading process, raised to twice
-            the decoded tiles one window touches when that is more (None: GDAL's default,
-            5 % of RAM per process).
+            the decoded tiles one window (with ``windows_per_block`` > 1: one group's
+            region) touches when that is more (None: GDAL's default, 5 % of RAM per process).
+        windows_per_block: k; items come in groups of k consecutive indices whose windows
+            lie in one internal block of one scene (module doc), read one after another (the
+            sampler keeps a group together), so a tile is decoded once for k windows instead
+            of ~2.25 tiles per window. 1: every window independent; default
+            :data:`WINDOWS_PER_BLOCK` (4: 144-168 pairs/s per worker where 1 gives 21-22,
+            on the bench's 10,980² scene). Larger k is faster but
+            less diverse: a batch of B holds only B / k regions, and windows of one 512²
+            tile overlap heavily (two random 256² windows in it share ~44 % of their pixels
+            on average), so in-batch negatives (``loss.batch_negatives``) and the keys
+            enqueued together come from the same ground; a batch of 16 with k = 16 is one
+            tile. Keep ``train.batch_size`` and ``items_per_epoch`` multiples of k so groups
+            are never split between batches (a split group decodes its tile twice). Pixels
+            near tile edges are in fewer windows than tile centres, and objects across a
+            tile edge are never whole in a window (where blocks are at least the window).
         licence, attribution: carried into ``dataset_cards`` (metrics.json, checkpoints).
         provenance: ``data.manifest`` / ``data.provenance`` (set from the recipe): rows name
             scenes relative to the folder (a single file: its folder; a glob: its part
@@ -274,7 +318,8 @@ class GeoTiffTiles(Dataset):
     def __init__(self, path: str, image_size: int = 256, channels: int = 3,
                  bands: list[int] | None = None, items_per_epoch: int | None = None,
                  max_nodata: float = 0.5, tries: int = 50, bit_depth: BitDepth = "auto",
-                 gdal_cache_mb: int | None = 256, seed: int = 0, skip_bad: bool = False,
+                 gdal_cache_mb: int | None = 256, windows_per_block: int = WINDOWS_PER_BLOCK,
+                 seed: int = 0, skip_bad: bool = False,
                  licence: str = "unknown (set data.options.licence)", attribution: str = "",
                  provenance: ProvenanceFilter | None = None) -> None:
         if path is None:
@@ -287,6 +332,10 @@ class GeoTiffTiles(Dataset):
         if items_per_epoch is not None and items_per_epoch < 1:
             raise DataError(f"data.options.items_per_epoch: expected >= 1, got "
                             f"{items_per_epoch}")
+        if isinstance(windows_per_block, bool) or not isinstance(windows_per_block, int) or \
+                windows_per_block < 1:
+            raise DataError(f"data.options.windows_per_block: expected an integer >= 1, got "
+                            f"{windows_per_block!r}")
         if gdal_cache_mb is not None and gdal_cache_mb < 1:
             raise DataError(f"data.options.gdal_cache_mb: expected >= 1 or null, got "
                             f"{gdal_cache_mb}")
@@ -331,13 +380,19 @@ class GeoTiffTiles(Dataset):
         self._cum = np.cumsum(weights)
         self.image_size, self.seed, self.skip_bad = image_size, seed, skip_bad
         self.max_nodata, self.tries = max_nodata, tries
-        # the ceiling, raised to twice what one window's tiles decode to (a smaller cache
-        # decodes a pixel-interleaved tile again for each band: ~1.5x slower reads)
-        need = 2 * max(window_block_bytes(s, image_size) for s in self.scenes)
+        #: consecutive indices sharing a region; the sampler keeps them together
+        self.windows_per_block = self.sample_group = windows_per_block
+        self._groups: dict[int, tuple] = {}  # group → its region choice (_group_region)
+        # the ceiling, raised to twice what one window's (one group's region's) tiles decode
+        # to (a smaller cache decodes a pixel-interleaved tile again for each band: ~1.5x
+        # slower reads; and would evict a group's tile before its last window)
+        need = 2 * max(window_block_bytes(s, self._read_side(s)) for s in self.scenes)
         self.gdal_cache_bytes = None if gdal_cache_mb is None else \
             max(int(gdal_cache_mb) * 2**20, need)
         area = sum(s.width * s.height for s in self.scenes)
-        self.items_per_epoch = items_per_epoch or max(MIN_ITEMS, math.ceil(area / image_size**2))
+        k = windows_per_block  # the default length: whole groups
+        self.items_per_epoch = items_per_epoch or \
+            k * math.ceil(max(MIN_ITEMS, math.ceil(area / image_size**2)) / k)
         small = [s for s in self.scenes if min(s.width, s.height) < image_size]
         if small:
             warnings.warn(f"{len(small)} GeoTIFF scene(s) smaller than data.image_size "
@@ -418,18 +473,123 @@ class GeoTiffTiles(Dataset):
             self._cache_pid = os.getpid()
         return self.handles.get(scene, scene, aligned=True)
 
-    def draw(self, index: int) -> tuple[Scene, Iterator[tuple[int, int]]]:
-        """Item ``index``'s scene and its ``tries`` candidate window origins (col, row), in
-        the order they are tried (drawn lazily): a pure function of ``(seed, index)``."""
-        rng = np.random.default_rng([self.seed, index])
+    def _pick_scene(self, rng: np.random.Generator) -> Scene:
+        """A scene with probability proportional to its valid area (one draw of ``rng``)."""
         k = int(np.searchsorted(self._cum, rng.random() * self._cum[-1], side="right"))
-        scene = self.scenes[min(k, len(self.scenes) - 1)]
+        return self.scenes[min(k, len(self.scenes) - 1)]
+
+    def draw(self, index: int) -> tuple[Scene, Iterator[tuple[int, int]]]:
+        """Item ``index``'s scene and its candidate window origins (col, row), in the order
+        they are tried (drawn lazily): a pure function of ``(seed, index)`` — with
+        ``windows_per_block`` 1, ``tries`` origins over the scene; else ``tries`` origins
+        inside the group's region, then the group's probe (:meth:`group_region`: may read
+        probe windows to choose the region)."""
+        rng = np.random.default_rng([self.seed, index])
         s = self.image_size
+        if self.windows_per_block == 1:
+            scene = self._pick_scene(rng)
 
-        def offset(extent: int) -> int:  # a scene smaller than s: it sits inside the window
-            return int(rng.integers(min(0, extent - s), max(0, extent - s) + 1))
+            def offset(extent: int) -> int:  # a scene smaller than s: it sits in the window
+                return int(rng.integers(min(0, extent - s), max(0, extent - s) + 1))
 
-        return scene, ((offset(scene.width), offset(scene.height)) for _ in range(self.tries))
+            return scene, ((offset(scene.width), offset(scene.height))
+                           for _ in range(self.tries))
+        group = index // self.windows_per_block
+        scene, region, probe, best = self.group_region(group)
+        if region is None:
+            found = (f"the best probe window of {self.tries} regions is {best:.3f} nodata"
+                     if best is not None else
+                     f"all {self.tries} regions are mostly nodata by the scene's overview")
+            raise DataError(f"{scene.path}: item {index}: window group {group} (data.options."
+                            f"windows_per_block {self.windows_per_block}): {found}, above "
+                            f"data.options.max_nodata {self.max_nodata}; raise max_nodata or "
+                            "check the scene's nodata value and coverage")
+        (c0, c1), (r0, r1) = region
+
+        def origins() -> Iterator[tuple[int, int]]:
+            for _ in range(self.tries):
+                yield int(rng.integers(c0, c1 + 1)), int(rng.integers(r0, r1 + 1))
+            if probe is not None:  # proven acceptable: every member has a window
+                yield probe
+
+        return scene, origins()
+
+    def _read_side(self, scene: Scene) -> int:
+        """The side of the area whose tiles one read unit touches: a window, or (window
+        groups with blocks smaller than a window) a group's region."""
+        if self.windows_per_block > 1 and min(scene.block) < self.image_size:
+            return math.ceil(GROUP_REGION * self.image_size)
+        return self.image_size
+
+    def _axis_region(self, anchor: int, extent: int, block: int) -> tuple[int, int]:
+        """The range (first, last) of window origins along one axis for a group whose anchor
+        pixel is ``anchor``: inside the anchor's internal block when a block is at least a
+        window (an edge block narrower than one is widened into its neighbour), else inside
+        ⌈1.5·window⌉ around the anchor; a scene not wider than a window sits inside it."""
+        s = self.image_size
+        if extent <= s:
+            return extent - s, 0
+        if block >= s:
+            start = anchor // block * block
+            end = min(start + block, extent)
+            return min(start, end - s), end - s
+        side = min(extent, math.ceil(GROUP_REGION * s))
+        start = min(max(anchor - side // 2, 0), extent - side)
+        return start, start + side - s
+
+    def region_candidates(self, group: int
+                          ) -> tuple[Scene, Iterator[tuple[tuple, tuple[int, int]]]]:
+        """Window group ``group``'s scene and its ``tries`` candidate regions, each with its
+        probe window origin: ``(((col first, col last), (row first, row last)), (col, row))``
+        (ranges of window origins), drawn lazily from ``(seed, group)`` only."""
+        rng = np.random.default_rng([self.seed, GROUP_STREAM, group])
+        scene = self._pick_scene(rng)
+        bh, bw = scene.block
+
+        def candidates():
+            for _ in range(self.tries):
+                col, row = int(rng.integers(0, scene.width)), int(rng.integers(0, scene.height))
+                (c0, c1), (r0, r1) = region = (self._axis_region(col, scene.width, bw),
+                                               self._axis_region(row, scene.height, bh))
+                yield region, (int(rng.integers(c0, c1 + 1)), int(rng.integers(r0, r1 + 1)))
+
+        return scene, candidates()
+
+    def group_region(self, group: int) -> tuple[Scene, tuple | None, tuple[int, int] | None,
+                                                float | None]:
+        """(scene, region, probe origin, best probe nodata share) of window group ``group``:
+        the first candidate region (:meth:`region_candidates`) whose probe window is at most
+        ``max_nodata`` nodata (probes the overview shows to be over it are not read; every
+        window qualifies — integer bands without nodata or mask, or ``max_nodata`` 1 — the
+        first region, probe None); region None if no probe qualifies. A function of
+        ``(seed, group)`` and the scene's pixels, remembered for the last
+        :data:`GROUP_MEMORY` groups of this process."""
+        hit = self._groups.get(group)
+        if hit is not None:
+            return hit
+        scene, candidates = self.region_candidates(group)
+        coarse = self._coarse.get(scene.path)
+        every = self.max_nodata >= 1 or (scene.rule == "all" and
+                                         np.issubdtype(np.dtype(scene.dtype), np.integer))
+        hit, best = None, None
+        for region, probe in candidates:
+            if every:
+                hit = (scene, region, None, 0.0)
+                break
+            inside = self._inside(scene, *probe)
+            if coarse is not None and surely_too_empty(coarse, scene, inside, self.max_nodata):
+                continue
+            _, valid = self._read(scene, inside)
+            share = 1.0 - float(valid.mean()) if valid.size else 1.0
+            best = share if best is None else min(best, share)
+            if share <= self.max_nodata:
+                hit = (scene, region, probe, share)
+                break
+        hit = hit or (scene, None, None, best)
+        if len(self._groups) >= GROUP_MEMORY:
+            self._groups.pop(next(iter(self._groups)))
+        self._groups[group] = hit
+        return hit
 
     def _item(self, index: int) -> dict:
         scene, origins = self.draw(index)
