@@ -12,7 +12,9 @@ files and warped views opened once per process (:class:`RasterHandles`). Bands a
 with per-band statistics of the whole series (valid pixels only, an even sample of windows on
 large rasters), computed once and stored as JSON, to ``0.5 + 0.25 · (x − mean) / std``: the
 recipe's default ``augment.mean: 0.5, std: 0.25`` then yields standard scores for any band
-count.
+count. With ``scaling: bit_depth`` bands are instead divided by the full scale of
+``data.bit_depth`` (as the labeled ``geotiff_masks`` scenes are), and the recipe's
+``augment.mean / std: auto`` normalise them: pretraining and fine-tuning then scale alike.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from rasterio.windows import Window, from_bounds, intersection
 from torch.utils.data import Dataset
 
 from densessl.data.bad_samples import ReadSkips, report_bad
+from densessl.data.bit_depth import BitDepth, full_scale, resolve_bit_depth
 from densessl.data.cache import cached_synthetic, default_cache_dir
 from densessl.data.geotiff_synth import synthesize_geotiff  # noqa: F401  (synth cache)
 from densessl.data.manifest import ProvenanceFilter
@@ -404,7 +407,11 @@ class GeoTiffPairs(Dataset):
                  cache_dir: str | None = None, stats_path: str | None = None,
                  synthetic_places: int = 4, synthetic_series: bool = False,
                  licence: str = "unknown (set data.options.licence)",
-                 attribution: str = "", provenance: ProvenanceFilter | None = None) -> None:
+                 attribution: str = "", provenance: ProvenanceFilter | None = None,
+                 scaling: str = "standardise", bit_depth: BitDepth | None = "auto") -> None:
+        if scaling not in ("standardise", "bit_depth"):
+            raise DataError(f"data.options.scaling: expected 'standardise' or 'bit_depth', got "
+                            f"{scaling!r}")
         if pairing not in ("all", "consecutive"):
             raise DataError(f"data.options.pairing: expected 'all' or 'consecutive', got "
                             f"{pairing!r}")
@@ -483,6 +490,14 @@ class GeoTiffPairs(Dataset):
         self.pairs = self._usable_pairs(stats, image_size, min_valid, skip_bad)
         self.mean = np.asarray(stats["mean"])[:, None, None]
         self.std = np.asarray(stats["std"])[:, None, None]
+        # bit_depth: [0, 1] by the data's depth, as the labeled geotiff_masks scenes are, so
+        # the recipe's augment.mean / std (auto) normalise pretraining and fine-tuning alike
+        self.scaling, self.bit_depth = scaling, None
+        if scaling == "bit_depth":
+            depth = resolve_bit_depth(bit_depth, [r.path for r in used],
+                                      where="data.bit_depth", read_max=self._window_max)
+            self.bit_depth = depth
+            self.full_scale = full_scale(depth) if depth is not None else 1.0
         self.stats_path = stats_file
         self.image_size, self.tiles_per_pair, self.seed = image_size, tiles_per_pair, seed
         self.min_valid, self.tries = min_valid, tries
@@ -530,7 +545,26 @@ class GeoTiffPairs(Dataset):
         return [(str(p.early.path), p.early.date, str(p.late.path), p.late.date)
                 for p in self.pairs]
 
+    def _window_max(self, path: Path) -> tuple[float, int]:
+        """The largest valid value of the used bands over the statistics' windows (never a
+        whole scene) and the storage bits, for ``data.bit_depth: auto``."""
+        with rasterio.open(path) as src:
+            top = 0.0
+            for window in stats_windows(src.width, src.height):
+                data = src.read(self.bands, window=window, out_dtype="float64")
+                valid = _valid(src, data, self.bands, window)
+                if valid.any():
+                    top = max(top, float(data[:, valid].max()))
+            return top, 8 if np.dtype(src.dtypes[0]).itemsize == 1 else 16
+
     def normalise(self, data: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        if self.scaling == "bit_depth":
+            out = data / self.full_scale
+            if valid.any() and (out[:, valid].max() > 1 or out[:, valid].min() < 0):
+                raise DataError(f"GeoTIFF values {data[:, valid].min():g}..{data[:, valid].max():g}"
+                                f" are outside 0..{self.full_scale:g} (data.bit_depth "
+                                f"{self.bit_depth}); set data.bit_depth higher or to auto")
+            return torch.from_numpy(np.where(valid, out, 0.0).astype(np.float32))
         out = 0.5 + 0.25 * (data - self.mean) / self.std
         return torch.from_numpy(np.where(valid, out, 0.5).astype(np.float32))
 
