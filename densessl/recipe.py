@@ -157,6 +157,24 @@ class ModelConfig(Section):
         "batch", description="BatchNorm of the key branch: plain; shuffled across processes "
         "(lightly's batch shuffle, MoCo); SyncBN; or split-BN on one device (with shuffle)")
     split_bn_groups: int = Field(4, ge=1, description="sub-batches for key_bn: split")
+    init_weights: str | None = Field(
+        None, description="what the backbone starts pretraining from (online and momentum "
+        "alike): null = random init; imagenet = torchvision's IMAGENET1K_V1 (resnet18/34/50) or "
+        "the timm model's default pretrained weights, read offline (model.weights_file or the "
+        "torch hub / Hugging Face cache; never downloaded); or the PATH of an encoder.pt or a "
+        "torchvision / timm state dict. A 3-channel first conv is adapted to data.channels "
+        "(timm adapt_input_conv). Recorded in encoder.json / metrics.json (init_weights)")
+    weights_file: str | None = Field(
+        None, description="local file of the ImageNet weights, for model.init_weights: imagenet "
+        "and finetune.inits: imagenet (e.g. resnet18-f37072fd.pth, a timm model.safetensors); "
+        "null: look in torch.hub.get_dir()/checkpoints (timm: the Hugging Face hub cache)")
+
+    @field_validator("init_weights", "weights_file")
+    @classmethod
+    def _not_empty(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("expected null, imagenet or a file path, got an empty string")
+        return value
 
     @field_validator("backbone")
     @classmethod
@@ -344,10 +362,12 @@ class FinetuneConfig(Section):
     tasks: list[Literal["segmentation", "detection", "linear_probe"]] = ["segmentation"]
     segmentation_archs: list[Literal["unet", "fpn", "deeplabv3plus"]] = ["fpn"]
     detection_archs: list[Literal["faster_rcnn", "mask_rcnn"]] = ["faster_rcnn"]
-    inits: list[Literal["pretrained", "label_free", "random", "supervised"]] = Field(
+    inits: list[Literal["pretrained", "label_free", "random", "supervised", "imagenet"]] = Field(
         ["pretrained", "random"], description="encoders compared: pretrained (this recipe), "
         "label_free (the same pretraining with label_free_set applied: the control that reads "
-        "no class labels), random, supervised (the ceiling)")
+        "no class labels), random, supervised (the ceiling), imagenet (torchvision / timm "
+        "ImageNet weights, read offline from model.weights_file or the torch hub / Hugging "
+        "Face cache: the encoder a practitioner would otherwise start from)")
     label_free_set: dict[str, Any] = Field(
         {"loss.queue": "single"}, description="dotted recipe overrides that turn this "
         "pretraining into the label-free control (same budget, no class labels)")
@@ -385,7 +405,9 @@ class FinetuneConfig(Section):
     detection_neck: bool | Literal["auto"] = Field(
         "auto", description="initialise the detector's FPN from the pretrained neck (neck.pt "
         "next to encoder.pt): auto = whenever the weights have one; true = they must (an "
-        "error otherwise); false = a fresh FPN")
+        "error otherwise); false = a fresh FPN. Only the FPN modules that received a gradient "
+        "in pretraining load (encoder.json trained_modules); the others start fresh and train "
+        "at finetune.lr, not encoder_lr_mult")
     detection_box_head: bool | Literal["auto"] = Field(
         "auto", description="initialise the detector's box head from the pretrained one "
         "(box_head.pt, InsLoc's 4conv-1fc head): auto / true / false as detection_neck. The "

@@ -46,6 +46,19 @@ def test_flips_match_torch_flip_and_the_box_formula():
     assert out["labels"].tolist() == [3, 5]
 
 
+def test_an_image_without_objects_keeps_empty_boxes_and_instances():
+    # PIDray's train split has bags with no item: no instance mask for albumentations to stack
+    s = _sample()
+    s.update(mask=torch.zeros_like(s["mask"]), boxes=torch.zeros(0, 4),
+             labels=torch.zeros(0, dtype=torch.long),
+             instance_masks=torch.zeros(0, SIZE, SIZE, dtype=torch.uint8))
+    cfg = _cfg(crop_scale=(0.5, 1.0), hflip=1.0, rotate90=1.0)
+    out = AugmentedSamples([s], build_transform(cfg, (SIZE, SIZE), 3, seed=0, boxes=True))[0]
+    assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,)
+    assert out["instance_masks"].shape == (0, SIZE, SIZE)
+    assert out["instance_masks"].dtype == torch.uint8
+
+
 def test_crops_keep_image_mask_boxes_and_instances_together():
     cfg = _cfg(crop_scale=(0.1, 0.5), rotate90=1.0, hflip=0.5)
     t = build_transform(cfg, (SIZE, SIZE), 3, seed=3, boxes=True)

@@ -89,3 +89,23 @@ def test_mean_std_leaves_nan_out_and_is_a_sample_std():
     cell = aggregate({"random": {"seg": [{"mIoU": 0.2}, {"mIoU": 0.4}, {"mIoU": 0.9}]}})
     assert cell["random"]["seg"] == pytest.approx({"mIoU": 0.5, "mIoU_std": math.sqrt(0.13),
                                                    "n_seeds": 3})
+
+
+def test_detection_ceiling_under_the_ap50_bar_warns_per_split():
+    """Detection's floor is 0 AP: the supervised detector must reach AP50 0.3 on each split,
+    else the table says detection cannot discriminate; the probe's verdict is separate."""
+    raw = _raw([0.30, 0.34], [0.20, 0.21], [0.40, 0.41])
+    det = "detection/faster_rcnn@100%"
+    for init, ap50 in (("pretrained", 0.1), ("random", 0.05), ("supervised", None)):
+        raw[init][det] = [{"easy/box_AP50": ap50 if ap50 is not None else v,
+                           "hard/box_AP50": ap50 if ap50 is not None else 0.45,
+                           "easy/box_mAP": 0.1, "hard/box_mAP": 0.1} for v in (0.25, 0.29)]
+    res = build_results(raw, FLOOR)
+    proto = res["protocol"]
+    assert proto["discriminates"] is True  # the primary (probe) is fine
+    assert proto["tasks"] == {"linear_probe@100%": True, det: False}
+    (warning,) = proto["warnings"]  # easy misses the bar (27.0), hard clears it (45.0)
+    assert f"{det} easy/box_AP50" in warning and "under AP50 30" in warning
+    raw["supervised"][det] = [{"easy/box_AP50": 0.5, "hard/box_AP50": 0.5, "easy/box_mAP": 0.2,
+                               "hard/box_mAP": 0.2}] * 2
+    assert build_results(raw, FLOOR)["protocol"]["tasks"][det] is True

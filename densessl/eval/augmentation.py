@@ -76,7 +76,7 @@ class AugmentedSamples(Dataset):
             args["bboxes"] = sample["boxes"].numpy().reshape(n, 4).astype(np.float32)
             args["labels"] = sample["labels"].numpy()
             args["ids"] = np.arange(n)
-            if "instance_masks" in sample:
+            if "instance_masks" in sample and n:  # an image without objects has none to move
                 args["masks"] = sample["instance_masks"].numpy().astype(np.uint8)
         else:  # never hand on geometry that the image no longer matches
             for key in ("boxes", "labels", "instance_masks"):
@@ -92,7 +92,8 @@ class AugmentedSamples(Dataset):
                                               ).reshape(-1, 4)
             sample["labels"] = torch.as_tensor(np.asarray(out["labels"])).long().reshape(-1)
             if "instance_masks" in sample:
-                masks = np.asarray(out["masks"]).reshape(-1, *out["image"].shape[:2])
+                masks = (np.asarray(out["masks"]) if "masks" in args
+                         else np.zeros((0, 0), np.uint8)).reshape(-1, *out["image"].shape[:2])
                 sample["instance_masks"] = torch.from_numpy(masks[kept]).to(
                     sample["instance_masks"].dtype)
         return sample

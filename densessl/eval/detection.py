@@ -11,7 +11,13 @@ What pretraining wrote with a counterpart in the detector loads key for key:
 
 The RPN and the box predictor (and Mask R-CNN's mask branch) have no counterpart and start
 fresh. :func:`detector_groups` names these parameter groups; the built model's
-``loaded_groups`` says which of them were loaded.
+``loaded_groups`` says which of them were loaded (wholly or in part).
+
+``neck.pt`` / ``box_head.pt`` may hold only some of their modules: pretraining records which
+ones ever received a gradient (``encoder.json`` ``trained_modules``) and the detector loads
+only those (densessl.eval.finetune.detection_start); the others keep the detector's own init.
+:func:`detector_modules` names the parameters module by module (the FPN's ``fpn.inner_blocks.0``
+…), and the built model's ``loaded_modules`` says which of those were loaded.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from densessl.errors import DensesslError
 from densessl.models.backbone import STAGE_CHANNELS, build_backbone
 from densessl.models.box_head import build_conv_fc_head
 from densessl.models.neck import CentredFeaturePyramidNetwork
+from densessl.models.trained_modules import load_units, module_units
 from densessl.models.weights import load_encoder
 
 ARCHS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
@@ -58,7 +65,11 @@ def build_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int = 128,
         ``forward(x: B×C×H×W) -> {"0": …H/4, "1": …H/8, "2": …H/16, "3": …H/32, "pool": …H/64}``,
         each with ``fpn_dim`` channels.
 
-    The returned module's ``loaded_groups`` lists ``"backbone"`` / ``"fpn"`` when loaded.
+    ``neck_state`` may hold some of the FPN's modules only (whole modules,
+    :func:`~densessl.models.trained_modules.module_units`); the others keep their fresh init.
+
+    The returned module's ``loaded_groups`` lists ``"backbone"`` / ``"fpn"`` when (any of it
+    is) loaded, ``loaded_modules`` the loaded ``"backbone"`` and ``"fpn.<module>"``.
     """
     if backbone.startswith("timm:"):
         return _timm_fpn_backbone(backbone, in_channels, fpn_dim, encoder_state, neck_state,
@@ -73,17 +84,27 @@ def build_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int = 128,
     # torchvision's FPN upsamples top-down with nearest; the pretraining neck may not.
     model.fpn = CentredFeaturePyramidNetwork(channels, fpn_dim, extra_blocks=LastLevelMaxPool(),
                                              upsample=fpn_upsample)
-    model.loaded_groups = []
+    _load_body(model, encoder_state, neck_state)
+    return model
+
+
+def _load_body(model: nn.Module, encoder_state: dict[str, Tensor] | None,
+               neck_state: dict[str, Tensor] | None) -> None:
+    """Load the backbone and the FPN modules ``neck_state`` has; set ``loaded_groups`` /
+    ``loaded_modules``."""
+    model.loaded_groups, model.loaded_modules = [], []
     if encoder_state is not None:
         load_encoder(model.body, encoder_state, "detection backbone")
         model.loaded_groups.append("backbone")
+        model.loaded_modules.append("backbone")
     if neck_state is not None:
         # FPNNeck keeps the FeaturePyramidNetwork as ``fpn``: strip that prefix.
         fpn = {k.removeprefix("fpn."): v for k, v in neck_state.items()}
-        load_encoder(model.fpn, fpn, "detection FPN neck (recipe model.neck_dim must equal "
-                     "the pretrained neck's channels)")
-        model.loaded_groups.append("fpn")
-    return model
+        loaded = load_units(model.fpn, fpn, "detection FPN neck (recipe model.neck_dim must "
+                            "equal the pretrained neck's channels)")
+        if loaded:
+            model.loaded_groups.append("fpn")
+            model.loaded_modules.extend(f"fpn.{u}" for u in loaded)
 
 
 class EncoderWithFPN(nn.Module):
@@ -119,15 +140,7 @@ def _timm_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int,
     fpn = CentredFeaturePyramidNetwork(channels, fpn_dim, extra_blocks=LastLevelMaxPool(),
                                        upsample=fpn_upsample, alignment=body.cell_alignment)
     model = EncoderWithFPN(body, fpn, fpn_dim)
-    model.loaded_groups = []
-    if encoder_state is not None:
-        load_encoder(model.body, encoder_state, "detection backbone")
-        model.loaded_groups.append("backbone")
-    if neck_state is not None:
-        load_encoder(model.fpn, {k.removeprefix("fpn."): v for k, v in neck_state.items()},
-                     "detection FPN neck (recipe model.neck_dim must equal the pretrained "
-                     "neck's channels)")
-        model.loaded_groups.append("fpn")
+    _load_body(model, encoder_state, neck_state)
     return model
 
 
@@ -151,11 +164,13 @@ def build_detector(arch: str, backbone: str, in_channels: int, num_classes: int,
         box_head_spec: construction parameters of a ``FastRCNNConvFCHead`` box head
             (:func:`densessl.models.box_head.conv_fc_head_spec`, ``encoder.json``'s
             ``box_head``); ``None``: torchvision's default two-layer MLP head.
-        box_head_state: ``box_head.pt`` contents for that head (needs ``box_head_spec``).
+        box_head_state: ``box_head.pt`` contents for that head (needs ``box_head_spec``);
+            like ``neck_state`` it may hold some of the head's modules only.
 
     Usage follows torchvision: ``model(images, targets)`` → loss dict in train mode,
     ``model(images)`` → ``[{"boxes", "labels", "scores"(, "masks")}]`` in eval mode.
-    ``model.loaded_groups`` lists the :func:`detector_groups` that were loaded.
+    ``model.loaded_groups`` lists the :func:`detector_groups` that were loaded (wholly or in
+    part), ``model.loaded_modules`` the :func:`detector_modules` that were.
     """
     if arch not in ARCHS:
         raise DensesslError(f"unknown detection architecture {arch!r}; valid: {sorted(ARCHS)}")
@@ -179,8 +194,10 @@ def build_detector(arch: str, backbone: str, in_channels: int, num_classes: int,
         if c != fpn_dim:
             raise DensesslError(f"detection box head takes {c}-channel RoIs but the FPN has "
                                 f"{fpn_dim} (recipe model.neck_dim)")
+        loaded_head = []
         if box_head_state is not None:
-            load_encoder(box_head, box_head_state, "detection box head (box_head.pt)")
+            loaded_head = load_units(box_head, box_head_state,
+                                     "detection box head (box_head.pt)")
         # RoIs pooled at the side the head was built for; the predictor reads its last fc.
         heads = {"num_classes": None, "box_head": box_head,
                  "box_roi_pool": MultiScaleRoIAlign(FPN_LEVELS, int(side), sampling_ratio=2),
@@ -198,8 +215,12 @@ def build_detector(arch: str, backbone: str, in_channels: int, num_classes: int,
         rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=50,
         **heads)
     model.loaded_groups = list(body.loaded_groups)
-    if box_head_state is not None:
+    model.loaded_modules = list(body.loaded_modules)
+    if box_head_state is not None and loaded_head:
         model.loaded_groups.append("box_head")
+        whole = loaded_head == list(module_units(model.roi_heads.box_head))
+        model.loaded_modules.extend(["box_head"] if whole else
+                                    [f"box_head.{u}" for u in loaded_head])
     return model
 
 
@@ -212,3 +233,19 @@ def detector_groups(model: nn.Module) -> dict[str, nn.Module]:
     if roi.has_mask():
         groups.update(mask_head=roi.mask_head, mask_predictor=roi.mask_predictor)
     return groups
+
+
+def detector_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """:func:`detector_groups` with the FPN module by module (``fpn.inner_blocks.0`` …
+    ``fpn.layer_blocks.3``, :func:`~densessl.models.trained_modules.module_units`), and the box
+    head too (``box_head.0`` …) when the model loaded only some of it: the granularity at which
+    weights are loaded or start fresh (``model.loaded_modules``)."""
+    loaded = getattr(model, "loaded_modules", [])
+    out: dict[str, nn.Module] = {}
+    for group, module in detector_groups(model).items():
+        split = group == "fpn" or any(n.startswith(group + ".") for n in loaded)
+        if split:
+            out.update({f"{group}.{u}": m for u, m in module_units(module).items()})
+        else:
+            out[group] = module
+    return out

@@ -22,7 +22,7 @@ from densessl.data.labeled import TASK_KEYS, LabeledData
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.artifact_probe import attach_channel_drop, read_drop_channels
 from densessl.eval.augmentation import AugmentedSamples, build_transform
-from densessl.eval.detection import build_detector, detector_groups
+from densessl.eval.detection import build_detector, detector_modules
 from densessl.eval.linear_probe import (
     PixelFeatures,
     ProbeFeatures,
@@ -38,6 +38,7 @@ from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
 from densessl.eval.segmentation import build_segmentation_model
 from densessl.methods.schedule import warmup_cosine
 from densessl.models.backbone import build_backbone
+from densessl.models.trained_modules import unit_of
 from densessl.models.weights import EncoderInit, load_encoder
 from densessl.recipe import Recipe
 
@@ -355,7 +356,12 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
     ``box_head_spec``: the detectors' box head, the same for every init
     (:func:`detection_box_head_spec`). ``parameters``, when given, receives ``{"loaded": [...],
     "fresh": [...]}``: the model's parameter groups that started from the init's weights and
-    those that started fresh.
+    those that started fresh (a detector's FPN module by module, ``fpn.inner_blocks.0`` …:
+    :func:`~densessl.eval.detection.detector_modules`), plus ``"trained_modules": "not
+    recorded"`` when the detector loaded neck.pt / box_head.pt whole because the weights do
+    not say which of their modules pretraining trained (:func:`detection_start`). Only loaded
+    weights train at ``encoder_lr_mult``; fresh ones (an untrained FPN level too) at the full
+    learning rate.
     """
     cfg, backbone, c = recipe.finetune, recipe.model.backbone, recipe.data.channels
     if task == "linear_probe":
@@ -378,10 +384,12 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
                                std, fpn_dim=recipe.model.neck_dim, encoder_state=init.encoder,
                                neck_state=neck, fpn_upsample=recipe.model.fpn_upsample,
                                box_head_spec=box_head_spec, box_head_state=box_head)
-        groups = detector_groups(model)
-        _record(parameters, groups, model.loaded_groups)
+        modules = detector_modules(model)
+        _record(parameters, modules, model.loaded_modules)
+        if parameters is not None and unrecorded_parts(recipe, init):
+            parameters["trained_modules"] = "not recorded"
         train_detector(model, train, steps=cfg.detection_steps, lr=cfg.lr, masks=masks,
-                       slow=[groups[g] for g in getattr(model, "loaded_groups", [])],
+                       slow=[modules[g] for g in model.loaded_modules],
                        encoder_lr_mult=mult, **common)
         score = lambda ds: evaluate_detector(model, ds, batch_size=cfg.batch_size,  # noqa: E731
                                              masks=masks)
@@ -405,6 +413,7 @@ def run_one(recipe: Recipe, data: LabeledData, init: EncoderInit, task: str, arc
 def _record(parameters: dict | None, groups: dict, loaded: list[str]) -> None:
     """Fill ``parameters`` (when asked for) with the loaded and the fresh parameter groups."""
     if parameters is not None:
+        parameters.clear()  # a dict reused across runs keeps nothing of the last one
         parameters.update(loaded=list(loaded), fresh=[g for g in groups if g not in loaded])
 
 
@@ -414,16 +423,25 @@ def detection_start(recipe: Recipe, init: EncoderInit
     / ``detection_box_head`` say: ``auto`` loads what the weights have, ``true`` requires it
     (an init read from a file without it is an error naming the file), ``false`` loads
     nothing. A neck pretrained with another top-down upsampling than ``model.fpn_upsample``
-    is an error: the detector's FPN would compute something else with its weights."""
+    is an error: the detector's FPN would compute something else with its weights.
+
+    Only modules pretraining trained are loaded: with ``encoder.json`` ``trained_modules``
+    (densessl.models.trained_modules) a state keeps the keys of the modules that received a
+    gradient, the others start fresh in the detector (``auto`` with none trained loads
+    nothing; ``true`` with none trained is an error). Without the record (weights of older
+    runs) the whole state loads, as :func:`unrecorded_parts` says."""
     cfg = recipe.finetune
     chosen = []
-    for setting, state, file, key in (
-            (cfg.detection_neck, init.neck, "neck.pt", "detection_neck"),
-            (cfg.detection_box_head, init.box_head, "box_head.pt", "detection_box_head")):
+    for setting, state, file, key, part in (
+            (cfg.detection_neck, init.neck, "neck.pt", "detection_neck", "neck"),
+            (cfg.detection_box_head, init.box_head, "box_head.pt", "detection_box_head",
+             "box_head")):
         if state is None and setting is True and init.path is not None:
             raise RecipeError(f"finetune.{key}: true, but {init.path.parent / file} does not "
                               f"exist (the pretraining had no such part); set finetune.{key}: "
                               "auto or false")
+        if state is not None and setting is not False:
+            state = _trained_state(init, part, state, file, key, setting)
         chosen.append(state if setting is not False else None)
     trained = init.provenance.get("fpn_upsample")
     if chosen[0] is not None and trained is not None and trained != recipe.model.fpn_upsample:
@@ -432,6 +450,45 @@ def detection_start(recipe: Recipe, init: EncoderInit
                           f"the neck was pretrained with {trained!r} ({where}); set "
                           f"model.fpn_upsample: {trained} (or finetune.detection_neck: false)")
     return chosen[0], chosen[1]
+
+
+def _trained_units(init: EncoderInit, part: str) -> list[str] | None:
+    """``encoder.json`` ``trained_modules[part]``, or ``None`` when not recorded."""
+    record = init.provenance.get("trained_modules")
+    if not isinstance(record, dict) or not isinstance(record.get(part), list):
+        return None
+    return [str(u) for u in record[part]]
+
+
+def _trained_state(init: EncoderInit, part: str, state: dict[str, Tensor], file: str,
+                   key: str, setting) -> dict[str, Tensor] | None:
+    """``state`` restricted to the modules pretraining trained (all of it when not recorded;
+    ``None`` when none was trained and ``setting`` is ``auto``)."""
+    units = _trained_units(init, part)
+    if units is None:
+        return state
+    name = str(init.path.parent / file) if init.path is not None else file
+    empty = [u for u in units if not any(k.startswith(u + ".") for k in state)]
+    if empty:
+        raise DensesslError(f"weights {name}: encoder.json trained_modules lists {empty[:3]} "
+                            f"but {file} has no weights for them")
+    if not units:
+        if setting is True:
+            raise RecipeError(f"finetune.{key}: true, but no module of {name} received a "
+                              "gradient in pretraining (encoder.json trained_modules); set "
+                              f"finetune.{key}: auto or false")
+        return None
+    return {k: v for k, v in state.items() if unit_of(k, units) is not None}
+
+
+def unrecorded_parts(recipe: Recipe, init: EncoderInit) -> list[str]:
+    """The parts (``neck.pt``, ``box_head.pt``) the detector of ``init`` loads whole because
+    ``encoder.json`` does not record which of their modules pretraining trained."""
+    cfg = recipe.finetune
+    return [file for setting, state, file, part in (
+        (cfg.detection_neck, init.neck, "neck.pt", "neck"),
+        (cfg.detection_box_head, init.box_head, "box_head.pt", "box_head"))
+        if setting is not False and state is not None and _trained_units(init, part) is None]
 
 
 def detection_box_head_spec(inits: list[EncoderInit]) -> dict | None:

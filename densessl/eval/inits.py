@@ -1,9 +1,13 @@
-"""Encoder initialisations compared downstream: pretrained, random and supervised.
+"""Encoder initialisations compared downstream: pretrained, random, supervised and imagenet.
 
 * ``pretrained``: ``encoder.pt`` written by ``densessl pretrain`` (torchvision ResNet keys);
 * ``random``: the architecture's default random init (no state loaded);
 * ``supervised``: the same encoder trained supervised on the labeled source split (segmentation
-  labels) — the domain stand-in for ImageNet-supervised weights, which cannot be used here.
+  labels): the in-domain ceiling;
+* ``imagenet``: torchvision's / timm's ImageNet weights (supervised on ImageNet-1k labels), the
+  start a practitioner would otherwise use, read offline (:mod:`densessl.models.imagenet`:
+  ``model.weights_file`` or the torch hub / Hugging Face cache; the first conv adapted to
+  ``data.channels``).
 
 An init is an :class:`~densessl.models.weights.EncoderInit`: the ResNet state dict (or ``None``
 for random) plus the FPN neck state when one was pretrained. Reading and checking ``encoder.pt``
@@ -18,9 +22,10 @@ from densessl.errors import DensesslError
 from densessl.eval.augmentation import build_transform
 from densessl.eval.finetune import channel_stats, train_dense
 from densessl.eval.segmentation import build_segmentation_model
+from densessl.models.imagenet import imagenet_state
 from densessl.models.weights import EncoderInit, from_smp_state
 
-INITS = ("pretrained", "random", "supervised")
+INITS = ("pretrained", "random", "supervised", "imagenet")
 
 
 def supervised_init(recipe, data, log=print) -> EncoderInit:
@@ -49,3 +54,18 @@ def supervised_init(recipe, data, log=print) -> EncoderInit:
                            {k: v.detach().clone() for k, v in model.encoder.state_dict().items()})
     return EncoderInit("supervised", state, None, {"trained_on": where,
                                                    "steps": cfg.supervised_steps})
+
+
+def imagenet_init(recipe) -> EncoderInit:
+    """``finetune.inits: imagenet``: the recipe backbone's ImageNet weights (a
+    :class:`DensesslError` saying how to provide them when they are not on this machine);
+    ``provenance`` is their record (weights, file, sha256, first-conv adaptation)."""
+    state, record = imagenet_state(recipe)
+    return EncoderInit("imagenet", state, None, record)
+
+
+def imagenet_labels(init: EncoderInit) -> str:
+    """What the imagenet init's weights were trained on, for the table's label disclosure."""
+    conv = init.provenance.get("first_conv")
+    adapted = f"; first conv adapted: {conv['rule']}" if conv else ""
+    return f"ImageNet-1k class labels ({init.provenance.get('weights')}{adapted})"

@@ -6,7 +6,8 @@
     {"floor":      {"<task>": {"<metric>": v, "<metric>_std": 0.0, "n_seeds": 1}},
      "<init>":     {"<task>": {"<metric>": mean, "<metric>_std": std, "n_seeds": n}}, ...
      "differences": {"<init> - random": {"<task>": {"<metric>": {"mean", "std", "n",
-                                                               "ci_low", "ci_high"}}}},
+                                                               "ci_low", "ci_high"}}},
+                     "pretrained - imagenet": {...}},
      "protocol":   {"primary": "<task>/<metric>", "ceiling": "supervised",
                     "discriminates": true | false | null, "warnings": [...],
                     "labels": {"<init>": "what labels it used"}}}
@@ -19,7 +20,9 @@ runs); both come from :func:`mean_std`.
 Task keys look like ``segmentation/fpn@10%`` (see :func:`densessl.eval.finetune.task_runs`).
 ``floor`` is what predicting the majority class everywhere (no box, for detection) scores,
 shaped like an init. A difference pairs the i-th seed of an init with the i-th seed of the
-random init; its interval is Student's t over those paired differences.
+random init; its interval is Student's t over those paired differences. With an ``imagenet``
+init, ``pretrained - imagenet`` (does domain pretraining beat starting from ImageNet?) follows,
+paired the same way (:data:`CONTRASTS`).
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from scipy import stats
 
 from densessl.io import atomic_write, write_json, write_text
 
-HEADLINE = ("mIoU", "fg_mIoU", "box_mAP", "box_AP50", "mask_mAP")
+HEADLINE = ("mIoU", "fg_mIoU", "box_mAP", "box_AP50", "box_AP75", "box_AR100", "mask_mAP")
 #: top-level keys of results.json that are not inits
 RESERVED = ("differences", "protocol", "data")
 BASELINE, CEILING, FLOOR = "random", "supervised", "floor"
+#: paired differences reported after every ``<init> - random``: (init, baseline)
+CONTRASTS = (("pretrained", "imagenet"),)
 CONFIDENCE = 0.95
 
 
@@ -112,25 +117,58 @@ def primary_task(tasks: list[str]) -> str | None:
     return next((t for t in tasks if t.startswith("linear_probe")), tasks[0] if tasks else None)
 
 
+#: detection's floor is 0 AP, so its ceiling must clear an absolute bar instead: a supervised
+#: detector under this AP50 has not learned to find the objects at the budget it was given
+DETECTION_AP50_BAR = 0.3
+
+
+def _task_check(results: dict, task: str, metric: str) -> tuple[bool | None, list[str]]:
+    """(discriminates, warnings) of one task: segmentation-like tasks need the ceiling at
+    2 × the floor on ``metric`` on every split; detection needs the ceiling's AP50 at
+    :data:`DETECTION_AP50_BAR` on every split."""
+    ceiling = results.get(CEILING, {}).get(task)
+    if ceiling is None:
+        return None, []
+    warnings = []
+    if task.startswith("detection"):
+        keys = [k for k in ceiling if k.split("/")[-1] == "box_AP50"]
+        for k in keys:
+            if not ceiling[k] >= DETECTION_AP50_BAR:
+                warnings.append(
+                    f"warning: {task} {k}: the ceiling ({CEILING}, {100 * ceiling[k]:.1f}) is "
+                    f"under AP50 {100 * DETECTION_AP50_BAR:.0f}: detection cannot discriminate "
+                    "inits at this budget (raise finetune.detection_steps)")
+        return (bool(keys) and not warnings), warnings
+    floor = results.get(FLOOR, {}).get(task)
+    if floor is None:
+        return None, []
+    keys = [k for k in floor if k.split("/")[-1] == metric and k in ceiling]
+    for k in keys:
+        if not ceiling[k] >= 2 * floor[k]:
+            warnings.append(
+                f"warning: {task} {k}: the ceiling ({CEILING}, {100 * ceiling[k]:.1f}) is under "
+                f"2 × the floor ({100 * floor[k]:.1f}): the protocol cannot discriminate at this "
+                "budget")
+    return (bool(keys) and not warnings), warnings
+
+
 def protocol_check(results: dict, metric: str = "mIoU") -> dict:
-    """Can the protocol tell inits apart? It cannot when the ceiling (the supervised init)
-    scores under twice the floor on the primary metric, on any evaluation split."""
+    """Can the protocol tell inits apart? Per task: a segmentation task or the probe cannot
+    when the ceiling (the supervised init) scores under twice the floor on ``metric``, on any
+    evaluation split; detection cannot when the ceiling's AP50 is under
+    :data:`DETECTION_AP50_BAR`. ``discriminates`` is the primary task's verdict."""
     tasks = list(dict.fromkeys(t for i in inits_of(results) for t in results[i]))
     task = primary_task(tasks)
     check: dict = {"primary": f"{task}/{metric}" if task else None, "ceiling": CEILING,
-                   "discriminates": None, "warnings": []}
-    floor = results.get(FLOOR, {}).get(task)
-    ceiling = results.get(CEILING, {}).get(task)
-    if task is None or floor is None or ceiling is None:
-        return check
-    keys = [k for k in floor if k.split("/")[-1] == metric and k in ceiling]
-    bad = [k for k in keys if not ceiling[k] >= 2 * floor[k]]
-    check["discriminates"] = bool(keys) and not bad
-    for k in bad:
-        check["warnings"].append(
-            f"warning: {task} {k}: the ceiling ({CEILING}, {100 * ceiling[k]:.1f}) is under "
-            f"2 × the floor ({100 * floor[k]:.1f}): the protocol cannot discriminate at this "
-            "budget")
+                   "discriminates": None, "warnings": [], "tasks": {}}
+    for name in tasks:
+        verdict, warnings = _task_check(results, name, metric)
+        if verdict is None:
+            continue
+        check["tasks"][name] = verdict
+        check["warnings"].extend(warnings)
+        if name == task:
+            check["discriminates"] = verdict
     return check
 
 
@@ -141,6 +179,10 @@ def build_results(raw: dict[str, dict[str, list[dict]]],
     results = aggregate({FLOOR: floor} if floor else {})
     results.update(aggregate(raw))
     results["differences"] = paired_differences(raw)
+    for init, baseline in CONTRASTS:
+        if init in raw and baseline in raw:
+            results["differences"].update(paired_differences(
+                {init: raw[init], baseline: raw[baseline]}, baseline))
     results["protocol"] = {**protocol_check(results), "labels": dict(labels or {})}
     return results
 
@@ -168,7 +210,8 @@ def _fmt_diff(entry: dict | None) -> str:
 def results_table(results: dict) -> str:
     """Markdown: one row per (task, headline metric), one column per init (the floor first,
     the supervised init marked as the ceiling), then each paired difference against the
-    random init with its 95 % interval; values in %. Warnings and label use follow."""
+    random init (and :data:`CONTRASTS`, e.g. pretrained - imagenet) with its 95 % interval;
+    values in %. Warnings and label use follow."""
     inits = inits_of(results)
     diffs = results.get("differences", {})
     tasks = list(dict.fromkeys(t for init in inits for t in results[init]))

@@ -5,8 +5,11 @@ classes (un-classified buildings are ignored) and also reports the xView2 score,
 localization = "any damage class predicted" — the single-model variant of the official scorer
 (:mod:`densessl.eval.xview2`). ``task: buildings`` segments buildings on the pre image.
 
-Splits: ``test`` (or ``hold``) folders when the data has them, else a fixed quarter of the
-pairs is held out. Without ``path`` the synthetic xBD-format set is generated once (cache).
+Splits: the release's folders when the data has them: scored on ``test`` (``hold`` when there is
+no ``test``; ``hold`` is the val split next to it), fine-tuned on ``train`` (else every folder
+that is not held out); without them every fourth pair is the test split. results.json names
+the scored split (``data.eval_splits``) and the folders or pairs of each (``data.splits``).
+Without ``path`` the synthetic xBD-format set is generated once (cache).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from densessl.data.cache import cached_synthetic
 from densessl.data.labeled import LabeledData, register_eval_dataset
 from densessl.data.resize import resize_image, resize_labels
 from densessl.data.xbd import XBD_CARD, XBDDataset
-from densessl.errors import RecipeError
+from densessl.errors import DataError, RecipeError
 from densessl.eval.xview2 import XView2Score
 
 DAMAGE_CLASSES = ["background", "no-damage", "minor-damage", "major-damage", "destroyed"]
@@ -70,20 +73,35 @@ def xbd_labeled(path: str | None = None, image_size: int = 64, seed: int = 0,
         root = cached_synthetic("xbd", synthetic_n, seed, cache_dir)
     else:
         root = Path(path)
-    held_out = [s for s in ("test", "hold") if (root / s / "images").is_dir()]
+    groups = sorted({d.parent.name for d in root.rglob("images") if d.is_dir()})
+    held_out = [s for s in ("test", "hold") if s in groups]
     if held_out:
-        train = XBDDataset(root, ["train"] if (root / "train").is_dir() else None,
-                           ignore_index=ignore_index)
-        val = XBDDataset(root, held_out, ignore_index=ignore_index)
+        # the release's own splits: scored on test (hold when there is no test); fine-tuned
+        # on train when the root has it, else on every folder that is not held out
+        fit = ["train"] if "train" in groups else [g for g in groups if g not in held_out]
+        if not fit:
+            raise DataError(f"xBD {str(root)!r}: only held-out folders ({', '.join(held_out)})"
+                            ", nothing to fine-tune on")
+        scored = held_out[0]  # the name results.json reports it under
+        train = XBDDataset(root, fit, ignore_index=ignore_index)
+        test = XBDDataset(root, [scored], ignore_index=ignore_index)
+        val = XBDDataset(root, [held_out[-1]], ignore_index=ignore_index) \
+            if len(held_out) > 1 else test
+        record = {"method": "folders", "train": fit, "test": [scored],
+                  "val": [held_out[-1]]}
     else:
         pairs = XBDDataset(root, ignore_index=ignore_index)
         every = list(range(len(pairs)))
-        train, val = Subset(pairs, every[1::4] + every[2::4] + every[3::4]), \
-            Subset(pairs, every[0::4])
+        train = Subset(pairs, every[1::4] + every[2::4] + every[3::4])
+        val = test = Subset(pairs, every[0::4])
+        scored = "test"
+        record = {"method": "every fourth pair (no test/ or hold/ folder)",
+                  "test": [pairs.pairs[i].base for i in every[0::4]]}
     classes = DAMAGE_CLASSES if task == "damage" else ["background", "building"]
     return LabeledData(
         train=XBDSegmentation(train, task, image_size),
         val=XBDSegmentation(val, task, image_size),
-        class_names=classes, keys={"image", "mask"}, cards=[XBD_CARD],
+        test={scored: XBDSegmentation(test, task, image_size)},
+        class_names=classes, keys={"image", "mask"}, cards=[XBD_CARD], split_record=record,
         extra_segmentation_metrics=(lambda: DamageXView2(ignore_index)) if task == "damage"
         else None)

@@ -17,6 +17,7 @@ from lightly.models.utils import (
     batch_unshuffle,
     batch_unshuffle_distributed,
 )
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from densessl.augment.box_jitter import jitter_boxes
 from densessl.build import build_augmentation, build_encoder, roi_levels
@@ -35,12 +36,18 @@ from densessl.methods.schedule import warmup_cosine
 from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.instance_head import InstanceHead
 from densessl.models.split_batchnorm import convert_to_split_batchnorm
+from densessl.models.trained_modules import GradientRecord
+from densessl.models.weights import load_encoder
 from densessl.recipe import Recipe, parse_recipe
 from densessl.seeding import seed_step
 
 
 class DensePretraining(pl.LightningModule):
-    def __init__(self, recipe: Recipe | dict) -> None:
+    def __init__(self, recipe: Recipe | dict, start_weights: dict | None = None) -> None:
+        """``start_weights``: a backbone state (``model.init_weights``, read by
+        densessl.models.imagenet.init_weights_state) the online backbone starts from; the
+        momentum encoder is built as its copy. ``None``: the random init (and what a
+        checkpoint restores over it)."""
         super().__init__()
         if isinstance(recipe, dict):
             recipe = parse_recipe(recipe, "<checkpoint>")
@@ -55,6 +62,8 @@ class DensePretraining(pl.LightningModule):
         # Stored as plain data so a checkpoint can rebuild the task without this object.
         self.save_hyperparameters({"recipe": recipe.model_dump(mode="json")})
         encoder = build_encoder(recipe)
+        if start_weights is not None:  # before MomentumPair: the momentum twin copies it
+            load_encoder(encoder.backbone, start_weights, "model.init_weights")
         if recipe.loss.instance_weight > 0:  # with model.neck: fpn (a Recipe validator)
             # Part of the encoder, so MomentumPair gives it a momentum twin and the optimiser
             # (online parameters) trains it.
@@ -70,6 +79,12 @@ class DensePretraining(pl.LightningModule):
             # key batch either (a RoI count the groups do not divide falls back to it)
             convert_to_split_batchnorm(encoder, recipe.model.split_bn_groups)
         self.model = MomentumPair(encoder)
+        # which FPN / box-head modules ever get a gradient (encoder.json trained_modules): a
+        # detector loads those only, the others were never trained
+        box_head = getattr(getattr(encoder, "instance_head", None), "box_head", None)
+        self.grad_record = GradientRecord({
+            "neck": encoder.neck,
+            "box_head": box_head if isinstance(box_head, FastRCNNConvFCHead) else None})
         # the correspondence grid, the keys and RoIAlign all place cells as this encoder does
         self.augment = build_augmentation(recipe, grid_stride=encoder.stride,
                                           cell_alignment=encoder.cell_alignment)
@@ -109,6 +124,20 @@ class DensePretraining(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Licences travel with the weights (e.g. xBD is CC BY-NC-SA 4.0).
         checkpoint["dataset_cards"] = self.dataset_cards
+        checkpoint["trained_modules"] = self.grad_record.state_dict_entry()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint without it (an older run) leaves the record unknown
+        self.grad_record.load_entry(checkpoint.get("trained_modules"))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after the guard's callback hook: a step it drops has no gradients left to count
+        self.grad_record.observe()
+
+    def trained_modules(self) -> dict[str, list[str]] | None:
+        """``{"neck": [...], "box_head": [...]}``: the modules (``module_units`` names) that
+        received a gradient so far; ``None`` when unknown (resumed from an older checkpoint)."""
+        return self.grad_record.record()
 
     @property
     def encoder(self):

@@ -5,7 +5,10 @@ labeled dataset → ``OUT/results.json``, ``OUT/results.md`` (printed), ``OUT/re
 
 Each ``results.json`` cell also holds ``parameters``: ``{"loaded": [...], "fresh": [...]}``, the
 model's parameter groups that started from the init's weights (e.g. a detector's ``backbone``,
-``fpn``, ``box_head``) and those that started fresh (``rpn``, ``box_predictor``, ...).
+its FPN module by module, ``fpn.inner_blocks.1``, …, ``box_head``) and those that started fresh
+(``rpn``, ``box_predictor``, FPN modules pretraining never trained, ...); with
+``"trained_modules": "not recorded"`` when the weights predate the record of which neck / box
+head modules pretraining trained and were loaded whole.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ from typing import Any
 
 import torch
 
-from densessl.errors import DensesslError
+from densessl.errors import DensesslError, RecipeError
 from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
-from densessl.eval.inits import supervised_init
+from densessl.eval.inits import imagenet_init, imagenet_labels, supervised_init
 from densessl.eval.labeled_data import build_eval_dataset, check_finetune_path
 from densessl.eval.report import build_results, write_report
 from densessl.eval.segmentation import check_input_size
 from densessl.eval.spurious import spurious_data
 from densessl.io import write_json
 from densessl.models.health import collapse_message, encoder_problems, sparse_dense_message
+from densessl.models.imagenet import imagenet_state, init_weights_state, normalisation_note
 from densessl.models.weights import EncoderInit, load_encoder_file
 from densessl.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 from densessl.workflows.data_settings import inherit_data_settings, resolve_data_settings
@@ -46,6 +50,10 @@ def pretraining_labels(recipe: Recipe) -> str:
     uses = []
     if recipe.pairs.builder == "cut_paste":
         uses.append("segment masks (cut-paste segment bank)")
+    start = recipe.model.init_weights
+    if start is not None:  # the start's own training read labels too
+        uses.append("ImageNet-1k class labels (model.init_weights: imagenet)"
+                    if start == "imagenet" else f"whatever trained model.init_weights {start}")
     return " + ".join(uses + recipe.class_id_uses()) or "none"
 
 
@@ -75,23 +83,98 @@ def _as_paths(weights) -> list[Path]:
     return [Path(w) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
 
 
+def finetune_data_defaults(recipe: Recipe) -> Recipe:
+    """``recipe`` with ``finetune.path: null`` following the pretraining data where the labeled
+    dataset is that data's own: ``pidray`` scores on ``pairs.options.pidray_root`` (the root the
+    segments are pasted from: its easy / hard / hidden test splits), ``xbd`` on ``data.path``
+    (``data.source: xbd``). With neither root set, the labeled dataset generates its synthetic
+    set in that format; it then takes the pretraining's ``synthetic_n`` / ``cache_dir`` unless
+    ``finetune.options`` names them, so it is the very set pretraining read. Other datasets,
+    and a ``finetune.path`` that is set, are left as they are."""
+    cfg = recipe.finetune
+    if cfg.path is not None:
+        return recipe
+    path, inherited = None, {}
+    if cfg.dataset == "pidray" and recipe.pairs.builder == "cut_paste":
+        path = recipe.pairs.options.get("pidray_root")
+        inherited = {k: recipe.pairs.options[k] for k in ("synthetic_n", "cache_dir")
+                     if recipe.pairs.options.get(k) is not None}
+    elif cfg.dataset == "xbd" and recipe.data.source == "xbd":
+        path = recipe.data.path
+        inherited = {k: recipe.data.options[k] for k in ("cache_dir",)
+                     if recipe.data.options.get(k) is not None}
+    options = cfg.options if path else {**inherited, **cfg.options}
+    if not path and options == cfg.options:
+        return recipe
+    update = {"path": str(path) if path else None, "options": options}
+    return recipe.model_copy(update={"finetune": cfg.model_copy(update=update)})
+
+
+def _pretraining_reads(recipe: Recipe) -> str | None:
+    """What pretraining reads, in words, when it is not the built-in synthetic shapes
+    (``finetune.dataset: synthetic``'s images); None when it is."""
+    import inspect
+
+    from densessl.pairs import get_pair_builder
+
+    roots = [f"pairs.options.{k}={v}" for k, v in recipe.pairs.options.items()
+             if k.endswith("_root") and v]
+    if roots:
+        return ", ".join(roots)
+    builder = get_pair_builder(recipe.pairs.builder)
+    if "dataset" not in inspect.signature(builder.__init__).parameters:
+        return f"the {recipe.pairs.builder} builder's own data (pairs.options)"
+    if recipe.data.source != "synthetic" or recipe.data.path:
+        return f"data.source {recipe.data.source}" + (f" at {recipe.data.path}"
+                                                      if recipe.data.path else "")
+    return None
+
+
+def check_finetune_dataset(recipe: Recipe, log=print) -> None:
+    """Never a silent evaluation on the built-in synthetic shapes of data that pretraining
+    did not read. A recipe that does not name ``finetune.dataset`` (a user recipe without a
+    finetune section: the default is ``synthetic``) while pretraining reads other data is
+    refused in one line before any pretraining: its scores would say nothing about that data,
+    and ``densessl pretrain`` is there for pretraining alone. A recipe that names ``synthetic``
+    itself gets a warning line and runs."""
+    cfg = recipe.finetune
+    if cfg.dataset != "synthetic":
+        return
+    reads = _pretraining_reads(recipe)
+    if reads is None:
+        return
+    if "dataset" not in cfg.model_fields_set:
+        raise RecipeError(f"finetune.dataset: not set, so fine-tuning would score on the "
+                          f"built-in synthetic shapes while pretraining reads {reads}; set "
+                          "finetune.dataset (and finetune.path) to labeled data of that domain, "
+                          "or finetune.dataset: synthetic to score on the shapes anyway "
+                          "(densessl pretrain pretrains without fine-tuning)")
+    log(f"warning: finetune.dataset is synthetic: scores are on the built-in synthetic shapes, "
+        f"not on the data pretraining reads ({reads})")
+
+
 def finetune(recipe: str | Path | dict | Recipe,
              weights: str | Path | list[str | Path] | None, out: str | Path,
              overrides: list[str] | None = None, log=print, *,
              label_free_weights: str | Path | list[str | Path] | None = None,
-             force: bool = False) -> dict[str, Any]:
+             force: bool = False, check_dataset: bool = True) -> dict[str, Any]:
     """Fine-tune each init of ``finetune.inits`` (``pretrained`` = ``weights``, ``label_free``
     = ``label_free_weights``; several files = one pretraining per seed, zipped with
     ``finetune.seeds``), score the floor, and write ``out/results.{json,md,png}`` plus
-    ``out/runs.json`` (every seed). Returns the results."""
+    ``out/runs.json`` (every seed). Returns the results. ``finetune.path: null`` follows the
+    pretraining data (:func:`finetune_data_defaults`); ``check_dataset``: refuse / warn about
+    scoring on the synthetic shapes (:func:`check_finetune_dataset`; ``run`` did it already)."""
     from densessl.workflows.resume import check_writable
 
     recipe = load_recipe(recipe, overrides)
+    if check_dataset:
+        check_finetune_dataset(recipe, log)
+    recipe = finetune_data_defaults(recipe)
     cfg = recipe.finetune
     out = Path(out)
+    check_finetune_path(cfg.dataset, cfg.path)  # before anything is written
     check_writable(out)  # before any training, not after it
     check_input_size(recipe)
-    check_finetune_path(cfg.dataset, cfg.path)
     inits: list[EncoderInit] = []
     labels: dict[str, str] = {}
     for name, files, flag in (("pretrained", _as_paths(weights), "--weights encoder.pt"),
@@ -116,6 +199,9 @@ def finetune(recipe: str | Path | dict | Recipe,
                                     "--force to fine-tune from it anyway")
             inits.append(dataclasses.replace(init, name=name))
         labels[name] = _weights_labels(files[0])
+    if "imagenet" in cfg.inits:  # read (or refused, saying how to provide it) before training
+        inits.append(imagenet_init(recipe))
+        labels["imagenet"] = imagenet_labels(inits[-1])
     # bit depth and normalisation as the encoder saw them in pretraining (its recipe.yaml);
     # without pretrained weights, computed from the recipe's pretraining data
     if inherit_data_settings(recipe, next(iter(_as_paths(weights)), None)):
@@ -128,6 +214,8 @@ def finetune(recipe: str | Path | dict | Recipe,
     if cfg.spurious is not None:  # before the supervised init, which trains on it too
         data = spurious_data(data, cfg.spurious, recipe.seed)
     check_data(recipe, data)  # before the supervised init spends time training
+    if "imagenet" in cfg.inits and normalisation_note(recipe):
+        log(normalisation_note(recipe))
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -160,7 +248,7 @@ def finetune(recipe: str | Path | dict | Recipe,
               f"{splits}, mean ± std over seeds {cfg.seeds}{pretrain_seeds}{spurious}\n")
     # how the labeled splits were made (a seeded split can be repeated and checked for leaks)
     # and how the images were scaled and normalised
-    results["data"] = {"dataset": cfg.dataset, "splits": data.split_record,
+    results["data"] = {"dataset": cfg.dataset, "path": cfg.path, "splits": data.split_record,
                        "eval_splits": {k: len(v) for k, v in data.eval_splits().items()},
                        "bit_depth": data.bit_depth if data.bit_depth is not None
                        else recipe.data.bit_depth,
@@ -170,6 +258,9 @@ def finetune(recipe: str | Path | dict | Recipe,
         "recipe": recipe.name, "dataset": cfg.dataset, "datasets": data.cards,
         "weights": [str(w) for w in _as_paths(weights)],
         "label_free_weights": [str(w) for w in _as_paths(label_free_weights)], "runs": raw,
+        # the ImageNet weights the imagenet init started from (file, sha256, first conv)
+        **({"imagenet_weights": next(i.provenance for i in inits if i.name == "imagenet")}
+           if "imagenet" in cfg.inits else {}),
         "floor": floor,
         "finetune_seconds": round(time.perf_counter() - start, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -205,6 +296,23 @@ def _pretrain_all(recipe: Recipe, folder: Path, log, overwrite: bool = False) ->
     return files
 
 
+def check_start_weights(recipe: Recipe, log=print) -> None:
+    """Read every start weight ``run`` needs before it pretrains: ``model.init_weights`` of
+    each recipe it pretrains (this one, the label-free control) and the ``imagenet`` init's
+    weights. A missing ImageNet file is refused here, saying how to provide it, not after
+    the pretraining."""
+    cfg = recipe.finetune
+    pretrained = ([recipe] if "pretrained" in cfg.inits else []) + (
+        [label_free_recipe(recipe)] if "label_free" in cfg.inits else [])
+    for r in pretrained:
+        init_weights_state(r)
+    if "imagenet" in cfg.inits:
+        imagenet_state(recipe)
+    note = normalisation_note(recipe)
+    if note and any(r.model.init_weights == "imagenet" for r in pretrained):
+        log(note)
+
+
 def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str] | None = None,
         log=print, overwrite: bool = False) -> dict[str, Any]:
     """Pretrain into ``out/pretrain`` (and the label-free control into
@@ -213,14 +321,17 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
     from densessl.workflows.resume import check_writable
 
     recipe = load_recipe(recipe, overrides)
+    check_finetune_dataset(recipe, log)  # never a silent score on the synthetic shapes
+    recipe = finetune_data_defaults(recipe)  # finetune.path: null follows the pretraining data
     cfg = recipe.finetune
     out = Path(out)
+    check_finetune_path(cfg.dataset, cfg.path)  # one line, before anything is written
     if (out / "results.json").exists() and not overwrite:
         raise DensesslError(f"{out} already holds results (results.json); pass --overwrite "
                             "to replace them or choose another --out")
+    check_start_weights(recipe, log)  # a missing ImageNet file: before anything is written
     check_writable(out)
     check_input_size(recipe)  # before pretraining: smp would refuse it only after
-    check_finetune_path(cfg.dataset, cfg.path)
     control = label_free_recipe(recipe) if "label_free" in cfg.inits else None
     weights = (_pretrain_all(recipe, out / "pretrain", log, overwrite)
                if "pretrained" in cfg.inits else None)
@@ -231,4 +342,5 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
     log("fine-tuning " + ", ".join(cfg.inits))
     # a collapse was warned about above (run's documented behaviour); a diverged pretraining
     # never gets here (it stops with an error)
-    return finetune(recipe, weights, out, log=log, label_free_weights=label_free, force=True)
+    return finetune(recipe, weights, out, log=log, label_free_weights=label_free, force=True,
+                    check_dataset=False)

@@ -165,6 +165,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _read_neck_keys(weights: Path) -> list[str] | None:
+    """The keys of the neck.pt next to ``weights`` (``None``: none readable)."""
+    try:
+        return list(torch.load(weights.parent / "neck.pt", map_location="cpu",
+                               weights_only=True))
+    except Exception:  # noqa: BLE001 - the export itself reports an unreadable neck
+        return None
+
+
 def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: int,
                with_neck: bool) -> dict:
     """Provenance for an exported file, from the files ``densessl pretrain``/``run`` leave
@@ -202,6 +211,17 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
             "nearest, so there its odd cells see a neighbour's top-down value: fine-tune, or "
             "load the neck into densessl.models.neck.CentredFeaturePyramidNetwork for the "
             "pretrained features exactly")
+    trained = (provenance.get("trained_modules") or {}).get("neck")
+    if with_neck and isinstance(trained, list):
+        untrained = [k.rsplit(".", 2)[0] for k in (_read_neck_keys(weights) or [])]
+        untrained = [u for u in dict.fromkeys(untrained) if u not in trained]
+        if untrained:
+            # encoder.json trained_modules (densessl.models.trained_modules)
+            warnings.append(
+                f"FPN modules {untrained} never received a gradient in pretraining (the "
+                "objectives read other levels): their weights are the random init; "
+                "re-initialise them rather than treating them as pretrained (densessl's own "
+                "detection fine-tuning does)")
     return {
         "file": file.name,
         "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),

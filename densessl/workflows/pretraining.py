@@ -26,6 +26,7 @@ from densessl.io import save_torch, write_json, write_text
 from densessl.methods import DensePretraining, PairThroughputMonitor
 from densessl.methods.guards import NonFiniteGuard
 from densessl.models.box_head import conv_fc_head_spec
+from densessl.models.imagenet import init_weights_state
 from densessl.models.weights import key_layout
 from densessl.pairs import collate_pairs
 from densessl.recipe import Recipe, dump_recipe, load_recipe
@@ -50,11 +51,26 @@ def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:
     if len(builder) < t.batch_size:  # needs the data: not a Recipe validator
         raise DensesslError(f"train.batch_size ({t.batch_size}) is larger than the number of "
                             f"pairs the builder offers ({len(builder)})")
-    sampler = StreamSampler(len(builder), t.batch_size, recipe.seed, start=start)
+    sampler = StreamSampler(len(builder), t.batch_size, recipe.seed, start=start,
+                            group=sample_group(builder))
     return DataLoader(SeededSamples(builder, recipe.seed), batch_size=t.batch_size,
                       sampler=sampler, num_workers=t.num_workers, collate_fn=collate_pairs,
                       persistent_workers=t.num_workers > 0,
                       pin_memory=torch.cuda.is_available())
+
+
+def sample_group(builder) -> int:
+    """How many consecutive indices the sampler keeps together: the ``sample_group`` (int)
+    of the builder or of what it wraps (``geotiff_tiles``: windows cut from one internal
+    block, read right after each other so the block is decoded once), else 1. Only from an
+    object as long as the builder: another length means the builder maps its indices to the
+    object's some other way, where grouping builder indices would group nothing."""
+    for obj in wrapped_objects(builder):
+        group = getattr(obj, "sample_group", None)
+        if isinstance(group, int) and not isinstance(group, bool) and group > 1 and \
+                len(obj) == len(builder):
+            return group
+    return 1
 
 
 def check_class_ids(recipe: Recipe, builder) -> None:
@@ -113,7 +129,12 @@ def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
     ``cell_alignment``) and ``box_head.pt`` (InsLoc's
     4conv-1fc head, torchvision's FastRCNNConvFCHead; ``encoder.json`` ``box_head`` holds
     its construction parameters). A part this run does not have is removed, so a stale one
-    from an earlier run in ``out`` is never taken for this run's."""
+    from an earlier run in ``out`` is never taken for this run's.
+
+    ``encoder.json`` ``trained_modules`` (``{"neck": [...], "box_head": [...]}``, names of
+    densessl.models.trained_modules.module_units, prefixes of the part's keys) lists the
+    modules of each exported part that ever received a gradient; a detector loads those only.
+    Absent when the task cannot tell (resumed from a checkpoint of a run without the record)."""
 
     def cpu(module) -> dict:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -135,6 +156,10 @@ def export_encoder(task: DensePretraining, out: Path, provenance: dict) -> Path:
         provenance = {**provenance, "box_head": conv_fc_head_spec(box_head)}
     else:
         (out / "box_head.pt").unlink(missing_ok=True)
+    trained = getattr(task, "trained_modules", None)
+    record = trained() if callable(trained) else None
+    if record is not None:  # the task records the parts exported here (neck, box head)
+        provenance = {**provenance, "trained_modules": record}
     write_json(out / "encoder.json", provenance)
     return path
 
@@ -159,6 +184,7 @@ def _repair_outputs(out: Path, ckpt: Path, state: ResumeState) -> None:
     recipe_dict = checkpoint["hyper_parameters"]["recipe"]
     task = DensePretraining(recipe_dict)
     task.load_state_dict(checkpoint["state_dict"])
+    task.on_load_checkpoint(checkpoint)  # the trained-modules record
     recipe = task.recipe
     cards = checkpoint.get("dataset_cards") or []
     image_provenance = checkpoint.get("provenance")
@@ -169,6 +195,8 @@ def _repair_outputs(out: Path, ckpt: Path, state: ResumeState) -> None:
                                "pair_builder": recipe.pairs.builder,
                                "data_source": recipe.data.source, "datasets": cards,
                                **({"provenance": image_provenance} if image_provenance else {}),
+                               "init_weights": (state.metrics or {}).get(
+                                   "init_weights", {"from": "random"}),
                                "steps": state.step})
     if state.metrics:
         write_json(out / "metrics.json", state.metrics)
@@ -243,6 +271,13 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     if state is not None and state.nothing_to_do:
         _repair_outputs(out, ckpt, state)
         return {**state.metrics, "nothing_to_do": True}
+    # model.init_weights: read (or refused) before anything is written; a resume restores the
+    # checkpoint's weights over them and keeps the record of the run it continues
+    if state is None:
+        start_state, start_record = init_weights_state(recipe)
+    else:
+        start_state, start_record = None, (state.metrics or {}).get("init_weights",
+                                                                    {"from": "random"})
     check_writable(out)
     _quiet_lightning()
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
@@ -261,7 +296,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
                             "checkpoint (sha256 differs); restore it or start a new run")
     t = recipe.train
     loader = make_dataloader(recipe, builder, start=state.samples_seen if state else 0)
-    task = DensePretraining(recipe)
+    task = DensePretraining(recipe, start_weights=start_state)
     task.dataset_cards = cards
     monitor = PairThroughputMonitor()
     guard = NonFiniteGuard(t.on_nonfinite, t.log_every)
@@ -271,7 +306,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
                   "key_layout": key_layout(recipe.model.backbone),
                   "recipe": recipe.name,
                   "pair_builder": recipe.pairs.builder, "data_source": recipe.data.source,
-                  "datasets": cards}
+                  "datasets": cards, "init_weights": start_record}
     if image_provenance is not None:
         provenance["provenance"] = image_provenance
 
@@ -291,6 +326,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
             "final": task.final_stats(),
             **stats,
             "nonfinite_steps_skipped": guard.skipped,
+            "init_weights": start_record,  # what the backbone started from (model.init_weights)
             "datasets": cards,
             # found at start-up, plus those skipped while reading (in any DataLoader worker)
             "skipped_samples": len(skipped) + count_read_skips(builder),

@@ -22,7 +22,9 @@ from densessl.recipe import Recipe, parse_recipe
 # how often the run logs, saves and how it reacts to a non-finite step). Everything else
 # must match the checkpoint's recipe.
 RESUMABLE_KEYS = {"name", "train.max_steps", "train.log_every", "train.checkpoint_every",
-                  "train.checkpoint_minutes", "train.num_workers", "train.on_nonfinite"}
+                  "train.checkpoint_minutes", "train.num_workers", "train.on_nonfinite",
+                  # where the ImageNet weights lie: a resume restores the checkpoint's weights
+                  "model.weights_file"}
 RESUMABLE_PREFIXES = ("finetune.",)  # read after pretraining, never by it
 
 # the files a pretraining run writes into its folder (besides recipe.yaml)
