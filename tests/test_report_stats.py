@@ -109,3 +109,13 @@ def test_detection_ceiling_under_the_ap50_bar_warns_per_split():
     raw["supervised"][det] = [{"easy/box_AP50": 0.5, "hard/box_AP50": 0.5, "easy/box_mAP": 0.2,
                                "hard/box_mAP": 0.2}] * 2
     assert build_results(raw, FLOOR)["protocol"]["tasks"][det] is True
+
+
+def test_detection_only_protocol_names_ap50_and_its_bar():
+    det = "detection/faster_rcnn@100%"
+    raw = {init: {det: [{"easy/box_AP50": v, "easy/box_mAP": v / 2}] * 2}
+           for init, v in (("pretrained", 0.4), ("random", 0.35), ("supervised", 0.5))}
+    res = build_results(raw, {det: [{"easy/box_AP50": 0.0, "easy/box_mAP": 0.0}]})
+    assert res["protocol"]["primary"] == f"{det}/box_AP50"
+    assert res["protocol"]["discriminates"] is True
+    assert "ceiling AP50 ≥ 30 on every split" in results_table(res)

@@ -159,7 +159,9 @@ def protocol_check(results: dict, metric: str = "mIoU") -> dict:
     :data:`DETECTION_AP50_BAR`. ``discriminates`` is the primary task's verdict."""
     tasks = list(dict.fromkeys(t for i in inits_of(results) for t in results[i]))
     task = primary_task(tasks)
-    check: dict = {"primary": f"{task}/{metric}" if task else None, "ceiling": CEILING,
+    # detection is judged on AP50 against an absolute bar, not on a floor's mIoU
+    primary_metric = "box_AP50" if task and task.startswith("detection") else metric
+    check: dict = {"primary": f"{task}/{primary_metric}" if task else None, "ceiling": CEILING,
                    "discriminates": None, "warnings": [], "tasks": {}}
     for name in tasks:
         verdict, warnings = _task_check(results, name, metric)
@@ -228,8 +230,10 @@ def results_table(results: dict) -> str:
     protocol = results.get("protocol", {})
     notes = []
     if protocol.get("primary"):
-        verdict = {True: "ceiling ≥ 2 × floor on every split",
-                   False: "ceiling < 2 × floor: it cannot discriminate at this budget",
+        bar = (f"AP50 ≥ {100 * DETECTION_AP50_BAR:.0f}"
+               if protocol["primary"].endswith("box_AP50") else "≥ 2 × floor")
+        verdict = {True: f"ceiling {bar} on every split",
+                   False: f"ceiling not {bar}: it cannot discriminate at this budget",
                    None: "no floor or ceiling to judge it by"}[protocol.get("discriminates")]
         notes.append(f"primary metric: {protocol['primary']} ({verdict})")
     if FLOOR in results:
