@@ -101,14 +101,19 @@ def declared_bit_depth(path: str | Path) -> int | None:
     return None
 
 
-def _image_max(path: Path) -> tuple[float, int]:
-    """The largest pixel value of an image file and its storage bits (PIL)."""
+def image_max(path: Path) -> tuple[float, int]:
+    """The largest pixel value of an image file and its storage bits (PIL); an unreadable file
+    counts as an empty 8-bit one: it is reported, with the loader's ``skip_bad``, when it is
+    read."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        array = np.asarray(img)
-    storage = 8 if array.dtype == np.uint8 or array.dtype == np.bool_ else 16
-    return float(array.max()) if array.size else 0.0, storage
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img)
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for corrupt files
+        return 0.0, 8
+    storage = 8 if array.dtype in (np.uint8, np.bool_) else 16
+    return (float(array.max()) if array.size else 0.0), storage
 
 
 def resolve_bit_depth(value: BitDepth | int | None, files: Sequence[str | Path], *,
@@ -133,7 +138,7 @@ def resolve_bit_depth(value: BitDepth | int | None, files: Sequence[str | Path],
     declared = {declared_bit_depth(f) for f in sample} - {None}
     if declared:
         return max(depth_for_max(full_scale(d)) for d in declared)
-    read_max = read_max or _image_max
+    read_max = read_max or image_max
     top, storage = 0.0, 8
     for f in sample:
         m, bits = read_max(f)

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from densessl.data.bit_depth import BitDepth, full_scale, resolve_bit_depth, scale_to_unit
 from densessl.data.geotiff import RasterHandles, RasterInfo, _read, _valid
 from densessl.data.labeled import LabeledData, instances_from_mask, register_eval_dataset
+from densessl.data.mask_folder import read_classes
 from densessl.data.registry import register_inspector
 from densessl.errors import DataError, RecipeError
 
@@ -427,15 +428,11 @@ def _class_names(labels: LabelMap, class_values: list[int] | None,
 
 
 def _read_classes(root: Path, class_values: list[int] | None) -> list[str] | None:
-    file = root / "classes.txt"
-    if not file.is_file():
+    """``classes.txt`` as mask_folder reads it, plus what a uint8 label raster allows."""
+    names = read_classes(root)
+    if names is None:
         return None
-    names = [line.strip() for line in file.read_text().splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names or any(not n for n in names):
-        raise DataError(f"{file}: one class name per line (line i = class id i), no blank "
-                        "lines")
+    file = root / "classes.txt"
     if class_values is not None and len(names) != len(class_values):
         raise DataError(f"{file}: {len(names)} names for {len(class_values)} "
                         "finetune.options.class_values")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from densessl.data.bad_samples import ReadSkips
@@ -22,19 +21,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 def list_images(root: str | Path) -> list[Path]:
     """Every image file under ``root`` (recursively), sorted."""
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _file_max(path: Path) -> tuple[float, int]:
-    """``read_max`` for :func:`resolve_bit_depth`: an image's largest value and storage bits;
-    an unreadable file counts as an empty 8-bit one (it is reported when it is read, where
-    ``skip_bad`` applies)."""
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img)
-    except (OSError, SyntaxError, ValueError):
-        return 0.0, 8
-    storage = 8 if array.dtype in (np.uint8, np.bool_) else 16
-    return (float(array.max()) if array.size else 0.0), storage
 
 
 @register_source("folder")
@@ -70,7 +56,7 @@ class ImageFolder(Dataset):
                             "use a GeoTIFF source for multispectral imagery")
         self.image_size, self.channels, self.skip_bad = image_size, channels, skip_bad
         self.tiles, self.seed = tiles, seed
-        self.bit_depth = resolve_bit_depth(bit_depth, self.files, read_max=_file_max)
+        self.bit_depth = resolve_bit_depth(bit_depth, self.files)
         self.read_skips = ReadSkips(len(self.files))  # unreadable files found in workers
 
     def __len__(self) -> int:
