@@ -160,6 +160,13 @@ class DenseContrast(nn.Module):
         #: query (``slot_keep``) and whether it was down-weighted (``slot_down``); for
         #: analysis against the pairs' true noise (the loss never sees it)
         self.last_robust_cells: dict[str, Tensor] | None = None
+        #: after each forward, the query slots of the local batch (B·n, image-major, as
+        #: :func:`sample_cells`): ``features`` (B·n×D, L2-normalised, detached), ``image`` (B·n
+        #: local image index) and ``keep`` (B·n bool, the slot holds a query cell). The
+        #: collapse monitors read exactly these (densessl.methods.dense_pretraining): cells
+        #: that are no query (e.g. the bag with ``background: "ignore"``) must not raise a
+        #: collapse alarm, and no second draw is needed (the step's random stream is unchanged)
+        self.last_queries: dict[str, Tensor] | None = None
         self.per_class = num_classes is not None
         # own_class: background takes the ring after the real classes
         rings = num_classes + (background == "own_class") if self.per_class else 0
@@ -228,6 +235,7 @@ class DenseContrast(nn.Module):
 
         image, cell, keep = sample_cells(valid, self.samples_per_image)
         q = F.normalize(cells_of(q_dense, cell), dim=1)
+        self.last_queries = {"features": q.detach(), "image": image, "keep": keep}
         k = F.normalize(keys_at(k_dense, grid_ab, cell, self.stride, self.alignment), dim=1)
         weight = keep.float()
         # a gather by image index: fixed shapes, no host read

@@ -31,7 +31,7 @@ from densessl.losses import (
     LevelwiseInstanceContrast,
 )
 from densessl.losses.robust import RobustPositives
-from densessl.methods.monitors import collapse_stats, dense_cells
+from densessl.methods.monitors import CollapseMonitor, dense_cells
 from densessl.methods.schedule import warmup_cosine
 from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.instance_head import InstanceHead
@@ -95,6 +95,13 @@ class DensePretraining(pl.LightningModule):
         # noisy pairs, down-weighted wrong cells, wrong cells): the precision / recall monitor
         # against the benchmark's true noise, per pair and per cell
         self.register_buffer("robust_counts", torch.zeros(5), persistent=False)
+        # run totals of (dense query cells, images) over the training steps, for
+        # dense_query_cells_per_image (metrics.json); saved in the checkpoint (not the state
+        # dict) so a resumed run reports the whole run's mean
+        self.register_buffer("dense_cell_counts", torch.zeros(2, dtype=torch.long),
+                             persistent=False)
+        # feature_std / mean_cosine on what the configured objective reads (monitor_features)
+        self.collapse_monitor = CollapseMonitor()
         self.dense_loss = None
         if loss.dense_weight > 0:
             self.dense_loss = DenseContrast(
@@ -125,10 +132,19 @@ class DensePretraining(pl.LightningModule):
         # Licences travel with the weights (e.g. xBD is CC BY-NC-SA 4.0).
         checkpoint["dataset_cards"] = self.dataset_cards
         checkpoint["trained_modules"] = self.grad_record.state_dict_entry()
+        # run totals behind monitors (not in the state dict: its keys stay those of older runs)
+        checkpoint["run_monitors"] = {"dense_cell_counts": self.dense_cell_counts.tolist(),
+                                      "collapse": self.collapse_monitor.state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # a checkpoint without it (an older run) leaves the record unknown
         self.grad_record.load_entry(checkpoint.get("trained_modules"))
+        # without them (an older checkpoint) the totals cover the steps since the resume
+        run = checkpoint.get("run_monitors") or {}
+        if "dense_cell_counts" in run:
+            self.dense_cell_counts.copy_(torch.tensor(run["dense_cell_counts"],
+                                                      dtype=torch.long))
+        self.collapse_monitor.load(run.get("collapse"))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # after the guard's callback hook: a step it drops has no gradients left to count
@@ -187,6 +203,8 @@ class DensePretraining(pl.LightningModule):
             total = total + self.recipe.loss.dense_weight * dense
             logs["loss_dense"] = dense.detach()
             logs.update({f"dense_{k}": v for k, v in stats.items()})
+            logs["dense_query_cells_per_image"] = self.count_dense_cells(stats["pairs"],
+                                                                         batch.batch_size)
             if self.dense_loss.last_robust_cells is not None:
                 logs.update(self.robust_detection(batch))
         if self.global_loss is not None:
@@ -195,27 +213,84 @@ class DensePretraining(pl.LightningModule):
             total = total + self.recipe.loss.global_weight * glob
             logs["loss_global"] = glob.detach()
             logs.update({f"global_{k}": v for k, v in stats.items()})
+        instance_queries = None
         if self.instance_loss is not None:
-            inst, stats = self.instance_losses(batch, query, key)
+            instance_queries = self.instance_queries(batch, query)
+            inst, stats = self.instance_losses(batch, query, key, instance_queries)
             total = total + self.recipe.loss.instance_weight * inst
             logs["loss_instance"] = inst.detach()
             logs.update({f"instance_{k}": v for k, v in stats.items()})
-        if "global" in query:
-            logs.update(collapse_stats(query["global"]))
-        else:
-            logs.update(collapse_stats(*dense_cells(query["dense"])))
+        logs.update(self.collapse_monitor(**self.monitor_features(batch, query,
+                                                                  instance_queries)))
         logs["loss"] = total.detach()
         logs["valid_fraction"] = batch.valid_ab.float().mean()
         return total, logs
 
-    def instance_losses(self, batch: PairBatch, query: dict, key: dict):
+    def count_dense_cells(self, cells: torch.Tensor, images: int) -> torch.Tensor:
+        """Add a step's dense query cells (``cells``, the loss's ``pairs``: a device scalar)
+        and ``images`` to the run totals (training only, without a host read); returns the
+        mean query cells per image over the run so far (this step's own in eval mode)."""
+        if not self.training:
+            return cells.float() / max(images, 1)
+        counts = self.dense_cell_counts
+        counts[0] += cells.detach().round().long().to(counts.device)
+        counts[1] += images
+        return counts[0].float() / counts[1].clamp_min(1).float()
+
+    def run_stats(self) -> dict[str, float]:
+        """Whole-run figures for metrics.json (top level), read on the host: with the dense
+        objective, ``dense_query_cells_per_image``: the dense objective's query cells over
+        every image of the training steps (one process's; a resumed run counts the steps
+        before the resume too, from the checkpoint)."""
+        if self.dense_loss is None:
+            return {}
+        cells, images = self.dense_cell_counts.tolist()
+        return {"dense_query_cells_per_image": cells / images} if images else {}
+
+    def monitor_features(self, batch: PairBatch, query: dict,
+                         instance_queries: torch.Tensor | None = None) -> dict:
+        """What the collapse monitors read: the query embeddings of a configured objective
+        (issue #26), as keyword arguments of :class:`CollapseMonitor`.
+
+        Cells or features no objective reads can be alike without harm: with
+        ``background: ignore`` the bag around pasted segments (often one uniform texture) is
+        neither query nor key, and reading it raised false collapse alarms. So, in order:
+        the global objective's query embeddings (image-level, one per image); else the dense
+        objective's drawn query cells (:attr:`DenseContrast.last_queries`, up to
+        ``samples_per_image`` per image, only valid cells that take part; fixed shapes, a
+        mask marks empty slots); else the instance objective's RoI queries (every level's
+        with ``roi_levels: all``); else (no objective reads anything) the global head's
+        output or every 2nd dense cell. Pairs within one image are left out of
+        ``mean_cosine``.
+        """
+        if self.global_loss is not None:
+            return {"features": query["global"]}
+        if self.dense_loss is not None and self.dense_loss.last_queries is not None:
+            cells = self.dense_loss.last_queries
+            return {"features": cells["features"], "groups": cells["image"],
+                    "mask": cells["keep"], "num_groups": batch.batch_size}
+        if instance_queries is not None:
+            levels = instance_queries.shape[0] if instance_queries.dim() == 3 else 1
+            return {"features": instance_queries.reshape(-1, instance_queries.shape[-1]),
+                    "groups": batch.box_batch.to(instance_queries.device).repeat(levels),
+                    "num_groups": batch.batch_size}
+        if "global" in query:
+            return {"features": query["global"]}
+        features, groups = dense_cells(query["dense"])
+        return {"features": features, "groups": groups, "num_groups": batch.batch_size}
+
+    def instance_losses(self, batch: PairBatch, query: dict, key: dict,
+                        queries: torch.Tensor | None = None):
         """InsLoc: box i of view A (online) against box i of view B (momentum), RoIAlign on
         the FPN level each box's size selects, or on every level ``p{roi_min_level}..p5``
         (``loss.roi_levels``). With ``loss.box_jitter`` the query pools a random box around
-        its instance (the localisation pretext); the key always pools the true box."""
+        its instance (the localisation pretext); the key always pools the true box.
+        ``queries``: :meth:`instance_queries` when already computed."""
         pair_weight = (None if batch.pair_weight is None
                        else batch.pair_weight.to(batch.box_batch.device)[batch.box_batch])
-        return self.instance_loss(self.instance_queries(batch, query),
+        if queries is None:
+            queries = self.instance_queries(batch, query)
+        return self.instance_loss(queries,
                                   self.instance_keys(batch, key), batch.box_label,
                                   step=self.global_step, pair_weight=pair_weight)
 
@@ -305,8 +380,14 @@ class DensePretraining(pl.LightningModule):
             self.model.online.compile()
 
     def final_stats(self) -> dict[str, float]:
-        """The last step's losses and monitors as plain floats (for metrics.json)."""
-        return {k: float(v) for k, v in self.last_stats.items()}
+        """The last step's losses and monitors as plain floats (for metrics.json). A collapse
+        monitor that never had anything to read (:class:`CollapseMonitor`) is left out: absent
+        is unknown to densessl.models.health, NaN would read as collapse."""
+        stats = {k: float(v) for k, v in self.last_stats.items()}
+        for name, known in zip(CollapseMonitor.KEYS, self.collapse_monitor.known.tolist()):
+            if not known:
+                stats.pop(name, None)
+        return stats
 
     def configure_optimizers(self):
         t = self.recipe.train

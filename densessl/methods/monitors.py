@@ -6,32 +6,100 @@ import time
 
 import pytorch_lightning as pl
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from lightly.utils.debug import std_of_l2_normalized
 from torch import Tensor
 
 
-def collapse_stats(features: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
+def collapse_stats(features: Tensor, groups: Tensor | None = None, mask: Tensor | None = None,
+                   num_groups: int | None = None) -> dict[str, Tensor]:
     """Collapse monitors on N×D features (SimSiam §4.1 / lightly's std monitor).
 
-    ``feature_std``: lightly's ``std_of_l2_normalized`` (std over the N features after L2
-    normalisation, averaged over dims) scaled by sqrt(D) — about 1 for healthy features
-    (lightly's value is about 1/sqrt(D) there), 0 when everything maps to one point; the
-    collapse warning's threshold (densessl.models.health) is on this scale.
-    ``mean_cosine``: mean cosine similarity between features of *different* images (→ 1 when
-    collapsed). ``groups`` (N) gives each feature's image when there are several per image
-    (dense cells); pairs within one image are left out.
+    ``feature_std``: lightly's ``std_of_l2_normalized`` (unbiased std over the selected
+    features after L2 normalisation, averaged over dims) scaled by sqrt(D) — about 1 for
+    healthy features (lightly's value is about 1/sqrt(D) there), 0 when everything maps to one
+    point; the collapse warning's threshold (densessl.models.health) is on this scale. NaN with
+    fewer than 2 selected rows.
+    ``mean_cosine``: mean cosine similarity between selected features of *different* images
+    (→ 1 when collapsed). ``groups`` (N long, values in ``[0, num_groups)``, default
+    ``num_groups = N``) gives each feature's image when there are several per image (dense
+    cells); pairs within one image are left out. NaN when no such pair is selected.
+
+    ``mask`` (N bool, default all): the rows that count, so the monitors can read only the
+    cells an objective reads (drawn query slots of fixed count, some empty) in fixed shapes:
+    no host read, and no N×N matrix (per-group sums instead).
     """
+    return collapse_stats_counted(features, groups, mask, num_groups)[0]
+
+
+def collapse_stats_counted(features: Tensor, groups: Tensor | None = None,
+                           mask: Tensor | None = None, num_groups: int | None = None
+                           ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """:func:`collapse_stats` and the counts behind it: ``(stats, rows, pairs)``, the selected
+    rows (``feature_std`` needs 2) and ordered pairs of selected rows of different images
+    (``mean_cosine`` needs 1), as device scalars."""
     z = F.normalize(features.detach().float(), dim=1)
     n, d = z.shape
-    groups = torch.arange(n, device=z.device) if groups is None else groups
-    other = groups[:, None] != groups[None, :]
-    if n < 2:
-        nan = z.new_tensor(float("nan"))
-        return {"feature_std": nan, "mean_cosine": nan}
-    sim = z @ z.T
-    mean_cos = (sim * other).sum() / other.sum().clamp_min(1)
-    return {"feature_std": std_of_l2_normalized(z) * d**0.5, "mean_cosine": mean_cos}
+    if groups is None:
+        groups, num_groups = torch.arange(n, device=z.device), n
+    elif num_groups is None:
+        num_groups = n
+    m = z.new_ones(n) if mask is None else mask.to(z.device).float()
+    rows = m.sum()
+    mz = z * m[:, None]
+    mean = mz.sum(0) / rows.clamp_min(1)
+    var = (((z - mean) ** 2) * m[:, None]).sum(0) / (rows - 1).clamp_min(1)
+    nan = z.new_tensor(float("nan"))
+    std = torch.where(rows >= 2, var.sqrt().mean() * d**0.5, nan)
+    # Σ over ordered pairs of different images of z_i·z_j = |Σ z|² − Σ_images |Σ_image z|²
+    group_sum = z.new_zeros(num_groups, d).index_add_(0, groups.to(z.device), mz)
+    group_rows = z.new_zeros(num_groups).index_add_(0, groups.to(z.device), m)
+    total = mz.sum(0)
+    pairs = rows * rows - (group_rows * group_rows).sum()
+    cos_sum = (total * total).sum() - (group_sum * group_sum).sum()
+    mean_cos = torch.where(pairs > 0, cos_sum / pairs.clamp_min(1), nan)
+    return {"feature_std": std, "mean_cosine": mean_cos}, rows, pairs
+
+
+class CollapseMonitor(nn.Module):
+    """:func:`collapse_stats` that keeps the last known values for steps where a monitor has
+    nothing to read (fewer than 2 selected rows, or none from 2 different images: e.g. a batch
+    whose pasted segments were all cropped away with ``background: ignore``).
+
+    Why a fallback and not NaN: health.collapse_message counts NaN as collapse (a diverged
+    encoder gives NaN features), so "nothing to read" must not look like NaN; skipping the key
+    would need a host read per step. NaN features still give NaN (rows were selected).
+    ``known`` says per monitor whether any training step had something to read;
+    :meth:`DensePretraining.final_stats` leaves out a monitor never known (absent = unknown for
+    collapse_message). Only training steps update the memory; buffers are non-persistent (the
+    task saves them in its checkpoint hooks).
+    """
+
+    KEYS = ("feature_std", "mean_cosine")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("last", torch.full((2,), float("nan")), persistent=False)
+        self.register_buffer("known", torch.zeros(2, dtype=torch.bool), persistent=False)
+
+    def forward(self, features: Tensor, groups: Tensor | None = None, mask: Tensor | None = None,
+                num_groups: int | None = None) -> dict[str, Tensor]:
+        stats, rows, pairs = collapse_stats_counted(features, groups, mask, num_groups)
+        ok = torch.stack([rows >= 2, pairs > 0]).to(self.known.device)
+        value = torch.stack([stats[k] for k in self.KEYS]).to(self.last)
+        value = torch.where(ok, value, self.last)
+        if self.training:
+            self.last.copy_(value)
+            self.known |= ok
+        return dict(zip(self.KEYS, value.unbind()))
+
+    def state(self) -> dict[str, list]:
+        return {"last": self.last.tolist(), "known": self.known.tolist()}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.last.copy_(torch.tensor(state["last"], dtype=self.last.dtype))
+            self.known.copy_(torch.tensor(state["known"], dtype=torch.bool))
 
 
 def dense_cells(dense: Tensor, step: int = 2) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,8 @@ def collapse_message(metrics: dict) -> str | None:
     std, cos = final.get("feature_std"), final.get("mean_cosine")
     problems = []
     # written as "not healthy" so a NaN monitor (diverged features) counts as collapse; an
-    # absent one (older metrics) is unknown, not collapse
+    # absent one (older metrics, or a run whose objective never had 2 images' queries to
+    # compare: DensePretraining.final_stats) is unknown, not collapse
     if std is not None and not std >= MIN_FEATURE_STD:
         problems.append(f"feature_std {std:.3f} < {MIN_FEATURE_STD}")
     if cos is not None and not cos <= MAX_MEAN_COSINE:
@@ -35,22 +36,31 @@ def collapse_message(metrics: dict) -> str | None:
             "feature; try a lower learning rate, a larger queue or more augmentation")
 
 
-#: fewer dense query cells per image than this in the last step: the dense objective barely trains
+#: fewer dense query cells per image than this (on average over the run; in the last step for
+#: an older metrics.json): the dense objective barely trains
 MIN_DENSE_CELLS_PER_IMAGE = 1.0
 
 
 def sparse_dense_message(metrics: dict) -> str | None:
     """A note when the dense objective had almost no query cells (valid, taking part) per
-    image in the last step, e.g. thin pasted segments with ``loss.background: ignore`` at small
-    views: the encoder is then trained by the other objectives, not the dense one."""
-    final = metrics.get("final", {})
-    cells, pairs, steps = final.get("dense_pairs"), metrics.get("pairs"), metrics.get("steps")
-    if cells is None or not pairs or not steps:
-        return None
-    per_image = cells / (pairs / steps / max(metrics.get("world_size", 1), 1))
+    image, e.g. thin pasted segments with ``loss.background: ignore`` at small views: the
+    encoder is then trained by the other objectives, not the dense one.
+
+    Reads ``dense_query_cells_per_image``, the mean over every image of the run (pretraining
+    writes it at the top level of metrics.json); an older metrics.json has only the last
+    step's ``final.dense_pairs``, one step that can be far from the run's mean."""
+    per_image = metrics.get("dense_query_cells_per_image")
+    when = "on average over the run"
+    if per_image is None:
+        final = metrics.get("final", {})
+        cells, pairs, steps = final.get("dense_pairs"), metrics.get("pairs"), metrics.get("steps")
+        if cells is None or not pairs or not steps:
+            return None
+        per_image = cells / (pairs / steps / max(metrics.get("world_size", 1), 1))
+        when = "in the last step"
     if per_image >= MIN_DENSE_CELLS_PER_IMAGE:
         return None
-    return (f"the dense objective had {per_image:.2f} query cells per image in the last step "
+    return (f"the dense objective had {per_image:.2f} query cells per image {when} "
             f"(< {MIN_DENSE_CELLS_PER_IMAGE:g}): it barely trains. Cells count only where the "
             "correspondence is exact and, with loss.background: ignore, on pasted segments; "
             "larger views (augment.view_size) or pastes (pairs.options.scale_range) give more")

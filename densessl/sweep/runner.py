@@ -183,7 +183,8 @@ def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
             metrics[f"gap/{rest}"] = value - other
     pretrain_metrics = json.loads((cell_dir / "pretrain" / "metrics.json").read_text())
     metrics.update(flatten_results(pretrain_metrics.get("final", {}), "pretrain/"))
-    metrics["pretrain/pairs_per_s"] = float(pretrain_metrics.get("pairs_per_s", float("nan")))
+    for key in ("pairs_per_s", "dense_query_cells_per_image"):  # run-level figures
+        metrics[f"pretrain/{key}"] = float(pretrain_metrics.get(key, float("nan")))
     return metrics
 
 

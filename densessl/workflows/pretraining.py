@@ -324,6 +324,8 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
             "max_steps": t.max_steps,
             "resumed_from_step": monitor.start_step,
             "final": task.final_stats(),
+            # whole-run figures (the resumed steps' too), e.g. dense_query_cells_per_image
+            **task.run_stats(),
             **stats,
             "nonfinite_steps_skipped": guard.skipped,
             "init_weights": start_record,  # what the backbone started from (model.init_weights)
