@@ -243,12 +243,14 @@ class LossConfig(Section):
     box_jitter_levels: Literal["coarsest", "all"] = Field(
         "coarsest", description="with roi_levels: all, the levels that pool the jittered query "
         "box: coarsest (p5 only, InsLoc) or all; the others pool the true box")
-    robust: Literal["none", "rince", "truncate"] = Field(
+    robust: Literal["none", "rince", "truncate", "rank"] = Field(
         "none", description="robust positives in the dense and instance InfoNCE "
         "(densessl.losses.robust): none = InfoNCE; rince = Robust InfoNCE (Chuang et al., "
         "CVPR 2022), -e^(q s+)/q + (lambda (e^(s+) + sum e^(s-)))^q/q with s = cos/T; "
         "truncate = loss truncation (Kang & Hashimoto 2020): drop the truncate_fraction of "
-        "query cells / boxes with the lowest positive similarity in the batch")
+        "query cells / boxes with the lowest positive similarity in the batch; rank = drop the "
+        "queries whose positive is beaten by more than rank_threshold of their own allowed "
+        "negatives (scale-free, follows the noise present)")
     rince_q: float = Field(0.5, gt=0, le=1, description="RINCE q in (0, 1]: -> 0 is InfoNCE, "
                            "1 the most robust (down-weights dissimilar positives most)")
     rince_lambda: float = Field(0.01, gt=0, le=1, description="RINCE lambda in (0, 1]: weight "
@@ -257,7 +259,11 @@ class LossConfig(Section):
                                      "[0, 1) of the batch's weighted queries dropped once "
                                      "warmed up")
     truncate_warmup_steps: int = Field(0, ge=0, description="truncate: steps over which the "
-                                       "dropped fraction ramps linearly from 0 (0: at once)")
+                                       "dropped fraction ramps linearly from 0 (0: at once); "
+                                       "rank: the threshold ramps from 1 down to rank_threshold")
+    rank_threshold: float = Field(0.5, gt=0, lt=1, description="rank: a query cell / box gets "
+                                  "weight 0 when more than this fraction of its allowed "
+                                  "negatives are more similar to it than its positive")
 
     @model_validator(mode="after")
     def _instance_options(self):

@@ -10,6 +10,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -110,12 +111,16 @@ class NegativeTerm(NamedTuple):
 
     ``lse``: N, ``log Σ exp(q·k/T)`` over the allowed negatives (≈ ``MASKED_LOGIT`` if none);
     ``cos_sum``, ``count``: detached sums of the allowed cosines and their number over the
-    weighted queries (for the ``neg_cos`` monitor).
+    weighted queries (for the ``neg_cos`` monitor); ``rank_counts``: given the N positive
+    cosines, ``(above N, allowed N)`` — per query, how many allowed negatives of this group are
+    strictly more similar than the positive, and how many are allowed (``loss.robust: rank``;
+    called only then, so the other objectives pay nothing for it).
     """
 
     lse: Tensor
     cos_sum: Tensor
     count: Tensor
+    rank_counts: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
 
 def _float32(device: torch.device):
@@ -176,6 +181,23 @@ class _GroupedLogSumExp(torch.autograd.Function):
 _CPU_BLOCK = 2**20
 
 
+def _count_above(query: Tensor, keys: Tensor, pos_cos: Tensor, allowed: Tensor,
+                 groups: int = 1) -> Tensor:
+    """Per query and group of ``M / groups`` columns, the number of allowed keys with
+    ``q·k > pos_cos``: query N×D, keys M×D, pos_cos N, allowed bool broadcastable to N×M →
+    N×groups float. No autograd; on a CPU in blocks of rows like :class:`_GroupedLogSumExp`."""
+    n, m = query.shape[0], keys.shape[0]
+    rows = n if query.device.type != "cpu" else max(1, _CPU_BLOCK // max(m, 1))
+    out = query.new_zeros(n, groups, dtype=torch.float32)
+    allowed = allowed.expand(n, m)
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            block = slice(start, start + rows)
+            above = (query[block] @ keys.T > pos_cos[block, None]) & allowed[block]
+            out[block] = above.reshape(-1, groups, m // groups).sum(dim=2).float()
+    return out
+
+
 def grouped_logsumexp(query: Tensor, keys: Tensor, bias: Tensor, temperature: float,
                       groups: int = 1) -> Tensor:
     """``logsumexp`` of ``bias + query @ keys.T / T`` over each of ``groups`` equal column
@@ -200,8 +222,10 @@ def ring_negatives(query: Tensor, keys: Tensor, key_valid: Tensor, ring_allowed:
     r, k, dim = keys.shape
     if k == 0:  # queue of size 0: nothing to add (shapes are static, no sync)
         zero = query.new_zeros((), dtype=torch.float32)
+        none = query.new_zeros(query.shape[0], dtype=torch.float32)
         return NegativeTerm(query.new_full((query.shape[0],), MASKED_LOGIT,
-                                           dtype=torch.float32), zero, zero)
+                                           dtype=torch.float32), zero, zero,
+                            lambda pos_cos: (none, none))
     with _float32(query.device):
         query, keys = query.float(), keys.float()
         bias = torch.where(key_valid, 0.0, MASKED_LOGIT).reshape(1, r * k)
@@ -214,7 +238,16 @@ def ring_negatives(query: Tensor, keys: Tensor, key_valid: Tensor, ring_allowed:
             use = ring_allowed.float() * weight[:, None]
             cos_sum = (query.detach() @ ring_sum.T * use).sum()
             count = (use * valid.sum(1)[None]).sum()
-    return NegativeTerm(lse, cos_sum, count)
+    flat_keys, flat_valid = keys.detach().reshape(r * k, dim), key_valid.reshape(1, r * k)
+    query_d = query.detach()
+
+    def rank_counts(pos_cos: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            rings = ring_allowed.float()
+            above = (_count_above(query_d, flat_keys, pos_cos, flat_valid, r) * rings).sum(1)
+            return above, rings @ key_valid.float().sum(1)
+
+    return NegativeTerm(lse, cos_sum, count, rank_counts)
 
 
 def pairwise_negatives(query: Tensor, keys: Tensor, allowed: Tensor, temperature: float,
@@ -233,7 +266,14 @@ def pairwise_negatives(query: Tensor, keys: Tensor, allowed: Tensor, temperature
             use = allowed.float() * weight[:, None]
             cos_sum = (query.detach() * (use @ keys.detach())).sum()
             count = use.sum()
-    return NegativeTerm(lse, cos_sum, count)
+    query_d, keys_d = query.detach(), keys.detach()
+
+    def rank_counts(pos_cos: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return (_count_above(query_d, keys_d, pos_cos, allowed)[:, 0],
+                    allowed.float().sum(1))
+
+    return NegativeTerm(lse, cos_sum, count, rank_counts)
 
 
 def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm],
@@ -248,9 +288,11 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
         weight: N float (default all 1): each query's share of the mean; 0 drops padding rows
             kept so shapes do not depend on data. With nothing weighted the loss is a zero
             still connected to ``query``.
-        robust: optional robust positives (:mod:`densessl.losses.robust`: RINCE or loss
-            truncation), built from the same positive logit and total log-sum-exp.
-        step: the training step (host int), for the truncation warm-up.
+        robust: optional robust positives (:mod:`densessl.losses.robust`: RINCE, loss
+            truncation, or the positive's rank), built from the same positive logit and total
+            log-sum-exp; ``rank`` also from each term's ``rank_counts`` (the positive's rank
+            among exactly the negatives each term lets into the log-sum-exp).
+        step: the training step (host int), for the truncation / rank warm-up.
         pair_weight: optional N float, a factor on each query's term that is *not* part of
             the mean's denominator: ``Σ w·p·ℓ / max(Σ w, 1)`` with ``w`` the (robust) weight
             and ``p`` this factor, so a pair with weight 0.5 pulls (and pushes) half as hard
@@ -268,11 +310,21 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
         weight = query.new_ones(query.shape[0], dtype=torch.float32)
     weight = weight.float()
     with _float32(query.device):
-        pos = (query.float() * positive.float()).sum(dim=1) / temperature
+        pos_cos = (query.float() * positive.float()).sum(dim=1)
+        pos = pos_cos / temperature
         lse = torch.stack([pos, *(t.lse for t in terms)], dim=1).logsumexp(dim=1)
         total = weight.sum()
         if robust is not None and robust.enabled:
-            per_query, mean_weight, down = robust_loss_terms(pos, lse, weight, robust, step)
+            rank = None
+            if robust.kind == "rank":
+                if any(t.rank_counts is None for t in terms):
+                    raise ValueError("loss.robust rank needs every negative term's "
+                                     "rank_counts (from ring_negatives / pairwise_negatives)")
+                counts = [t.rank_counts(pos_cos.detach()) for t in terms]
+                zero = pos.new_zeros(pos.shape, dtype=torch.float32).detach()
+                rank = (sum((c[0] for c in counts), zero), sum((c[1] for c in counts), zero))
+            per_query, mean_weight, down = robust_loss_terms(pos, lse, weight, robust, step,
+                                                             rank)
         else:
             per_query, mean_weight, down = lse - pos, weight, None
         scaled = mean_weight if pair_weight is None else mean_weight * pair_weight.float()

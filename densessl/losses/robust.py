@@ -21,14 +21,30 @@ log-sum-exp over the positive and every allowed negative, ``lse = log(e^{s⁺} +
   positive alone, so a query is not dropped for having hard negatives. The fraction is ramped
   in linearly over ``truncate_warmup_steps`` (their "hot start": a random encoder's
   similarities say nothing about which pairs are wrong).
+* ``rank`` — the positive's rank among the query's *own* allowed negatives (issue #26): a
+  query gets weight 0 when the fraction of its allowed negatives (queue and batch, the very
+  logits of its InfoNCE; masked ones — same image, same-class ring, unwritten queue slots —
+  never count) that are more similar to it than its positive is above ``rank_threshold``. The
+  threshold is ramped in over ``truncate_warmup_steps`` from 1 (nothing dropped) down to
+  ``rank_threshold``.
+
+  Why a threshold on a relative rank rather than truncation's batch-wide similarity: a raw
+  similarity (or loss) mixes "this query is hard" (a textured cell, far from everything, whose
+  correct positive is far too) with "this positive is wrong"; the rank against the query's own
+  negatives is scale-free and cancels the query's difficulty. A wrong positive (a cell of
+  another image) is distributed like one more negative, so its rank fraction is about uniform
+  on [0, 1], while a learned correct positive sits near 0: a threshold drops what looks like a
+  random negative, and how many are dropped follows the noise actually present (few on clean
+  data), where a fixed fraction drops ``truncate_fraction`` of the cells whatever the noise.
 
 "Down-weighted" queries, for the ``robust_fraction`` monitor and the precision / recall against
-the benchmark's true noise: ``truncate`` — the dropped ones; ``rince`` — those whose relative
-positive-gradient weight ``e^{q·s⁺}`` is below half its weighted batch mean (half the pull of
-an average query).
+the benchmark's true noise: ``truncate`` and ``rank`` — the dropped ones; ``rince`` — those
+whose relative positive-gradient weight ``e^{q·s⁺}`` is below half its weighted batch mean
+(half the pull of an average query).
 
 Nothing here reads a tensor on the host: the truncation threshold is a rank from one sort with
-a tensor count, so shapes never depend on data.
+a tensor count, the rank criterion a comparison of per-query counts, so shapes never depend on
+data.
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-ROBUST_KINDS = ("none", "rince", "truncate")
+ROBUST_KINDS = ("none", "rince", "truncate", "rank")
 
 #: rince: a query is counted as down-weighted when its ``e^{q·s⁺}`` is below this share of the
 #: weighted batch mean
@@ -51,14 +67,17 @@ class RobustPositives:
     """Which robust form to use, with its parameters (``loss.robust`` and friends).
 
     Args:
-        kind: ``none`` (InfoNCE), ``rince`` or ``truncate``.
+        kind: ``none`` (InfoNCE), ``rince``, ``truncate`` or ``rank``.
         rince_q: RINCE's q in (0, 1]; → 0 is InfoNCE, 1 is the most robust (the paper uses
             0.1–0.5 with negatives, 1 is its "symmetric" limit).
         rince_lambda: RINCE's λ in (0, 1], the weight of the negatives' density (paper:
             0.01–0.025 for ImageNet-scale queues); 0 would be negative-free and is not offered
             (without a predictor it collapses).
         truncate_fraction: fraction in [0, 1) of weighted queries dropped once warmed up.
-        truncate_warmup_steps: steps over which the dropped fraction ramps linearly from 0.
+        truncate_warmup_steps: steps over which the dropped fraction ramps linearly from 0
+            (``truncate``), or the rank threshold down from 1 (``rank``).
+        rank_threshold: ``rank``: a query is dropped once more than this fraction in (0, 1) of
+            its allowed negatives are more similar to it than its positive.
     """
 
     kind: str = "none"
@@ -66,6 +85,7 @@ class RobustPositives:
     rince_lambda: float = 0.01
     truncate_fraction: float = 0.1
     truncate_warmup_steps: int = 0
+    rank_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if self.kind not in ROBUST_KINDS:
@@ -78,6 +98,8 @@ class RobustPositives:
         if not 0.0 <= self.truncate_fraction < 1.0:
             raise ValueError(f"truncate_fraction must be in [0, 1), got "
                              f"{self.truncate_fraction}")
+        if not 0.0 < self.rank_threshold < 1.0:
+            raise ValueError(f"rank_threshold must be in (0, 1), got {self.rank_threshold}")
         if self.truncate_warmup_steps < 0:
             raise ValueError(f"truncate_warmup_steps must be >= 0, got "
                              f"{self.truncate_warmup_steps}")
@@ -100,6 +122,23 @@ def truncation_fraction_at(step: int, fraction: float, warmup_steps: int) -> flo
     if warmup_steps <= 0:
         return float(fraction)
     return float(fraction) * min(1.0, max(int(step), 0) / warmup_steps)
+
+
+def rank_threshold_at(step: int, threshold: float, warmup_steps: int) -> float:
+    """Rank threshold at ``step`` (0-based): ``1 − (1 − threshold) · min(1, step /
+    warmup_steps)``, ``threshold`` from the start when ``warmup_steps`` is 0. At 1 nothing is
+    dropped (a fraction never exceeds 1). A host int, no device read."""
+    if warmup_steps <= 0:
+        return float(threshold)
+    return 1.0 - (1.0 - float(threshold)) * min(1.0, max(int(step), 0) / warmup_steps)
+
+
+def rank_mask(above: Tensor, allowed: Tensor, weight: Tensor, threshold: float) -> Tensor:
+    """True where ``above / allowed > threshold``: ``above`` (N) counts the allowed negatives
+    strictly more similar to the query than its positive, ``allowed`` (N) all its allowed
+    negatives. Never True where ``weight`` is 0 or a query has no allowed negative."""
+    fraction = above.float() / allowed.float().clamp_min(1.0)
+    return (fraction > threshold) & (allowed > 0) & (weight > 0)
 
 
 def truncation_mask(pos: Tensor, weight: Tensor, fraction: float) -> Tensor:
@@ -133,14 +172,17 @@ def rince_down_mask(pos: Tensor, weight: Tensor, q: float) -> Tensor:
 
 
 def robust_loss_terms(pos: Tensor, lse: Tensor, weight: Tensor, robust: RobustPositives,
-                      step: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                      step: int = 0, rank: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-query loss, the weights that average it, and the down-weighted queries.
 
     Args:
         pos: N positive logits ``s⁺``; lse: N log-sum-exps over positive and negatives.
         weight: N float, 0 for padding rows.
         robust: the form and its parameters.
-        step: the training step (host int), for the truncation warm-up.
+        step: the training step (host int), for the truncation / rank warm-up.
+        rank: ``rank`` only: ``(above N, allowed N)``, the per-query counts of allowed
+            negatives more similar than the positive and of all allowed negatives.
 
     Returns:
         ``(per_query N, mean_weight N, down N bool)``: the loss is
@@ -154,5 +196,11 @@ def robust_loss_terms(pos: Tensor, lse: Tensor, weight: Tensor, robust: RobustPo
         fraction = truncation_fraction_at(step, robust.truncate_fraction,
                                           robust.truncate_warmup_steps)
         down = truncation_mask(pos, weight, fraction)
+        return per_query, weight.masked_fill(down, 0.0), down
+    if robust.kind == "rank":
+        if rank is None:
+            raise ValueError("robust kind rank needs the per-query negative counts (rank=)")
+        threshold = rank_threshold_at(step, robust.rank_threshold, robust.truncate_warmup_steps)
+        down = rank_mask(*rank, weight, threshold)
         return per_query, weight.masked_fill(down, 0.0), down
     return per_query, weight, torch.zeros_like(weight, dtype=torch.bool)

@@ -90,7 +90,8 @@ class DensePretraining(pl.LightningModule):
                                           cell_alignment=encoder.cell_alignment)
         loss = recipe.loss
         robust = RobustPositives(loss.robust, loss.rince_q, loss.rince_lambda,
-                                 loss.truncate_fraction, loss.truncate_warmup_steps)
+                                 loss.truncate_fraction, loss.truncate_warmup_steps,
+                                 rank_threshold=loss.rank_threshold)
         # run totals of (down-weighted cells of noisy pairs, down-weighted cells, cells of
         # noisy pairs, down-weighted wrong cells, wrong cells): the precision / recall monitor
         # against the benchmark's true noise, per pair and per cell
