@@ -45,8 +45,16 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     from densessl.workflows.experiment import finetune
 
+    controls: dict[str, list[str]] = {}
+    for item in args.control or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DensesslError(f"--control {item!r}: expected NAME=encoder.pt (a name of "
+                                "finetune.controls)")
+        controls.setdefault(name, []).append(path)
     finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set,
-             label_free_weights=args.label_free_weights, force=args.force)
+             label_free_weights=args.label_free_weights, control_weights=controls,
+             force=args.force)
     print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png")
     return 0
 
@@ -244,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder.pt (the 'pretrained' init); several: one per seed")
     p.add_argument("--label-free-weights", default=None, nargs="+",
                    help="encoder.pt of the label-free control (the 'label_free' init)")
+    p.add_argument("--control", action="append", metavar="NAME=ENCODER",
+                   help="encoder.pt of control NAME of finetune.controls; repeat for one per "
+                   "seed or for several controls")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true",
                    help="fine-tune even from a collapsed or non-finite encoder")

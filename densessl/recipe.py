@@ -352,6 +352,92 @@ class FinetuneAugment(Section):
         return v
 
 
+#: metrics ``finetune.primary`` may name: dense tasks (segmentation, linear_probe) and detection
+DENSE_METRICS = ("mIoU", "fg_mIoU")
+DETECTION_METRICS = ("box_AP50", "box_mAP", "box_AP75", "box_AR100", "mask_mAP")
+
+
+def task_key(task: str, arch: str | None, fraction: float) -> str:
+    """A fine-tuning configuration's name in results.json, e.g. ``segmentation/fpn@10%``
+    (:func:`densessl.eval.finetune.task_runs`)."""
+    return f"{task}{'/' + arch if arch else ''}@{100 * fraction:g}%"
+
+
+def split_task_key(key: str) -> tuple[str, float]:
+    """``segmentation/fpn@10%`` → (``segmentation/fpn``, 10.0); no ``@``: 100 %."""
+    base, _, pct = key.partition("@")
+    return base, float(pct.rstrip("%")) if pct else 100.0
+
+
+def resolve_primary(spec: str | None, keys: list[str]) -> tuple[str, str]:
+    """(task key, metric) that ``finetune.primary`` names among the task ``keys``.
+
+    ``spec`` is ``TASK[/ARCH][@PCT%][/METRIC]``, e.g. ``linear_probe/mIoU``,
+    ``segmentation/fpn@10%/mIoU``, ``detection/faster_rcnn/box_AP50``. No arch: the task's first;
+    no fraction: the largest listed (100 % when listed); no metric: mIoU (box_AP50 for
+    detection). None: the first linear probe, else the first task, so resolved. Raises
+    ValueError naming the valid choices."""
+    if not keys:
+        raise ValueError("no fine-tuning tasks")
+    bases = list(dict.fromkeys(split_task_key(k)[0] for k in keys))
+    fractions = {b: [split_task_key(k)[1] for k in keys if split_task_key(k)[0] == b]
+                 for b in bases}
+    pcts = sorted({p for ps in fractions.values() for p in ps})
+    valid = (f"valid: {', '.join(bases)}, each optionally @<fraction> of "
+             f"{', '.join(f'{p:g}%' for p in pcts)} (default: the largest), then /<metric>: "
+             f"{', '.join(DENSE_METRICS)} (detection: {', '.join(DETECTION_METRICS)}), e.g. "
+             f"{bases[0]}/{_default_metric(bases[0])}")
+    pct = metric = None
+    if spec is None:
+        base = next((b for b in bases if b.startswith("linear_probe")), bases[0])
+    else:
+        parts = spec.split("/")
+        names = []
+        for part in parts:
+            name, at, text = part.partition("@")
+            if at:
+                if pct is not None or not text.endswith("%"):
+                    raise ValueError(f"{spec!r}: write the fraction once, as @<percent>% "
+                                     f"after the task; {valid}")
+                try:
+                    pct = float(text[:-1])
+                except ValueError:
+                    raise ValueError(f"{spec!r}: {text!r} is not a percentage; {valid}") from None
+            names.append(name)
+        if "/".join(names[:2]) in bases:
+            base, rest = "/".join(names[:2]), names[2:]
+        elif names[0] in bases:
+            base, rest = names[0], names[1:]
+        else:  # no arch named: the task's first one
+            base = next((b for b in bases if b.split("/")[0] == names[0]), None)
+            rest = names[1:]
+            if base is None or len(rest) > 1:
+                raise ValueError(f"{spec!r}: no task {'/'.join(names[:2])!r}; {valid}")
+        if len(rest) > 1 or (rest and "@" in parts[-1]):
+            raise ValueError(f"{spec!r}: expected TASK[/ARCH][@PCT%][/METRIC]; {valid}")
+        metric = rest[0] if rest else None
+    if metric is None:
+        metric = _default_metric(base)
+    allowed = DETECTION_METRICS if base.startswith("detection") else DENSE_METRICS
+    if metric not in allowed or (metric == "mask_mAP" and "mask_rcnn" not in base):
+        raise ValueError(f"{spec!r}: {base} has no metric {metric!r}; {valid}")
+    if pct is None:
+        pct = max(fractions[base])
+    match = [k for k in keys if split_task_key(k)[0] == base and
+             abs(split_task_key(k)[1] - pct) < 1e-9]
+    if not match:
+        raise ValueError(f"{spec!r}: {base} is not run at {pct:g}%; {valid}")
+    return match[0], metric
+
+
+def _default_metric(base: str) -> str:
+    return "box_AP50" if base.startswith("detection") else "mIoU"
+
+
+#: the inits finetune.inits may name besides finetune.controls
+BUILTIN_INITS = ("pretrained", "label_free", "random", "supervised", "imagenet")
+
+
 class FinetuneConfig(Section):
     """Downstream evaluation (``densessl finetune`` / ``densessl run``), see densessl/eval."""
 
@@ -368,19 +454,31 @@ class FinetuneConfig(Section):
     tasks: list[Literal["segmentation", "detection", "linear_probe"]] = ["segmentation"]
     segmentation_archs: list[Literal["unet", "fpn", "deeplabv3plus"]] = ["fpn"]
     detection_archs: list[Literal["faster_rcnn", "mask_rcnn"]] = ["faster_rcnn"]
-    inits: list[Literal["pretrained", "label_free", "random", "supervised", "imagenet"]] = Field(
+    inits: list[str] = Field(
         ["pretrained", "random"], description="encoders compared: pretrained (this recipe), "
         "label_free (the same pretraining with label_free_set applied: the control that reads "
         "no class labels), random, supervised (the ceiling), imagenet (torchvision / timm "
         "ImageNet weights, read offline from model.weights_file or the torch hub / Hugging "
-        "Face cache: the encoder a practitioner would otherwise start from)")
+        "Face cache: the encoder a practitioner would otherwise start from), or the name of "
+        "one of finetune.controls")
     label_free_set: dict[str, Any] = Field(
         {"loss.queue": "single"}, description="dotted recipe overrides that turn this "
         "pretraining into the label-free control (same budget, no class labels)")
+    controls: dict[str, dict[str, Any]] = Field(
+        {}, description="named pretraining controls: NAME: {dotted.key: value, ...}; a NAME "
+        "listed in finetune.inits pretrains this recipe with those overrides (same budget, "
+        "same pretraining seeds) and is scored like pretrained, e.g. a control that reads no "
+        "masks and no class ids")
     pretrain_seeds: list[int] | None = Field(
         None, description="densessl run: pretrain once per seed (one seed, or as many as "
-        "finetune.seeds, zipped with them), so the spread covers pretraining runs; null: one "
+        "finetune.seeds, zipped with them; with one finetune.seed, that seed for every run), "
+        "so the std, intervals and paired differences cover pretraining runs; null: one "
         "pretraining at the recipe seed")
+    primary: str | None = Field(
+        None, description="the metric the protocol is judged on: TASK[/ARCH][@PCT%][/METRIC], "
+        "e.g. linear_probe/mIoU, segmentation/fpn@10%/mIoU, detection/faster_rcnn/box_AP50; no "
+        "fraction: the largest of label_fractions; null: the first linear probe, else the first "
+        "task, at the largest fraction")
     label_fractions: list[float] = [1.0]
     seeds: list[int] = [0]
     steps: int = Field(50, ge=1, description="optimiser steps per segmentation / probe run")
@@ -460,9 +558,26 @@ class FinetuneConfig(Section):
     @model_validator(mode="after")
     def _pretrain_seeds(self):
         n = self.pretrain_seeds
-        if n is not None and len(n) not in (1, len(self.seeds)):
+        if n is not None and len(n) not in (1, len(self.seeds)) and len(self.seeds) != 1:
             raise ValueError(f"finetune.pretrain_seeds: expected 1 seed or as many as "
-                             f"finetune.seeds ({len(self.seeds)}), got {len(n)}")
+                             f"finetune.seeds ({len(self.seeds)}), got {len(n)} (or give one "
+                             "finetune.seeds, used for every pretraining run)")
+        return self
+
+    def task_keys(self) -> list[str]:
+        """Every fine-tuning configuration's results.json name, in run order."""
+        archs = {"segmentation": self.segmentation_archs, "detection": self.detection_archs,
+                 "linear_probe": [None]}
+        return [task_key(task, arch, f) for f in self.label_fractions for task in self.tasks
+                for arch in archs[task]]
+
+    @model_validator(mode="after")
+    def _primary(self):
+        if self.primary is not None:
+            try:
+                resolve_primary(self.primary, self.task_keys())
+            except ValueError as exc:
+                raise ValueError(f"finetune.primary {exc}") from None
         return self
 
 
@@ -572,23 +687,50 @@ class Recipe(Section):
             uses.append("class ids (wrong_class noise)")
         return uses
 
-    @model_validator(mode="after")
-    def _label_free_control(self):
-        # finetune.inits: label_free pretrains this recipe with finetune.label_free_set applied;
-        # that control must itself be a valid recipe that reads no class ids
+    def control_overrides(self, name: str) -> tuple[dict[str, Any], str]:
+        """The dotted overrides of pretraining control ``name`` (``label_free`` or one of
+        ``finetune.controls``) and the key they come from."""
         cfg = self.finetune
+        if name == "label_free":
+            return cfg.label_free_set, "finetune.label_free_set"
+        return cfg.controls[name], f"finetune.controls.{name}"
+
+    def control_recipe(self, name: str) -> Recipe:
+        """This recipe with control ``name``'s overrides applied (same budget): what ``densessl
+        run`` pretrains for that init. The control fine-tunes nothing itself, so its own
+        controls are dropped."""
+        overrides, where = self.control_overrides(name)
+        data = apply_overrides(self.model_dump(mode="json", by_alias=True),
+                               [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+        data["finetune"]["inits"] = [i for i in data["finetune"]["inits"]
+                                     if i in BUILTIN_INITS and i != "label_free"] or ["random"]
+        data["finetune"]["controls"] = {}
+        try:
+            return parse_recipe(data, where)
+        except RecipeError as exc:
+            raise ValueError(f"{where} {overrides}: the control recipe is invalid "
+                             f"({exc})") from None
+
+    @model_validator(mode="after")
+    def _controls(self):
+        # every init is a built-in or a named control, and every control that runs is a valid
+        # recipe; label_free must also read no class ids
+        cfg = self.finetune
+        clash = sorted(set(cfg.controls) & set(BUILTIN_INITS))
+        if clash:
+            raise ValueError(f"finetune.controls: {clash} are built-in inits; name the control "
+                             "otherwise")
+        unknown = [i for i in cfg.inits if i not in BUILTIN_INITS and i not in cfg.controls]
+        if unknown:
+            raise ValueError(f"finetune.inits: {unknown} are neither built-in inits "
+                             f"({', '.join(BUILTIN_INITS)}) nor names of finetune.controls "
+                             f"({', '.join(cfg.controls) or 'none'})")
+        for name in cfg.inits:
+            if name in cfg.controls:
+                self.control_recipe(name)
         if "label_free" not in cfg.inits:
             return self
-        data = apply_overrides(self.model_dump(mode="json", by_alias=True),
-                               [f"{k}={json.dumps(v)}" for k, v in cfg.label_free_set.items()])
-        # the control's own label_free init is never run: do not build a control of it
-        data["finetune"]["inits"] = [i for i in data["finetune"]["inits"]
-                                     if i != "label_free"] or ["random"]
-        try:
-            control = parse_recipe(data, "finetune.label_free_set")
-        except RecipeError as exc:
-            raise ValueError(f"finetune.label_free_set {cfg.label_free_set}: the control "
-                             f"recipe is invalid ({exc})") from None
+        control = self.control_recipe("label_free")
         if control.class_id_uses():
             raise ValueError(f"finetune.label_free_set {cfg.label_free_set}: the control still "
                              f"reads {' + '.join(control.class_id_uses())}; set loss.queue: "

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from densessl.data.bad_samples import ReadSkips, report_bad
+from densessl.data.cache import cached_synthetic
 from densessl.data.decode import warn_if_tiny
 from densessl.data.pidray import PIDRAY_CLASSES, read_image
 from densessl.data.registry import register_inspector, register_source
@@ -117,7 +118,7 @@ class SIXray(Dataset):
     "boxes": N×4, "labels": N (PIDray class ids), "meta"}``.
 
     Args:
-        path: dataset root.
+        path: dataset root; None: the synthetic X-ray set's bags (below).
         subset: ``ImageSet/<subset>`` folder (e.g. ``10``, ``100``, ``1000``); None = the first
             one found; with no ``ImageSet`` every JPEG is used, labeled by its name prefix.
         split: ``train``, ``test`` or ``all``.
@@ -128,6 +129,8 @@ class SIXray(Dataset):
         verify_images: decode every image once at construction (finds truncated JPEGs).
         keep_uint8: 8-bit images stay uint8 0..255 (resized as uint8): cut-paste backgrounds
             travel to the device that way and are scaled there. 16-bit images stay float.
+        synthetic_n, dataset_seed, cache_dir: with ``path`` None, the synthetic X-ray set's
+            bags (chosen as in ``cut_paste``'s options).
     """
 
     classes = SIXRAY_CLASSES
@@ -136,9 +139,18 @@ class SIXray(Dataset):
                  split: Literal["train", "test", "all"] = "train",
                  which: Literal["negative", "positive", "all"] = "negative",
                  image_size: int = 96, channels: int = 3, skip_bad: bool = False,
-                 verify_images: bool = False, keep_uint8: bool = False) -> None:
+                 verify_images: bool = False, keep_uint8: bool = False,
+                 synthetic_n: int = 48, dataset_seed: int = 0,
+                 cache_dir: str | None = None) -> None:
         if path is None:
-            raise DataError("SIXray: the dataset root is required")
+            # the bags of the synthetic X-ray set (the ones cut_paste pastes on without a
+            # sixray_root): same-image pretraining on them reads no masks and no classes
+            from densessl.data.registry import SYNTHESIZERS
+
+            if "xray" not in SYNTHESIZERS:
+                raise DataError("SIXray: no root given and the synthetic X-ray set is not "
+                                "registered (import densessl.data)")
+            path = cached_synthetic("xray", synthetic_n, dataset_seed, cache_dir) / "sixray"
         if which not in ("negative", "positive", "all"):
             raise DataError(f"SIXray: which must be negative, positive or all, got {which!r}")
         self.root = Path(path)

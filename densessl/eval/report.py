@@ -1,5 +1,5 @@
 """Results: mean ± std over seeds, the floor, the ceiling and paired differences with their
-95 % intervals → results.json, a markdown table (printed) and a bar plot.
+95 % intervals → results.json, a markdown table (printed) and plots.
 
 ``results.json``::
 
@@ -9,20 +9,30 @@
                                                                "ci_low", "ci_high"}}},
                      "pretrained - imagenet": {...}},
      "protocol":   {"primary": "<task>/<metric>", "ceiling": "supervised",
-                    "discriminates": true | false | null, "warnings": [...],
+                    "discriminates": true | false | null, "tasks": {"<task>": verdict},
+                    "warnings": [...], "unit": "what the std and intervals cover",
                     "labels": {"<init>": "what labels it used"}}}
 
-``<metric>_std`` is the spread over the *fine-tuning / probe* seeds of one encoder (one
-pretraining run). A sweep's ``summary.csv`` (:mod:`densessl.sweep.report`) has it averaged over
-the sweep's seeds, next to ``<metric>:std``, the spread over those *sweep* seeds (pretraining
-runs); both come from :func:`mean_std`.
+``unit`` says what the std, the intervals and the pairs run over: ``"probe / fine-tuning seeds
+of one pretraining run (n=3)"``, or with ``finetune.pretrain_seeds`` ``"pretraining runs (n=5,
+each with its own probe / fine-tuning seed)"`` (the i-th run fine-tuned with the i-th seed).
+A sweep's ``summary.csv`` (:mod:`densessl.sweep.report`) has ``<metric>_std`` averaged over
+the sweep's seeds, next to ``<metric>:std``, the spread over those *sweep* seeds; both come
+from :func:`mean_std`.
 
 Task keys look like ``segmentation/fpn@10%`` (see :func:`densessl.eval.finetune.task_runs`).
 ``floor`` is what predicting the majority class everywhere (no box, for detection) scores,
 shaped like an init. A difference pairs the i-th seed of an init with the i-th seed of the
 random init; its interval is Student's t over those paired differences. With an ``imagenet``
 init, ``pretrained - imagenet`` (does domain pretraining beat starting from ImageNet?) follows,
-paired the same way (:data:`CONTRASTS`).
+paired the same way (:data:`CONTRASTS`). ``primary`` is ``finetune.primary`` resolved
+(:func:`densessl.recipe.resolve_primary`); every task key (each label fraction) has its own
+verdict in ``tasks``; ``discriminates`` is the primary's.
+
+``results.png``: one panel per evaluation split (metric prefix ``easy/`` ...), one group per
+task at its largest label fraction, the floor and the ceiling as lines, each other init's mean
+with its 95 % t-interval. ``label_efficiency.png`` (only when ``finetune.label_fractions`` has
+several): score against label fraction per task and split.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import numpy as np
 from scipy import stats
 
 from densessl.io import atomic_write, write_json, write_text
+from densessl.recipe import DETECTION_METRICS, resolve_primary, split_task_key
 
 HEADLINE = ("mIoU", "fg_mIoU", "box_mAP", "box_AP50", "box_AP75", "box_AR100", "mask_mAP")
 #: top-level keys of results.json that are not inits
@@ -72,6 +83,14 @@ def aggregate(raw: dict[str, dict[str, list[dict]]]) -> dict:
     return results
 
 
+def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """Half width of the Student-t interval of a mean of ``n`` values with sample std ``std``
+    (NaN under two values)."""
+    if n < 2 or not math.isfinite(std):
+        return math.nan
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+
+
 def paired_interval(a: list[float], b: list[float], confidence: float = CONFIDENCE
                     ) -> dict[str, float]:
     """Mean, sample std, count and the two-sided Student-t interval of ``a[i] − b[i]`` (pairs
@@ -83,8 +102,7 @@ def paired_interval(a: list[float], b: list[float], confidence: float = CONFIDEN
     n = len(d)
     mean = float(d.mean()) if n else math.nan
     std = float(d.std(ddof=1)) if n > 1 else math.nan
-    half = (float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-            if n > 1 else math.nan)
+    half = t_half_width(std, n, confidence)
     return {"mean": mean, "std": std, "n": n, "ci_low": mean - half, "ci_high": mean + half}
 
 
@@ -112,9 +130,19 @@ def paired_differences(raw: dict[str, dict[str, list[dict]]], baseline: str = BA
     return out
 
 
-def primary_task(tasks: list[str]) -> str | None:
-    """The task the protocol is judged on: the first linear probe, else the first task."""
-    return next((t for t in tasks if t.startswith("linear_probe")), tasks[0] if tasks else None)
+def primary_task(tasks: list[str], spec: str | None = None) -> str | None:
+    """The task key the protocol is judged on (:func:`densessl.recipe.resolve_primary`): by
+    default the first linear probe, else the first task, at its largest label fraction."""
+    return resolve_primary(spec, tasks)[0] if tasks else None
+
+
+def interval_unit(pretraining_runs: int, seeds: list[int]) -> str:
+    """What one value of the std and the intervals is, in words (``protocol.unit``)."""
+    if pretraining_runs > 1:
+        each = ("each with its own probe / fine-tuning seed" if len(set(seeds)) > 1
+                else f"probe / fine-tuning seed {seeds[0]} for each")
+        return f"pretraining runs (n={pretraining_runs}, {each})"
+    return f"probe / fine-tuning seeds of one pretraining run (n={len(seeds)})"
 
 
 #: detection's floor is 0 AP, so its ceiling must clear an absolute bar instead: a supervised
@@ -152,15 +180,15 @@ def _task_check(results: dict, task: str, metric: str) -> tuple[bool | None, lis
     return (bool(keys) and not warnings), warnings
 
 
-def protocol_check(results: dict, metric: str = "mIoU") -> dict:
-    """Can the protocol tell inits apart? Per task: a segmentation task or the probe cannot
-    when the ceiling (the supervised init) scores under twice the floor on ``metric``, on any
-    evaluation split; detection cannot when the ceiling's AP50 is under
-    :data:`DETECTION_AP50_BAR`. ``discriminates`` is the primary task's verdict."""
+def protocol_check(results: dict, metric: str = "mIoU", primary: str | None = None) -> dict:
+    """Can the protocol tell inits apart? Per task key (each label fraction on its own): a
+    segmentation task or the probe cannot when the ceiling (the supervised init) scores under
+    twice the floor on ``metric``, on any evaluation split; detection cannot when the
+    ceiling's AP50 is under :data:`DETECTION_AP50_BAR`. ``discriminates`` is the verdict of
+    the ``primary`` task (``finetune.primary``; None: the default rule of
+    :func:`densessl.recipe.resolve_primary`)."""
     tasks = list(dict.fromkeys(t for i in inits_of(results) for t in results[i]))
-    task = primary_task(tasks)
-    # detection is judged on AP50 against an absolute bar, not on a floor's mIoU
-    primary_metric = "box_AP50" if task and task.startswith("detection") else metric
+    task, primary_metric = resolve_primary(primary, tasks) if tasks else (None, None)
     check: dict = {"primary": f"{task}/{primary_metric}" if task else None, "ceiling": CEILING,
                    "discriminates": None, "warnings": [], "tasks": {}}
     for name in tasks:
@@ -176,8 +204,11 @@ def protocol_check(results: dict, metric: str = "mIoU") -> dict:
 
 def build_results(raw: dict[str, dict[str, list[dict]]],
                   floor: dict[str, list[dict]] | None = None,
-                  labels: dict[str, str] | None = None) -> dict:
-    """Everything results.json holds (see the module docstring) from per-seed runs."""
+                  labels: dict[str, str] | None = None, primary: str | None = None,
+                  unit: str | None = None) -> dict:
+    """Everything results.json holds (see the module docstring) from per-seed runs;
+    ``primary``: ``finetune.primary``; ``unit``: :func:`interval_unit` (default: the seeds of
+    one pretraining run)."""
     results = aggregate({FLOOR: floor} if floor else {})
     results.update(aggregate(raw))
     results["differences"] = paired_differences(raw)
@@ -185,7 +216,10 @@ def build_results(raw: dict[str, dict[str, list[dict]]],
         if init in raw and baseline in raw:
             results["differences"].update(paired_differences(
                 {init: raw[init], baseline: raw[baseline]}, baseline))
-    results["protocol"] = {**protocol_check(results), "labels": dict(labels or {})}
+    n = max((len(runs) for tasks in raw.values() for runs in tasks.values()), default=0)
+    results["protocol"] = {**protocol_check(results, primary=primary),
+                           "unit": unit or interval_unit(1, list(range(n))),
+                           "labels": dict(labels or {})}
     return results
 
 
@@ -229,6 +263,8 @@ def results_table(results: dict) -> str:
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     protocol = results.get("protocol", {})
     notes = []
+    if protocol.get("unit"):
+        notes.append(f"± std and {100 * CONFIDENCE:g} % CI over {protocol['unit']}")
     if protocol.get("primary"):
         bar = (f"AP50 ≥ {100 * DETECTION_AP50_BAR:.0f}"
                if protocol["primary"].endswith("box_AP50") else "≥ 2 × floor")
@@ -236,6 +272,12 @@ def results_table(results: dict) -> str:
                    False: f"ceiling not {bar}: it cannot discriminate at this budget",
                    None: "no floor or ceiling to judge it by"}[protocol.get("discriminates")]
         notes.append(f"primary metric: {protocol['primary']} ({verdict})")
+    if len(protocol.get("tasks", {})) > 1:  # each task and label fraction on its own
+        primary = protocol.get("primary", "") or ""
+        notes.append("floor / ceiling check per task: " + "; ".join(
+            f"{t}{' (primary)' if primary.startswith(t + '/') else ''}: "
+            f"{'discriminates' if ok else 'cannot discriminate'}"
+            for t, ok in protocol["tasks"].items()))
     if FLOOR in results:
         notes.append("floor: the majority class at every pixel (no box for detection)")
     if protocol.get("labels"):
@@ -249,44 +291,179 @@ def results_table(results: dict) -> str:
     return text
 
 
-def plot_results(results: dict, path: str | Path) -> Path:
-    """Grouped bars (one group per task × headline metric, one bar per init), seed std as
-    error bars. Written atomically."""
-    import matplotlib
+def _split_of(metric: str) -> str:
+    return metric.rsplit("/", 1)[0] if "/" in metric else ""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot_metric(task: str, primary: str | None) -> str:
+    """The metric a task is plotted on: the primary's where it applies (its own task, or one
+    of the same kind), else mIoU (box_AP50 for detection)."""
+    detection = task.startswith("detection")
+    if primary:
+        key, metric = primary.rsplit("/", 1)
+        if key == task or (metric in DETECTION_METRICS) == detection:
+            if metric != "mask_mAP" or "mask_rcnn" in task:
+                return metric
+    return "box_AP50" if detection else "mIoU"
+
+
+def _cell(results: dict, init: str, task: str, metric: str) -> tuple[float, float]:
+    """(mean, 95 % half width) of one init's metric, NaN when absent or from one seed."""
+    cell = results.get(init, {}).get(task, {})
+    mean = cell.get(metric, math.nan)
+    return mean, t_half_width(cell.get(metric + "_std", math.nan), cell.get("n_seeds", 1))
+
+
+def _grid(n_panels: int, panel_width: float, title: str):
+    from matplotlib.figure import Figure
+
+    cols = min(3, n_panels)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(cols * panel_width, rows * 3.4 + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        fig.delaxes(ax)
+    fig.suptitle(title, fontsize=10)
+    return fig, list(axes[:n_panels])
+
+
+def _legend(fig, axes) -> None:
+    handles: dict = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncol=min(6, len(handles)), fontsize=8)
+
+
+def _splits(results: dict, inits: list[str]) -> list[str]:
+    return list(dict.fromkeys(_split_of(m) for i in inits for cell in results[i].values()
+                              for m in headline_metrics(cell)))
+
+
+def results_figure(results: dict):
+    """The figure of results.png (a matplotlib Figure): one panel per evaluation split, one
+    group per task at its largest label fraction on :func:`plot_metric`, the floor (dotted)
+    and the ceiling (dashed) as lines over the group, each other init's mean with its 95 %
+    t-interval over the seeds (no bar from one seed)."""
     inits = inits_of(results)
-    tasks = list(dict.fromkeys(t for init in inits for t in results[init]))
-    groups = [(t, m) for t in tasks
-              for m in headline_metrics(next(results[i][t] for i in inits if t in results[i]))]
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) * max(1, len(inits)) / 2), 3.6))
-    width = 0.8 / max(1, len(inits))
-    x = np.arange(len(groups))
-    for j, init in enumerate(inits):
-        means = [100 * results[init].get(t, {}).get(m, np.nan) for t, m in groups]
-        stds = [100 * results[init].get(t, {}).get(m + "_std", 0.0) for t, m in groups]
-        ax.bar(x + (j - (len(inits) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-               label=init)
-    ax.set_xticks(x, [f"{t}\n{m}" for t, m in groups], fontsize=7)
-    ax.set_ylabel("score (%)")
-    ax.legend(fontsize=8)
-    ax.set_title("downstream results by encoder init (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
+    protocol = results.get("protocol", {})
+    tasks = list(dict.fromkeys(t for i in inits for t in results[i]))
+    largest: dict[str, str] = {}
+    for t in tasks:
+        base, pct = split_task_key(t)
+        if base not in largest or pct > split_task_key(largest[base])[1]:
+            largest[base] = t
+    tasks = list(largest.values())
+    others = [i for i in inits if i not in (FLOOR, CEILING)]
+    splits = _splits(results, inits) or [""]
+    width = max(3.8, 1.3 * len(tasks) + 1.4)
+    fig, axes = _grid(len(splits), width, f"mean and {100 * CONFIDENCE:g} % interval over "
+                      f"{protocol.get('unit', 'seeds')}")
+    for ax, split in zip(axes, splits):
+        labels = []
+        for g, task in enumerate(tasks):
+            metric = plot_metric(task, protocol.get("primary"))
+            name = f"{split}/{metric}" if split else metric
+            base, pct = split_task_key(task)
+            labels.append(f"{base.replace('/', chr(10))} @{pct:g}%\n{metric}")
+            for init, style, label in ((FLOOR, ":", FLOOR), (CEILING, "--",
+                                                             f"ceiling ({CEILING})")):
+                value = _cell(results, init, task, name)[0]
+                if math.isfinite(value):
+                    ax.hlines(100 * value, g - 0.4, g + 0.4, colors="0.3", linestyles=style,
+                              label=label)
+            for j, init in enumerate(others):
+                mean, half = _cell(results, init, task, name)
+                if not math.isfinite(mean):
+                    continue
+                x = g + (j - (len(others) - 1) / 2) * 0.6 / max(1, len(others))
+                ax.errorbar(x, 100 * mean, yerr=100 * half if math.isfinite(half) else None,
+                            fmt="o", color=f"C{j}", capsize=3, label=init)
+        ax.set_xticks(range(len(tasks)), labels, fontsize=8)
+        ax.set_xlim(-0.6, len(tasks) - 0.4)
+        ax.set_ylabel("score (%)")
+        ax.set_title(split or "test", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    _legend(fig, axes)
+    return fig
+
+
+def label_efficiency_figure(results: dict):
+    """Score against label fraction (log x), one panel per task × split, one line per init
+    with its 95 % interval (the floor dotted, the ceiling dashed); None when no task has
+    several fractions."""
+    inits = inits_of(results)
+    protocol = results.get("protocol", {})
+    by_base: dict[str, list[str]] = {}
+    for t in dict.fromkeys(t for i in inits for t in results[i]):
+        by_base.setdefault(split_task_key(t)[0], []).append(t)
+    curves = {b: sorted(ts, key=lambda t: split_task_key(t)[1])
+              for b, ts in by_base.items() if len(ts) > 1}
+    if not curves:
+        return None
+    others = [i for i in inits if i not in (FLOOR, CEILING)]  # colours as in results.png
+    splits = _splits(results, inits) or [""]
+    panels = [(b, s) for b in curves for s in splits]
+    fig, axes = _grid(len(panels), 4.2, f"label efficiency: mean and {100 * CONFIDENCE:g} % "
+                      f"interval over {protocol.get('unit', 'seeds')}")
+    for ax, (base, split) in zip(axes, panels):
+        keys = curves[base]
+        metric = plot_metric(keys[-1], protocol.get("primary"))
+        name = f"{split}/{metric}" if split else metric
+        x = [split_task_key(k)[1] for k in keys]
+        for init in inits:
+            cells = [_cell(results, init, k, name) for k in keys]
+            if not any(math.isfinite(m) for m, _ in cells):
+                continue
+            means = [100 * m for m, _ in cells]
+            if init == FLOOR:
+                ax.plot(x, means, color="0.3", ls=":", label=FLOOR)
+                continue
+            style = (dict(color="0.3", ls="--", label=f"ceiling ({CEILING})") if init == CEILING
+                     else dict(color=f"C{others.index(init)}", label=init))
+            ax.errorbar(x, means, yerr=[100 * h if math.isfinite(h) else 0.0 for _, h in cells],
+                        marker="o", capsize=3, **style)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{p:g}%" for p in x])
+        ax.minorticks_off()
+        ax.set_xlabel("labels used")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{base}{' — ' + split if split else ''}", fontsize=10)
+        ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return path
 
 
+def plot_results(results: dict, path: str | Path) -> Path:
+    """Write :func:`results_figure` to ``path`` (atomically)."""
+    return _save(results_figure(results), path)
+
+
+def plot_label_efficiency(results: dict, path: str | Path) -> Path | None:
+    """Write :func:`label_efficiency_figure` to ``path``; without one, remove a stale file
+    and return None."""
+    fig = label_efficiency_figure(results)
+    if fig is None:
+        Path(path).unlink(missing_ok=True)
+        return None
+    return _save(fig, path)
+
+
 def write_report(results: dict, out: str | Path, header: str = "") -> str:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out``; returns the
-    markdown (for printing)."""
+    """Write ``results.json``, ``results.md``, ``results.png`` and (with several label
+    fractions) ``label_efficiency.png`` into ``out``; returns the markdown (for printing)."""
     out = Path(out)
     write_json(out / "results.json", results)
     table = results_table(results)
     text = (header + "\n" if header else "") + table
     write_text(out / "results.md", text)
     plot_results(results, out / "results.png")
+    plot_label_efficiency(results, out / "label_efficiency.png")
     return text

@@ -20,9 +20,11 @@ from densessl.errors import DataError
 @register_eval_dataset("pidray")
 def pidray_labeled(path: str | None = None, image_size: int = 64, channels: int = 3,
                    seed: int = 0, cache_dir: str | None = None, synthetic_n: int = 48,
-                   skip_bad: bool = False) -> LabeledData:
+                   skip_bad: bool = False, dataset_seed: int = 0) -> LabeledData:
+    """``dataset_seed``: which draw of the synthetic set (without ``path``); not the run's
+    ``seed``, so repeated pretraining or probe seeds score on one fixed set."""
     if path is None:
-        root = cached_synthetic("xray", synthetic_n, seed, cache_dir) / "pidray"
+        root = cached_synthetic("xray", synthetic_n, dataset_seed, cache_dir) / "pidray"
     else:
         root = Path(path)
     splits = available_splits(root)

@@ -88,6 +88,9 @@ class CutPastePairs(PairBuilder):
         image_size, channels, seed: from the recipe's data section.
         cache_dir: base folder of the segment-bank cache and of the synthetic set.
         synthetic_n: train images of the synthetic set (its test subsets get n // 8 each).
+        dataset_seed: which draw of the synthetic set. Not ``seed``: a run's seed changes its
+            placements, never its data, so runs over several seeds pretrain on one set (the one
+            ``finetune.dataset: pidray`` scores on).
         skip_bad: as the data loaders (warn + ``skipped_samples`` instead of failing).
         device_composite: leave the compositing to the batch's device: ``build`` returns the
             two backgrounds and a :class:`~densessl.contract.PastePlan` (same draws as the host
@@ -117,7 +120,7 @@ class CutPastePairs(PairBuilder):
                  sixray_subset: str | None = None, segments: Sequence[dict] | None = None,
                  backgrounds: Sequence[dict] | None = None, synthetic_n: int = 48,
                  device_composite: bool = False, classes: Sequence[int] | None = None,
-                 provenance: ProvenanceFilter | None = None) -> None:
+                 provenance: ProvenanceFilter | None = None, dataset_seed: int = 0) -> None:
         if mode not in ("segloc", "insloc"):
             raise RecipeError(f"pairs.options.mode: expected segloc or insloc, got {mode!r}")
         if blend not in ("transmission", "alpha"):
@@ -132,7 +135,7 @@ class CutPastePairs(PairBuilder):
                               f"{device_composite!r}")
         if (segments is None and pidray_root is None) or (backgrounds is None
                                                           and sixray_root is None):
-            synth = cached_synthetic("xray", synthetic_n, seed, cache_dir)
+            synth = cached_synthetic("xray", synthetic_n, dataset_seed, cache_dir)
             pidray_root = pidray_root or str(synth / "pidray")
             sixray_root = sixray_root or str(synth / "sixray")
         bank_dir = Path(cache_dir) / "segment_bank" if cache_dir else None

@@ -6,8 +6,9 @@ keys, then every metric (``<init>/<task>/<metric>``, ``gap/...`` = pretrained âˆ
 ``over`` keys (seeds), each metric as mean and sample std (0 with one seed) over the ok rows.
 Two spreads, not one: ``<metric>:std`` is the std over the sweep's seeds (separate pretraining
 runs), while a ``<metric>_std`` column (from each cell's ``results.json``) is the std over that
-cell's fine-tuning / probe seeds, so its summary value is that within-run spread averaged over
-the sweep's seeds. Both use :func:`densessl.eval.report.mean_std`.
+cell's fine-tuning / probe seeds (its pretraining runs with ``finetune.pretrain_seeds``: the
+cell's ``protocol.unit``), so its summary value is that spread averaged over the sweep's seeds.
+Both use :func:`densessl.eval.report.mean_std`.
 ``plots/<metric>.png``: the metric against the ``x`` grid key, one line per combination of the
 other grid keys (e.g. per noise kind), seed std as error bars, pretrained solid and the baseline
 init dashed in the same colour, so the pretrained-vs-random gap is read off one plot.

@@ -1,7 +1,8 @@
 """``densessl finetune`` and ``densessl run``: did pretraining help downstream, and by how much?
 
 ``run``: pretrain (``OUT/pretrain``) → fine-tune every init of ``finetune.inits`` on the recipe's
-labeled dataset → ``OUT/results.json``, ``OUT/results.md`` (printed), ``OUT/results.png``.
+labeled dataset → ``OUT/results.json``, ``OUT/results.md`` (printed), ``OUT/results.png`` (and
+``OUT/label_efficiency.png`` with several label fractions; :mod:`densessl.eval.report`).
 
 Each ``results.json`` cell also holds ``parameters``: ``{"loaded": [...], "fresh": [...]}``, the
 model's parameter groups that started from the init's weights (e.g. a detector's ``backbone``,
@@ -29,14 +30,14 @@ from densessl.errors import DensesslError, RecipeError
 from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
 from densessl.eval.inits import imagenet_init, imagenet_labels, supervised_init
 from densessl.eval.labeled_data import build_eval_dataset, check_finetune_path
-from densessl.eval.report import build_results, write_report
+from densessl.eval.report import build_results, interval_unit, write_report
 from densessl.eval.segmentation import check_input_size
 from densessl.eval.spurious import spurious_data
 from densessl.io import write_json
 from densessl.models.health import collapse_message, encoder_problems, sparse_dense_message
 from densessl.models.imagenet import imagenet_state, init_weights_state, normalisation_note
 from densessl.models.weights import EncoderInit, load_encoder_file
-from densessl.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from densessl.recipe import Recipe, load_recipe
 from densessl.workflows.data_settings import inherit_data_settings, resolve_data_settings
 
 
@@ -60,11 +61,15 @@ def pretraining_labels(recipe: Recipe) -> str:
 def label_free_recipe(recipe: Recipe) -> Recipe:
     """The label-free control: ``recipe`` with ``finetune.label_free_set`` applied (same
     budget). That it is valid and reads no class ids is a Recipe validator's check
-    (``Recipe._label_free_control``), so ``densessl recipe`` refuses a bad one."""
-    data = apply_overrides(recipe.model_dump(mode="json"),
-                           [f"{k}={json.dumps(v)}" for k, v in
-                            recipe.finetune.label_free_set.items()])
-    return parse_recipe(data, "finetune.label_free_set")
+    (``Recipe._controls``), so ``densessl recipe`` refuses a bad one."""
+    return recipe.control_recipe("label_free")
+
+
+def control_names(recipe: Recipe) -> list[str]:
+    """The inits of ``finetune.inits`` that ``run`` pretrains as controls, in order:
+    ``label_free`` and the names of ``finetune.controls``."""
+    cfg = recipe.finetune
+    return [i for i in cfg.inits if i == "label_free" or i in cfg.controls]
 
 
 def _weights_labels(path: Path) -> str:
@@ -88,7 +93,8 @@ def finetune_data_defaults(recipe: Recipe) -> Recipe:
     dataset is that data's own: ``pidray`` scores on ``pairs.options.pidray_root`` (the root the
     segments are pasted from: its easy / hard / hidden test splits), ``xbd`` on ``data.path``
     (``data.source: xbd``). With neither root set, the labeled dataset generates its synthetic
-    set in that format; it then takes the pretraining's ``synthetic_n`` / ``cache_dir`` unless
+    set in that format; it then takes the pretraining's ``synthetic_n`` / ``cache_dir`` /
+    ``dataset_seed`` unless
     ``finetune.options`` names them, so it is the very set pretraining read. Other datasets,
     and a ``finetune.path`` that is set, are left as they are."""
     cfg = recipe.finetune
@@ -97,7 +103,8 @@ def finetune_data_defaults(recipe: Recipe) -> Recipe:
     path, inherited = None, {}
     if cfg.dataset == "pidray" and recipe.pairs.builder == "cut_paste":
         path = recipe.pairs.options.get("pidray_root")
-        inherited = {k: recipe.pairs.options[k] for k in ("synthetic_n", "cache_dir")
+        inherited = {k: recipe.pairs.options[k] for k in ("synthetic_n", "cache_dir",
+                                                          "dataset_seed")
                      if recipe.pairs.options.get(k) is not None}
     elif cfg.dataset == "xbd" and recipe.data.source == "xbd":
         path = recipe.data.path
@@ -157,10 +164,13 @@ def finetune(recipe: str | Path | dict | Recipe,
              weights: str | Path | list[str | Path] | None, out: str | Path,
              overrides: list[str] | None = None, log=print, *,
              label_free_weights: str | Path | list[str | Path] | None = None,
+             control_weights: dict[str, str | Path | list[str | Path]] | None = None,
              force: bool = False, check_dataset: bool = True) -> dict[str, Any]:
     """Fine-tune each init of ``finetune.inits`` (``pretrained`` = ``weights``, ``label_free``
-    = ``label_free_weights``; several files = one pretraining per seed, zipped with
-    ``finetune.seeds``), score the floor, and write ``out/results.{json,md,png}`` plus
+    = ``label_free_weights``, a control of ``finetune.controls`` = ``control_weights[name]``;
+    several files = one pretraining per seed, zipped with
+    ``finetune.seeds``, or all with its one seed), score the floor, and write
+    ``out/results.{json,md,png}`` (``label_efficiency.png`` with several fractions) plus
     ``out/runs.json`` (every seed). Returns the results. ``finetune.path: null`` follows the
     pretraining data (:func:`finetune_data_defaults`); ``check_dataset``: refuse / warn about
     scoring on the synthetic shapes (:func:`check_finetune_dataset`; ``run`` did it already)."""
@@ -177,9 +187,23 @@ def finetune(recipe: str | Path | dict | Recipe,
     check_input_size(recipe)
     inits: list[EncoderInit] = []
     labels: dict[str, str] = {}
-    for name, files, flag in (("pretrained", _as_paths(weights), "--weights encoder.pt"),
-                              ("label_free", _as_paths(label_free_weights),
-                               "--label-free-weights encoder.pt")):
+    # how many pretraining runs the std and intervals cover; with one finetune.seed, that
+    # seed for every run (broadcast)
+    given = {"pretrained": (weights, "--weights encoder.pt"),
+             "label_free": (label_free_weights, "--label-free-weights encoder.pt"),
+             **{name: ((control_weights or {}).get(name), f"--control {name}=encoder.pt")
+                for name in cfg.controls}}
+    unknown = sorted(set(control_weights or {}) - set(cfg.controls))
+    if unknown:
+        raise DensesslError(f"weights given for {unknown}, which are not finetune.controls "
+                            f"({', '.join(cfg.controls) or 'none'})")
+    n_runs = max((len(_as_paths(w)) for name, (w, _) in given.items() if name in cfg.inits),
+                 default=1)
+    if len(cfg.seeds) == 1 and n_runs > 1:
+        cfg = cfg.model_copy(update={"seeds": cfg.seeds * n_runs})
+        recipe = recipe.model_copy(update={"finetune": cfg})
+    for name, (w, flag) in given.items():
+        files = _as_paths(w)
         if name not in cfg.inits:
             continue
         if not files:
@@ -233,7 +257,9 @@ def finetune(recipe: str | Path | dict | Recipe,
     floor = floor_metrics(recipe, data)
     raw = evaluate_inits(recipe, data, inits, log=log, parameters=parameters)
     torch.set_num_threads(threads)
-    results = build_results(raw, floor, {k: labels[k] for k in cfg.inits if k in labels})
+    unit = interval_unit(n_runs, cfg.seeds)
+    results = build_results(raw, floor, {k: labels[k] for k in cfg.inits if k in labels},
+                            primary=cfg.primary, unit=unit)
     # what each run started from: the same for every seed (the last run's record)
     for init, tasks in parameters.items():
         for key, groups in tasks.items():
@@ -245,7 +271,8 @@ def finetune(recipe: str | Path | dict | Recipe,
                 f"{data.class_names[cfg.spurious.class_id]}, on test images without it"
                 if cfg.spurious is not None else "")
     header = (f"## {recipe.name}: {cfg.dataset}, {recipe.model.backbone}, scores (%) on "
-              f"{splits}, mean ± std over seeds {cfg.seeds}{pretrain_seeds}{spurious}\n")
+              f"{splits}, mean ± std over {unit}: seeds {cfg.seeds}{pretrain_seeds}"
+              f"{spurious}\n")
     # how the labeled splits were made (a seeded split can be repeated and checked for leaks)
     # and how the images were scaled and normalised
     results["data"] = {"dataset": cfg.dataset, "path": cfg.path, "splits": data.split_record,
@@ -257,7 +284,9 @@ def finetune(recipe: str | Path | dict | Recipe,
     write_json(out / "runs.json", {
         "recipe": recipe.name, "dataset": cfg.dataset, "datasets": data.cards,
         "weights": [str(w) for w in _as_paths(weights)],
-        "label_free_weights": [str(w) for w in _as_paths(label_free_weights)], "runs": raw,
+        "label_free_weights": [str(w) for w in _as_paths(label_free_weights)],
+        "control_weights": {k: [str(w) for w in _as_paths(v)]
+                            for k, v in (control_weights or {}).items()}, "runs": raw,
         # the ImageNet weights the imagenet init started from (file, sha256, first conv)
         **({"imagenet_weights": next(i.provenance for i in inits if i.name == "imagenet")}
            if "imagenet" in cfg.inits else {}),
@@ -302,8 +331,8 @@ def check_start_weights(recipe: Recipe, log=print) -> None:
     weights. A missing ImageNet file is refused here, saying how to provide it, not after
     the pretraining."""
     cfg = recipe.finetune
-    pretrained = ([recipe] if "pretrained" in cfg.inits else []) + (
-        [label_free_recipe(recipe)] if "label_free" in cfg.inits else [])
+    pretrained = ([recipe] if "pretrained" in cfg.inits else []) + [
+        recipe.control_recipe(name) for name in control_names(recipe)]
     for r in pretrained:
         init_weights_state(r)
     if "imagenet" in cfg.inits:
@@ -315,9 +344,10 @@ def check_start_weights(recipe: Recipe, log=print) -> None:
 
 def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str] | None = None,
         log=print, overwrite: bool = False) -> dict[str, Any]:
-    """Pretrain into ``out/pretrain`` (and the label-free control into
-    ``out/pretrain_label_free``; one folder ``seed<s>`` per pretraining seed when there are
-    several), then :func:`finetune` every init into ``out``."""
+    """Pretrain into ``out/pretrain`` (and each control, ``label_free`` or one of
+    ``finetune.controls``, into ``out/pretrain_<name>``; one folder ``seed<s>`` per
+    pretraining seed when there are several), then :func:`finetune` every init into
+    ``out``."""
     from densessl.workflows.resume import check_writable
 
     recipe = load_recipe(recipe, overrides)
@@ -332,15 +362,17 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
     check_start_weights(recipe, log)  # a missing ImageNet file: before anything is written
     check_writable(out)
     check_input_size(recipe)  # before pretraining: smp would refuse it only after
-    control = label_free_recipe(recipe) if "label_free" in cfg.inits else None
     weights = (_pretrain_all(recipe, out / "pretrain", log, overwrite)
                if "pretrained" in cfg.inits else None)
-    label_free = None
-    if control is not None:
-        log(f"label-free control: {cfg.label_free_set} (reads: {pretraining_labels(control)})")
-        label_free = _pretrain_all(control, out / "pretrain_label_free", log, overwrite)
+    controls = {}
+    for name in control_names(recipe):
+        control = recipe.control_recipe(name)
+        overrides_, _ = recipe.control_overrides(name)
+        log(f"control {name}: {overrides_} (reads: {pretraining_labels(control)})")
+        controls[name] = _pretrain_all(control, out / f"pretrain_{name}", log, overwrite)
     log("fine-tuning " + ", ".join(cfg.inits))
     # a collapse was warned about above (run's documented behaviour); a diverged pretraining
     # never gets here (it stops with an error)
-    return finetune(recipe, weights, out, log=log, label_free_weights=label_free, force=True,
-                    check_dataset=False)
+    label_free = controls.pop("label_free", None)
+    return finetune(recipe, weights, out, log=log, label_free_weights=label_free,
+                    control_weights=controls, force=True, check_dataset=False)
