@@ -107,6 +107,15 @@ def cmd_probe_artifacts(args) -> int:
 def cmd_inspect_pairs(args) -> int:
     from densessl.workflows.inspect_pairs import inspect_pairs
 
+    if args.cells:
+        from densessl.workflows.cell_budget import cell_budget, format_budget
+
+        print(format_budget(cell_budget(_recipe_arg(args.recipe), args.set, count=args.n,
+                                        seed=args.seed)))
+        return 0
+    if args.out is None:
+        raise DensesslError("inspect-pairs: --out PNG is required (or --cells for the query-"
+                            "cell budget)")
     path = inspect_pairs(_recipe_arg(args.recipe), args.out, overrides=args.set, count=args.n,
                          seed=args.seed)
     print(f"wrote {Path(path).resolve()}")
@@ -296,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe_artifacts)
 
     p = with_recipe(sub.add_parser("inspect-pairs", help="draw pairs with correspondences"))
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", default=None, help="PNG file to write")
     p.add_argument("-n", type=int, default=4, help="number of pairs")
+    p.add_argument("--cells", action="store_true",
+                   help="print instead where the dense objective's query cells go: cells per "
+                   "image left after each rule of the exact correspondence, over -n pairs "
+                   "(use -n 64 or more)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_inspect_pairs)
 
