@@ -109,6 +109,26 @@ def test_masked_collapse_stats_match_a_brute_force_loop():
     assert float(stats["mean_cosine"]) == pytest.approx(cos, rel=1e-4, abs=1e-5)
 
 
+def test_per_class_leaves_same_class_pairs_out_like_the_objective():
+    """With per-class queues two cells of one class are never negatives: a float64 loop over
+    pairs of different images and different (known) classes is the reference."""
+    gen = torch.Generator().manual_seed(8)
+    features = torch.randn(48, 5, generator=gen)
+    groups = torch.randint(0, 6, (48,), generator=gen)
+    classes = torch.randint(-1, 4, (48,), generator=gen)  # −1: unknown, pairs with everyone
+    mask = torch.rand(48, generator=gen) < 0.7
+    features[:, 0] += 3.0 * classes.clamp_min(0)  # one class alike: its pairs raise the mean
+    z = torch.nn.functional.normalize(features.double(), dim=1).tolist()
+    rows = [(z[i], int(groups[i]), int(classes[i])) for i in range(48) if mask[i]]
+    cos = [sum(a * b for a, b in zip(ra, rb)) for ia, (ra, ga, ca) in enumerate(rows)
+           for ib, (rb, gb, cb) in enumerate(rows)
+           if ia != ib and ga != gb and not (ca >= 0 and ca == cb)]
+    stats = collapse_stats(features, groups, mask, num_groups=6, classes=classes, num_classes=4)
+    assert float(stats["mean_cosine"]) == pytest.approx(sum(cos) / len(cos), rel=1e-4)
+    without = collapse_stats(features, groups, mask, num_groups=6)
+    assert float(without["mean_cosine"]) != pytest.approx(sum(cos) / len(cos), rel=1e-2)
+
+
 def test_unmasked_feature_std_is_lightlys_scaled_by_sqrt_d():
     features = torch.randn(50, 16, generator=torch.Generator().manual_seed(4))
     z = torch.nn.functional.normalize(features, dim=1)

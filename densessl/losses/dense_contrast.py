@@ -235,12 +235,13 @@ class DenseContrast(nn.Module):
 
         image, cell, keep = sample_cells(valid, self.samples_per_image)
         q = F.normalize(cells_of(q_dense, cell), dim=1)
-        self.last_queries = {"features": q.detach(), "image": image, "keep": keep}
         k = F.normalize(keys_at(k_dense, grid_ab, cell, self.stride, self.alignment), dim=1)
         weight = keep.float()
         # a gather by image index: fixed shapes, no host read
         query_weight = None if pair_weight is None else pair_weight.to(weight)[image]
         label = cells_of(labels[:, None], cell)[:, 0]
+        self.last_queries = {"features": q.detach(), "image": image, "keep": keep,
+                             "label": label}
 
         keys, key_valid = self.queue.snapshot()
         allowed_rings = PerClassQueue.negatives_mask(label, self.queue.ring_labels)

@@ -259,7 +259,9 @@ class DensePretraining(pl.LightningModule):
         the global objective's query embeddings (image-level, one per image); else the dense
         objective's drawn query cells (:attr:`DenseContrast.last_queries`, up to
         ``samples_per_image`` per image, only valid cells that take part; fixed shapes, a
-        mask marks empty slots); else the instance objective's RoI queries (every level's
+        mask marks empty slots; with per-class queues, pairs of one class are left out of
+        ``mean_cosine`` as the objective leaves them out of its negatives); else the instance
+        objective's RoI queries (every level's
         with ``roi_levels: all``); else (no objective reads anything) the global head's
         output or every 2nd dense cell. Pairs within one image are left out of
         ``mean_cosine``.
@@ -268,8 +270,11 @@ class DensePretraining(pl.LightningModule):
             return {"features": query["global"]}
         if self.dense_loss is not None and self.dense_loss.last_queries is not None:
             cells = self.dense_loss.last_queries
+            per_class = ({"classes": cells["label"],
+                          "num_classes": self.dense_loss.queue.num_classes}
+                         if self.dense_loss.per_class else {})
             return {"features": cells["features"], "groups": cells["image"],
-                    "mask": cells["keep"], "num_groups": batch.batch_size}
+                    "mask": cells["keep"], "num_groups": batch.batch_size, **per_class}
         if instance_queries is not None:
             levels = instance_queries.shape[0] if instance_queries.dim() == 3 else 1
             return {"features": instance_queries.reshape(-1, instance_queries.shape[-1]),

@@ -12,7 +12,8 @@ from torch import Tensor
 
 
 def collapse_stats(features: Tensor, groups: Tensor | None = None, mask: Tensor | None = None,
-                   num_groups: int | None = None) -> dict[str, Tensor]:
+                   num_groups: int | None = None, classes: Tensor | None = None,
+                   num_classes: int | None = None) -> dict[str, Tensor]:
     """Collapse monitors on N×D features (SimSiam §4.1 / lightly's std monitor).
 
     ``feature_std``: lightly's ``std_of_l2_normalized`` (unbiased std over the selected
@@ -28,12 +29,18 @@ def collapse_stats(features: Tensor, groups: Tensor | None = None, mask: Tensor 
     ``mask`` (N bool, default all): the rows that count, so the monitors can read only the
     cells an objective reads (drawn query slots of fixed count, some empty) in fixed shapes:
     no host read, and no N×N matrix (per-group sums instead).
+
+    ``classes`` (N long in ``[0, num_classes)``, −1 unknown): with per-class queues the
+    objective never pushes two cells of one class apart, so such pairs are left out of
+    ``mean_cosine`` too (an unknown class pairs with everything); otherwise a healthy SegLoc
+    encoder, whose cells of one class agree across images, reads as collapsed.
     """
-    return collapse_stats_counted(features, groups, mask, num_groups)[0]
+    return collapse_stats_counted(features, groups, mask, num_groups, classes, num_classes)[0]
 
 
 def collapse_stats_counted(features: Tensor, groups: Tensor | None = None,
-                           mask: Tensor | None = None, num_groups: int | None = None
+                           mask: Tensor | None = None, num_groups: int | None = None,
+                           classes: Tensor | None = None, num_classes: int | None = None
                            ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """:func:`collapse_stats` and the counts behind it: ``(stats, rows, pairs)``, the selected
     rows (``feature_std`` needs 2) and ordered pairs of selected rows of different images
@@ -57,6 +64,21 @@ def collapse_stats_counted(features: Tensor, groups: Tensor | None = None,
     total = mz.sum(0)
     pairs = rows * rows - (group_rows * group_rows).sum()
     cos_sum = (total * total).sum() - (group_sum * group_sum).sum()
+    if classes is not None:
+        # inclusion-exclusion: also drop pairs of one class (different images), i.e. subtract
+        # the same-class sums and add back the same-class-and-image ones subtracted twice
+        if num_classes is None:
+            raise ValueError("collapse_stats: classes needs num_classes")
+        classes = classes.to(z.device).long()
+        known = (classes >= 0).float() * m
+        cls = classes.clamp_min(0)
+        both = groups.to(z.device).long() * num_classes + cls
+        for index, size in ((cls, num_classes), (both, num_groups * num_classes)):
+            sums = z.new_zeros(size, d).index_add_(0, index, z * known[:, None])
+            counts = z.new_zeros(size).index_add_(0, index, known)
+            sign = -1.0 if size == num_classes else 1.0
+            pairs = pairs + sign * (counts * counts).sum()
+            cos_sum = cos_sum + sign * (sums * sums).sum()
     mean_cos = torch.where(pairs > 0, cos_sum / pairs.clamp_min(1), nan)
     return {"feature_std": std, "mean_cosine": mean_cos}, rows, pairs
 
@@ -83,8 +105,10 @@ class CollapseMonitor(nn.Module):
         self.register_buffer("known", torch.zeros(2, dtype=torch.bool), persistent=False)
 
     def forward(self, features: Tensor, groups: Tensor | None = None, mask: Tensor | None = None,
-                num_groups: int | None = None) -> dict[str, Tensor]:
-        stats, rows, pairs = collapse_stats_counted(features, groups, mask, num_groups)
+                num_groups: int | None = None, classes: Tensor | None = None,
+                num_classes: int | None = None) -> dict[str, Tensor]:
+        stats, rows, pairs = collapse_stats_counted(features, groups, mask, num_groups,
+                                                    classes, num_classes)
         ok = torch.stack([rows >= 2, pairs > 0]).to(self.known.device)
         value = torch.stack([stats[k] for k in self.KEYS]).to(self.last)
         value = torch.where(ok, value, self.last)
