@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 from densessl.data.bad_samples import ReadSkips, report_bad
 from densessl.data.bit_depth import BitDepth, full_scale, resolve_bit_depth
 from densessl.data.cache import cached_synthetic, default_cache_dir
-from densessl.data.geotiff_synth import synthesize_geotiff  # noqa: F401  (synth cache)
+from densessl.data.geotiff_synth import SERIES_FOLDER
 from densessl.data.manifest import ProvenanceFilter
 from densessl.data.registry import (
     register_inspector,
@@ -389,7 +389,11 @@ class GeoTiffPairs(Dataset):
     Args:
         path: folder or glob of rasters; None writes a synthetic series into ``cache_dir``
             (``synthetic_places`` places; with ``synthetic_series`` eight dates with seasonal,
-            gradual and abrupt change instead of three, see :mod:`densessl.data.geotiff_synth`).
+            gradual and abrupt change instead of three, see :mod:`densessl.data.geotiff_synth`,
+            written with the land-cover masks that ``finetune.dataset: geotiff_series_masks``
+            scores on).
+        dataset_seed: which draw of the synthetic set (default: ``seed``); set it to keep the
+            data fixed while ``seed`` varies (several pretraining seeds).
         pattern: regex over file names with a ``date`` group and optionally a ``place`` group.
         bands: 1-based bands to use (default all); their number must equal ``channels``.
         pairing: ``all`` pairs of dates of a place, or ``consecutive`` dates only.
@@ -406,6 +410,7 @@ class GeoTiffPairs(Dataset):
                  tries: int = 8, seed: int = 0, skip_bad: bool = False,
                  cache_dir: str | None = None, stats_path: str | None = None,
                  synthetic_places: int = 4, synthetic_series: bool = False,
+                 dataset_seed: int | None = None,
                  licence: str = "unknown (set data.options.licence)",
                  attribution: str = "", provenance: ProvenanceFilter | None = None,
                  scaling: str = "standardise", bit_depth: BitDepth | None = "auto") -> None:
@@ -418,9 +423,13 @@ class GeoTiffPairs(Dataset):
         self.skipped_samples: list[str] = []
         synthetic = path is None
         if synthetic:
-            # the long series (8 dates, seasonal + abrupt change) for near/far date pairs
-            kind = "geotiff-series" if synthetic_series else "geotiff"
-            path = str(cached_synthetic(kind, synthetic_places, seed, cache_dir))
+            draw = seed if dataset_seed is None else dataset_seed
+            if synthetic_series:  # the long series (8 dates, seasonal + abrupt change) for
+                # near/far date pairs, generated with its labeled layout (one set for both)
+                path = str(cached_synthetic("geotiff-series-masks", synthetic_places, draw,
+                                            cache_dir) / SERIES_FOLDER)
+            else:
+                path = str(cached_synthetic("geotiff", synthetic_places, draw, cache_dir))
             pattern = r"(?P<place>.+)_(?P<date>\d{8})\.tif$"
         try:
             regex = re.compile(pattern)
