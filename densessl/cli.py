@@ -110,8 +110,13 @@ def cmd_inspect_pairs(args) -> int:
     if args.cells:
         from densessl.workflows.cell_budget import cell_budget, format_budget
 
-        print(format_budget(cell_budget(_recipe_arg(args.recipe), args.set, count=args.n,
-                                        seed=args.seed)))
+        budget = cell_budget(_recipe_arg(args.recipe), args.set, count=args.n, seed=args.seed)
+        print(format_budget(budget))
+        if args.json:
+            from densessl.io import write_json
+
+            write_json(Path(args.json), {"pairs": args.n, "seed": args.seed,
+                                         "overrides": args.set or [], "cells_per_image": budget})
         return 0
     if args.out is None:
         raise DensesslError("inspect-pairs: --out PNG is required (or --cells for the query-"
@@ -311,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print instead where the dense objective's query cells go: cells per "
                    "image left after each rule of the exact correspondence, over -n pairs "
                    "(use -n 64 or more)")
+    p.add_argument("--json", default=None, help="with --cells: also write the budget here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_inspect_pairs)
 
