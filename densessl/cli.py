@@ -55,16 +55,22 @@ def cmd_finetune(args) -> int:
     finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set,
              label_free_weights=args.label_free_weights, control_weights=controls,
              force=args.force)
-    print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png")
+    print(f"results in {Path(args.out).resolve()}: {_result_files(args.out)}")
     return 0
+
+
+def _result_files(out) -> str:
+    """The report files ``out`` holds (label_efficiency.png only with several fractions)."""
+    names = ("results.json", "results.md", "results.png", "label_efficiency.png")
+    return ", ".join(n for n in names if (Path(out) / n).is_file())
 
 
 def cmd_run(args) -> int:
     from densessl.workflows.experiment import run
 
     run(_recipe_arg(args.recipe), args.out, overrides=args.set, overwrite=args.overwrite)
-    print(f"results in {Path(args.out).resolve()}: results.json, results.md, results.png "
-          "(pretraining outputs in pretrain/)")
+    print(f"results in {Path(args.out).resolve()}: {_result_files(args.out)} (pretraining "
+          "outputs in pretrain/)")
     return 0
 
 
