@@ -47,10 +47,12 @@ class PairSample:
         labels: ``N`` long class ids (−1 = unknown).
         class_map_a: optional ``Ha×Wa`` long, class of each source-A pixel where known,
             −1 elsewhere.
-        noisy: the pair was corrupted by a noise injector (analysis only, never read by losses).
+        noisy: the pair was corrupted by a noise injector, or its source marks a change
+            between A and B (noisy-seg; analysis only, never read by losses).
         noise_mask_a: optional ``Ha×Wa`` bool: the scene point of this source-A pixel was
-            replaced in source B by the noise injector (``partial_change``), for measuring
-            robust down-weighting per cell (analysis only, never read by losses).
+            replaced in source B by the noise injector (``partial_change``) or changed
+            between the dates (noisy-seg's natural change, OR-ed with injected noise), for
+            measuring robust down-weighting per cell (analysis only, never read by losses).
         pair_weight: optional weight of this positive pair in the losses (1 when None), e.g.
             far-in-time dates of a temporal series (``pairs.options.dates: near_far``).
         meta: free-form provenance (dataset, file names, noise kind/amount, …).
@@ -183,8 +185,8 @@ class SourceBatch:
     #: N bool, the box pair may be used (None: all); the view augmentation drops the others,
     #: so the device-side compositing keeps fixed shapes
     box_valid: Tensor | None = None
-    #: B×Ha×Wa bool, source-A pixels whose point was replaced in B by the noise injector
-    #: (analysis only; None when no sample has one)
+    #: B×Ha×Wa bool, source-A pixels whose point was replaced in B by the noise injector or
+    #: changed between the dates (analysis only; None when no sample has one)
     noise_mask_a: Tensor | None = None
     #: B float, each pair's weight in the losses (None: all 1)
     pair_weight: Tensor | None = None
@@ -218,7 +220,8 @@ class PairBatch:
         matrix_a, matrix_b: ``B×3×3``: source pixel → view pixel transform of each view.
         meta: list of B dicts carried from the builder.
         noise_mask_a: optional ``B×h×w`` bool: the cell's positive (its point in view B) lies
-            on content the noise injector replaced (analysis only, never used by losses).
+            on content the noise injector replaced or the source changed (analysis only,
+            never used by losses).
         pair_weight: optional ``B`` float, each pair's weight in the losses (None: all 1).
     """
 

@@ -418,7 +418,7 @@ def test_cell_precision_recall_against_the_true_cells():
                             enqueue_per_image=0,
                             robust=RobustPositives("truncate", truncate_fraction=fraction))
     loss_fn(q_dense, k_dense, identity_grid(b, h, w), valid)
-    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(5))
+    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6))
     logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
                                                                    noise_mask_a=mask))
     assert logs["dense_robust_cell_precision"].item() == 1.0

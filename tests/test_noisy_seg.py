@@ -116,7 +116,7 @@ def test_temporal_pairs_mark_the_changed_cells_and_noise_keeps_them(root):
     from densessl.pairs import NoisyPairs, TemporalPairs
 
     still = TemporalPairs(NoisySegPairs(path=str(root), change=0.0, image_size=32))[0]
-    assert still.noise_mask_a is None and not still.noisy
+    assert not still.noise_mask_a.any() and not still.noisy  # a mask, all False
     source = NoisySegPairs(path=str(root), change=0.5, image_size=32)
     torch.manual_seed(0)
     pair = TemporalPairs(source, swap_p=1.0)[2]  # either date order: one pixel grid

@@ -305,7 +305,7 @@ def detection(robust, batch):
     loss_fn = DenseContrast(dim=q_dense.shape[1], queue_size=0, temperature=T,
                             samples_per_image=16, enqueue_per_image=0, robust=robust)
     loss_fn(q_dense, k_dense, grid, valid)
-    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(5))
+    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6))
     logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
                                                                    noise_mask_a=None))
     return logs["dense_robust_precision"].item(), logs["dense_robust_recall"].item()
@@ -335,7 +335,7 @@ def test_detection_counts_accumulate_over_the_run():
     loss_fn = DenseContrast(dim=16, queue_size=0, temperature=T, samples_per_image=16,
                             enqueue_per_image=0,
                             robust=RobustPositives("truncate", truncate_fraction=0.5))
-    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(5))
+    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6))
     loss_fn(q_dense, k_dense, grid, valid)
     DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy, noise_mask_a=None))
     # second step: no pair is noisy, so the truncated cells are all clean

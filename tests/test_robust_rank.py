@@ -336,7 +336,7 @@ def test_rank_singles_out_the_noisy_pairs():
                             enqueue_per_image=0, robust=RobustPositives("rank",
                                                                         rank_threshold=0.2))
     loss_fn(q_dense, k_dense, identity_grid(b, h, w), valid)
-    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(5))
+    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6))
     logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
                                                                    noise_mask_a=None))
     assert logs["dense_robust_precision"].item() == 1.0

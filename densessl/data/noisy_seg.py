@@ -234,7 +234,10 @@ def _check_channels(channels: int) -> None:
 class NoisySegPairs(Dataset):
     """Pretraining source: ``image_t0`` = view A, ``image_t1`` = view B at change ``change``
     (use with ``pairs.builder: temporal``), plus ``image`` (= A), the label maps and
-    ``changed_t0_t1`` (H×W bool, the pixels that differ between the dates).
+    ``changed_t0_t1`` (H×W bool, the pixels that differ between the dates: label or picture).
+    The temporal builder carries ``changed_t0_t1`` as the pair's ``noise_mask_a`` (``noisy``
+    when it is not empty), so with ``change`` > 0 the robust objective's cell precision /
+    recall in metrics.json score it against the benchmark's own change (analysis only).
 
     Args:
         path: dataset root; ``None`` generates (once) a cached set of ``n`` scenes.
@@ -267,10 +270,14 @@ class NoisySegPairs(Dataset):
         b = record["b"][self.key]
         image_a, label_a = _load(self.root, record["a"], self.image_size)
         image_b, label_b = _load(self.root, b, self.image_size)
-        # the background never changes, so the pixels that differ are exactly the changed
-        # objects (with the resize's one-pixel blend around them): the benchmark's truth for
-        # analysis, e.g. whether loss.robust down-weights changed cells; no loss reads it
-        changed = (image_a != image_b).any(0)
+        # the benchmark's truth of its own change, for analysis (whether loss.robust
+        # down-weights changed cells; no loss reads it): the pixels whose label differs or
+        # whose picture differs (a look change, one object swapped for another of the same
+        # class). The background and the unchanged objects are drawn identically and in the
+        # same order in both dates, so these are the pixels a changed object covers visibly
+        # in A or in B (plus the resize's one-pixel blend around them when image_size is not
+        # the written size)
+        changed = (image_a != image_b).any(0) | (label_a != label_b)
         return {"image": image_a, "image_t0": image_a, "image_t1": image_b, "mask": label_a,
                 "mask_t0": label_a, "mask_t1": label_b, "changed_t0_t1": changed,
                 "meta": {"source": "noisy-seg", "index": index, "change": b["change"],

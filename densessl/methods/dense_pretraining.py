@@ -93,9 +93,9 @@ class DensePretraining(pl.LightningModule):
                                  loss.truncate_fraction, loss.truncate_warmup_steps,
                                  rank_threshold=loss.rank_threshold)
         # run totals of (down-weighted cells of noisy pairs, down-weighted cells, cells of
-        # noisy pairs, down-weighted wrong cells, wrong cells): the precision / recall monitor
-        # against the benchmark's true noise, per pair and per cell
-        self.register_buffer("robust_counts", torch.zeros(5), persistent=False)
+        # noisy pairs, down-weighted wrong cells, wrong cells, query cells): the precision /
+        # recall monitor against the benchmark's true noise, per pair and per cell
+        self.register_buffer("robust_counts", torch.zeros(6), persistent=False)
         # run totals of (dense query cells, images) over the training steps, for
         # dense_query_cells_per_image (metrics.json); saved in the checkpoint (not the state
         # dict) so a resumed run reports the whole run's mean
@@ -313,8 +313,13 @@ class DensePretraining(pl.LightningModule):
         ``dense_robust_cell_precision`` / ``_recall``: the same per cell, where a cell is wrong
         when its pair is noisy and, if the batch has a ``noise_mask_a`` (``partial_change``),
         its positive lies on replaced content; without a mask every cell of a noisy pair is
-        wrong (so these equal the pair-level ones, e.g. for ``mismatch``). NaN while a
-        denominator is 0. Totals since this process started.
+        wrong (so these equal the pair-level ones, e.g. for ``mismatch``). The mask also
+        comes from a source that knows its own change (noisy-seg with ``data.options.change``
+        > 0: the pixels that differ between the dates), so these score the criterion on the
+        benchmark's natural change too, with or without injected noise.
+        ``dense_robust_cell_noisy_share``: wrong query cells / all query cells, the chance
+        level of the cell precision (a criterion that drops cells at random scores it).
+        NaN while a denominator is 0. Totals since this process started.
         """
         cells = self.dense_loss.last_robust_cells
         device = cells["down"].device
@@ -331,7 +336,7 @@ class DensePretraining(pl.LightningModule):
         wrong = wrong & keep
         step = torch.stack([(cells["down"] * noisy_f).sum(), cells["down"].sum(),
                             (cells["cells"] * noisy_f).sum(), (down & wrong).sum().float(),
-                            wrong.sum().float()])
+                            wrong.sum().float(), keep.sum().float()])
         if self.training:
             self.robust_counts += step.to(self.robust_counts)
             counts = self.robust_counts
@@ -340,7 +345,8 @@ class DensePretraining(pl.LightningModule):
         return {"dense_robust_precision": counts[0] / counts[1],
                 "dense_robust_recall": counts[0] / counts[2],
                 "dense_robust_cell_precision": counts[3] / counts[1],
-                "dense_robust_cell_recall": counts[3] / counts[4]}
+                "dense_robust_cell_recall": counts[3] / counts[4],
+                "dense_robust_cell_noisy_share": counts[4] / counts[5]}
 
     def instance_queries(self, batch: PairBatch, query: dict) -> torch.Tensor:
         loss = self.recipe.loss

@@ -203,11 +203,17 @@ class TemporalPairs(PairBuilder):
             a, b, valid_a, valid_b = b, a, valid_b, valid_a
         # a source that knows what changed between the dates (noisy-seg) marks those pixels:
         # analysis only (how loss.robust treats changed cells), never read by a loss; one
-        # pixel grid, so the mask holds for either date order
+        # pixel grid, so the mask holds for either date order. Every pair of such a source
+        # carries its mask (all False at change 0), so batches always have one; the pair is
+        # noisy when some change lies where both dates have data
         changed = item.get("changed_t0_t1")
-        noisy = changed is not None and bool(changed.any())
+        inside = changed
+        for valid in (valid_a, valid_b):
+            if inside is not None and valid is not None:
+                inside = inside & valid.bool()
+        noisy = inside is not None and bool(inside.any())
         return PairSample(source_a=a, source_b=b, valid_a=valid_a, valid_b=valid_b,
                           pair_weight=weight, noisy=noisy,
-                          noise_mask_a=changed if noisy else None,
+                          noise_mask_a=None if changed is None else changed.bool(),
                           meta=dict(item.get("meta", {}), builder="temporal", swapped=swapped,
                                     **extra))

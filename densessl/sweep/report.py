@@ -35,7 +35,7 @@ FIXED = ("cell_id", "status", "error", "seconds")
 #: how well loss.robust's down-weighted cells match the true noisy pairs (issue #18)
 MONITORS = ("pretrain/dense_robust_fraction", "pretrain/dense_robust_precision",
             "pretrain/dense_robust_recall", "pretrain/dense_robust_cell_precision",
-            "pretrain/dense_robust_cell_recall")
+            "pretrain/dense_robust_cell_recall", "pretrain/dense_robust_cell_noisy_share")
 #: the grid key whose values the robust plot compares
 ROBUST_KEY = "loss.robust"
 
