@@ -8,8 +8,7 @@ from densessl.contract import PairBatch, PairSample, SourceBatch
 from densessl.errors import DataError, DensesslError, PairContractError, RecipeError
 from densessl.pairs import PairBuilder, get_pair_builder, register_pair_builder
 from densessl.recipe import Recipe, load_recipe
-
-__version__ = "0.1.0"
+from densessl.version import __version__
 
 
 def pretrain(recipe, out, overrides=None, resume=False, progress=None):
@@ -46,4 +45,4 @@ def run_sweep(sweep_file, out, jobs=1, overrides=None):
 
 __all__ = ["DataError", "DensesslError", "PairBatch", "PairBuilder", "PairContractError",
            "PairSample", "Recipe", "RecipeError", "SourceBatch", "finetune", "get_pair_builder",
-           "load_recipe", "pretrain", "register_pair_builder", "run", "run_sweep"]
+           "load_recipe", "pretrain", "register_pair_builder", "run", "run_sweep", "__version__"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
@@ -17,7 +16,7 @@ from densessl.data.manifest import ProvenanceFilter, apply_provenance
 from densessl.data.registry import SOURCES
 from densessl.errors import PairContractError, RecipeError
 from densessl.models import DenseEncoder
-from densessl.models.backbone import build_backbone
+from densessl.models.backbones import get_backbone_spec
 from densessl.options import construct
 from densessl.pairs import PairBuilder, get_pair_builder
 from densessl.recipe import Recipe
@@ -88,20 +87,14 @@ def build_pair_builder(recipe: Recipe, dataset: Dataset | None = None) -> PairBu
 
 def build_encoder(recipe: Recipe) -> DenseEncoder:
     m = recipe.model
-    if not m.backbone.startswith("timm:"):
-        return DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels, neck=m.neck,
-                            dense_stride=m.dense_stride, neck_dim=m.neck_dim,
-                            fpn_upsample=m.fpn_upsample, dense_dim=m.dense_dim,
-                            global_head=m.global_head, global_dim=m.global_dim,
-                            pyramid=pyramid_levels(recipe))
-    try:  # a timm model without stride 4..32 outputs is the recipe's mistake
-        encoder = DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels,
-                               neck=m.neck, dense_stride=m.dense_stride, neck_dim=m.neck_dim,
-                               fpn_upsample=m.fpn_upsample, dense_dim=m.dense_dim,
-                               global_head=m.global_head, global_dim=m.global_dim,
-                               pyramid=pyramid_levels(recipe))
-    except ValueError as exc:
-        raise RecipeError(str(exc)) from None
+    # a backbone the registry cannot serve (e.g. a timm model without stride 4..32 outputs)
+    # is a RecipeError naming the valid ones
+    get_backbone_spec(m.backbone)
+    encoder = DenseEncoder(backbone=m.backbone, in_channels=recipe.data.channels, neck=m.neck,
+                           dense_stride=m.dense_stride, neck_dim=m.neck_dim,
+                           fpn_upsample=m.fpn_upsample, dense_dim=m.dense_dim,
+                           global_head=m.global_head, global_dim=m.global_dim,
+                           pyramid=pyramid_levels(recipe))
     if m.key_bn == "sync":
         # torch's SyncBatchNorm conversion (what Lightning applies) turns timm's BatchNormAct2d
         # into a plain SyncBatchNorm and silently drops its activation
@@ -146,12 +139,8 @@ def build_augmentation(recipe: Recipe, grid_stride: int, *,
 
 
 def backbone_cell_alignment(recipe: Recipe) -> str:
-    """``cell_alignment`` of the recipe's backbone, asked of the backbone itself (built, random
-    init) for code that draws pairs without the encoder (inspect-pairs, benchmarks); a
-    training task reads its own encoder's instead. The caller's random state is left as it
-    was (the init draws from a forked generator), so what it draws next does not change."""
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return build_backbone(recipe.model.backbone, recipe.data.channels).cell_alignment
-    except ValueError as exc:
-        raise RecipeError(str(exc)) from None
+    """``cell_alignment`` of the recipe's backbone, from its registry entry
+    (:func:`~densessl.models.backbones.get_backbone_spec`: nothing is built and nothing is
+    drawn from the caller's random state) for code that draws pairs without the encoder
+    (inspect-pairs, benchmarks); a training task reads its own encoder's instead."""
+    return get_backbone_spec(recipe.model.backbone).cell_alignment

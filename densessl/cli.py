@@ -23,7 +23,9 @@ def _recipe_arg(value: str) -> str:
 
 def cmd_pretrain(args) -> int:
     from densessl.workflows.pretraining import pretrain
+    from densessl.workflows.validation import load_valid_recipe
 
+    load_valid_recipe(_recipe_arg(args.recipe), args.set)  # every name, before out is touched
     metrics = pretrain(_recipe_arg(args.recipe), args.out, overrides=args.set,
                        resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
@@ -52,6 +54,9 @@ def cmd_finetune(args) -> int:
             raise DensesslError(f"--control {item!r}: expected NAME=encoder.pt (a name of "
                                 "finetune.controls)")
         controls.setdefault(name, []).append(path)
+    from densessl.workflows.validation import load_valid_recipe
+
+    load_valid_recipe(_recipe_arg(args.recipe), args.set, pretraining=False)
     finetune(_recipe_arg(args.recipe), args.weights, args.out, overrides=args.set,
              label_free_weights=args.label_free_weights, control_weights=controls,
              force=args.force)
@@ -67,7 +72,9 @@ def _result_files(out) -> str:
 
 def cmd_run(args) -> int:
     from densessl.workflows.experiment import run
+    from densessl.workflows.validation import load_valid_recipe
 
+    load_valid_recipe(_recipe_arg(args.recipe), args.set)  # before any pretraining
     run(_recipe_arg(args.recipe), args.out, overrides=args.set, overwrite=args.overwrite)
     print(f"results in {Path(args.out).resolve()}: {_result_files(args.out)} (pretraining "
           "outputs in pretrain/)")
@@ -75,8 +82,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from densessl.recipe import parse_recipe
     from densessl.sweep import run_sweep
+    from densessl.sweep.runner import plan
+    from densessl.workflows.validation import validate_recipe
 
+    for params, recipe, _ in plan(args.sweep, args.set)[1]:  # every cell, before any runs
+        where = f"sweep {args.sweep} cell {json.dumps(params)}"
+        validate_recipe(parse_recipe(recipe, where), where)
     rows = run_sweep(args.sweep, args.out, jobs=args.jobs, overrides=args.set)
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"results in {Path(args.out).resolve()}: results.csv, summary.csv, summary.md, plots/")
@@ -134,13 +147,12 @@ def cmd_inspect_pairs(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    from densessl.eval.segmentation import check_input_size
-    from densessl.recipe import dump_recipe, load_recipe
+    from densessl.recipe import dump_recipe
+    from densessl.workflows.validation import load_valid_recipe
 
-    recipe = load_recipe(_recipe_arg(args.recipe), args.set)  # the Recipe validators
-    # the one recipe-only check that is no validator: smp's input-size rule, read off the
-    # models smp builds (importing smp into densessl.recipe would burden every import)
-    check_input_size(recipe)
+    # the Recipe validators, then every name the recipe gives (builder, source, datasets,
+    # backbone) and smp's input-size rule, as pretrain / run meet them; no data are read
+    recipe = load_valid_recipe(_recipe_arg(args.recipe), args.set)
     print(dump_recipe(recipe), end="")
     return 0
 
@@ -164,6 +176,8 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
+    import inspect
+
     from densessl.data import INSPECTORS
 
     if args.format not in INSPECTORS:
@@ -172,7 +186,14 @@ def cmd_data_inspect(args) -> int:
     root = Path(args.root)
     if not root.exists():
         raise DensesslError(f"data inspect: {str(root)!r} does not exist")
-    report = INSPECTORS[args.format](root)
+    options = _inspect_options(args.option)
+    if options and not args.check:
+        raise DensesslError("data inspect: --option sets the loader options --check builds the "
+                            "loader with; add --check")
+    # the inspector reads the options it has too (geotiff: pattern)
+    inspector = INSPECTORS[args.format]
+    accepted = inspect.signature(inspector).parameters
+    report = inspector(root, **{k: v for k, v in options.items() if k in accepted and k != "root"})
     if args.manifest_root and not args.manifest:
         raise DensesslError("data inspect: --manifest-root needs --manifest")
     if args.manifest:
@@ -186,17 +207,43 @@ def cmd_data_inspect(args) -> int:
         report = {**report, "provenance": manifest_report(
             root, args.manifest, files, items, args.manifest_root)}
     if args.check:
-        from densessl.data.check import check_files
+        from densessl.data.check import check_files, loader_refusals
 
-        # headers can be sound in a truncated file: decode every one
-        report = {**report, "check": check_files(root, args.format)}
+        # headers can be sound in a truncated file: decode every one; then the checks the
+        # format's loader runs when pretraining / fine-tuning builds it (nodata, overlap,
+        # band counts, CRS, annotations naming missing files)
+        check = check_files(root, args.format)
+        refused = loader_refusals(root, args.format, options)
+        # "refused" only when there is any: {"files", "bad"} stays the report of clean data
+        report = {**report, "check": {**check, **({"refused": refused} if refused else {})}}
     print(json.dumps(report, indent=2))
     if args.check and report["check"]["bad"]:
         bad = report["check"]["bad"]
         print(f"error: {len(bad)} of {report['check']['files']} files cannot be decoded, first: "
               f"{bad[0]}", file=sys.stderr)
         return 1
+    if args.check and report["check"].get("refused"):
+        refused = report["check"]["refused"]
+        print(f"error: the {args.format} loader refuses this data ({len(refused)} problem"
+              f"{'s' if len(refused) > 1 else ''}), first: {refused[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _inspect_options(pairs: list[str] | None) -> dict:
+    """``--option KEY=VALUE`` (VALUE read as YAML, as in a recipe) → a dict."""
+    import yaml
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DensesslError(f"data inspect --option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            options[key.strip()] = value  # a regex, say: the text as it is
+    return options
 
 
 def cmd_data_stats(args) -> int:
@@ -351,8 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the folder the manifest's rows are relative to, when it is not ROOT "
                         "(cut_paste: the folder holding both the PIDray and the SIXray root)")
     p.add_argument("--check", action="store_true",
-                   help="decode every file (slow on large sets) and list the bad ones; exit 1 "
-                        "when there are any")
+                   help="decode every file (slow on large sets), and build the format's loader "
+                        "as pretraining / fine-tuning does (without data.skip_bad): list the "
+                        "files that cannot be decoded and every problem the loader refuses; "
+                        "exit 1 when there are any")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --check: a loader option, as the recipe's data.options / "
+                        "finetune.options (and data.image_size, data.channels) would set it, "
+                        "e.g. --option pattern='(?P<place>.+)_(?P<date>\\d{8})\\.tif$' "
+                        "--option image_size=64; repeatable")
     p.set_defaults(func=cmd_data_inspect)
     p = with_recipe(data_sub.add_parser(
         "stats", help="per-band mean / std of a recipe's data (nodata excluded), as YAML"))
@@ -409,9 +463,15 @@ def main(argv: list[str] | None = None) -> int:
     except DensesslError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except PermissionError as exc:  # an unwritable path: the user's to fix, one line
-        print(f"error: cannot write {exc.filename or ''}: {exc.strerror or exc}",
-              file=sys.stderr)
+    except OSError as exc:
+        # last resort: writes through densessl.io are an OutputError (a DensesslError) already;
+        # this is a library writing its own file into a place the user chose (no permission,
+        # a file in the way, read-only, disk full). Any other OSError keeps its traceback.
+        from densessl.errors import WRITE_ERRNOS, os_error_line
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,6 +29,26 @@ def construct(factory: Callable, options: dict, where: str, defaults: dict | Non
     annotation (:func:`check_option_types`). ``defaults`` are passed only for the keywords the
     factory accepts and the options do not set. ``label`` names the factory in errors."""
     label = label or getattr(factory, "__name__", repr(factory))
+    check_options(factory, options, where, label)
+    params = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in (defaults or {}).items() if k in params and k not in options}
+    kwargs.update(options)
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as exc:  # a bad option value (e.g. num_images: 0) too
+        raise RecipeError(f"{where}: cannot build {label}: {exc}") from None
+
+
+def check_options(factory: Callable, options: dict, where: str, label: str | None = None
+                  ) -> None:
+    """What :func:`construct` checks before it calls ``factory``, without calling it (nothing
+    is read): every key of ``options`` is a keyword of ``factory`` (a RecipeError ``where.KEY:
+    not an option of LABEL (valid: ...)``) and every value matches its annotation
+    (:func:`check_option_types`). Recipe validation runs it before any data are read."""
+    label = label or getattr(factory, "__name__", repr(factory))
+    if not isinstance(options, dict):
+        raise RecipeError(f"{where}: expected a mapping of {label}'s options, got "
+                          f"{options!r}")
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     accepted = [k for k, p in params.items()
@@ -38,12 +58,6 @@ def construct(factory: Callable, options: dict, where: str, defaults: dict | Non
             raise RecipeError(f"{where}.{key}: not an option of {label} "
                               f"(valid: {', '.join(accepted) or 'none'})")
     check_option_types(factory, options, where, label)
-    kwargs = {k: v for k, v in (defaults or {}).items() if k in params and k not in options}
-    kwargs.update(options)
-    try:
-        return factory(**kwargs)
-    except (TypeError, ValueError) as exc:  # a bad option value (e.g. num_images: 0) too
-        raise RecipeError(f"{where}: cannot build {label}: {exc}") from None
 
 
 def check_option_types(factory: Callable, options: dict, where: str, label: str) -> None:

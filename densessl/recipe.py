@@ -774,19 +774,49 @@ def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
         raise RecipeError(_describe(exc.errors()[0], source)) from None
 
 
+#: what ``--set KEY=VALUE`` expects after the ``=``, said when a value is not valid YAML
+OVERRIDE_VALUES = ("a YAML value: a number, true/false, null, a list [a, b], a mapping "
+                   "{k: v} or a string (quote a string YAML would misread, e.g. \"'[x'\")")
+
+
+def yaml_problem(exc: yaml.YAMLError, line: bool = True) -> str:
+    """A YAML error in one line: what is wrong and where (1-based line and column, from yaml's
+    ``problem_mark``), e.g. ``expected ',' or ']', but got '}' (while parsing a flow sequence)
+    at line 2, column 17``; ``line=False`` leaves the line out (a one-line value)."""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    if context:
+        problem += f" ({' '.join(str(context).split())})"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return problem
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if line else \
+        f"column {mark.column + 1}"
+    return f"{problem} at {where}"
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"--set {item!r}: expected key=value, e.g. train.max_steps=10")
-        node = data
         parts = key.split(".")
+        if not all(part.strip() for part in parts):
+            raise RecipeError(f"--set {item!r}: {key!r} has an empty part; expected dotted "
+                              "recipe keys, e.g. train.max_steps=10")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {key}: {raw!r} is not valid YAML: "
+                              f"{yaml_problem(exc, line=False)}; expected {OVERRIDE_VALUES}"
+                              ) from None
+        node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = value
     return data
 
 
@@ -816,13 +846,24 @@ def read_recipe_dict(path: str | Path, kind: str = "recipe", _chain: tuple = ())
     files have a ``base`` of their own (densessl.sweep) and are read as they are.
     """
     path = Path(path)
+    # a base names the recipe that inherits it: the file to fix and how it was reached
+    name = f"{kind} {path}" + (f" (base of {_chain[-1]})" if _chain else "")
     if not path.is_file():
         raise RecipeError(f"{kind} {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{kind} {path}: not valid YAML ({exc})") from None
-    if kind != "recipe" or not isinstance(data, dict) or "base" not in data:
+        raise RecipeError(f"{name}: not valid YAML: {yaml_problem(exc)}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{name}: not a YAML text file (not UTF-8)") from None
+    if data is None:  # an empty file, or comments only: never the all-defaults recipe
+        example = ("`base: demo` then the keys to change (densessl recipe demo prints "
+                   "every key)" if kind == "recipe" else "`base: demo` and a `grid:`")
+        raise RecipeError(f"{name} is empty: a {kind} is a YAML mapping, e.g. {example}")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{name}: expected a YAML mapping (key: value lines) at the top "
+                          f"level, got {_yaml_kind(data)}")
+    if kind != "recipe" or "base" not in data:
         return data
     base = data.pop("base")
     if not isinstance(base, str) or not base:
@@ -837,6 +878,15 @@ def read_recipe_dict(path: str | Path, kind: str = "recipe", _chain: tuple = ())
     if not base_path.is_file():
         raise RecipeError(f"recipe {path}: base: {str(base_path)!r} not found")
     return _merged(read_recipe_dict(base_path, kind, chain), data)
+
+
+def _yaml_kind(value) -> str:
+    """What a YAML document holds, in words: ``a list``, ``the string 'x'``."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value!r}" if len(value) <= 40 else "a string"
+    return f"the {type(value).__name__} {value!r}"
 
 
 def _merged(base: dict, child: dict) -> dict:

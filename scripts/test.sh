@@ -15,4 +15,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
     touch "$stamp"
 fi
+# The whole suite (no arguments: CI and the README's command) starts with the static checks.
+if [ "$#" -eq 0 ]; then
+    bash scripts/checks.sh
+fi
 exec .venv/bin/python -m pytest -q "$@"

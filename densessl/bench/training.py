@@ -136,9 +136,9 @@ def moco_v2_step_fn(recipe: Recipe, device: torch.device) -> tuple[Callable, nn.
     from lightly.models.modules import MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
 
-    from densessl.models import ResNetBackbone
+    from densessl.models.backbones import build_backbone
 
-    backbone = ResNetBackbone(recipe.model.backbone, recipe.data.channels)
+    backbone = build_backbone(recipe.model.backbone, recipe.data.channels)
     online = nn.ModuleDict({
         "backbone": backbone,
         "head": MoCoProjectionHead(backbone.channels["c5"], 512, 128),

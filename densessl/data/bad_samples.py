@@ -5,6 +5,7 @@ pretraining copies into metrics.json. Never silent."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 from densessl.errors import DataError
 
@@ -15,6 +16,42 @@ def report_bad(problem: str, skip_bad: bool, skipped: list[str]) -> None:
         raise DataError(problem)
     warnings.warn(f"skipping: {problem}", stacklevel=3)
     skipped.append(problem)
+
+
+def refusals(build: Callable[[], object]) -> list[str]:
+    """What a loader refuses, found by the loader's own checks (``data inspect --check``):
+    ``build()`` constructs it with ``skip_bad=True``, so each bad sample it meets is a
+    ``skipping: ...`` warning (:func:`report_bad`) instead of the first error; each is listed,
+    then the :class:`DataError` that stopped the construction, if any. Without
+    ``data.skip_bad`` a run refuses every one of them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            build()
+            fatal = []
+        except DataError as exc:
+            fatal = [str(exc)]
+    skipped = [str(w.message).removeprefix("skipping: ") for w in caught
+               if str(w.message).startswith("skipping: ")]
+    return list(dict.fromkeys(skipped + fatal))
+
+
+def loader_refusals(factory: Callable, root, options: dict, defaults: dict | None = None
+                    ) -> tuple[list[str], object | None]:
+    """:func:`refusals` of ``factory`` (a registered source or labeled dataset) built on
+    ``root`` with ``options`` (``data inspect --option``; unknown keys are a RecipeError, as in a
+    recipe) over ``defaults``; also the built object, or ``None`` when it was refused whole."""
+    from densessl.options import construct  # lazy: this module stays light
+
+    for key in ("path", "skip_bad"):
+        if key in options:
+            raise DataError(f"data inspect --option {key}: set by --check itself (path: ROOT; "
+                            "skip_bad: on, so that every bad sample is listed as a refusal)")
+    built: list = []
+    fixed = {**(defaults or {}), "path": str(root), "skip_bad": True}
+    problems = refusals(lambda: built.append(
+        construct(factory, options, "data inspect: option", fixed)))
+    return problems, (built[0] if built else None)
 
 
 class ReadSkips:

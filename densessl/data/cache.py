@@ -5,6 +5,8 @@ statistics. One folder, ``$DENSESSL_CACHE`` or ``~/.cache/densessl``, unless a r
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +17,23 @@ from densessl.data.registry import SYNTHESIZERS
 def default_cache_dir() -> Path:
     """``$DENSESSL_CACHE`` or ``~/.cache/densessl``."""
     return Path(os.environ.get("DENSESSL_CACHE", "~/.cache/densessl")).expanduser()
+
+
+def torch_load_problem(exc: Exception) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` refused a file (torch's own
+    message spans many lines and suggests ``weights_only=False``, which would run the file's
+    code). Shared by every loader of files densessl did not just write (caches, weights,
+    checkpoints)."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"it holds a pickled Python object ({found[1]}), not only tensors and plain "
+                "types; refused, because unpickling it could run code (weights_only=True)")
+    if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        return f"not a torch file, or a damaged one ({' '.join(detail.split())})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'unreadable'}"
 
 
 def cached_synthetic(kind: str, n: int | None, seed: int, cache_dir: str | Path | None) -> Path:

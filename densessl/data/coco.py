@@ -59,7 +59,7 @@ from densessl.data.bad_samples import ReadSkips, report_bad
 from densessl.data.bit_depth import BitDepth, resolve_bit_depth
 from densessl.data.decode import decode_image, warn_if_tiny
 from densessl.data.labeled import LabeledData, register_eval_dataset
-from densessl.data.registry import register_inspector
+from densessl.data.registry import register_checker, register_inspector
 from densessl.data.resize import resize_image, resize_labels
 from densessl.errors import DataError
 
@@ -413,3 +413,15 @@ def inspect_coco(root: str | Path) -> dict:
     cats = {json.dumps(s["categories"], sort_keys=True) for s in summary.values()}
     return {"format": "coco", "root": str(root), "files": summary,
             "categories_agree": len(cats) == 1}
+
+
+@register_checker("coco")
+def check_coco(root: Path, options: dict) -> list[str]:
+    """What ``finetune.dataset: coco`` refuses in ``root`` (``data inspect --check``), found by
+    :func:`coco_labeled` itself: annotation files it needs, categories that differ between
+    files, and every entry it drops with ``skip_bad`` (an image file that is missing, an unknown
+    category id, an invalid segmentation), each naming the JSON and the file. ``options``:
+    those of :func:`coco_labeled` (e.g. ``annotations``)."""
+    from densessl.data.bad_samples import loader_refusals
+
+    return loader_refusals(coco_labeled, root, options)[0]

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from densessl.data.cache import cached_synthetic, default_cache_dir
 from densessl.data.geotiff_synth import SERIES_FOLDER
 from densessl.data.manifest import ProvenanceFilter
 from densessl.data.registry import (
+    register_checker,
     register_inspector,
     register_provenance_lister,
     register_source,
@@ -268,23 +270,48 @@ def band_statistics(rasters: list[RasterInfo], bands: list[int], max_side: int =
             "valid_pixels": valid_pixels, "unreadable": unreadable}
 
 
+#: bump when the stored statistics change shape (2: the key holds this version)
+STATS_VERSION = 2
+
+
 def _stats_key(rasters: list[RasterInfo], bands: list[int]) -> str:
     text = json.dumps([[str(r.path.resolve()), r.path.stat().st_size, r.path.stat().st_mtime_ns]
-                       for r in rasters] + [bands])
+                       for r in rasters] + [bands, STATS_VERSION])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _stats_problem(stored: object, key: str, bands: list[int]) -> str | None:
+    """Why a stored statistics file cannot be used for this file set (``None``: it can)."""
+    if not isinstance(stored, dict):
+        return "not a JSON object"
+    if stored.get("key") != key:
+        return "written for other files, bands or an older densessl (key mismatch)"
+    numbers = [stored.get("mean"), stored.get("std")]
+    if not all(isinstance(v, list) and len(v) == len(bands)
+               and all(isinstance(x, (int, float)) for x in v) for v in numbers):
+        return f"mean / std are not {len(bands)} numbers"
+    if not isinstance(stored.get("valid_pixels"), dict):
+        return "no valid_pixels"
+    return None
 
 
 def load_or_compute_stats(rasters: list[RasterInfo], bands: list[int],
                           stats_path: Path) -> dict:
-    """Statistics from ``stats_path`` when it matches this file set, else computed and stored."""
+    """Statistics from ``stats_path`` when it matches this file set (key: every file's path,
+    size and mtime, the bands and :data:`STATS_VERSION`) and has the expected shape, else
+    computed and stored; a file that was there and is not used is named in a warning."""
     key = _stats_key(rasters, bands)
     if stats_path.is_file():
         try:
             stored = json.loads(stats_path.read_text())
-            if stored.get("key") == key and "valid_pixels" in stored:
-                return stored
-        except ValueError:
-            pass  # a damaged cache file is simply recomputed
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable: {exc}"
+        else:
+            problem = _stats_problem(stored, key, bands)
+        if problem is None:
+            return stored
+        warnings.warn(f"GeoTIFF band statistics {stats_path} not used ({problem}); "
+                      "recomputing them", stacklevel=3)
     stats = {"key": key, "bands": bands, "files": [str(r.path) for r in rasters],
              **band_statistics(rasters, bands)}
     write_json(stats_path, stats)
@@ -450,7 +477,12 @@ class GeoTiffPairs(Dataset):
             raise DataError(f"data.path {path!r}: no GeoTIFF whose name matches {pattern!r}")
         counts = {r.count for r in rasters}
         if len(counts) != 1:
-            raise DataError(f"{path}: rasters have different band counts {sorted(counts)}")
+            first = {}
+            for r in rasters:
+                first.setdefault(r.count, r.path)
+            raise DataError(f"{path}: rasters have different band counts "
+                            f"{sorted(counts)}: " + ", ".join(
+                                f"{first[n]} has {n}" for n in sorted(first)))
         self.bands = list(bands) if bands else list(range(1, counts.pop() + 1))
         if len(self.bands) != channels:
             raise DataError(f"data.channels is {channels} but {len(self.bands)} bands are used "
@@ -528,11 +560,15 @@ class GeoTiffPairs(Dataset):
             if bad:
                 report_bad(bad[0], skip_bad, self.skipped_samples)
                 continue
-            checked = [pair.early] + ([pair.late] if pair.aligned else [])
-            best = min((counts.get(str(r.path)) for r in checked
-                        if counts.get(str(r.path)) is not None), default=None)
+            checked = [r for r in [pair.early] + ([pair.late] if pair.aligned else [])
+                       if counts.get(str(r.path)) is not None]
+            worst = min(checked, key=lambda r: counts[str(r.path)], default=None)
+            best = None if worst is None else counts[str(worst.path)]
             if best is not None and best < min_valid * size * size and min_valid > 0:
-                report_bad(f"{pair.early.path} and {pair.late.path}: no {size}×{size} window "
+                share = best / (worst.width * worst.height)
+                report_bad(f"{worst.path}: {share:.1%} of its pixels are valid data"
+                           f"{' (all nodata)' if best == 0 else ''}, so no {size}×{size} "
+                           f"window of the date pair {pair.early.path} and {pair.late.path} "
                            f"can reach data.options.min_valid {min_valid} (at most "
                            f"{best / (size * size):.3f} of a window is valid data)",
                            skip_bad, self.skipped_samples)
@@ -639,3 +675,75 @@ def inspect_geotiff(root: Path, pattern: str = DEFAULT_PATTERN) -> dict:
             "dates": sorted({r.date.isoformat() for r in files}), "crs": crs_names,
             "band_count": sorted({r.count for r in files}),
             "sizes": sorted({f"{r.width}x{r.height}" for r in files}), "problems": problems}
+
+
+def valid_pixel_count(path: Path, bands: list[int]) -> int:
+    """Pixels valid in every band of ``bands`` over the whole raster, read block by block
+    (``data inspect --check``; the source itself only samples large rasters)."""
+    with rasterio.open(path) as src:
+        total = 0
+        for _, window in src.block_windows(1):
+            data = src.read(bands, window=window, out_dtype="float64")
+            total += int(_valid(src, data, bands, window).sum())
+        return total
+
+
+@register_checker("geotiff")
+def check_geotiff(root: Path, options: dict) -> list[str]:
+    """What :class:`GeoTiffPairs` (``data.source: geotiff``) refuses in ``root``, found by its
+    own construction (``data inspect --check``): unreadable files, rasters without CRS or
+    geotransform, different band counts, date pairs whose footprints do not overlap, rasters
+    smaller than ``image_size``, bands without a valid pixel, pairs where no window can reach
+    ``min_valid``. Where the source samples a large raster's nodata, the check counts every
+    pixel, and a raster with no valid pixel at all is refused (each of its windows would be).
+    ``options`` are the source's (``pattern``, ``bands``, ``channels``, ``image_size``,
+    ``min_valid``, ``pairing``...); ``channels`` defaults to the band count, ``image_size`` to
+    64."""
+    import tempfile
+
+    from densessl.data.bad_samples import loader_refusals, refusals
+
+    if "stats_path" in options:
+        raise DataError("data inspect --option stats_path: --check computes the statistics "
+                        "into a temporary file (nothing is written to the cache)")
+    channels = options.get("channels")
+    if channels is None:
+        bands = options.get("bands")
+        channels = len(bands) if bands else None
+    if channels is None:  # the band count of the first dated raster (the source checks all)
+        try:
+            regex = re.compile(options.get("pattern", DEFAULT_PATTERN))
+            for file in list_files(root):
+                try:
+                    info = read_info(file, regex)
+                except DataError:
+                    continue
+                if info is not None:
+                    channels = info.count
+                    break
+        except (DataError, re.error):
+            pass
+    with tempfile.TemporaryDirectory(prefix="densessl-check-") as tmp:
+        defaults = {"image_size": 64, "channels": channels or 3,
+                    "stats_path": str(Path(tmp) / "stats.json")}
+        problems, dataset = loader_refusals(GeoTiffPairs, root, options, defaults)
+        if dataset is None:
+            return problems
+        stats = json.loads(Path(dataset.stats_path).read_text())
+    used = {str(r.path): r for p in dataset.pairs for r in (p.early, p.late)}
+    counts = dict(stats["valid_pixels"])
+    for name, raster in sorted(used.items()):
+        if counts.get(name) is None:
+            try:
+                counts[name] = valid_pixel_count(raster.path, dataset.bands)
+            except rasterio.errors.RasterioError as exc:
+                problems.append(f"{name}: cannot read GeoTIFF pixels ({exc})")
+                counts[name] = 0
+                continue
+        if counts[name] == 0:
+            problems.append(f"{name}: every pixel is nodata in bands {dataset.bands}; no "
+                            "window of its date pairs has valid data")
+    exact = {**stats, "valid_pixels": counts}
+    problems += refusals(lambda: dataset._usable_pairs(exact, dataset.image_size,
+                                                       dataset.min_valid, True))
+    return list(dict.fromkeys(problems))

@@ -46,7 +46,7 @@ from densessl.data.geotiff import RasterHandles, RasterInfo, _read, _valid
 from densessl.data.geotiff_synth import LABELED_FOLDER, place_splits
 from densessl.data.labeled import LabeledData, instances_from_mask, register_eval_dataset
 from densessl.data.mask_folder import read_classes
-from densessl.data.registry import register_inspector
+from densessl.data.registry import register_checker, register_inspector
 from densessl.errors import DataError, RecipeError
 
 IGNORE = 255
@@ -632,3 +632,28 @@ def inspect_geotiff_masks(root: Path) -> dict:
             "dtypes": sorted(dtypes),
             "classes": classes.read_text().splitlines() if classes.is_file() else None,
             "splits": splits or None, "problems": problems}
+
+
+@register_checker("geotiff_masks")
+def check_geotiff_masks(root: Path, options: dict) -> list[str]:
+    """What ``finetune.dataset: geotiff_masks`` refuses in ``root`` (``data inspect --check``):
+    the problems the inspector finds per scene (pairing, CRS, grids, bands), then
+    :func:`geotiff_masks` itself (classes, nodata, splits; the first problem, where it
+    stops). ``options``: those of :func:`geotiff_masks`; ``channels`` defaults to the first
+    scene's band count (or the number of ``bands``)."""
+    from densessl.data.bad_samples import loader_refusals
+
+    problems = list(inspect_geotiff_masks(root)["problems"])
+    defaults = {}
+    if "channels" not in options:
+        scenes = sorted(_rasters(Path(root) / "scenes").values())
+        if options.get("bands"):
+            defaults["channels"] = len(options["bands"])
+        elif scenes:
+            try:
+                with rasterio.open(scenes[0]) as src:
+                    defaults["channels"] = src.count
+            except rasterio.errors.RasterioError:
+                pass  # named by the loader
+    problems += loader_refusals(geotiff_masks, root, options, defaults)[0]
+    return list(dict.fromkeys(problems))

@@ -83,6 +83,7 @@ from densessl.data.bit_depth import (
 from densessl.data.geotiff import RasterHandles, list_files, series_root, stats_windows
 from densessl.data.manifest import ProvenanceFilter
 from densessl.data.registry import (
+    register_checker,
     register_inspector,
     register_provenance_lister,
     register_source,
@@ -707,3 +708,27 @@ def inspect_geotiff_tiles(root: Path) -> dict:
             "dtypes": sorted({d for s in scenes for d in s["dtypes"]}), "crs": values("crs"),
             "nodata": values("nodata"), "nbits": values("nbits"), "files": scenes,
             "problems": problems}
+
+
+@register_checker("geotiff_tiles")
+def check_geotiff_tiles(root: Path, options: dict) -> list[str]:
+    """What ``data.source: geotiff_tiles`` refuses in ``root`` (``data inspect --check``),
+    found by :class:`GeoTiffTiles` itself with ``skip_bad``: unreadable scenes, band counts and
+    types, scenes with no valid pixel in its sample, values outside the bit depth. ``options``:
+    those of :class:`GeoTiffTiles`; ``channels`` defaults to the first scene's band count (or
+    the number of ``bands``)."""
+    from densessl.data.bad_samples import loader_refusals
+
+    defaults = {}
+    if "channels" not in options:
+        if options.get("bands"):
+            defaults["channels"] = len(options["bands"])
+        else:
+            for path in scene_files(root):
+                try:
+                    with rasterio.open(path) as src:
+                        defaults["channels"] = src.count
+                    break
+                except rasterio.errors.RasterioError:
+                    continue  # named by the loader
+    return loader_refusals(GeoTiffTiles, root, options, defaults)[0]

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from densessl.data.bad_samples import ReadSkips
 from densessl.data.bit_depth import BitDepth, resolve_bit_depth
 from densessl.data.decode import decode_image, warn_if_tiny
-from densessl.data.registry import register_inspector, register_source
+from densessl.data.registry import register_checker, register_inspector, register_source
 from densessl.data.sixray import resize_crop
 from densessl.errors import DataError
 
@@ -119,3 +119,13 @@ def inspect_folder(root: Path) -> dict:
         by_ext[f.suffix.lower()] = by_ext.get(f.suffix.lower(), 0) + 1
     return {"format": "folder", "root": str(root), "images": len(files),
             "extensions": dict(sorted(by_ext.items()))}
+
+
+@register_checker("folder")
+def check_folder(root: Path, options: dict) -> list[str]:
+    """What ``data.source: folder`` refuses in ``root`` at construction (``data inspect
+    --check``; every image is decoded by the check itself). ``options``: those of
+    :class:`ImageFolder`."""
+    from densessl.data.bad_samples import loader_refusals
+
+    return loader_refusals(ImageFolder, root, options)[0]

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from densessl.data.bit_depth import BitDepth, resolve_bit_depth
 from densessl.data.decode import decode_image, warn_if_tiny
 from densessl.data.labeled import LabeledData, instances_from_mask, register_eval_dataset
-from densessl.data.registry import register_inspector
+from densessl.data.registry import register_checker, register_inspector
 from densessl.data.resize import resize_image, resize_labels
 from densessl.errors import DataError
 
@@ -334,3 +334,15 @@ def inspect_mask_folder(root: str | Path) -> dict:
             "splits": ({"source": "files", **{s: len(v) for s, v in splits.items()}}
                        if splits is not None else
                        {"source": "seeded at fine-tuning (no splits/train.txt)"})}
+
+
+@register_checker("mask_folder")
+def check_mask_folder(root: Path, options: dict) -> list[str]:
+    """What ``finetune.dataset: mask_folder`` refuses in ``root`` (``data inspect --check``),
+    found by :func:`mask_folder_labeled` itself: an image without a mask or the reverse, a mask
+    whose size differs from its image, an id outside the classes, a split file naming a missing
+    stem (the first problem: the loader stops there). ``options``: those of
+    :func:`mask_folder_labeled` (``class_values``, ``val_fraction``...)."""
+    from densessl.data.bad_samples import loader_refusals
+
+    return loader_refusals(mask_folder_labeled, root, options)[0]

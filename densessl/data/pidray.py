@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from densessl.data.bad_samples import ReadSkips
 from densessl.data.coco import load_coco_records, read_coco_json, render_annotations
 from densessl.data.decode import decode_image, warn_if_tiny
-from densessl.data.registry import register_inspector, register_source
+from densessl.data.registry import register_checker, register_inspector, register_source
 from densessl.data.resize import resize_image
 from densessl.errors import DataError
 
@@ -177,14 +177,14 @@ def inspect_pidray(root: str | Path) -> dict:
     if not splits:
         raise DataError(f"PIDray: no annotations/*.json under {str(root)!r}")
     classes = {n: {"instances": 0, "pixels": 0} for n in PIDRAY_CLASSES}
-    sizes, per_split, skipped = [], {}, 0
+    sizes, per_split, skipped = [], {}, []
     for split in splits:
         json_path, image_dir = find_split(root, split)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # reported as a count instead
+            warnings.simplefilter("ignore")  # listed in the report instead
             records, bad = load_coco(json_path, image_dir, skip_bad=True)
         per_split[split] = len(records)
-        skipped += len(bad)
+        skipped += bad
         for rec in records:
             sizes.append((rec["height"], rec["width"]))
             for ann in rec["anns"]:
@@ -195,4 +195,30 @@ def inspect_pidray(root: str | Path) -> dict:
     return {"format": "pidray", "images": int(sum(per_split.values())), "splits": per_split,
             "classes": classes,
             "image_size": {"min": sizes_arr.min(0).tolist(), "max": sizes_arr.max(0).tolist()},
-            "skipped": skipped}
+            # entries the loader drops with data.skip_bad and refuses without it, each naming
+            # the file and why (the first few; --check lists them all)
+            "skipped": len(skipped), "skipped_first": skipped[:SKIPPED_SHOWN]}
+
+
+#: how many skipped entries an inspector report names (``--check`` lists every one)
+SKIPPED_SHOWN = 5
+
+
+@register_checker("pidray")
+def check_pidray(root: Path, options: dict) -> list[str]:
+    """What the PIDray loader refuses (``data inspect --check``): for every split, the entries
+    :func:`load_coco` drops with ``skip_bad`` (annotations pointing at a missing image, unknown
+    categories, invalid segmentations) and its errors (a damaged JSON, a category that is not a
+    PIDray class), each naming the file. ``options``: those of :class:`PIDray` except ``split``
+    (every split is checked)."""
+    from densessl.data.bad_samples import loader_refusals
+
+    if "split" in options:
+        raise DataError("data inspect --option split: --check checks every split")
+    splits = available_splits(root)
+    if not splits:
+        return [f"PIDray: no annotations/*.json under {str(root)!r}"]
+    problems = []
+    for split in splits:
+        problems += loader_refusals(PIDray, root, {**options, "split": split})[0]
+    return problems

@@ -9,6 +9,9 @@
   ``densessl data inspect ROOT --format FORMAT``.
 * ``register_provenance_lister("format")``: ``fn(root: Path) -> (files, items)`` behind
   ``densessl data inspect ROOT --format FORMAT --manifest M``.
+* ``register_checker("format")``: ``fn(root: Path, options: dict) -> list[str]`` behind
+  ``densessl data inspect ROOT --format FORMAT --check``: what the format's own loader refuses
+  (one line per problem, naming the file), found by the loader's own checks.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ INSPECTORS: dict[str, Callable] = {}
 #: format → ``fn(root: Path) -> (files, items)``: the images a source of that format reads,
 #: relative to ``root``, and the files each item reads together (``data inspect --manifest``)
 PROVENANCE_LISTERS: dict[str, Callable] = {}
+#: format → ``fn(root: Path, options: dict) -> list[str]``: the problems the format's loader
+#: (pretraining source or fine-tuning dataset) refuses, for ``data inspect --check``
+CHECKERS: dict[str, Callable] = {}
 
 
 def registrar(table: dict, kind: str, name: str):
@@ -49,3 +55,7 @@ def register_inspector(name: str):
 
 def register_provenance_lister(name: str):
     return registrar(PROVENANCE_LISTERS, "provenance lister", name)
+
+
+def register_checker(name: str):
+    return registrar(CHECKERS, "checker", name)

@@ -3,12 +3,22 @@
 Cut-paste pretraining (InsLoc, Yang et al. 2021; SegLoc, Halat et al. 2023) pastes the same
 labeled instance into two views. Decoding masks and reading images for every pair would dominate
 the data pipeline, so every non-crowd instance is cut out once (tight box crop of the image plus
-its mask) and stored in a ``.pt`` cache keyed on the annotation file (path, size, mtime).
+its mask) and stored in a ``.pt`` cache.
+
+The cache may sit in a shared folder, so it is never trusted as found: its name and its
+content carry a key (format version, the annotation file's path, size and mtime, the image
+folder, and every option that shapes the bank), it holds tensors and plain types only (read
+with ``weights_only=True``, so a file carrying any other pickled object is refused, never
+unpickled), and it lists the size and mtime of every image it was cut from. A cache that
+cannot be read, is of another version or key, has an unexpected shape, or whose images have
+changed is rebuilt, with a warning saying why.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +26,51 @@ import torch
 from pycocotools import mask as mask_utils
 
 from densessl.boxes import mask_edge_boxes
-from densessl.data.cache import default_cache_dir
+from densessl.data.cache import default_cache_dir, torch_load_problem
 from densessl.data.pidray import PIDRAY_CARD, find_split, load_coco, read_image
+from densessl.errors import DataError
 from densessl.io import save_torch
 
-_VERSION = 3  # bump when the cache content changes (3: segments name their file)
+# bump when the cache content changes (3: segments name their file; 4: keyed by every option
+# that shapes the bank, validated on load, lists its images' sizes and mtimes)
+_VERSION = 4
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def cache_problem(data: object, key: str, channels: int, root: Path) -> str | None:
+    """Why a loaded segment-bank cache cannot be used (``None``: it can): another version or
+    key, an unexpected structure, or an image it was cut from that changed since."""
+    if not isinstance(data, dict):
+        return f"holds a {type(data).__name__}, not a segment bank"
+    if data.get("version") != _VERSION:
+        return f"format version {data.get('version')!r}, this densessl writes {_VERSION}"
+    if data.get("key") != key:
+        return "written for another annotation file or other options (key mismatch)"
+    segments, skipped, images = data.get("segments"), data.get("skipped"), data.get("images")
+    if not (isinstance(segments, list) and isinstance(skipped, list)
+            and all(isinstance(x, str) for x in skipped) and isinstance(images, dict)):
+        return "unexpected structure (segments, skipped, images)"
+    for k, seg in enumerate(segments):
+        ok = (isinstance(seg, dict) and isinstance(seg.get("image"), torch.Tensor)
+              and isinstance(seg.get("mask"), torch.Tensor)
+              and seg["image"].dtype == torch.uint8 and seg["image"].ndim == 3
+              and seg["image"].shape[0] == channels and seg["mask"].dtype == torch.bool
+              and tuple(seg["mask"].shape) == tuple(seg["image"].shape[1:])
+              and isinstance(seg.get("label"), int) and isinstance(seg.get("source_size"), int)
+              and isinstance(seg.get("source"), str) and isinstance(seg.get("file"), str))
+        if not ok:
+            return f"segment {k} has an unexpected structure"
+    for name, recorded in images.items():
+        if _stat(root / name) != recorded:
+            return f"image {root / name} changed since the bank was cut"
+    return None
 
 
 class SegmentBank:
@@ -49,26 +99,45 @@ class SegmentBank:
         json_path, image_dir = find_split(pidray_root, split)
         self.root = Path(pidray_root)
         stat = json_path.stat()
-        key = hashlib.sha1(f"{_VERSION}|{json_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-                           f"|{channels}|{min_area}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps({
+            "version": _VERSION, "annotations": str(json_path.resolve()), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "images": str(image_dir.resolve()),
+            "root": str(self.root.resolve()), "split": split, "channels": channels,
+            "min_area": min_area, "skip_bad": skip_bad, "verify_images": verify_images},
+            sort_keys=True).encode()).hexdigest()
         cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "segment_bank"
-        self.cache_file = cache_dir / f"pidray_{split}_{key}.pt"
+        self.cache_file = cache_dir / f"pidray_{split}_{key[:16]}.pt"
         self.dataset_cards = [PIDRAY_CARD]
-        if self.cache_file.is_file():
-            data = torch.load(self.cache_file, weights_only=False)
-        else:
+        data = self._load_cache(key, channels)
+        if data is None:
             data = self._cut(json_path, image_dir, channels, min_area, skip_bad, verify_images,
-                             Path(pidray_root))
+                             self.root)
+            data = {"version": _VERSION, "key": key, **data}
             save_torch(self.cache_file, data)
         self.segments: list[dict] = data["segments"]
         self.skipped_samples: list[str] = data["skipped"]
         labels = [s["label"] for s in self.segments]
         self.labels = np.array(labels, dtype=np.int64)
         if not self.segments:
-            from densessl.errors import DataError
-
             raise DataError(f"segment bank: no instance with at least {min_area} pixels in "
                             f"{json_path}")
+
+    def _load_cache(self, key: str, channels: int) -> dict | None:
+        """The cache's content when it is there and valid for ``key``; otherwise ``None``
+        (rebuilt by the caller), with a warning saying why when a file was there."""
+        if not self.cache_file.is_file():
+            return None
+        try:
+            data = torch.load(self.cache_file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unusable cache is rebuilt
+            problem = torch_load_problem(exc)
+        else:
+            problem = cache_problem(data, key, channels, self.root)
+        if problem is None:
+            return data
+        warnings.warn(f"segment bank: cache {self.cache_file} is not used ({problem}); "
+                      "rebuilding it", stacklevel=3)
+        return None
 
     @staticmethod
     def _cut(json_path, image_dir, channels, min_area, skip_bad, verify_images, root) -> dict:
@@ -91,7 +160,10 @@ class SegmentBank:
                     "source_size": max(rec["height"], rec["width"]),
                     "source": f"{rec['file'].name}#{ann['id']}",
                     "file": rec["file"].relative_to(root).as_posix()})
-        return {"segments": segments, "skipped": skipped}
+        # the images cut from, with size and mtime: an edited image makes the cache stale
+        images = {rec["file"].relative_to(root).as_posix(): _stat(rec["file"])
+                  for rec in records}
+        return {"segments": segments, "skipped": skipped, "images": images}
 
     def __len__(self) -> int:
         return len(self.segments)

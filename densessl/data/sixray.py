@@ -28,7 +28,7 @@ from densessl.data.bad_samples import ReadSkips, report_bad
 from densessl.data.cache import cached_synthetic
 from densessl.data.decode import warn_if_tiny
 from densessl.data.pidray import PIDRAY_CLASSES, read_image
-from densessl.data.registry import register_inspector, register_source
+from densessl.data.registry import register_checker, register_inspector, register_source
 from densessl.errors import DataError
 
 #: SIXray label columns (Miao et al. 2019, "SIXray: A Large-scale Security Inspection X-ray
@@ -245,12 +245,15 @@ def inspect_sixray(root: str | Path) -> dict:
     files = sorted((root / "JPEGImage").glob("*.jpg"))
     if not files:
         raise DataError(f"SIXray: no JPEGImage/*.jpg under {str(root)!r}")
-    splits = {}
+    splits, missing = {}, []
     classes = {n: {"instances": 0, "pixels": 0, "positive_images": 0} for n in SIXRAY_CLASSES}
     for csv_path in sorted((root / "ImageSet").glob("*/*.csv")):
         rows = read_label_csv(csv_path)
         splits[f"{csv_path.parent.name}/{csv_path.stem}"] = len(rows)
-        for _, values in rows:
+        for name, values in rows:
+            if not (root / "JPEGImage" / f"{name}.jpg").is_file():
+                missing.append(f"{csv_path}: entry {name!r} points at missing file "
+                               f"{root / 'JPEGImage' / f'{name}.jpg'}")
             for name, v in zip(SIXRAY_CLASSES, values):
                 classes[name]["positive_images"] += int(v == 1)
     for xml in sorted((root / "positive-Annotation" / "Annotation").glob("*.xml")):
@@ -265,4 +268,17 @@ def inspect_sixray(root: str | Path) -> dict:
             sizes.append((img.height, img.width))
     sizes_arr = np.array(sizes)
     return {"format": "sixray", "images": len(files), "splits": splits, "classes": classes,
-            "image_size": {"min": sizes_arr.min(0).tolist(), "max": sizes_arr.max(0).tolist()}}
+            "image_size": {"min": sizes_arr.min(0).tolist(), "max": sizes_arr.max(0).tolist()},
+            # CSV rows naming an image that is not there: the loader refuses them (--check)
+            "missing_images": len(missing), "first_missing": missing[:5]}
+
+
+@register_checker("sixray")
+def check_sixray(root: Path, options: dict) -> list[str]:
+    """What ``data.source: sixray`` refuses in ``root`` (``data inspect --check``), found by
+    :class:`SIXray` itself with ``skip_bad``: label CSV rows naming a missing image, damaged
+    CSV or annotation files. ``options``: those of :class:`SIXray` (``subset``, ``split``,
+    ``which``; default ``which: all``, every image)."""
+    from densessl.data.bad_samples import loader_refusals
+
+    return loader_refusals(SIXray, root, {"which": "all", **options})[0]

@@ -30,6 +30,7 @@ from densessl.data.decode import decode_image
 from densessl.data.manifest import ProvenanceFilter
 from densessl.data.rasterize import parse_wkt, rasterize_shapes, shape_pixels
 from densessl.data.registry import (
+    register_checker,
     register_inspector,
     register_provenance_lister,
     register_source,
@@ -391,7 +392,9 @@ class XBDTiles(Dataset):
 def inspect_xbd(root: Path) -> dict:
     """Pairs per disaster and per-class instance / pixel counts from the post-disaster labels."""
     skipped: list[str] = []
-    pairs = scan_xbd(root, skip_bad=True, skipped=skipped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # listed in the report instead
+        pairs = scan_xbd(root, skip_bad=True, skipped=skipped)
     disasters: dict[str, int] = {}
     names = {**DAMAGE_NAMES, 255: "un-classified"}
     classes = {name: {"instances": 0, "pixels": 0} for name in names.values()}
@@ -416,3 +419,27 @@ def inspect_xbd(root: Path) -> dict:
     return {"format": "xbd", "root": str(root), "pairs": len(pairs), "disasters": disasters,
             "classes": classes, "pairs_without_labels": unlabeled,
             "buildings_without_pixels": degenerate, "skipped": skipped}
+
+
+@register_checker("xbd")
+def check_xbd(root: Path, options: dict) -> list[str]:
+    """What xBD pretraining (:class:`XBDTiles`) and fine-tuning (:class:`XBDDataset`) refuse
+    in ``root`` (``data inspect --check``), found by their own construction with ``skip_bad``:
+    an image without its pre/post partner, unreadable images, pre/post sizes that differ,
+    images smaller than ``image_size``, missing or damaged label JSONs. ``options``: those of
+    either class (each takes the keys it has)."""
+    import inspect
+
+    from densessl.data.bad_samples import loader_refusals
+
+    problems = []
+    for cls in (XBDTiles, XBDDataset):
+        params = inspect.signature(cls).parameters
+        unknown = [k for k in options if k not in inspect.signature(XBDTiles).parameters
+                   and k not in inspect.signature(XBDDataset).parameters]
+        if unknown:
+            raise DataError(f"data inspect --option {unknown[0]}: not an option of the xBD "
+                            "loaders (XBDTiles, XBDDataset)")
+        problems += loader_refusals(cls, root, {k: v for k, v in options.items()
+                                                if k in params})[0]
+    return list(dict.fromkeys(problems))

@@ -39,8 +39,9 @@ from torch import Tensor
 
 from densessl.errors import DensesslError
 from densessl.io import atomic_write, write_json, write_text
+from densessl.models.levels import LEVELS
+from densessl.models.weights import read_side_json
 
-LEVELS = ("c2", "c3", "c4", "c5")
 KINDS = ("text", "logo", "border", "none")
 # smp ResNet encoders return [input, stem, c2, c3, c4, c5]
 SMP_INDEX = {"c2": 2, "c3": 3, "c4": 4, "c5": 5}
@@ -419,7 +420,7 @@ def run_probe_artifacts(weights: str | Path, data: str, artifact: str, out: str 
     result (without the example images)."""
     import yaml
 
-    from densessl.models.backbone import build_backbone
+    from densessl.models.backbones import build_backbone, get_backbone_spec
 
     weights = Path(weights)
     if not weights.is_file():
@@ -429,9 +430,9 @@ def run_probe_artifacts(weights: str | Path, data: str, artifact: str, out: str 
     except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's to fix
         raise DensesslError(f"probe-artifacts: {weights} is not a torch state dict ({exc})"
                             ) from None
-    info = json.loads(weights.with_suffix(".json").read_text()) \
-        if weights.with_suffix(".json").is_file() else {}
-    if str(info.get("backbone", "")).startswith("timm:") and isinstance(state, dict):
+    info = read_side_json(weights.with_suffix(".json")) or {}  # damaged: an error naming it
+    spec = get_backbone_spec(info["backbone"]) if info.get("backbone") else None
+    if spec is not None and spec.family == "timm" and isinstance(state, dict):
         # a timm encoder.pt is identified by its encoder.json
         backbone, channels = info["backbone"], int(info.get("in_channels", 3))
     else:

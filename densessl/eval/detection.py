@@ -37,8 +37,9 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from densessl.errors import DensesslError
-from densessl.models.backbone import STAGE_CHANNELS, build_backbone
+from densessl.models.backbones import get_backbone_spec
 from densessl.models.box_head import build_conv_fc_head
+from densessl.models.levels import LEVELS
 from densessl.models.neck import CentredFeaturePyramidNetwork
 from densessl.models.trained_modules import load_units, module_units
 from densessl.models.weights import load_encoder
@@ -71,13 +72,14 @@ def build_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int = 128,
     The returned module's ``loaded_groups`` lists ``"backbone"`` / ``"fpn"`` when (any of it
     is) loaded, ``loaded_modules`` the loaded ``"backbone"`` and ``"fpn.<module>"``.
     """
-    if backbone.startswith("timm:"):
+    spec = get_backbone_spec(backbone)
+    if spec.family != "torchvision":  # torchvision cannot build it: our backbone under the FPN
         return _timm_fpn_backbone(backbone, in_channels, fpn_dim, encoder_state, neck_state,
                                   fpn_upsample)
-    net = getattr(torchvision.models, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
+    net = getattr(torchvision.models, spec.model_name)(weights=None, norm_layer=nn.BatchNorm2d)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    channels = list(STAGE_CHANNELS[backbone])
+    channels = [spec.channels[k] for k in LEVELS]
     model = BackboneWithFPN(net, return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
                             in_channels_list=channels, out_channels=fpn_dim,
                             extra_blocks=LastLevelMaxPool())
@@ -123,7 +125,7 @@ class EncoderWithFPN(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         feats = self.body(x)
         return self.fpn(OrderedDict((name, feats[level]) for name, level in
-                                    zip(FPN_LEVELS, ("c2", "c3", "c4", "c5"))))
+                                    zip(FPN_LEVELS, LEVELS)))
 
 
 def _timm_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int,
@@ -135,8 +137,8 @@ def _timm_fpn_backbone(backbone: str, in_channels: int, fpn_dim: int,
     stays trainable, as for ResNets; LayerNorm models (ConvNeXt) have none. The FPN's
     ``centred`` upsampling follows the backbone's ``cell_alignment``, as the pretraining neck's
     did (bilinear for ConvNeXt's ``block`` cells)."""
-    body = build_backbone(backbone, in_channels)
-    channels = [body.channels[k] for k in ("c2", "c3", "c4", "c5")]
+    body = get_backbone_spec(backbone).build(in_channels)
+    channels = [body.channels[k] for k in LEVELS]
     fpn = CentredFeaturePyramidNetwork(channels, fpn_dim, extra_blocks=LastLevelMaxPool(),
                                        upsample=fpn_upsample, alignment=body.cell_alignment)
     model = EncoderWithFPN(body, fpn, fpn_dim)

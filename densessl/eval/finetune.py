@@ -37,7 +37,7 @@ from densessl.eval.linear_probe import (
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
 from densessl.eval.segmentation import build_segmentation_model
 from densessl.methods.schedule import warmup_cosine
-from densessl.models.backbone import build_backbone
+from densessl.models.backbones import build_backbone
 from densessl.models.trained_modules import unit_of
 from densessl.models.weights import EncoderInit, load_encoder
 from densessl.recipe import Recipe

@@ -30,12 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from densessl.cells import cell_offset
 from densessl.errors import DensesslError
-from densessl.models.backbone import build_backbone
+from densessl.models.backbones import build_backbone
+from densessl.models.levels import LEVEL_STRIDES, LEVELS
 from densessl.models.weights import load_encoder
-
-LEVELS = ("c2", "c3", "c4", "c5")
-#: the backbone stride of each probe level
-LEVEL_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 
 
 def _feature_coords(pixels: Tensor, length: int, stride: float, alignment: str) -> Tensor:

@@ -3,8 +3,8 @@
 smp's ResNet encoders subclass torchvision's ResNet (minus ``fc``/``avgpool``), so our exported
 state dict loads into ``model.encoder`` key for key; :func:`densessl.models.weights.load_encoder`
 insists on exactly that. A ``timm:<name>`` backbone becomes smp's ``tu-<name>`` encoder, which
-holds the same timm ``features_only`` model under ``model.``
-(:func:`densessl.models.weights.to_smp_state`).
+holds the same timm ``features_only`` model under ``model.`` (the backbone's ``smp_encoder`` and
+``to_smp_state`` in :mod:`densessl.models.backbones`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from densessl.errors import DensesslError, RecipeError
-from densessl.models.weights import load_encoder, smp_encoder_name, to_smp_state
+from densessl.models.backbones import get_backbone_spec
+from densessl.models.weights import load_encoder
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
 
@@ -37,20 +38,21 @@ def build_segmentation_model(arch: str, backbone: str, in_channels: int, num_cla
     """
     if arch not in ARCHS:
         raise DensesslError(f"unknown segmentation architecture {arch!r}; valid: {sorted(ARCHS)}")
+    spec = get_backbone_spec(backbone)
     try:
-        model = getattr(smp, ARCHS[arch])(encoder_name=smp_encoder_name(backbone),
+        model = getattr(smp, ARCHS[arch])(encoder_name=spec.smp_encoder,
                                           encoder_weights=None, in_channels=in_channels,
                                           classes=num_classes)
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
-        if not backbone.startswith("timm:"):
+        if spec.family != "timm":  # smp's own ResNet encoders always build
             raise
         # e.g. DeepLabV3+ asks timm for output_stride=16, which not every model supports
         raise DensesslError(f"segmentation {arch}: smp cannot build encoder "
-                            f"{smp_encoder_name(backbone)!r} for model.backbone {backbone} "
+                            f"{spec.smp_encoder!r} for model.backbone {backbone} "
                             f"({type(exc).__name__}: {exc}); choose another "
                             "finetune.segmentation_archs") from None
     if encoder_state is not None:
-        load_encoder(model.encoder, to_smp_state(backbone, encoder_state), f"{arch} encoder")
+        load_encoder(model.encoder, spec.to_smp_state(encoder_state), f"{arch} encoder")
     return model
 
 

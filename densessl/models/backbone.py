@@ -6,6 +6,8 @@ import torch.nn as nn
 import torchvision
 from torch import Tensor
 
+from densessl.models.levels import LEVEL_STRIDES, LEVELS
+
 #: output channels of stages C2..C5 per backbone (what an FPN over them is built for)
 STAGE_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
@@ -32,7 +34,7 @@ class ResNetBackbone(nn.Module):
         "c5": …H/32}`` with ``self.channels`` giving C2..C5.
     """
 
-    strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+    strides = dict(LEVEL_STRIDES)
     #: every strided layer pads symmetrically: stride-s cell i on pixel s·i (densessl.cells)
     cell_alignment = "centre"
 
@@ -53,7 +55,7 @@ class ResNetBackbone(nn.Module):
             net.layer3,
             net.layer4,
         )
-        self.channels: dict[str, int] = dict(zip(("c2", "c3", "c4", "c5"), STAGE_CHANNELS[name]))
+        self.channels: dict[str, int] = dict(zip(LEVELS, STAGE_CHANNELS[name]))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -64,12 +66,10 @@ class ResNetBackbone(nn.Module):
         return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
 
 
-def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
-    """``"resnet18/34/50"`` → :class:`ResNetBackbone`; ``"timm:<model>"`` →
-    :class:`~densessl.models.timm_backbone.TimmBackbone`. Both return ``{"c2".."c5"}`` at
-    strides 4..32 and expose ``channels`` and ``cell_alignment`` (:mod:`densessl.cells`)."""
-    if name.startswith("timm:"):
-        from densessl.models.timm_backbone import TimmBackbone  # imports timm: only when used
-
-        return TimmBackbone(name, in_channels)
-    return ResNetBackbone(name, in_channels)
+def resnet_reference_state(name: str, in_channels: int) -> dict[str, Tensor]:
+    """Key → tensor of a randomly initialised torchvision ResNet without ``fc``: the key layout
+    (and shapes) of ``encoder.pt`` for ``name`` with ``in_channels`` inputs."""
+    net = getattr(torchvision.models, name)(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}

@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn as nn
 from torch import Tensor
 
-from densessl.models.backbone import build_backbone
+from densessl.models.backbones import build_backbone
 from densessl.models.heads import DenseProjectionHead, GlobalProjectionHead
 from densessl.models.neck import FPNNeck
 
@@ -18,8 +18,9 @@ class DenseEncoder(nn.Module):
     """Backbone, optional FPN neck, a dense projection head and an optional global head.
 
     Args:
-        backbone: ResNet name (:class:`ResNetBackbone`) or ``timm:<model>`` (any timm CNN with
-            ``features_only``, :class:`~densessl.models.timm_backbone.TimmBackbone`).
+        backbone: a :mod:`~densessl.models.backbones` name: ``resnet18/34/50``
+            (:class:`ResNetBackbone`) or ``timm:<model>`` (any timm CNN with ``features_only``,
+            :class:`~densessl.models.timm_backbone.TimmBackbone`).
         in_channels: input channels.
         neck: ``"fpn"`` (dense head reads FPN level ``p{3,4,5}``) or ``"none"`` (dense head reads
             backbone level ``c{3,4,5}``).

@@ -38,6 +38,7 @@ import torchvision
 from torch import Tensor
 
 from densessl.errors import DensesslError
+from densessl.models.backbones import get_backbone_spec
 from densessl.models.weights import check_encoder_state, reference_state
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,7 +73,8 @@ class ImagenetSource:
 def imagenet_source(backbone: str) -> ImagenetSource:
     """The ImageNet weights of ``backbone`` (found or not)."""
     hub = Path(torch.hub.get_dir()) / "checkpoints"
-    if not backbone.startswith("timm:"):
+    spec = get_backbone_spec(backbone)
+    if spec.family != "timm":
         if backbone not in _TORCHVISION:
             raise DensesslError(f"model.backbone {backbone!r}: no ImageNet weights known")
         enum = getattr(torchvision.models, _TORCHVISION[backbone]).IMAGENET1K_V1
@@ -83,7 +85,7 @@ def imagenet_source(backbone: str) -> ImagenetSource:
             f"(weights='IMAGENET1K_V1')\"", enum.url)
     from timm.models import get_pretrained_cfg
 
-    name = backbone[len("timm:"):]
+    name = spec.model_name
     cfg = get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise DensesslError(f"model.backbone {backbone}: timm has no pretrained weights for "
@@ -110,11 +112,12 @@ def imagenet_source(backbone: str) -> ImagenetSource:
 
 def _cached(source: ImagenetSource) -> Path | None:
     """The first cached copy of ``source`` on this machine (never downloads)."""
-    if source.backbone.startswith("timm:"):
+    spec = get_backbone_spec(source.backbone)
+    if spec.family == "timm":
         from huggingface_hub import try_to_load_from_cache
         from timm.models import get_pretrained_cfg
 
-        cfg = get_pretrained_cfg(source.backbone[len("timm:"):])
+        cfg = get_pretrained_cfg(spec.model_name)
         if cfg.hf_hub_id:
             for name in ((cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HF_FILES):
                 found = try_to_load_from_cache(cfg.hf_hub_id, name)
@@ -126,7 +129,7 @@ def _cached(source: ImagenetSource) -> Path | None:
 def missing_message(source: ImagenetSource, key: str) -> str:
     """How to provide ``source`` offline, in one line."""
     looked = " or ".join(str(p) for p in source.cache)
-    if source.backbone.startswith("timm:"):
+    if get_backbone_spec(source.backbone).family == "timm":
         where = "the cache above (as a download does)"
     else:
         where = f"{source.cache[0].parent}/"
@@ -212,7 +215,7 @@ def _timm_features_state(backbone: str, in_channels: int, path: Path, where: str
     layout, loaded by timm itself (its checkpoint filter, first-conv adaptation, no head)."""
     import timm
 
-    name = backbone[len("timm:"):]
+    name = get_backbone_spec(backbone).model_name
     try:
         model = timm.create_model(name, pretrained=True, features_only=True, in_chans=in_channels,
                                   pretrained_cfg_overlay={"file": str(path)})
@@ -238,7 +241,7 @@ def load_state(backbone: str, in_channels: int, path: Path, where: str
     try:
         check_encoder_state(state, backbone, in_channels, where)
     except DensesslError:
-        if not backbone.startswith("timm:"):
+        if get_backbone_spec(backbone).family != "timm":
             raise
         state, adapted = _timm_features_state(backbone, in_channels, path, where)
         check_encoder_state(state, backbone, in_channels, where)

@@ -13,25 +13,19 @@ key, and into smp's ``tu-<name>`` encoder with a ``model.`` prefix
 
 from __future__ import annotations
 
-import timm
 import torch.nn as nn
 from torch import Tensor
 
+from densessl.models.levels import LEVEL_STRIDES
+
+#: how a recipe names a timm model (``model.backbone: timm:<name>``)
 TIMM_PREFIX = "timm:"
-LEVEL_STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
-
-
-def is_timm(backbone: str) -> bool:
-    return backbone.startswith(TIMM_PREFIX)
-
-
-def timm_name(backbone: str) -> str:
-    """``"timm:convnext_atto"`` → ``"convnext_atto"``."""
-    return backbone[len(TIMM_PREFIX):] if is_timm(backbone) else backbone
 
 
 def create_features_model(name: str, in_channels: int) -> nn.Module:
     """timm's ``features_only`` model, randomly initialised (never downloads weights)."""
+    import timm  # only backbones that name a timm model pay for importing it
+
     return timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels)
 
 
@@ -58,14 +52,19 @@ def stem_cell_alignment(model: nn.Module) -> str:
     return "block" if patchify and unpadded else "centre"
 
 
+class MissingLevelsError(ValueError):
+    """A timm model without an output at one of the strides 4..32 that ``c2..c5`` need."""
+
+
 def level_indices(name: str, reductions: list[int]) -> dict[str, int]:
     """Output index of ``c2..c5`` in a features_only model whose outputs have ``reductions``:
-    the deepest output at each stride. A ValueError naming the model when one is missing."""
+    the deepest output at each stride. A :class:`MissingLevelsError` naming the model when
+    one is missing."""
     found = {}
     for level, stride in LEVEL_STRIDES.items():
         at = [i for i, r in enumerate(reductions) if r == stride]
         if not at:
-            raise ValueError(
+            raise MissingLevelsError(
                 f"model.backbone: timm:{name} has feature strides {list(reductions)}; a dense "
                 f"encoder needs outputs at strides 4, 8, 16 and 32 (c2..c5) and stride "
                 f"{stride} is missing (hierarchical CNNs such as convnext, efficientnet, "
@@ -78,7 +77,8 @@ class TimmBackbone(nn.Module):
     """A timm ``features_only`` CNN returning ``{"c2".."c5"}`` at strides 4..32.
 
     Args:
-        name: timm model name (without ``timm:``), e.g. ``"convnext_atto"``; random init.
+        name: timm model name, e.g. ``"convnext_atto"`` (or ``"timm:convnext_atto"``); random
+            init.
         in_channels: input channels; timm adapts the stem (any count).
 
     Shapes:
@@ -90,8 +90,10 @@ class TimmBackbone(nn.Module):
     strides = dict(LEVEL_STRIDES)
 
     def __init__(self, name: str, in_channels: int = 3) -> None:
+        import timm
+
         super().__init__()
-        name = timm_name(name)
+        name = name.removeprefix(TIMM_PREFIX)
         if not timm.is_model(name):
             raise ValueError(f"model.backbone: timm:{name} is not a timm model name "
                              "(timm.list_models() lists them)")

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 from torch import Tensor
 
+from densessl.data.cache import torch_load_problem as load_problem
 from densessl.errors import DensesslError
+from densessl.models.backbones import backbone_entries, get_backbone_spec
 
 
 @dataclass
@@ -44,16 +45,10 @@ class EncoderInit:
 
 
 def reference_state(backbone: str, in_channels: int) -> dict[str, Tensor]:
-    """Key → tensor of a randomly initialised torchvision ResNet (no ``fc``), our layout; for
-    ``timm:<name>`` the timm ``features_only`` model's state dict."""
-    if backbone.startswith("timm:"):
-        from densessl.models.timm_backbone import TimmBackbone
-
-        return TimmBackbone(backbone, in_channels).state_dict()
-    net = getattr(torchvision.models, backbone)(weights=None)
-    if in_channels != 3:
-        net.conv1 = torch.nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    """Key → tensor of a randomly initialised ``backbone`` in its ``encoder.pt`` key layout
+    (a torchvision ResNet without ``fc``; for ``timm:<name>`` the timm ``features_only``
+    model's state dict): :meth:`~densessl.models.backbones.BackboneSpec.reference_state`."""
+    return get_backbone_spec(backbone).reference_state(in_channels)
 
 
 def check_encoder_state(state: dict, backbone: str, in_channels: int, where: str) -> None:
@@ -65,10 +60,11 @@ def check_encoder_state(state: dict, backbone: str, in_channels: int, where: str
     if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] != in_channels:
         raise DensesslError(f"{where}: weights take {conv1.shape[1]} input channels but the "
                             f"recipe has data.channels={in_channels}")
-    ref = reference_state(backbone, in_channels)
+    spec = get_backbone_spec(backbone)
+    ref = spec.reference_state(in_channels)
     missing = sorted(set(ref) - set(state))
     unexpected = sorted(set(state) - set(ref) - {k for k in state if k.startswith("fc.")})
-    if (missing or unexpected) and backbone.startswith("timm:"):
+    if (missing or unexpected) and spec.family == "timm":
         raise DensesslError(
             f"{where}: not a {backbone} encoder (timm features_only key layout): "
             f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
@@ -86,43 +82,30 @@ def check_encoder_state(state: dict, backbone: str, in_channels: int, where: str
             raise DensesslError(f"{where}: {key} has shape {tuple(state[key].shape)}, a "
                                 f"{backbone} needs {tuple(ref_value.shape)}"
                                 + (f" with data.channels={in_channels}"
-                                   if backbone.startswith("timm:") else ""))
+                                   if spec.family == "timm" else ""))
 
 
 def key_layout(backbone: str) -> str:
     """``encoder.json``'s ``key_layout``: what ``encoder.pt``'s keys follow."""
-    if backbone.startswith("timm:"):
-        import timm
-
-        return f"timm features_only ({backbone[len('timm:'):]}, timm {timm.__version__})"
-    return "torchvision.models.resnet"
+    return get_backbone_spec(backbone).key_layout
 
 
 def to_smp_state(backbone: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our encoder layout → the ``model.encoder`` state of an smp model built with
-    :func:`smp_encoder_name`: unchanged for ResNets; smp's ``tu-`` encoder keeps the timm
+    """Our encoder layout → the ``model.encoder`` state of an smp model built with the
+    backbone's ``smp_encoder``: unchanged for ResNets; smp's ``tu-`` encoder keeps the timm
     features_only model as ``model``."""
-    if backbone.startswith("timm:"):
-        return {f"model.{k}": v for k, v in state.items()}
-    return dict(state)
+    return get_backbone_spec(backbone).to_smp_state(state)
 
 
 def from_smp_state(backbone: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of :func:`to_smp_state`."""
-    if backbone.startswith("timm:"):
-        return {k.removeprefix("model."): v for k, v in state.items()}
-    return dict(state)
-
-
-def smp_encoder_name(backbone: str) -> str:
-    """smp's encoder for our backbone: ``resnet18`` → ``resnet18``, ``timm:X`` → ``tu-X``."""
-    return "tu-" + backbone[len("timm:"):] if backbone.startswith("timm:") else backbone
+    return get_backbone_spec(backbone).from_smp_state(state)
 
 
 def guess_backbone(state: dict) -> str | None:
     """Which torchvision ResNet a state dict comes from, judged by its block keys."""
     keys = {k for k in state if not k.startswith("fc.")}
-    for name in ("resnet18", "resnet34", "resnet50"):
+    for name in [s.name for s in backbone_entries() if s.family == "torchvision"]:
         ref = reference_state(name, 3)
         # Exact key sets: resnet34's keys contain all of resnet18's.
         if set(ref) == keys and all(
@@ -131,27 +114,57 @@ def guess_backbone(state: dict) -> str | None:
     return None
 
 
+def read_state_file(path: str | Path, where: str = "weights") -> object:
+    """``torch.load`` of a file densessl did not just write, with ``weights_only=True``: only
+    tensors and plain types; anything else (or a damaged file) is one :class:`DensesslError`
+    line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        raise DensesslError(f"{where} {path}: cannot be read as a torch state dict "
+                            f"({load_problem(exc)})") from None
+
+
+def read_side_json(path: str | Path) -> dict | None:
+    """The JSON object in a file written next to ``encoder.pt`` (``encoder.json``,
+    ``metrics.json``), or ``None`` when there is none. A file that is there but cannot be read,
+    is not JSON or not a JSON object is a :class:`DensesslError` naming it and what is wrong:
+    never read as missing (that would turn a damaged provenance record into "unknown")."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise DensesslError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise DensesslError(f"{path}: not JSON (not UTF-8 text); the file is damaged") from None
+    except json.JSONDecodeError as exc:
+        raise DensesslError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column "
+                            f"{exc.colno}); the file is damaged or truncated") from None
+    if not isinstance(data, dict):
+        raise DensesslError(f"{path}: expected a JSON object, found a JSON "
+                            f"{type(data).__name__}; the file is damaged")
+    return data
+
+
 def load_encoder_file(path: str | Path, backbone: str, in_channels: int) -> EncoderInit:
     """Read ``encoder.pt`` (+ ``encoder.json``, ``neck.pt`` and ``box_head.pt`` next to it) and
-    check it."""
+    check it. A side file that is there but damaged is an error naming it (a ``metrics.json``
+    too, which the encoder checks read), never taken for a missing one."""
     path = Path(path)
     if not path.is_file():
         raise DensesslError(f"weights {str(path)!r} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        raise DensesslError(f"weights {path}: cannot be read as a torch state dict ({exc})"
-                            ) from None
+    state = read_state_file(path)
     if isinstance(state, dict) and "state_dict" in state:
         raise DensesslError(f"weights {path}: looks like a training checkpoint; pass the "
                             "exported encoder.pt instead")
     check_encoder_state(state, backbone, in_channels, f"weights {path}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    provenance = {}
-    if path.with_suffix(".json").is_file():
-        provenance = json.loads(path.with_suffix(".json").read_text())
-    neck = _load_part(path.parent / "neck.pt")
-    box_head = _load_part(path.parent / "box_head.pt")
+    provenance = read_side_json(path.with_suffix(".json")) or {}
+    read_side_json(path.parent / "metrics.json")  # damaged: named now, not as a traceback later
+    neck = read_side_state(path.parent / "neck.pt")
+    box_head = read_side_state(path.parent / "box_head.pt")
     if box_head is not None and not isinstance(provenance.get("box_head"), dict):
         raise DensesslError(f"weights {path.parent / 'box_head.pt'}: its construction "
                             f"parameters are missing from {path.with_suffix('.json')} "
@@ -159,15 +172,11 @@ def load_encoder_file(path: str | Path, backbone: str, in_channels: int) -> Enco
     return EncoderInit("pretrained", state, neck, provenance, box_head, path)
 
 
-def _load_part(path: Path) -> dict[str, Tensor] | None:
+def read_side_state(path: Path) -> dict[str, Tensor] | None:
     """A state dict written next to encoder.pt (neck.pt, box_head.pt), or ``None`` if absent."""
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        raise DensesslError(f"weights {path}: cannot be read as a torch state dict ({exc})"
-                            ) from None
+    state = read_state_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DensesslError(f"weights {path}: not a state dict of tensors")
     return state

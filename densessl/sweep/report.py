@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from densessl.eval.report import HEADLINE, mean_std
-from densessl.io import write_text
+from densessl.io import atomic_write, write_text
 
 FIXED = ("cell_id", "status", "error", "seconds")
 #: pretraining monitors shown in summary.md next to the headline metrics when a cell has them:
@@ -138,13 +138,15 @@ def _axes_groups(line_keys: list[str], x: str | None, lines: dict) -> dict[str, 
 
 
 def _save(fig, path: Path) -> Path:
-    """Lay out, write (creating the folder) and close a report figure."""
+    """Lay out, write atomically (creating the folder) and close a report figure; a plot that
+    cannot be written is one OutputError and leaves no half-written file."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:]))
+    finally:
+        plt.close(fig)
     return path
 
 

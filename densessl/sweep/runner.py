@@ -40,8 +40,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from densessl.errors import DensesslError, RecipeError
-from densessl.io import write_text
+from densessl.errors import DensesslError, OutputError, RecipeError
+from densessl.io import make_folder, write_text, writing
+from densessl.models.weights import read_side_json
 from densessl.recipe import apply_overrides, demo_recipe_path, parse_recipe, read_recipe_dict
 from densessl.sweep.report import read_results, write_results, write_summary
 
@@ -173,15 +174,25 @@ def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
     pretraining monitors."""
     from densessl.workflows.experiment import run
 
-    with open(cell_dir / "log.txt", "a") as log_file:
-        results = run(recipe, cell_dir, log=lambda *a: print(*a, file=log_file, flush=True))
+    log_path = cell_dir / "log.txt"
+    with writing(log_path):
+        log_file = open(log_path, "a")  # noqa: SIM115 - closed below
+
+    def log(*args) -> None:
+        with writing(log_path):  # a full disk: one OutputError naming log.txt
+            print(*args, file=log_file, flush=True)
+
+    try:
+        results = run(recipe, cell_dir, log=log)
+    finally:
+        log_file.close()
     metrics = flatten_results(results)
     for key, value in list(metrics.items()):
         init, _, rest = key.partition("/")
         other = metrics.get(f"random/{rest}")
         if init == "pretrained" and other is not None and not rest.endswith(("_std", "n_seeds")):
             metrics[f"gap/{rest}"] = value - other
-    pretrain_metrics = json.loads((cell_dir / "pretrain" / "metrics.json").read_text())
+    pretrain_metrics = read_side_json(cell_dir / "pretrain" / "metrics.json") or {}
     metrics.update(flatten_results(pretrain_metrics.get("final", {}), "pretrain/"))
     for key in ("pairs_per_s", "dense_query_cells_per_image"):  # run-level figures
         metrics[f"pretrain/{key}"] = float(pretrain_metrics.get(key, float("nan")))
@@ -190,20 +201,24 @@ def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
 
 def execute_cell(cell_fn: CellFn, recipe: dict, params: dict, cell_dir: Path) -> dict:
     """Run one cell in a clean folder and return its row; an exception becomes a ``failed``
-    row (interrupts such as KeyboardInterrupt still stop the sweep)."""
+    row (interrupts such as KeyboardInterrupt still stop the sweep). An output that cannot be
+    written (:class:`OutputError`: a full disk, a read-only folder) stops the sweep instead:
+    every later cell would fail the same way; rerunning resumes."""
     if cell_dir.exists():
         shutil.rmtree(cell_dir)  # leftovers of an interrupted attempt
-    cell_dir.mkdir(parents=True)
-    (cell_dir / "cell.json").write_text(json.dumps({"params": params, "recipe": recipe},
-                                                   indent=2))
+    make_folder(cell_dir)
+    write_text(cell_dir / "cell.json", json.dumps({"params": params, "recipe": recipe},
+                                                  indent=2))
     row: dict[str, Any] = {"cell_id": cell_dir.name, **params}
     start = time.perf_counter()
     try:
         metrics = cell_fn(recipe, cell_dir)
         row.update(status="ok", error="", **{k: float(v) for k, v in metrics.items()})
+    except OutputError:
+        raise
     except Exception as exc:  # noqa: BLE001 — a failed cell must not stop the sweep
         message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-        (cell_dir / "error.txt").write_text(traceback.format_exc())
+        write_text(cell_dir / "error.txt", traceback.format_exc())
         row.update(status="failed", error=message)
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
@@ -276,8 +291,7 @@ def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
     ones); it must be a module-level function when ``jobs`` > 1.
     """
     spec, cells = plan(sweep, overrides)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(Path(out))
     _check_numerics(out, jobs)
     write_text(out / "sweep.yaml", yaml.safe_dump(spec.model_dump(), sort_keys=False))
     keys = grid_keys(spec.grid)
@@ -315,6 +329,10 @@ def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
             except BrokenProcessPool:
                 raise DensesslError("a sweep worker process died (out of memory or killed); "
                                     "rerun the same command to resume") from None
+            except OutputError:  # a full disk: start no further cell
+                for future in futures:
+                    future.cancel()
+                raise
     ordered = [rows[i] for _, _, i in cells if i in rows]
     current = {i for _, _, i in cells}
     # Rows of cells no longer in the grid (an edited sweep) stay in the table, after the others.

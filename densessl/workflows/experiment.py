@@ -39,6 +39,7 @@ from densessl.models.imagenet import imagenet_state, init_weights_state, normali
 from densessl.models.weights import EncoderInit, load_encoder_file
 from densessl.recipe import Recipe, load_recipe
 from densessl.workflows.data_settings import inherit_data_settings, resolve_data_settings
+from densessl.workflows.validation import validate_recipe
 
 
 class CollapseWarning(UserWarning):
@@ -177,6 +178,7 @@ def finetune(recipe: str | Path | dict | Recipe,
     from densessl.workflows.resume import check_writable
 
     recipe = load_recipe(recipe, overrides)
+    validate_recipe(recipe, pretraining=False)  # the Python API refuses what the CLI refuses
     if check_dataset:
         check_finetune_dataset(recipe, log)
     recipe = finetune_data_defaults(recipe)
@@ -351,6 +353,7 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
     from densessl.workflows.resume import check_writable
 
     recipe = load_recipe(recipe, overrides)
+    validate_recipe(recipe)  # a bad finetune key fails now, not after pretraining
     check_finetune_dataset(recipe, log)  # never a silent score on the synthetic shapes
     recipe = finetune_data_defaults(recipe)  # finetune.path: null follows the pretraining data
     cfg = recipe.finetune

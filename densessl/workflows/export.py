@@ -34,17 +34,25 @@ import json
 import os
 import pickle
 import re
+import warnings as _warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-import densessl
 from densessl.data.manifest import canonical_licence, inherited_terms
 from densessl.errors import DensesslError
 from densessl.io import atomic_write, save_torch, write_json, write_text
+from densessl.models.backbones import get_backbone_spec
 from densessl.models.health import encoder_problems
-from densessl.models.weights import check_encoder_state, guess_backbone, to_smp_state
+from densessl.models.weights import (
+    check_encoder_state,
+    guess_backbone,
+    read_side_json,
+    read_side_state,
+    read_state_file,
+)
+from densessl.version import __version__
 
 TARGETS = ("torchvision", "smp", "timm", "detectron2")
 
@@ -64,7 +72,6 @@ LOAD_HINTS = {
     "timm:timm": "m = timm.create_model('{name}', num_classes=0, in_chans={in_channels}); "
                  "m.load_state_dict(torch.load(FILE), strict=False)  (missing: the head)",
 }
-TIMM_TARGETS = ("timm", "smp")
 
 
 def timm_full_state(name: str, in_channels: int, state: dict[str, Tensor]
@@ -125,14 +132,15 @@ def detectron2_fpn_name(key: str) -> str:
 
 def convert_timm(state: dict[str, Tensor], to: str, backbone: str, in_channels: int) -> dict:
     """A ``timm:<name>`` encoder's state in ``to``'s layout (``timm`` or ``smp``)."""
-    if to not in TIMM_TARGETS:
+    spec = get_backbone_spec(backbone)
+    if to not in spec.export_targets:
         raise DensesslError(
             f"export --to {to}: model.backbone {backbone} has no {to} counterpart ({to} "
             f"export is for resnet18/34/50); for timm backbones use --to timm or --to smp "
-            f"(smp encoder 'tu-{backbone.removeprefix('timm:')}')")
+            f"(smp encoder '{spec.smp_encoder}')")
     if to == "smp":
-        return to_smp_state(backbone, state)
-    return timm_full_state(backbone.removeprefix("timm:"), in_channels, state)[0]
+        return spec.to_smp_state(state)
+    return timm_full_state(spec.model_name, in_channels, state)[0]
 
 
 def convert(state: dict[str, Tensor], to: str, neck: dict[str, Tensor] | None = None) -> dict:
@@ -153,25 +161,49 @@ def convert(state: dict[str, Tensor], to: str, neck: dict[str, Tensor] | None = 
                 model[name] = value.detach().cpu().numpy()
         for key, value in (neck or {}).items():
             model[detectron2_fpn_name(key)] = value.detach().cpu().numpy()
-        return {"model": model, "__author__": f"densessl {densessl.__version__}",
+        return {"model": model, "__author__": f"densessl {__version__}",
                 "matching_heuristics": True}
     raise DensesslError(f"export --to {to!r}: unknown target; valid: {', '.join(TARGETS)}")
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
+    """A JSON side file (encoder.json, metrics.json): ``None`` when absent; damaged is an error
+    naming the file (:func:`densessl.models.weights.read_side_json`), never "unknown"."""
+    return read_side_json(path)
+
+
+def _read_results(weights: Path, warnings: list[str] | None = None) -> dict | None:
+    """The fine-tuning ``results.json`` next to ``weights`` or one folder up (optional: a
+    damaged one is left out with a warning naming it)."""
+    for path in (weights.parent / "results.json", weights.parent.parent / "results.json"):
+        try:
+            found = read_side_json(path)
+        except DensesslError as exc:
+            if warnings is not None:
+                warnings.append(f"downstream results left out: {exc}")
+            continue
+        if found:
+            return found
+    return None
 
 
 def _read_neck_keys(weights: Path) -> list[str] | None:
-    """The keys of the neck.pt next to ``weights`` (``None``: none readable)."""
-    try:
-        return list(torch.load(weights.parent / "neck.pt", map_location="cpu",
-                               weights_only=True))
-    except Exception:  # noqa: BLE001 - the export itself reports an unreadable neck
-        return None
+    """The keys of the neck.pt next to ``weights`` (``None``: there is none; a damaged one is an
+    error naming it)."""
+    neck = read_side_state(weights.parent / "neck.pt")
+    return None if neck is None else list(neck)
+
+
+def side_file_warnings(weights: Path) -> list[str]:
+    """What the model card cannot say because a side file is missing (each names the file).
+    Damaged side files are errors, raised here before anything is written."""
+    notes = []
+    encoder_json = weights.with_suffix(".json")
+    if read_side_json(encoder_json) is None:
+        notes.append(f"no {encoder_json.name} next to {weights} ({encoder_json}): the datasets, "
+                     "their licences and the pretraining recipe are unknown")
+    read_side_json(weights.parent / "metrics.json")
+    return notes
 
 
 def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: int,
@@ -180,8 +212,8 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
     next to ``encoder.pt`` (encoder.json, metrics.json, recipe.yaml, ../results.json)."""
     provenance = _read_json(weights.with_suffix(".json")) or {}
     metrics = _read_json(weights.parent / "metrics.json") or {}
-    results = (_read_json(weights.parent / "results.json")
-               or _read_json(weights.parent.parent / "results.json"))
+    warnings = side_file_warnings(weights)
+    results = _read_results(weights, warnings)
     recipe_file = weights.parent / "recipe.yaml"
     datasets = provenance.get("datasets") or metrics.get("datasets") or []
     if not datasets:
@@ -199,11 +231,11 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
             counts[lic] = counts.get(lic, 0) + 1
     terms = inherited_terms(counts)
     hint_key = "torchvision+fpn" if (to == "torchvision" and with_neck) else to
-    if backbone.startswith("timm:"):
+    if get_backbone_spec(backbone).family == "timm":
         hint_key = f"timm:{to}"
     # weights from before model.fpn_upsample existed were trained with torchvision's nearest
     upsample = provenance.get("fpn_upsample", "nearest")
-    warnings = list(terms.pop("warnings"))
+    warnings += list(terms.pop("warnings"))
     if with_neck and upsample != "nearest":
         warnings.append(
             f"the FPN was pretrained with {upsample} top-down upsampling (cells stay where "
@@ -227,7 +259,7 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
         "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
         "target": to,
         "load": LOAD_HINTS[hint_key].format(backbone=backbone, in_channels=in_channels,
-                                            name=backbone.removeprefix("timm:")),
+                                            name=get_backbone_spec(backbone).model_name),
         "architecture": {"backbone": backbone, "in_channels": in_channels,
                          "neck": "fpn" if with_neck else None,
                          **({"fpn_upsample": upsample} if with_neck else {})},
@@ -240,7 +272,7 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
                         if k in metrics} or {k: provenance.get(k) for k in ("steps",)},
         "downstream_results": results,
         "source_weights": str(weights.resolve()),
-        "versions": {"densessl": densessl.__version__, "torch": torch.__version__},
+        "versions": {"densessl": __version__, "torch": torch.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -299,19 +331,20 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
                             "another file")
     if out.exists() and not overwrite:
         raise DensesslError(f"export: {out} exists; pass --overwrite to replace it")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        raise DensesslError(f"export: {weights} is not a torch state dict ({exc})") from None
+    state = read_state_file(weights, "export:")
+    # side files read strictly, before anything is written: a damaged encoder.json,
+    # metrics.json or neck.pt is an error naming it (the card would otherwise say "unknown")
     provenance = _read_json(weights.with_suffix(".json")) or {}
-    timm_backbone = str(provenance.get("backbone", "")).startswith("timm:")
+    missing_notes = side_file_warnings(weights)
+    named = provenance.get("backbone")
+    timm_backbone = bool(named) and get_backbone_spec(str(named)).family == "timm"
     if timm_backbone:
         # a timm encoder.pt is only identified by its encoder.json
         backbone, in_channels = provenance["backbone"], provenance.get("in_channels")
         if not isinstance(in_channels, int):
             raise DensesslError(f"export: {weights.with_suffix('.json')} names {backbone} but "
                                 "has no integer 'in_channels'")
-        if to not in TIMM_TARGETS:
+        if to not in get_backbone_spec(backbone).export_targets:
             convert_timm({}, to, backbone, in_channels)  # the clear error, before any work
     else:
         if not isinstance(state, dict) or "conv1.weight" not in state:
@@ -336,7 +369,9 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
         if not neck_path.is_file():
             raise DensesslError(f"export --neck: no neck.pt next to {weights} (pretrained "
                                 "with model.neck: none?)")
-        neck_state = torch.load(neck_path, map_location="cpu", weights_only=True)
+        neck_state = read_side_state(neck_path)
+    for note in missing_notes:  # an export that goes ahead says what its card cannot tell
+        _warnings.warn(f"export: {note}", UserWarning, stacklevel=2)
     if timm_backbone:
         converted = convert_timm(state, to, backbone, in_channels)
     else:
@@ -347,7 +382,7 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
         save_torch(out, converted)
     card = model_card(weights, out, to, backbone, in_channels, neck_state is not None)
     if timm_backbone and to == "timm":
-        missing = timm_full_state(backbone.removeprefix("timm:"), in_channels, state)[1]
+        missing = timm_full_state(get_backbone_spec(backbone).model_name, in_channels, state)[1]
         card["missing_keys"] = missing  # what strict=False leaves at its random init
     # CC-BY asks for attribution: the per-image file pretraining wrote travels with the weights
     attribution = weights.parent / "attribution.csv"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -14,6 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
@@ -22,12 +21,12 @@ from densessl.data.bad_samples import count_read_skips
 from densessl.data.manifest import attribution_csv, find_image_provenance
 from densessl.data.wrapped import wrapped_objects
 from densessl.errors import DensesslError, RecipeError
-from densessl.io import save_torch, write_json, write_text
+from densessl.io import make_folder, save_torch, write_json, write_text
 from densessl.methods import DensePretraining, PairThroughputMonitor
 from densessl.methods.guards import NonFiniteGuard
 from densessl.models.box_head import conv_fc_head_spec
 from densessl.models.imagenet import init_weights_state
-from densessl.models.weights import key_layout
+from densessl.models.weights import key_layout, read_side_json
 from densessl.pairs import collate_pairs
 from densessl.recipe import Recipe, dump_recipe, load_recipe
 from densessl.seeding import SeededSamples, StreamSampler, rng_states, set_rng_states
@@ -40,6 +39,7 @@ from densessl.workflows.resume import (
     read_checkpoint,
     remove_stale_temporaries,
 )
+from densessl.workflows.validation import validate_recipe
 
 
 def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:
@@ -176,7 +176,7 @@ def _quiet_lightning() -> None:
 def _repair_outputs(out: Path, ckpt: Path, state: ResumeState) -> None:
     """After a kill between the renames of a save, encoder files and metrics.json are of an
     earlier step than the checkpoint: rewrite them from it."""
-    steps = [(json.loads(f.read_text()) if f.is_file() else {}).get("steps")
+    steps = [(read_side_json(f) or {}).get("steps")
              for f in (out / "metrics.json", out / "encoder.json")]
     if steps == [state.step, state.step]:
         return
@@ -200,6 +200,19 @@ def _repair_outputs(out: Path, ckpt: Path, state: ResumeState) -> None:
                                "steps": state.step})
     if state.metrics:
         write_json(out / "metrics.json", state.metrics)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writes through :func:`densessl.io.save_torch`: a temporary next
+    to the file (``.last.ckpt.tmp``), renamed over it only when complete, removed on any
+    failure. A save that fails (a full disk, a read-only file system) keeps the previous
+    checkpoint and is one :class:`~densessl.errors.OutputError` naming the file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)  # one name: a run killed mid-save leaves what resume removes
+        save_torch(path, checkpoint, temporary=f".{path.name}.tmp")
 
 
 class PeriodicCheckpoint(pl.Callback):
@@ -264,6 +277,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     ``resume`` or ``overwrite``. Returns the metrics dict.
     """
     recipe = load_recipe(recipe, overrides)
+    validate_recipe(recipe, finetuning=False)  # the Python API refuses what the CLI refuses
     out = Path(out)
     ckpt = out / "checkpoints" / "last.ckpt"
     # Everything that can refuse runs before anything in ``out`` is written or removed.
@@ -346,11 +360,10 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         rewrites the others from it)."""
         metrics = metrics_now(trainer, finished)
         saver.pending_metrics = metrics
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(".last.ckpt.tmp")
-        trainer.save_checkpoint(str(tmp))  # collective: every rank calls it, rank 0 writes
+        # collective: every rank calls it, rank 0 writes (AtomicCheckpointIO: temporary, then
+        # rename; a failed save keeps the previous last.ckpt)
+        trainer.save_checkpoint(str(ckpt))
         if trainer.is_global_zero:
-            os.replace(tmp, ckpt)
             export_encoder(task, out, {**provenance, "steps": metrics["steps"]})
             write_json(out / "metrics.json", metrics)
         return metrics
@@ -369,6 +382,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
         strategy=strategy, num_nodes=t.num_nodes,
         sync_batchnorm=recipe.model.key_bn == "sync",
         precision=t.precision, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every,
         default_root_dir=str(out), num_sanity_val_steps=0,
         # the stream sampler splits each global batch by rank itself
@@ -377,7 +391,7 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     saver.samples_per_step = t.batch_size * trainer.world_size
     if trainer.is_global_zero:
         remove_stale_temporaries(out)  # left by a run killed during a save
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     if overwrite and trainer.is_global_zero:
         clear_run(out)
     write_text(out / "recipe.yaml", dump_recipe(recipe))

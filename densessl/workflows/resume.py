@@ -7,7 +7,6 @@ checkpoint exactly as they were.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +14,9 @@ from typing import Any
 
 import torch
 
+from densessl.data.cache import torch_load_problem
 from densessl.errors import DensesslError
+from densessl.models.weights import read_side_json
 from densessl.recipe import Recipe, parse_recipe
 
 # Recipe keys a resume may change: they do not change what is trained (the step budget, and
@@ -72,25 +73,34 @@ def recipe_differences(saved: dict, recipe: Recipe) -> list[str]:
 
 
 def read_checkpoint(path: Path, what: str = "--resume") -> dict:
+    """A Lightning checkpoint, read with ``weights_only=True``: densessl's checkpoints hold
+    tensors and plain types only (the recipe as a dict, RNG states as tensors and lists,
+    Lightning's loop and callback states), as Lightning itself loads them on resume, so a
+    checkpoint carrying any other pickled object is refused, never unpickled."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
         raise DensesslError(f"{what}: {path} is not a readable checkpoint "
-                            f"({type(exc).__name__}: {exc})") from None
+                            f"({torch_load_problem(exc)})") from None
+    if not isinstance(checkpoint, dict):
+        raise DensesslError(f"{what}: {path} is not a readable checkpoint (a "
+                            f"{type(checkpoint).__name__}, not a dict)")
+    return checkpoint
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
+    """``None`` when absent; damaged is an error naming the file (never read as missing)."""
+    return read_side_json(path)
 
 
 def describe_run(out: Path) -> str | None:
     """``step N of M, finished`` for a folder that holds a pretraining run, else ``None``."""
     if not any((out / name).exists() for name in RUN_FILES):
         return None
-    metrics = _read_json(out / "metrics.json") or {}
+    try:
+        metrics = _read_json(out / "metrics.json") or {}
+    except DensesslError as exc:  # the folder holds a run all the same
+        return f"an earlier pretraining run (whose metrics.json is damaged: {exc})"
     if "steps" not in metrics:
         return "an earlier pretraining run"
     status = metrics.get("status", "finished" if metrics.get("finished") else "running")
