@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from densessl.errors import DensesslError
@@ -456,8 +457,22 @@ def _one_line(exc: Exception) -> str:
     return last[len(prefix):] if last.startswith(prefix) else last
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """densessl's own warnings (raised from inside the package) are addressed to the user: one
+    line, without the source line Python's default format adds; other libraries' warnings keep
+    their location."""
+    if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(_PACKAGE):
+        return f"warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
+_default_formatwarning = warnings.formatwarning
+_PACKAGE = Path(__file__).resolve().parent
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return int(args.func(args) or 0)
     except DensesslError as exc:
