@@ -12,7 +12,7 @@ import difflib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -194,6 +194,48 @@ class ModelConfig(Section):
                          "timm CNN with features_only, e.g. timm:convnext_atto)")
 
 
+class ObjectiveConfig(Section):
+    """An objective's settings (densessl/methods/objectives): at least its ``weight`` (0 =
+    off). Lives here, with the recipe, because the recipe validates it when it is read.
+
+    ``SECTION``: the objective's own section of ``loss`` (``loss.<SECTION>``), or ``FLAT``:
+    each field → the flat ``loss.*`` key that holds it (the dense, global and instance
+    objectives, whose settings are still flat ``loss`` keys)."""
+
+    SECTION: ClassVar[str | None] = None
+    FLAT: ClassVar[dict[str, str]] = {}
+    weight: float = Field(0.0, ge=0, description="weight of the objective's term in the "
+                          "step's loss (0: off)")
+
+    @classmethod
+    def from_loss(cls, loss: LossConfig) -> ObjectiveConfig:
+        """This objective's settings in the recipe's ``loss`` section."""
+        if cls.SECTION is not None:
+            return getattr(loss, cls.SECTION)
+        return cls(**{name: getattr(loss, key) for name, key in cls.FLAT.items()})
+
+
+class DetConConfig(ObjectiveConfig):
+    """``loss.detcon``: DetCon's mask-pooled contrast (Hénaff et al. 2021;
+    densessl/methods/objectives/detcon.py). Segments are the classes of view A's class map:
+    each image's cells of one class are average-pooled in view A (online) and, at the same
+    scene points (``grid_ab``), in view B (momentum); InfoNCE across the segments of the batch.
+    """
+
+    SECTION: ClassVar[str | None] = "detcon"
+    weight: float = Field(0.0, ge=0, description="weight of the mask-pooled InfoNCE (0: off)")
+    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature (DetCon: 0.1)")
+    max_classes: int | None = Field(
+        None, ge=1, description="class ids 0..max_classes-1 are segments (larger ids are left "
+        "out); null: loss.num_classes. Fixes the segment slots per image, so shapes never "
+        "depend on the data")
+    background: Literal["segment", "ignore"] = Field(
+        "ignore", description="cells the class map marks -1 (the bag under pasted segments): "
+        "segment = one more segment per image; ignore = in no segment")
+    min_cells: int = Field(1, ge=1, description="a segment takes part when it has at least "
+                           "this many valid cells in view A")
+
+
 class LossConfig(Section):
     dense_weight: float = Field(1.0, ge=0)
     global_weight: float = Field(0.5, ge=0)
@@ -264,6 +306,8 @@ class LossConfig(Section):
     rank_threshold: float = Field(0.5, gt=0, lt=1, description="rank: a query cell / box gets "
                                   "weight 0 when more than this fraction of its allowed "
                                   "negatives are more similar to it than its positive")
+    detcon: DetConConfig = Field(DetConConfig(), description="DetCon's mask-pooled contrast "
+                                 "(loss.detcon.weight > 0 turns it on)")
 
     @model_validator(mode="after")
     def _instance_options(self):
@@ -820,10 +864,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def recipes_dir() -> Path:
+    """The folder of the shipped recipes: ``densessl/recipes/`` inside an installed wheel (the
+    build copies the repository's ``recipes/`` there, setup.py), else the ``recipes/`` of the
+    source checkout this package runs from (editable install, ``pythonpath``)."""
+    packaged = resources.files("densessl") / "recipes"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
 def packaged_recipe(name: str) -> Path:
-    """Recipe ``name`` (e.g. ``xray_segloc``) as shipped inside the package: found in a wheel
+    """Recipe ``name`` (e.g. ``xray_segloc``) as shipped with the package: found in a wheel
     install as in a source checkout (same files as the repository's recipes/)."""
-    return Path(str(resources.files("densessl") / "recipes" / f"{name}.yaml"))
+    return recipes_dir() / f"{name}.yaml"
 
 
 def demo_recipe_path() -> Path:

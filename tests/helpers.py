@@ -8,6 +8,11 @@
 * the colour-correspondence harness: :func:`coordinate_image` paints every pixel with its own
   (x, y) — a unique, linearly interpolable colour — and :func:`colours_agree` checks, at the
   cell centres of view A, that view B shows the same colour at ``grid_ab``.
+* the painted cut-paste harness: :func:`painted_segment`, :func:`painted_background`,
+  :func:`painted_builder` (a CutPastePairs over them) and :func:`painted_colours_agree`.
+* :func:`field_centroids`: where a feature cell looks in its image (gradient centroid).
+* :func:`pair_batch`: one augmented PairBatch of a recipe, optionally with random boxes and
+  class maps (so the instance objective has work to do).
 * :func:`small_xray_pretrain_args`: ``densessl pretrain`` of the X-ray SegLoc recipe at a
   size a test can afford.
 """
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 
 from densessl.augment.correspondence import pixel_to_normalized
 from densessl.cells import cell_centres
+from densessl.pairs import CutPastePairs
 
 
 def identity_grid(b: int, h: int, w: int, stride: int = 8) -> torch.Tensor:
@@ -69,6 +75,92 @@ def colours_agree(pair, view: int, cells: int = 12, size: float = 64,
     if code_tol is not None:
         agree &= (colour_a[:, 2] - colour_b[:, 2]).abs() < code_tol
     return colour_a, agree
+
+
+#: side of the painted cut-paste sources (:func:`painted_builder`)
+PAINTED_SIZE = 64
+
+
+def painted_segment(h, w, label):
+    """A segment painted with its own coordinates (over PAINTED_SIZE) and 0.1 × ``label``, with
+    an elliptic mask (so the mask, not the crop, matters)."""
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    image = torch.stack([xs / PAINTED_SIZE, ys / PAINTED_SIZE, torch.full((h, w), 0.1 * label)])
+    yy, xx = (ys - (h - 1) / 2) / (h / 2), (xs - (w - 1) / 2) / (w / 2)
+    mask = yy**2 + xx**2 <= 1.0
+    return {"image": image, "mask": mask, "label": label, "source_size": PAINTED_SIZE}
+
+
+def painted_background(code):
+    """A background painted with its position and ``code`` (its id)."""
+    return {"image": coordinate_image(PAINTED_SIZE, code=code)}
+
+
+def painted_colours_agree(pair, view: int):
+    """Colours of the painted sources (channels 0/1: source x/y over PAINTED_SIZE, channel 2:
+    0.1 × label) at view A's cell centres, and where view B at ``grid_ab`` shows the same
+    source point (within half a pixel) of the same segment: ``(colour_a B×3×h×w, agree
+    B×h×w)``."""
+    return colours_agree(pair, view, cells=12, size=PAINTED_SIZE, code_tol=0.01)
+
+
+def painted_builder(mode="segloc", same_background=0.5, k=3):
+    """CutPastePairs over four painted segments and three painted backgrounds."""
+    segments = [painted_segment(h, w, i + 1)
+                for i, (h, w) in enumerate([(20, 34), (26, 26), (16, 30), (30, 18)])]
+    backgrounds = [painted_background(c) for c in (0.7, 0.8, 0.9)]
+    return CutPastePairs(mode=mode, k=k, blend="alpha", scale_range=(1.0, 1.8),
+                         same_background=same_background, image_size=PAINTED_SIZE,
+                         segments=segments, backgrounds=backgrounds, num_pairs=32)
+
+
+def field_centroids(forward, images: torch.Tensor, cells: list[tuple[int, int]]) -> torch.Tensor:
+    """(x, y) centroid of |d feature(cell) / d image| for image b and cells[b] → B×2."""
+    images = images.clone().requires_grad_(True)
+    out = forward(images)
+    torch.stack([out[b, :, i, j].sum() for b, (i, j) in enumerate(cells)]).sum().backward()
+    weight = images.grad.abs().sum(1)
+    weight = weight / weight.sum((1, 2), keepdim=True)
+    ys = torch.arange(images.shape[-2], dtype=torch.float64)
+    xs = torch.arange(images.shape[-1], dtype=torch.float64)
+    cy = (weight.double().sum(2) * ys).sum(1)
+    cx = (weight.double().sum(1) * xs).sum(1)
+    return torch.stack([cx, cy], 1)
+
+
+#: class ids of :func:`pair_batch`'s random boxes and class maps: 0 .. PAIR_BATCH_CLASSES − 1
+PAIR_BATCH_CLASSES = 12
+
+
+def pair_batch(recipe, device: torch.device, with_instances: bool = False):
+    """One augmented PairBatch of ``recipe``'s builder and view augmentation on ``device``
+    (``train.batch_size`` pairs). ``with_instances``: 4 random boxes per image (the same
+    instances in B, moved and shrunk), random labels and a random class map (−1 included),
+    seeded, with classes 0 .. PAIR_BATCH_CLASSES − 1."""
+    from densessl.build import backbone_cell_alignment, build_augmentation, build_pair_builder
+    from densessl.pairs import collate_pairs
+
+    builder = build_pair_builder(recipe)
+    source = collate_pairs([builder[i] for i in range(recipe.train.batch_size)]).to(device)
+    augment = build_augmentation(recipe, recipe.model.dense_stride,
+                                 cell_alignment=backbone_cell_alignment(recipe)).to(device)
+    batch = augment(source)
+    if with_instances:
+        gen = torch.Generator().manual_seed(0)
+        b, size = batch.batch_size, recipe.augment.view_size
+        per_image, classes = 4, PAIR_BATCH_CLASSES
+        xy = torch.rand(b * per_image, 2, generator=gen) * size * 0.6
+        wh = torch.rand(b * per_image, 2, generator=gen) * size * 0.3 + size * 0.1
+        boxes = torch.cat([xy, xy + wh], dim=1).to(device)
+        batch.boxes_a = boxes
+        batch.boxes_b = (boxes * 0.9 + 2).clamp(0, size)
+        batch.box_batch = torch.arange(b).repeat_interleave(per_image).to(device)
+        batch.box_label = torch.randint(0, classes, (b * per_image,), generator=gen).to(device)
+        batch.instance_ids = torch.arange(b * per_image, device=device)
+        cells = batch.grid_ab.shape[1]
+        batch.class_map_a = torch.randint(-1, classes, (b, cells, cells),
+                                          generator=gen).to(device)
+    return batch
 
 
 def small_xray_pretrain_args(out: Path, cache: Path, *settings: str) -> list[str]:

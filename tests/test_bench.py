@@ -19,7 +19,7 @@ def test_bench_reports_every_configuration(tmp_path):
                  "--peak-tflops", "1.5", "--profile", str(tmp_path / "profile")]) == 0
     results = json.loads(out.read_text())
     steps = results["steps"]
-    assert {"moco_v2_lightly", "dense"} <= steps.keys()
+    assert {"moco_v2_lightly", "dense", "dense_detcon"} <= steps.keys()
     for entry in steps.values():
         assert entry["pairs_per_s"] > 0 and "ratio_to_moco" in entry
         assert entry["peak_memory_mb"] >= 0
@@ -30,6 +30,8 @@ def test_bench_reports_every_configuration(tmp_path):
     assert results["per_class_queue"]["per_class_queue"]["full_ms"] > 0
     # the instance objective and the dense one cost more model FLOPs than MoCo-v2
     assert steps["dense"]["gflop_per_step"] > steps["moco_v2_lightly"]["gflop_per_step"]
+    # an objective added through the registry (DetCon) runs in the bench's step
+    assert steps["dense_detcon"]["final_loss"] > 0
     for name in steps:
         assert (tmp_path / "profile" / f"{name}.trace.json").stat().st_size > 0
         assert "Name" in (tmp_path / "profile" / f"{name}.top_ops.txt").read_text()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import field_centroids
 from torchvision.ops import roi_align
 
 from densessl.augment.correspondence import compose_correspondence, normalized_to_pixel
@@ -29,7 +30,6 @@ from densessl.models import DenseEncoder, ResNetBackbone
 from densessl.models.instance_head import all_level_roi_align, multiscale_roi_align
 from densessl.models.neck import CentredFeaturePyramidNetwork, upsample_block, upsample_centred
 from densessl.models.timm_backbone import TimmBackbone
-from tests.test_cell_centres import field_centroids
 
 CONVNEXT = "timm:convnext_atto"
 

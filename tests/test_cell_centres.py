@@ -12,26 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import field_centroids
 
 from densessl.augment.correspondence import compose_correspondence, normalized_to_pixel
 from densessl.losses.dense_contrast import keys_at
 from densessl.models import DenseEncoder
 
 TOLERANCE = 1.5  # px
-
-
-def field_centroids(forward, images: torch.Tensor, cells: list[tuple[int, int]]) -> torch.Tensor:
-    """(x, y) centroid of |d feature(cell) / d image| for image b and cells[b] → B×2."""
-    images = images.clone().requires_grad_(True)
-    out = forward(images)
-    torch.stack([out[b, :, i, j].sum() for b, (i, j) in enumerate(cells)]).sum().backward()
-    weight = images.grad.abs().sum(1)
-    weight = weight / weight.sum((1, 2), keepdim=True)
-    ys = torch.arange(images.shape[-2], dtype=torch.float64)
-    xs = torch.arange(images.shape[-1], dtype=torch.float64)
-    cy = (weight.double().sum(2) * ys).sum(1)
-    cx = (weight.double().sum(1) * xs).sum(1)
-    return torch.stack([cx, cy], 1)
 
 
 def where_the_grid_puts(n: int, size: int) -> torch.Tensor:

@@ -439,14 +439,15 @@ def test_cell_precision_recall_against_the_true_cells():
 
 
 def test_step_with_pair_weights_and_noise_mask_has_no_host_sync():
+    from helpers import pair_batch
     from test_sync_free_step import fake_step
 
-    from densessl.bench.training import bench_recipe, make_pair_batch
+    from densessl.bench.training import bench_recipe
 
     torch.manual_seed(0)
     recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
                           instance_queue_size=8, robust="truncate")
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     batch.pair_weight = torch.tensor([1.0, 0.5, 1.0, 0.5])
     batch.noise_mask_a = torch.rand(batch.valid_ab.shape) > 0.5
     batch.noisy = torch.tensor([False, True, False, True])

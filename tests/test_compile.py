@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy
 
 import torch
+from helpers import pair_batch
 
-from densessl.bench.training import bench_recipe, make_pair_batch
+from densessl.bench.training import bench_recipe
 from densessl.methods import DensePretraining
 from densessl.recipe import load_recipe
 
@@ -18,7 +19,7 @@ def test_compiled_encoder_matches_eager_and_trains():
     data = bench_recipe("resnet18", 32, 2).model_dump()
     data["train"]["compile"] = True
     recipe = load_recipe(data)
-    batch = make_pair_batch(recipe, torch.device("cpu"))
+    batch = pair_batch(recipe, torch.device("cpu"))
     task = DensePretraining(recipe)
     eager = copy.deepcopy(task.model.online)
     keys = set(task.model.online.state_dict())

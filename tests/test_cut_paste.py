@@ -8,42 +8,13 @@ every background pixel with its position and a code for its background. Wherever
 import numpy as np
 import pytest
 import torch
-from helpers import colours_agree, coordinate_image
+from helpers import PAINTED_SIZE as SIZE
+from helpers import painted_builder, painted_colours_agree, painted_segment
 
 from densessl.augment import ViewAugmentation
 from densessl.augment.correspondence import sample_at
 from densessl.pairs import CutPastePairs, collate_pairs
 from densessl.workflows.pretraining import collect_provenance
-
-SIZE = 64
-
-
-def painted_segment(h, w, label):
-    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
-    image = torch.stack([xs / SIZE, ys / SIZE, torch.full((h, w), 0.1 * label)])
-    yy, xx = (ys - (h - 1) / 2) / (h / 2), (xs - (w - 1) / 2) / (w / 2)
-    mask = yy**2 + xx**2 <= 1.0  # an ellipse, so the mask (not the crop) matters
-    return {"image": image, "mask": mask, "label": label, "source_size": SIZE}
-
-
-def painted_background(code):
-    return {"image": coordinate_image(SIZE, code=code)}
-
-
-def painted_colours_agree(pair, view: int):
-    """Colours of the painted sources (channels 0/1: source x/y over SIZE, channel 2: 0.1 ×
-    label) at view A's cell centres, and where view B at ``grid_ab`` shows the same source
-    point (within half a pixel) of the same segment: ``(colour_a B×3×h×w, agree B×h×w)``."""
-    return colours_agree(pair, view, cells=12, size=SIZE, code_tol=0.01)
-
-
-def painted_builder(mode="segloc", same_background=0.5, k=3):
-    segments = [painted_segment(h, w, i + 1)
-                for i, (h, w) in enumerate([(20, 34), (26, 26), (16, 30), (30, 18)])]
-    backgrounds = [painted_background(c) for c in (0.7, 0.8, 0.9)]
-    return CutPastePairs(mode=mode, k=k, blend="alpha", scale_range=(1.0, 1.8),
-                         same_background=same_background, image_size=SIZE, segments=segments,
-                         backgrounds=backgrounds, num_pairs=32)
 
 
 def test_base_correspondence_by_colour_and_occlusion():

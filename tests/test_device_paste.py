@@ -9,8 +9,8 @@ checked by colour without the reference, before and after view augmentation.
 
 import pytest
 import torch
-from helpers import coordinate_image
-from test_cut_paste import SIZE, painted_background, painted_colours_agree, painted_segment
+from helpers import PAINTED_SIZE as SIZE
+from helpers import coordinate_image, painted_background, painted_colours_agree, painted_segment
 
 from densessl.augment import ViewAugmentation
 from densessl.augment.correspondence import sample_at

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import pair_batch
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import box_iou, roi_align
 
 from densessl.augment.box_jitter import jitter_boxes
-from densessl.bench.training import bench_recipe, make_pair_batch
+from densessl.bench.training import bench_recipe
 from densessl.errors import RecipeError
 from densessl.losses import LevelwiseInstanceContrast
 from densessl.methods import DensePretraining
@@ -184,7 +185,7 @@ def captured_boxes(task, batch):
 def test_only_view_a_boxes_are_jittered_and_only_on_p5():
     torch.manual_seed(0)
     recipe = bench_recipe("resnet18", 64, 4, **insloc_overrides())
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     seen = captured_boxes(DensePretraining(recipe), batch)
     query = seen["online"]
     assert query.shape == (4, len(batch.boxes_a), 4)  # p2..p5
@@ -231,7 +232,7 @@ def test_conv_head_handles_zero_or_one_box_in_training(boxes):
 def test_conv_head_trains_one_step():
     torch.manual_seed(0)
     recipe = bench_recipe("resnet18", 64, 4, **insloc_overrides(instance_queue_size=32))
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
     head = task.model.online.instance_head
     before = {k: v.clone() for k, v in head.state_dict().items()}

@@ -4,9 +4,9 @@ contrastive maths stays in float32 (1/T amplifies rounding), and a step trains."
 from __future__ import annotations
 
 import torch
-from helpers import identity_grid
+from helpers import identity_grid, pair_batch
 
-from densessl.bench.training import bench_recipe, make_pair_batch
+from densessl.bench.training import bench_recipe
 from densessl.losses import DenseContrast, InstanceContrast
 
 
@@ -54,8 +54,8 @@ def _task_and_batch():
     torch.manual_seed(0)
     recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, queue="per_class",
                           dense_queue_size=16, instance_queue_size=8,
-                          num_classes=12)  # make_pair_batch's random classes: 0..11
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+                          num_classes=12)  # pair_batch's random classes: 0..11
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     return DensePretraining(recipe), batch
 
 

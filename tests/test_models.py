@@ -183,7 +183,9 @@ def test_dense_only_pyramid_computes_the_same_dense_level_and_nothing_finer():
 def test_pyramid_levels_follow_the_objectives():
     """build_encoder computes the dense level, plus RoIAlign's p{roi_min_level}..p5 when the
     instance objective is on; a pretraining step then runs with p2 skipped."""
-    from densessl.bench.training import bench_recipe, make_pair_batch
+    from helpers import pair_batch
+
+    from densessl.bench.training import bench_recipe
     from densessl.build import build_encoder
     from densessl.methods import DensePretraining
 
@@ -194,7 +196,7 @@ def test_pyramid_levels_follow_the_objectives():
     assert set(build_encoder(with_p2)(x)["pyramid"]) == {"p2", "p3", "p4", "p5"}
     without_p2 = bench_recipe("resnet18", 64, 2, instance_weight=1.0, roi_min_level=3)
     assert set(build_encoder(without_p2)(x)["pyramid"]) == {"p3", "p4", "p5"}
-    batch = make_pair_batch(without_p2, torch.device("cpu"), with_instances=True)
+    batch = pair_batch(without_p2, torch.device("cpu"), with_instances=True)
     loss, logs = DensePretraining(without_p2).compute_losses(batch)
     loss.backward()
     assert torch.isfinite(loss) and logs["instance_boxes"] > 0

@@ -159,7 +159,9 @@ def test_the_mask_reaches_the_view_cells(root):
 def test_no_loss_reads_the_truth():
     """Analysis only: the losses give the same values whatever ``noisy`` / ``noise_mask_a``
     say, and only the robust monitor reads them."""
-    from densessl.bench.training import bench_recipe, make_pair_batch
+    from helpers import pair_batch
+
+    from densessl.bench.training import bench_recipe
     from densessl.methods.dense_pretraining import DensePretraining
 
     recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
@@ -167,7 +169,7 @@ def test_no_loss_reads_the_truth():
     results = []
     for truth in (False, True):
         torch.manual_seed(0)
-        batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+        batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
         batch.noisy = torch.full((4,), truth)
         batch.noise_mask_a = torch.full(batch.valid_ab.shape, truth)
         torch.manual_seed(1)

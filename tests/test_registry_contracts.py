@@ -18,8 +18,7 @@ import typing
 
 import pytest
 import torch
-from helpers import colours_agree, coordinate_image
-from test_cut_paste import painted_builder
+from helpers import colours_agree, coordinate_image, painted_builder
 
 import densessl.models
 from densessl.augment import ViewAugmentation

@@ -347,16 +347,17 @@ def test_rank_singles_out_the_noisy_pairs():
 def test_rank_training_step_has_no_host_sync(queue):
     """The whole step under FakeTensorMode (as tests/test_sync_free_step.py): the rank counts,
     the threshold and the monitor read no tensor value on the host."""
+    from helpers import pair_batch
     from test_sync_free_step import fake_step
 
-    from densessl.bench.training import bench_recipe, make_pair_batch
+    from densessl.bench.training import bench_recipe
 
     torch.manual_seed(0)
     extra = {"queue": "per_class", "num_classes": 12} if queue == "per_class" else {}
     recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
                           instance_queue_size=8, robust="rank", truncate_warmup_steps=4,
                           **extra)
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
     for module in task.modules():
         if hasattr(module, "sync_free"):

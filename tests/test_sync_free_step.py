@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import pair_batch
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
     FakeTensorMode,
 )
 
-from densessl.bench.training import bench_recipe, make_pair_batch
+from densessl.bench.training import bench_recipe
 from densessl.methods import DensePretraining
 
 CONFIGS = {
@@ -36,6 +37,9 @@ CONFIGS = {
     "robust_rince_per_class": {"instance_weight": 1.0, "queue": "per_class", "num_classes": 12,
                                "dense_queue_size": 16, "instance_queue_size": 8,
                                "robust": "rince"},
+    # an objective added through the registry (issue #28): DetCon's mask-pooled contrast
+    "dense_detcon": {"dense_queue_size": 16, "detcon": {"weight": 1.0, "max_classes": 12,
+                                                        "background": "segment"}},
 }
 
 
@@ -50,7 +54,7 @@ def fake_step(task: DensePretraining, batch) -> None:
 def test_training_step_has_no_host_sync(name):
     torch.manual_seed(0)
     recipe = bench_recipe("resnet18", 64, 4, **CONFIGS[name])
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
     for module in task.modules():
         if hasattr(module, "sync_free"):
@@ -64,7 +68,7 @@ def test_the_check_catches_a_host_read():
     must be caught."""
     recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
                           instance_queue_size=8)
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)  # sync_free left at auto: a CPU run uses nonzero
     with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):
         fake_step(task, batch)

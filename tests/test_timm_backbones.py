@@ -13,8 +13,8 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import pair_batch
 
-from densessl.bench.training import make_pair_batch
 from densessl.build import build_encoder
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.detection import build_detector
@@ -121,7 +121,7 @@ def test_one_pretraining_step(name, key_bn, instance):
         kinds = {type(m).__name__ for m in key.modules()}
         assert {"SplitBatchNorm2d", "SplitBatchNormAct2d"} <= kinds
         assert "BatchNormAct2d" not in kinds
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=instance)
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=instance)
     loss, logs = task.compute_losses(batch)
     assert torch.isfinite(loss)
     if instance:

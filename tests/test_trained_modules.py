@@ -323,15 +323,16 @@ def test_exported_neck_card_warns_of_untrained_modules(dense_run, tmp_path):
 def test_observing_gradients_reads_nothing_on_the_host():
     """The per-step observation costs no host-device sync (tests/test_sync_free_step.py's
     check: under FakeTensorMode any value read on the host raises)."""
+    from helpers import pair_batch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from densessl.bench.training import bench_recipe, make_pair_batch
+    from densessl.bench.training import bench_recipe
 
     torch.manual_seed(0)
     recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
                           instance_queue_size=8, roi_levels="all", box_jitter=True,
                           roi_head="conv", roi_head_fc_dim=32)
-    batch = make_pair_batch(recipe, torch.device("cpu"), with_instances=True)
+    batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
     for module in task.modules():
         if hasattr(module, "sync_free"):

@@ -1,6 +1,5 @@
-"""PerClassQueue against the naive per-class Python loop (for ``densessl bench`` and
-``benchmarks/bench_xray.py``): enqueue a batch, then its queries' negative log-sum-exp, with
-rings filling and full."""
+"""PerClassQueue against the naive per-class Python loop (for ``densessl bench``): enqueue a
+batch, then its queries' negative log-sum-exp, with rings filling and full."""
 
 from __future__ import annotations
 

@@ -351,6 +351,12 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
         "moco_v2_lightly": lambda: moco_v2_step_fn(base, dev),
         "dense": lambda: densessl_step_fn(base, dev),
     }
+    # the dense objective plus DetCon's mask-pooled contrast (densessl/methods/objectives/
+    # detcon.py) over the class map's segments: what an objective added through the registry
+    # costs on top of the dense step
+    detcon = bench_recipe(backbone, image_size, batch_size,
+                          detcon={"weight": 1.0, "max_classes": BENCH_CLASSES})
+    configs["dense_detcon"] = lambda: densessl_step_fn(detcon, dev)
     # per-class ring sizes of the X-ray SegLoc recipes (14 rings × 512 ≈ the single dense
     # queue's 8,192 keys), so (2) and (3) contrast against about as many negatives
     full = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,

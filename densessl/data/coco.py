@@ -49,7 +49,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
@@ -92,11 +91,6 @@ def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
         return {"size": [height, width], "counts": counts}
     raise ValueError(f"segmentation must be a polygon list or an RLE dict, got "
                      f"{type(segmentation).__name__}")
-
-
-def decode_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """H×W bool mask of a COCO segmentation (same as ``COCO.annToMask``)."""
-    return mask_utils.decode(segmentation_to_rle(segmentation, height, width)).astype(bool)
 
 
 def read_coco_json(json_path: str | Path) -> dict:

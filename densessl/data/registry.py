@@ -34,7 +34,9 @@ def registrar(table: dict, kind: str, name: str):
     object is an error)."""
     def decorator(obj):
         if name in table and table[name] is not obj:
-            raise ValueError(f"{kind} {name!r} is already registered")
+            held = table[name]
+            holder = f"{getattr(held, '__module__', '?')}.{getattr(held, '__qualname__', held)}"
+            raise ValueError(f"{kind} name {name!r} is already registered by {holder}")
         table[name] = obj
         return obj
 

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from densessl.errors import DensesslError
+from densessl.eval.normalise import normalise
 from densessl.io import atomic_write, write_json, write_text
 from densessl.models.levels import LEVELS
 from densessl.models.weights import read_side_json
@@ -135,10 +136,6 @@ def stamp(image: Tensor, artifact: str | tuple[np.ndarray, np.ndarray], gen: tor
 # ------------------------------------------------------------------ measuring
 
 
-def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
-
-
 @torch.no_grad()
 def pooled_features(encoder: nn.Module, images: Tensor, levels: Sequence[str],
                     mean: Sequence[float], std: Sequence[float], batch_size: int = 32
@@ -147,7 +144,7 @@ def pooled_features(encoder: nn.Module, images: Tensor, levels: Sequence[str],
     encoder.eval()
     rows = []
     for i in range(0, len(images), batch_size):
-        out = encoder(_normalise(images[i:i + batch_size], mean, std))
+        out = encoder(normalise(images[i:i + batch_size], mean, std))
         rows.append(torch.cat([out[k].float().amax((-2, -1)) for k in levels], 1))
     return torch.cat(rows)
 
@@ -212,7 +209,7 @@ def probe_artifacts(encoder: nn.Module, images: Tensor, artifact: str | Path = "
     art_f = pooled_features(encoder, stamped, levels, mean, std, batch_size)
     with torch.no_grad():
         sizes = [int(v.shape[1]) for v in
-                 (encoder(_normalise(images[:1], mean, std))[k] for k in levels)]
+                 (encoder(normalise(images[:1], mean, std))[k] for k in levels)]
     diff = art_f - clean_f
     shift = diff.mean(0) / clean_f.std(0).clamp_min(1e-6)
     n = len(images)

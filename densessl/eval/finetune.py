@@ -35,6 +35,7 @@ from densessl.eval.linear_probe import (
     train_probe,
 )
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
+from densessl.eval.normalise import normalise
 from densessl.eval.segmentation import build_segmentation_model
 from densessl.methods.schedule import warmup_cosine
 from densessl.models.backbones import build_backbone
@@ -85,10 +86,6 @@ def _as_list(samples: list[dict]) -> list[dict]:
     return samples
 
 
-def _normalise(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
-    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
-
-
 def param_groups(model: nn.Module, slow: list[nn.Module], lr: float, mult: float
                  ) -> list[dict]:
     """AdamW groups: the parameters of the ``slow`` modules (transferred weights) at
@@ -129,7 +126,7 @@ def train_dense(model: nn.Module, dataset: Dataset, *, steps: int, batch_size: i
     batches = _batches(_augmented(dataset, augment), batch_size, seed, _stack)
     for _ in range(steps):
         image, mask = next(batches)
-        loss = F.cross_entropy(model(_normalise(image, mean, std)), mask, weight=class_weights,
+        loss = F.cross_entropy(model(normalise(image, mean, std)), mask, weight=class_weights,
                                ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -146,7 +143,7 @@ def evaluate_dense(model: nn.Module, dataset: Dataset, data: LabeledData, *, bat
     if data.extra_segmentation_metrics is not None:
         metrics.append(data.extra_segmentation_metrics())
     for image, mask in DataLoader(dataset, batch_size=batch_size, collate_fn=_stack):
-        pred = model(_normalise(image, mean, std)).argmax(1)
+        pred = model(normalise(image, mean, std)).argmax(1)
         for m in metrics:
             m.update(pred, mask)
     out: dict[str, float] = {}

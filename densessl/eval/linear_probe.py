@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from densessl.cells import cell_offset
 from densessl.errors import DensesslError
+from densessl.eval.normalise import normalise
 from densessl.models.backbones import build_backbone
 from densessl.models.levels import LEVEL_STRIDES, LEVELS
 from densessl.models.weights import load_encoder
@@ -176,10 +177,6 @@ def check_levels(levels: Sequence[str]) -> tuple[str, ...]:
     return tuple(levels)
 
 
-def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    return (x - x.new_tensor(mean)[:, None, None]) / x.new_tensor(std)[:, None, None]
-
-
 def _images(dataset: Dataset, batch_size: int):
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=0,
                         collate_fn=lambda s: (torch.stack([d["image"] for d in s]),
@@ -205,12 +202,12 @@ def recompute_bn_stats(encoder: nn.Module, dataset: Dataset, mean: Sequence[floa
         pending = None
         for image, _ in _images(dataset, batch_size):
             if pending is not None and image.shape[0] > 1:
-                encoder(_normalise(pending, mean, std))
+                encoder(normalise(pending, mean, std))
                 pending = image
             else:
                 pending = image if pending is None else torch.cat([pending, image])
         if pending is not None:
-            encoder(_normalise(pending, mean, std))
+            encoder(normalise(pending, mean, std))
     finally:
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum
@@ -260,7 +257,7 @@ def encode_split(encoder: nn.Module, dataset: Dataset, levels: Sequence[str],
     feats: list[list[Tensor]] = [[] for _ in levels]
     masks = []
     for image, mask in _images(dataset, batch_size):
-        out = encoder(_normalise(image, mean, std))
+        out = encoder(normalise(image, mean, std))
         for store, k in zip(feats, levels):
             store.append(out[k].float().cpu())
         masks.append(mask)
@@ -288,7 +285,7 @@ def encode_pixels(encoder: nn.Module, dataset: Dataset, levels: Sequence[str],
     xs, labels, images = [], [], []
     first, channels = 0, []
     for image, mask in _images(dataset, batch_size):
-        out = encoder(_normalise(image, mean, std))
+        out = encoder(normalise(image, mean, std))
         channels = [out[k].shape[1] for k in levels]
         b, w = image.shape[0], mask.shape[-1]
         for i in range(b):

@@ -2,7 +2,8 @@
 
 Data flow per step: SourceBatch (from DataLoader workers) → ``on_after_batch_transfer`` runs the
 device-side view augmentation → PairBatch → online encoder on view A, momentum encoder on view B
-→ dense (and global) InfoNCE with MoCo queues.
+→ the configured objectives (densessl/methods/objectives: dense, global, instance InfoNCE with
+MoCo queues, ...), summed with their weights.
 """
 
 from __future__ import annotations
@@ -19,22 +20,14 @@ from lightly.models.utils import (
 )
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
-from densessl.augment.box_jitter import jitter_boxes
-from densessl.build import build_augmentation, build_encoder, roi_levels
+from densessl.build import build_augmentation, build_encoder
 from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
 from densessl.errors import RecipeError
-from densessl.losses import (
-    DenseContrast,
-    GlobalContrast,
-    InstanceContrast,
-    LevelwiseInstanceContrast,
-)
-from densessl.losses.robust import RobustPositives
 from densessl.methods.monitors import CollapseMonitor, dense_cells
+from densessl.methods.objectives import OBJECTIVES, Objective, StepInputs, build_objectives
 from densessl.methods.schedule import warmup_cosine
 from densessl.models import MomentumPair, cosine_momentum
-from densessl.models.instance_head import InstanceHead
 from densessl.models.split_batchnorm import convert_to_split_batchnorm
 from densessl.models.trained_modules import GradientRecord
 from densessl.models.weights import load_encoder
@@ -64,16 +57,12 @@ class DensePretraining(pl.LightningModule):
         encoder = build_encoder(recipe)
         if start_weights is not None:  # before MomentumPair: the momentum twin copies it
             load_encoder(encoder.backbone, start_weights, "model.init_weights")
-        if recipe.loss.instance_weight > 0:  # with model.neck: fpn (a Recipe validator)
-            # Part of the encoder, so MomentumPair gives it a momentum twin and the optimiser
-            # (online parameters) trains it.
-            self.roi_levels = roi_levels(recipe)
-            encoder.instance_head = InstanceHead(
-                recipe.model.neck_dim, out_dim=recipe.model.dense_dim,
-                output_size=recipe.loss.roi_output_size,
-                canonical_scale=recipe.loss.roi_canonical_scale,
-                levels=recipe.loss.roi_levels, head=recipe.loss.roi_head,
-                fc_dim=recipe.loss.roi_head_fc_dim, alignment=encoder.cell_alignment)
+        # the configured objectives, in registry order (densessl/methods/objectives); first
+        # the modules they add to the encoder (e.g. InsLoc's box head), which the momentum
+        # pair twins and the optimiser trains
+        self.objectives: list[Objective] = build_objectives(recipe)
+        for objective in self.objectives:
+            objective.extend_encoder(encoder)
         if recipe.model.key_bn == "split":
             # after the instance head is attached: its conv head's BN must not see the whole
             # key batch either (a RoI count the groups do not divide falls back to it)
@@ -88,10 +77,6 @@ class DensePretraining(pl.LightningModule):
         # the correspondence grid, the keys and RoIAlign all place cells as this encoder does
         self.augment = build_augmentation(recipe, grid_stride=encoder.stride,
                                           cell_alignment=encoder.cell_alignment)
-        loss = recipe.loss
-        robust = RobustPositives(loss.robust, loss.rince_q, loss.rince_lambda,
-                                 loss.truncate_fraction, loss.truncate_warmup_steps,
-                                 rank_threshold=loss.rank_threshold)
         # run totals of (down-weighted cells of noisy pairs, down-weighted cells, cells of
         # noisy pairs, down-weighted wrong cells, wrong cells, query cells): the precision /
         # recall monitor against the benchmark's true noise, per pair and per cell
@@ -103,28 +88,12 @@ class DensePretraining(pl.LightningModule):
                              persistent=False)
         # feature_std / mean_cosine on what the configured objective reads (monitor_features)
         self.collapse_monitor = CollapseMonitor()
-        self.dense_loss = None
-        if loss.dense_weight > 0:
-            self.dense_loss = DenseContrast(
-                dim=recipe.model.dense_dim, queue_size=loss.dense_queue_size,
-                temperature=loss.temperature, samples_per_image=loss.samples_per_image,
-                batch_negatives=loss.batch_negatives, enqueue_per_image=loss.enqueue_per_image,
-                num_classes=loss.num_classes if loss.queue == "per_class" else None,
-                stride=encoder.stride, background=loss.background, robust=robust,
-                alignment=encoder.cell_alignment)
-        self.global_loss = None
-        if loss.global_weight > 0 and recipe.model.global_head:
-            self.global_loss = GlobalContrast(dim=recipe.model.global_dim,
-                                              queue_size=loss.global_queue_size,
-                                              temperature=loss.temperature)
-        self.instance_loss = None
-        if loss.instance_weight > 0:
-            options = dict(dim=recipe.model.dense_dim, queue_size=loss.instance_queue_size,
-                           temperature=loss.temperature, queue=loss.queue,
-                           num_classes=loss.num_classes, robust=robust)
-            # all levels (InsLoc): one loss and one queue per level
-            self.instance_loss = (InstanceContrast(**options) if loss.roi_levels == "by_size"
-                                  else LevelwiseInstanceContrast(self.roi_levels, **options))
+        # each objective's module (losses, queues) as ``<name>_loss`` (None when the objective
+        # is off): the state-dict keys of earlier runs (dense_loss.queue.keys, ...)
+        for name in OBJECTIVES:
+            setattr(self, f"{name}_loss", None)
+        for objective in self.objectives:
+            setattr(self, f"{objective.name}_loss", objective.build(encoder))
         self.augment_seconds = 0.0
         self.last_stats: dict[str, torch.Tensor] = {}
         self.dataset_cards: list[dict] = []
@@ -191,38 +160,19 @@ class DensePretraining(pl.LightningModule):
         return total
 
     def compute_losses(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward of both branches and every enabled objective (no optimiser, no logging):
-        the training step and ``densessl bench`` share it."""
+        """One forward of both branches and every configured objective (no optimiser, no
+        logging): the training step and ``densessl bench`` share it. Each objective returns
+        its weighted term and its monitor values; the terms are summed in registry order."""
         query = self.model.encode(batch.view_a, "online")
         key = self.encode_keys(batch.view_b)
         total = batch.view_a.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
-        if self.dense_loss is not None:
-            dense, stats = self.dense_loss(query["dense"], key["dense"], batch.grid_ab,
-                                           batch.valid_ab, class_map=batch.class_map_a,
-                                           step=self.global_step, pair_weight=batch.pair_weight)
-            total = total + self.recipe.loss.dense_weight * dense
-            logs["loss_dense"] = dense.detach()
-            logs.update({f"dense_{k}": v for k, v in stats.items()})
-            logs["dense_query_cells_per_image"] = self.count_dense_cells(stats["pairs"],
-                                                                         batch.batch_size)
-            if self.dense_loss.last_robust_cells is not None:
-                logs.update(self.robust_detection(batch))
-        if self.global_loss is not None:
-            glob, stats = self.global_loss(query["global"], key["global"],
-                                           pair_weight=batch.pair_weight)
-            total = total + self.recipe.loss.global_weight * glob
-            logs["loss_global"] = glob.detach()
-            logs.update({f"global_{k}": v for k, v in stats.items()})
-        instance_queries = None
-        if self.instance_loss is not None:
-            instance_queries = self.instance_queries(batch, query)
-            inst, stats = self.instance_losses(batch, query, key, instance_queries)
-            total = total + self.recipe.loss.instance_weight * inst
-            logs["loss_instance"] = inst.detach()
-            logs.update({f"instance_{k}": v for k, v in stats.items()})
-        logs.update(self.collapse_monitor(**self.monitor_features(batch, query,
-                                                                  instance_queries)))
+        inputs = StepInputs(batch=batch, query=query, key=key, task=self)
+        for objective in self.objectives:
+            out = objective(inputs)
+            total = total + out.term
+            logs.update(out.logs)
+        logs.update(self.collapse_monitor(**self.monitor_features(batch, query)))
         logs["loss"] = total.detach()
         logs["valid_fraction"] = batch.valid_ab.float().mean()
         return total, logs
@@ -239,14 +189,15 @@ class DensePretraining(pl.LightningModule):
         return counts[0].float() / counts[1].clamp_min(1).float()
 
     def run_stats(self) -> dict[str, float]:
-        """Whole-run figures for metrics.json (top level), read on the host: with the dense
-        objective, ``dense_query_cells_per_image``: the dense objective's query cells over
-        every image of the training steps (one process's; a resumed run counts the steps
-        before the resume too, from the checkpoint)."""
-        if self.dense_loss is None:
-            return {}
-        cells, images = self.dense_cell_counts.tolist()
-        return {"dense_query_cells_per_image": cells / images} if images else {}
+        """Whole-run figures for metrics.json (top level), read on the host, from every
+        objective (:meth:`Objective.run_stats`): with the dense objective,
+        ``dense_query_cells_per_image``: the dense objective's query cells over every image of
+        the training steps (one process's; a resumed run counts the steps before the resume
+        too, from the checkpoint)."""
+        stats: dict[str, float] = {}
+        for objective in self.objectives:
+            stats.update(objective.run_stats(self))
+        return stats
 
     def monitor_features(self, batch: PairBatch, query: dict,
                          instance_queries: torch.Tensor | None = None) -> dict:
@@ -255,50 +206,41 @@ class DensePretraining(pl.LightningModule):
 
         Cells or features no objective reads can be alike without harm: with
         ``background: ignore`` the bag around pasted segments (often one uniform texture) is
-        neither query nor key, and reading it raised false collapse alarms. So, in order:
-        the global objective's query embeddings (image-level, one per image); else the dense
-        objective's drawn query cells (:attr:`DenseContrast.last_queries`, up to
-        ``samples_per_image`` per image, only valid cells that take part; fixed shapes, a
-        mask marks empty slots; with per-class queues, pairs of one class are left out of
-        ``mean_cosine`` as the objective leaves them out of its negatives); else the instance
-        objective's RoI queries (every level's
-        with ``roi_levels: all``); else (no objective reads anything) the global head's
-        output or every 2nd dense cell. Pairs within one image are left out of
-        ``mean_cosine``.
+        neither query nor key, and reading it raised false collapse alarms. So the first
+        objective, by ``monitor_priority``, with features this step
+        (:meth:`Objective.monitor_features`): the global objective's query embeddings
+        (image-level, one per image); else the dense objective's drawn query cells; else the
+        instance objective's RoI queries (``instance_queries`` when given, else the last
+        step's); else (no objective reads anything) the global head's output or every 2nd
+        dense cell. Pairs within one image are left out of ``mean_cosine``.
         """
-        if self.global_loss is not None:
-            return {"features": query["global"]}
-        if self.dense_loss is not None and self.dense_loss.last_queries is not None:
-            cells = self.dense_loss.last_queries
-            per_class = ({"classes": cells["label"],
-                          "num_classes": self.dense_loss.queue.num_classes}
-                         if self.dense_loss.per_class else {})
-            return {"features": cells["features"], "groups": cells["image"],
-                    "mask": cells["keep"], "num_groups": batch.batch_size, **per_class}
-        if instance_queries is not None:
-            levels = instance_queries.shape[0] if instance_queries.dim() == 3 else 1
-            return {"features": instance_queries.reshape(-1, instance_queries.shape[-1]),
-                    "groups": batch.box_batch.to(instance_queries.device).repeat(levels),
-                    "num_groups": batch.batch_size}
+        for objective in sorted(self.objectives, key=lambda o: o.monitor_priority):
+            state = instance_queries if objective.name == "instance" else None
+            features = objective.monitor_features(batch, query, state)
+            if features is not None:
+                return features
         if "global" in query:
             return {"features": query["global"]}
         features, groups = dense_cells(query["dense"])
         return {"features": features, "groups": groups, "num_groups": batch.batch_size}
 
+    def objective(self, name: str) -> Objective | None:
+        """The configured objective ``name`` (None when it is off)."""
+        return next((o for o in self.objectives if o.name == name), None)
+
+    @property
+    def roi_levels(self) -> list[str]:
+        """The FPN levels the instance objective's RoIAlign reads."""
+        return self.objective("instance").levels
+
     def instance_losses(self, batch: PairBatch, query: dict, key: dict,
                         queries: torch.Tensor | None = None):
-        """InsLoc: box i of view A (online) against box i of view B (momentum), RoIAlign on
-        the FPN level each box's size selects, or on every level ``p{roi_min_level}..p5``
-        (``loss.roi_levels``). With ``loss.box_jitter`` the query pools a random box around
-        its instance (the localisation pretext); the key always pools the true box.
-        ``queries``: :meth:`instance_queries` when already computed."""
-        pair_weight = (None if batch.pair_weight is None
-                       else batch.pair_weight.to(batch.box_batch.device)[batch.box_batch])
+        """The instance objective's (unweighted) loss and stats
+        (:class:`densessl.methods.objectives.instance.InstanceObjective`); ``queries``:
+        :meth:`instance_queries` when already computed."""
         if queries is None:
             queries = self.instance_queries(batch, query)
-        return self.instance_loss(queries,
-                                  self.instance_keys(batch, key), batch.box_label,
-                                  step=self.global_step, pair_weight=pair_weight)
+        return self.objective("instance").losses(batch, key, self, queries)
 
     def robust_detection(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         """How well the robust dense objective singles out the truly noisy pairs, over the
@@ -349,22 +291,10 @@ class DensePretraining(pl.LightningModule):
                 "dense_robust_cell_noisy_share": counts[4] / counts[5]}
 
     def instance_queries(self, batch: PairBatch, query: dict) -> torch.Tensor:
-        loss = self.recipe.loss
-        boxes = batch.boxes_a
-        if loss.box_jitter:
-            jittered = jitter_boxes(boxes, *batch.view_a.shape[-2:], loss.box_jitter_min_iou)
-            if loss.roi_levels == "all" and loss.box_jitter_levels == "coarsest":
-                # InsLoc's box_replaced_with_gt=[True, True, True, False]: P5 only
-                boxes = torch.stack([boxes] * (len(self.roi_levels) - 1) + [jittered])
-            else:
-                boxes = jittered
-        return self.model.online.instance_head(
-            {n: query["pyramid"][n] for n in self.roi_levels}, boxes, batch.box_batch)
+        return self.objective("instance").queries(batch, query, self.model)
 
     def instance_keys(self, batch: PairBatch, key: dict) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.momentum.instance_head(
-                {n: key["pyramid"][n] for n in self.roi_levels}, batch.boxes_b, batch.box_batch)
+        return self.objective("instance").keys(batch, key, self.model)
 
     def encode_keys(self, view_b: torch.Tensor) -> dict:
         """Momentum branch; with ``key_bn`` shuffle/split the batch is shuffled first (across

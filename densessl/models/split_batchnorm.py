@@ -9,9 +9,9 @@ the keys, see :meth:`DensePretraining` with ``model.key_bn: split``) has the sam
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 
 
@@ -51,36 +51,17 @@ def _split_batch_norm(bn: nn.BatchNorm2d, x: Tensor, g: int) -> Tensor:
     return out.view(b // g, g, c, h, w).transpose(0, 1).reshape(b, c, h, w)
 
 
-@functools.cache
-def _split_bn_act_class() -> type | None:
-    """timm's BatchNormAct2d (BN, then dropout and activation in one module, used by
-    EfficientNet, RegNet, MobileNetV3, ...) with split statistics; ``None`` without timm."""
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:
-        return None
+class SplitBatchNormAct2d(BatchNormAct2d):
+    """:class:`SplitBatchNorm2d` for timm's BatchNormAct2d (BN, then dropout and activation in
+    one module, used by EfficientNet, RegNet, MobileNetV3, ...): split statistics, then the
+    module's own dropout and activation (replacing it by a plain BN would drop them)."""
 
-    class SplitBatchNormAct2d(BatchNormAct2d):
-        """:class:`SplitBatchNorm2d` for timm's BatchNormAct2d: split statistics, then the
-        module's own dropout and activation (replacing it by a plain BN would drop them)."""
+    groups = 1
 
-        groups = 1
-
-        def forward(self, x: Tensor) -> Tensor:
-            if not self.training or self.groups <= 1 or x.shape[0] % self.groups:
-                return super().forward(x)
-            return self.act(self.drop(_split_batch_norm(self, x, self.groups)))
-
-    # picklable: found by name through the module's __getattr__
-    SplitBatchNormAct2d.__module__ = __name__
-    SplitBatchNormAct2d.__qualname__ = "SplitBatchNormAct2d"
-    return SplitBatchNormAct2d
-
-
-def __getattr__(name: str):
-    if name == "SplitBatchNormAct2d" and _split_bn_act_class() is not None:
-        return _split_bn_act_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.groups <= 1 or x.shape[0] % self.groups:
+            return super().forward(x)
+        return self.act(self.drop(_split_batch_norm(self, x, self.groups)))
 
 
 def convert_to_split_batchnorm(module: nn.Module, groups: int) -> nn.Module:
@@ -90,7 +71,6 @@ def convert_to_split_batchnorm(module: nn.Module, groups: int) -> nn.Module:
     Any other BatchNorm2d subclass is a ValueError: it may compute more than BN, which a
     plain replacement would silently drop. LayerNorm / GroupNorm models (e.g. ConvNeXt) have
     no batch statistics to leak and are left alone."""
-    bn_act = _split_bn_act_class()
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             split = SplitBatchNorm2d(child.num_features, groups, eps=child.eps,
@@ -99,14 +79,15 @@ def convert_to_split_batchnorm(module: nn.Module, groups: int) -> nn.Module:
             split.load_state_dict(child.state_dict())
             split.to(child.weight.device if child.weight is not None else "cpu")
             setattr(module, name, split)
-        elif bn_act is not None and type(child) is bn_act.__base__:
+        elif type(child) is BatchNormAct2d:
             # the same module (weights, buffers, dropout, activation), split statistics
             split = copy.deepcopy(child)
-            split.__class__ = bn_act  # no constructor: BatchNormAct2d's varies across timm
+            # no constructor call: BatchNormAct2d's signature varies across timm versions
+            split.__class__ = SplitBatchNormAct2d
             split.groups = groups
             setattr(module, name, split)
         elif isinstance(child, nn.BatchNorm2d) and not isinstance(
-                child, (SplitBatchNorm2d, *((bn_act,) if bn_act else ()))):
+                child, (SplitBatchNorm2d, SplitBatchNormAct2d)):
             raise ValueError(f"model.key_bn: split: cannot convert {name} "
                              f"({type(child).__module__}.{type(child).__name__}), a BatchNorm2d "
                              "subclass that may compute more than BN; use key_bn: shuffle")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from densessl.data.registry import registrar
 from densessl.errors import RecipeError
 
 _BUILDERS: dict[str, type] = {}
@@ -17,11 +18,10 @@ _BUILDERS: dict[str, type] = {}
 def register_pair_builder(name: str) -> Callable[[type], type]:
     """Class decorator: make a :class:`~densessl.pairs.base.PairBuilder` available by name."""
 
+    file_under_name = registrar(_BUILDERS, "pair builder", name)
+
     def decorator(cls: type) -> type:
-        if name in _BUILDERS and _BUILDERS[name] is not cls:
-            raise ValueError(f"pair builder name {name!r} is already registered by "
-                             f"{_BUILDERS[name].__module__}.{_BUILDERS[name].__qualname__}")
-        _BUILDERS[name] = cls
+        file_under_name(cls)
         cls.name = name
         return cls
 

@@ -166,12 +166,6 @@ def convert(state: dict[str, Tensor], to: str, neck: dict[str, Tensor] | None = 
     raise DensesslError(f"export --to {to!r}: unknown target; valid: {', '.join(TARGETS)}")
 
 
-def _read_json(path: Path) -> dict | None:
-    """A JSON side file (encoder.json, metrics.json): ``None`` when absent; damaged is an error
-    naming the file (:func:`densessl.models.weights.read_side_json`), never "unknown"."""
-    return read_side_json(path)
-
-
 def _read_results(weights: Path, warnings: list[str] | None = None) -> dict | None:
     """The fine-tuning ``results.json`` next to ``weights`` or one folder up (optional: a
     damaged one is left out with a warning naming it)."""
@@ -210,8 +204,8 @@ def model_card(weights: Path, file: Path, to: str, backbone: str, in_channels: i
                with_neck: bool) -> dict:
     """Provenance for an exported file, from the files ``densessl pretrain``/``run`` leave
     next to ``encoder.pt`` (encoder.json, metrics.json, recipe.yaml, ../results.json)."""
-    provenance = _read_json(weights.with_suffix(".json")) or {}
-    metrics = _read_json(weights.parent / "metrics.json") or {}
+    provenance = read_side_json(weights.with_suffix(".json")) or {}
+    metrics = read_side_json(weights.parent / "metrics.json") or {}
     warnings = side_file_warnings(weights)
     results = _read_results(weights, warnings)
     recipe_file = weights.parent / "recipe.yaml"
@@ -334,7 +328,7 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
     state = read_state_file(weights, "export:")
     # side files read strictly, before anything is written: a damaged encoder.json,
     # metrics.json or neck.pt is an error naming it (the card would otherwise say "unknown")
-    provenance = _read_json(weights.with_suffix(".json")) or {}
+    provenance = read_side_json(weights.with_suffix(".json")) or {}
     missing_notes = side_file_warnings(weights)
     named = provenance.get("backbone")
     timm_backbone = bool(named) and get_backbone_spec(str(named)).family == "timm"
@@ -356,7 +350,7 @@ def export_weights(weights: str | Path, to: str, out: str | Path, neck: bool = F
             raise DensesslError(f"export: {weights}: not a resnet18/34/50 encoder")
         in_channels = int(state["conv1.weight"].shape[1])
     check_encoder_state(state, backbone, in_channels, f"export: {weights}")
-    problems = encoder_problems(state, _read_json(weights.parent / "metrics.json"))
+    problems = encoder_problems(state, read_side_json(weights.parent / "metrics.json"))
     if problems and not force:
         raise DensesslError(f"export: {weights} is not a usable encoder ({'; '.join(problems)}); "
                             "pass --force to export it anyway")

@@ -88,17 +88,12 @@ def read_checkpoint(path: Path, what: str = "--resume") -> dict:
     return checkpoint
 
 
-def _read_json(path: Path) -> dict | None:
-    """``None`` when absent; damaged is an error naming the file (never read as missing)."""
-    return read_side_json(path)
-
-
 def describe_run(out: Path) -> str | None:
     """``step N of M, finished`` for a folder that holds a pretraining run, else ``None``."""
     if not any((out / name).exists() for name in RUN_FILES):
         return None
     try:
-        metrics = _read_json(out / "metrics.json") or {}
+        metrics = read_side_json(out / "metrics.json") or {}
     except DensesslError as exc:  # the folder holds a run all the same
         return f"an earlier pretraining run (whose metrics.json is damaged: {exc})"
     if "steps" not in metrics:
@@ -139,7 +134,7 @@ def prepare_out(recipe: Recipe, out: Path, resume: bool, overwrite: bool) -> Res
     t = recipe.train
     devices = t.devices if isinstance(t.devices, int) else 1
     samples = int(extra.get("samples_seen", step * t.batch_size * devices * t.num_nodes))
-    metrics = extra.get("metrics") or _read_json(out / "metrics.json") or {}
+    metrics = extra.get("metrics") or read_side_json(out / "metrics.json") or {}
     if t.max_steps < step:
         raise DensesslError(f"--resume: {ckpt} is at step {step}, past train.max_steps "
                             f"{t.max_steps}; nothing was changed (raise train.max_steps to "
