@@ -176,23 +176,6 @@ class ModelConfig(Section):
             raise ValueError("expected null, imagenet or a file path, got an empty string")
         return value
 
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value):
-        if value in ("resnet18", "resnet34", "resnet50"):
-            return value
-        if value.startswith("timm:"):
-            import timm  # only recipes naming a timm backbone pay for importing it
-
-            name = value[len("timm:"):]
-            if timm.is_model(name):
-                return value
-            close = difflib.get_close_matches(name, timm.list_models(), n=1)
-            hint = f" (did you mean timm:{close[0]}?)" if close else ""
-            raise ValueError(f"{name!r} is not a timm model name{hint}")
-        raise ValueError("expected resnet18, resnet34, resnet50 or timm:<timm model name> (a "
-                         "timm CNN with features_only, e.g. timm:convnext_atto)")
-
 
 class ObjectiveConfig(Section):
     """An objective's settings (densessl/methods/objectives): at least its ``weight`` (0 =

@@ -61,12 +61,18 @@ def _recipe(backbone, **model):
 
 
 def test_recipe_takes_timm_names_and_refuses_others():
-    assert _recipe("timm:convnext_atto").model.backbone == "timm:convnext_atto"
+    # the backbone registry judges the name when the recipe is validated (every command and
+    # pretrain() / run() / finetune() do it before reading data)
+    from densessl.workflows.validation import validate_recipe
+
+    recipe = _recipe("timm:convnext_atto")
+    validate_recipe(recipe, finetuning=False)
+    assert recipe.model.backbone == "timm:convnext_atto"
     with pytest.raises(RecipeError, match=r"model\.backbone.*did you mean timm:convnext_atto"):
-        _recipe("timm:convnext_attto")
+        validate_recipe(_recipe("timm:convnext_attto"), finetuning=False)
     with pytest.raises(RecipeError, match=r"model\.backbone.*resnet18, resnet34, resnet50 or "
                                           r"timm:"):
-        _recipe("convnext_atto")
+        validate_recipe(_recipe("convnext_atto"), finetuning=False)
 
 
 @pytest.mark.parametrize("name", MODELS)
