@@ -92,3 +92,25 @@ def test_the_robust_plot_reads_old_and_new_sweeps():
     assert robust_key(["noise.kind", "loss.robust.kind", "seed"]) == "loss.robust.kind"
     assert robust_key(["noise.kind", "loss.robust", "seed"]) == "loss.robust"
     assert robust_key(["noise.kind"]) is None
+
+
+def test_a_checkpoint_of_flat_keys_rebuilds_its_task():
+    """Lightning rebuilds the task from the checkpoint's recipe dict (``hyper_parameters``):
+    one of before the sections builds the same objectives, under the same state-dict names."""
+    from densessl.methods import DensePretraining
+
+    recipe = load_recipe({"data": {"image_size": 80, "options": {"num_images": 4}},
+                          "augment": {"view_size": 64}, "model": {"key_bn": "batch"},
+                          # one temperature: all a flat recipe could say
+                          "loss": {"dense": {"queue_size": 32, "temperature": 0.3},
+                                   "global": {"queue_size": 16, "temperature": 0.3},
+                                   "instance": {"weight": 0.5, "queue_size": 8,
+                                                "temperature": 0.3}},
+                          "train": {"batch_size": 4}})
+    saved = recipe.model_dump(mode="json")
+    saved["loss"] = flat_loss(recipe)
+    task = DensePretraining(saved)
+    assert task.recipe == recipe
+    assert [o.name for o in task.objectives] == ["dense", "global", "instance"]
+    assert task.instance_loss.temperature == 0.3
+    assert task.hparams["recipe"]["loss"]["instance"]["temperature"] == 0.3  # saved nested
