@@ -110,13 +110,13 @@ def build_encoder(recipe: Recipe) -> DenseEncoder:
 
 def roi_levels(recipe: Recipe) -> list[str]:
     """FPN levels RoIAlign reads for the instance objective: ``p{roi_min_level}..p5``."""
-    return [f"p{k}" for k in range(recipe.loss.roi_min_level, 6)]
+    return [f"p{k}" for k in range(recipe.loss.instance.roi_min_level, 6)]
 
 
 def pyramid_levels(recipe: Recipe) -> list[str] | str:
     """FPN levels the objectives read: the dense head's, and :func:`roi_levels` with the
     instance objective. The others are never computed (they would get no gradient)."""
-    return roi_levels(recipe) if recipe.loss.instance_weight > 0 else "dense"
+    return roi_levels(recipe) if recipe.loss.instance.weight > 0 else "dense"
 
 
 def build_augmentation(recipe: Recipe, grid_stride: int, *,

@@ -181,69 +181,63 @@ class ObjectiveConfig(Section):
     """An objective's settings (densessl/methods/objectives): at least its ``weight`` (0 =
     off). Lives here, with the recipe, because the recipe validates it when it is read.
 
-    ``SECTION``: the objective's own section of ``loss`` (``loss.<SECTION>``), or ``FLAT``:
-    each field → the flat ``loss.*`` key that holds it (the dense, global and instance
-    objectives, whose settings are still flat ``loss`` keys)."""
+    ``SECTION``: the objective's own section of ``loss`` (``loss.<SECTION>``, as written in a
+    recipe). Settings that several objectives share (``loss.queue``, ``loss.num_classes``,
+    ``loss.robust``) stay in ``loss`` itself; objectives read them from ``recipe.loss``."""
 
     SECTION: ClassVar[str | None] = None
-    FLAT: ClassVar[dict[str, str]] = {}
     weight: float = Field(0.0, ge=0, description="weight of the objective's term in the "
                           "step's loss (0: off)")
 
     @classmethod
     def from_loss(cls, loss: LossConfig) -> ObjectiveConfig:
         """This objective's settings in the recipe's ``loss`` section."""
-        if cls.SECTION is not None:
-            return getattr(loss, cls.SECTION)
-        return cls(**{name: getattr(loss, key) for name, key in cls.FLAT.items()})
+        if cls.SECTION is None:
+            raise TypeError(f"{cls.__name__} names no loss section (SECTION)")
+        return loss.section(cls.SECTION)
 
 
-class DetConConfig(ObjectiveConfig):
-    """``loss.detcon``: DetCon's mask-pooled contrast (Hénaff et al. 2021;
-    densessl/methods/objectives/detcon.py). Segments are the classes of view A's class map:
-    each image's cells of one class are average-pooled in view A (online) and, at the same
-    scene points (``grid_ab``), in view B (momentum); InfoNCE across the segments of the batch.
-    """
+class DenseConfig(ObjectiveConfig):
+    """``loss.dense``: pixel (cell) InfoNCE at the exact correspondence
+    (densessl/methods/objectives/dense.py)."""
 
-    SECTION: ClassVar[str | None] = "detcon"
-    weight: float = Field(0.0, ge=0, description="weight of the mask-pooled InfoNCE (0: off)")
-    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature (DetCon: 0.1)")
-    max_classes: int | None = Field(
-        None, ge=1, description="class ids 0..max_classes-1 are segments (larger ids are left "
-        "out); null: loss.num_classes. Fixes the segment slots per image, so shapes never "
-        "depend on the data")
-    background: Literal["segment", "ignore"] = Field(
-        "ignore", description="cells the class map marks -1 (the bag under pasted segments): "
-        "segment = one more segment per image; ignore = in no segment")
-    min_cells: int = Field(1, ge=1, description="a segment takes part when it has at least "
-                           "this many valid cells in view A")
-
-
-class LossConfig(Section):
-    dense_weight: float = Field(1.0, ge=0)
-    global_weight: float = Field(0.5, ge=0)
+    SECTION: ClassVar[str | None] = "dense"
+    weight: float = Field(1.0, ge=0, description="weight of the dense InfoNCE (0: off)")
     temperature: float = Field(0.2, gt=0)
-    dense_queue_size: int = Field(8192, ge=0)
-    global_queue_size: int = Field(4096, ge=0)
+    queue_size: int = Field(8192, ge=0, description="negatives queue length (per class with "
+                            "loss.queue: per_class)")
     samples_per_image: int = Field(64, ge=1)
     enqueue_per_image: int = Field(16, ge=0)
     batch_negatives: bool = True
-    queue: Literal["single", "per_class"] = Field(
-        "single", description="per_class: one ring per class (SegLoc); a query's negatives never "
-        "share its class; dense_queue_size / instance_queue_size are then per class")
-    num_classes: int | None = Field(
-        None, ge=1, description="class ids 0..num_classes-1 for per-class queues (-1 = "
-        "unknown); null: from the data, the largest id the pair builder emits (label_ids()) "
-        "+ 1, resolved when the builder is built and written to recipe.yaml / metrics.json")
     background: Literal["negative", "own_class", "ignore"] = Field(
         "negative", description="dense cells a class map marks -1 (the bag under pasted "
         "segments): negative = unknown, a negative for every query and every key a negative "
         "for them; own_class = a class with its own ring (no background negatives for "
-        "background queries; needs queue: per_class); ignore = neither queries nor keys "
+        "background queries; needs loss.queue: per_class); ignore = neither queries nor keys "
         "(contrast the segments only, as SegLoc/InsLoc do)")
-    instance_weight: float = Field(0.0, ge=0, description="InsLoc instance contrast over the "
-                                   "pair's boxes (needs model.neck: fpn)")
-    instance_queue_size: int = Field(4096, ge=1)
+
+
+class GlobalConfig(ObjectiveConfig):
+    """``loss.global``: MoCo image-level InfoNCE on the global head
+    (densessl/methods/objectives/global_.py; needs model.global_head). Python attribute
+    ``loss.global_`` (``global`` is a keyword)."""
+
+    SECTION: ClassVar[str | None] = "global"
+    weight: float = Field(0.5, ge=0, description="weight of the global InfoNCE (0: off)")
+    temperature: float = Field(0.2, gt=0)
+    queue_size: int = Field(4096, ge=0)
+
+
+class InstanceConfig(ObjectiveConfig):
+    """``loss.instance``: InsLoc's box-level InfoNCE over the pair's boxes
+    (densessl/methods/objectives/instance.py; needs model.neck: fpn)."""
+
+    SECTION: ClassVar[str | None] = "instance"
+    weight: float = Field(0.0, ge=0, description="InsLoc instance contrast over the "
+                          "pair's boxes (needs model.neck: fpn)")
+    temperature: float = Field(0.2, gt=0)
+    queue_size: int = Field(4096, ge=1, description="negatives queue length (per class with "
+                            "loss.queue: per_class)")
     roi_output_size: int = Field(7, ge=1, description="RoIAlign output side")
     roi_canonical_scale: float = Field(224.0, gt=0, description="box side that maps to FPN "
                                        "level 4 (Lin et al. 2017); lower it for small views")
@@ -268,7 +262,32 @@ class LossConfig(Section):
     box_jitter_levels: Literal["coarsest", "all"] = Field(
         "coarsest", description="with roi_levels: all, the levels that pool the jittered query "
         "box: coarsest (p5 only, InsLoc) or all; the others pool the true box")
-    robust: Literal["none", "rince", "truncate", "rank"] = Field(
+
+    @property
+    def levels(self) -> list[str]:
+        """The FPN levels RoIAlign reads: ``p{roi_min_level}..p5``."""
+        return [f"p{k}" for k in range(self.roi_min_level, 6)]
+
+    @model_validator(mode="after")
+    def _instance_options(self):
+        if self.roi_head == "conv" and self.roi_output_size < 2:
+            raise ValueError(f"loss.instance.roi_head: conv needs loss.instance.roi_output_size"
+                             f" >= 2 (its BatchNorm needs 2 values per channel from one box), "
+                             f"got {self.roi_output_size}")
+        if self.box_jitter and self.box_jitter_levels == "coarsest" and \
+                self.roi_levels == "by_size":
+            raise ValueError("loss.instance.box_jitter_levels: coarsest needs "
+                             "loss.instance.roi_levels: all (with by_size each box is pooled "
+                             "on one level); set box_jitter_levels: all to jitter by_size "
+                             "boxes")
+        return self
+
+
+class RobustConfig(Section):
+    """``loss.robust``: robust positives (densessl.losses.robust), one setting for every
+    objective whose positives can be wrong: the dense and the instance InfoNCE."""
+
+    kind: Literal["none", "rince", "truncate", "rank"] = Field(
         "none", description="robust positives in the dense and instance InfoNCE "
         "(densessl.losses.robust): none = InfoNCE; rince = Robust InfoNCE (Chuang et al., "
         "CVPR 2022), -e^(q s+)/q + (lambda (e^(s+) + sum e^(s-)))^q/q with s = cos/T; "
@@ -289,24 +308,136 @@ class LossConfig(Section):
     rank_threshold: float = Field(0.5, gt=0, lt=1, description="rank: a query cell / box gets "
                                   "weight 0 when more than this fraction of its allowed "
                                   "negatives are more similar to it than its positive")
+
+
+class DetConConfig(ObjectiveConfig):
+    """``loss.detcon``: DetCon's mask-pooled contrast (Hénaff et al. 2021;
+    densessl/methods/objectives/detcon.py). Segments are the classes of view A's class map:
+    each image's cells of one class are average-pooled in view A (online) and, at the same
+    scene points (``grid_ab``), in view B (momentum); InfoNCE across the segments of the batch.
+    """
+
+    SECTION: ClassVar[str | None] = "detcon"
+    weight: float = Field(0.0, ge=0, description="weight of the mask-pooled InfoNCE (0: off)")
+    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature (DetCon: 0.1)")
+    max_classes: int | None = Field(
+        None, ge=1, description="class ids 0..max_classes-1 are segments (larger ids are left "
+        "out); null: loss.num_classes. Fixes the segment slots per image, so shapes never "
+        "depend on the data")
+    background: Literal["segment", "ignore"] = Field(
+        "ignore", description="cells the class map marks -1 (the bag under pasted segments): "
+        "segment = one more segment per image; ignore = in no segment")
+    min_cells: int = Field(1, ge=1, description="a segment takes part when it has at least "
+                           "this many valid cells in view A")
+
+
+class LossConfig(Section):
+    """``loss``: one section per objective (``dense``, ``global``, ``instance``, ``detcon``)
+    and the settings they share: ``queue`` and ``num_classes`` (the class-id setup of the
+    dense and instance queues; DetCon's segment slots default to num_classes) and ``robust``
+    (the dense and instance InfoNCE's robust positives)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+    queue: Literal["single", "per_class"] = Field(
+        "single", description="per_class: one ring per class (SegLoc), in the dense and the "
+        "instance objective; a query's negatives never share its class; "
+        "loss.dense.queue_size / loss.instance.queue_size are then per class")
+    num_classes: int | None = Field(
+        None, ge=1, description="class ids 0..num_classes-1 for per-class queues (-1 = "
+        "unknown) and DetCon's segments; null: from the data, the largest id the pair builder "
+        "emits (label_ids()) + 1, resolved when the builder is built and written to "
+        "recipe.yaml / metrics.json")
+    robust: RobustConfig = Field(RobustConfig(), description="robust positives of the dense "
+                                 "and instance InfoNCE (loss.robust.kind)")
+    dense: DenseConfig = Field(DenseConfig(), description="the dense (cell) contrast")
+    global_: GlobalConfig = Field(GlobalConfig(), alias="global",
+                                  description="the global (image) contrast")
+    instance: InstanceConfig = Field(InstanceConfig(), description="InsLoc's instance contrast "
+                                     "(loss.instance.weight > 0 turns it on)")
     detcon: DetConConfig = Field(DetConConfig(), description="DetCon's mask-pooled contrast "
                                  "(loss.detcon.weight > 0 turns it on)")
 
+    def section(self, name: str) -> ObjectiveConfig:
+        """Objective section ``name`` as a recipe writes it (``global`` is ``global_``)."""
+        return getattr(self, "global_" if name == "global" else name)
+
     @model_validator(mode="after")
-    def _instance_options(self):
-        if self.background == "own_class" and self.queue != "per_class":
-            raise ValueError("loss.background: own_class needs loss.queue: per_class (one "
+    def _background_needs_classes(self):
+        if self.dense.background == "own_class" and self.queue != "per_class":
+            raise ValueError("loss.dense.background: own_class needs loss.queue: per_class (one "
                              "queue has no class to give the background)")
-        if self.roi_head == "conv" and self.roi_output_size < 2:
-            raise ValueError(f"loss.roi_head: conv needs loss.roi_output_size >= 2 (its "
-                             f"BatchNorm needs 2 values per channel from one box), got "
-                             f"{self.roi_output_size}")
-        if self.box_jitter and self.box_jitter_levels == "coarsest" and \
-                self.roi_levels == "by_size":
-            raise ValueError("loss.box_jitter_levels: coarsest needs loss.roi_levels: all (with "
-                             "by_size each box is pooled on one level); set "
-                             "box_jitter_levels: all to jitter by_size boxes")
         return self
+
+
+#: The flat ``loss.*`` keys of recipes before the objectives had their own sections (issue #28)
+#: → their places now: each section's former field → flat-key table (the ``FLAT`` tables of
+#: the dense, global and instance configs and the robust fields'). ``loss.queue`` and
+#: ``loss.num_classes`` did not move.
+_FORMER_FLAT: dict[str, dict[str, str]] = {
+    "dense": {"weight": "dense_weight", "temperature": "temperature",
+              "queue_size": "dense_queue_size", "samples_per_image": "samples_per_image",
+              "enqueue_per_image": "enqueue_per_image", "batch_negatives": "batch_negatives",
+              "background": "background"},
+    "global": {"weight": "global_weight", "temperature": "temperature",
+               "queue_size": "global_queue_size"},
+    "instance": {"weight": "instance_weight", "temperature": "temperature",
+                 "queue_size": "instance_queue_size", "roi_output_size": "roi_output_size",
+                 "roi_canonical_scale": "roi_canonical_scale", "roi_min_level": "roi_min_level",
+                 "roi_levels": "roi_levels", "roi_head": "roi_head",
+                 "roi_head_fc_dim": "roi_head_fc_dim", "box_jitter": "box_jitter",
+                 "box_jitter_min_iou": "box_jitter_min_iou",
+                 "box_jitter_levels": "box_jitter_levels"},
+    "robust": {"kind": "robust", "rince_q": "rince_q", "rince_lambda": "rince_lambda",
+               "truncate_fraction": "truncate_fraction",
+               "truncate_warmup_steps": "truncate_warmup_steps",
+               "rank_threshold": "rank_threshold"},
+}
+
+#: former flat key → its new places (``section.field``, under ``loss``); ``temperature`` is
+#: in three
+MOVED_LOSS_KEYS: dict[str, tuple[str, ...]] = {}
+for _section, _table in _FORMER_FLAT.items():
+    for _field, _flat in _table.items():
+        MOVED_LOSS_KEYS[_flat] = (*MOVED_LOSS_KEYS.get(_flat, ()), f"{_section}.{_field}")
+del _section, _table, _field, _flat
+
+
+def _moved_keys(loss: dict) -> list[str]:
+    """The former flat keys in the raw ``loss`` mapping (``robust`` only as a plain value:
+    a mapping is the new section)."""
+    return [k for k in loss if k in MOVED_LOSS_KEYS
+            and not (k == "robust" and isinstance(loss[k], dict))]
+
+
+def moved_key_message(key: str) -> str:
+    """``loss.dense_weight moved to loss.dense.weight`` (every place, for a key that split)."""
+    places = [f"loss.{p}" for p in MOVED_LOSS_KEYS[key]]
+    where = places[0] if len(places) == 1 else \
+        f"{', '.join(places[:-1])} and {places[-1]} (one value each)"
+    return f"loss.{key} moved to {where}"
+
+
+def migrate_flat_loss(data: dict) -> dict:
+    """A copy of the raw recipe ``data`` with the former flat ``loss.*`` keys moved into their
+    sections (a key that split, ``temperature``, sets every place): how a recipe saved before
+    the move (a checkpoint's, a run's recipe.yaml) is read. The mapping is exact, so the
+    migrated recipe trains what the saved one did. A value the new sections already hold is
+    kept."""
+    loss = data.get("loss") if isinstance(data, dict) else None
+    if not isinstance(loss, dict) or not _moved_keys(loss):
+        return data
+    data = copy.deepcopy(data)
+    loss = data["loss"]
+    for key in _moved_keys(loss):
+        value = loss.pop(key)
+        for place in MOVED_LOSS_KEYS[key]:
+            section, field = place.split(".")
+            node = loss.setdefault(section, {})
+            if isinstance(node, dict):
+                node.setdefault(field, value)
+    return data
 
 
 class TrainConfig(Section):
@@ -698,16 +829,17 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _instance_needs_fpn(self):
-        if self.loss.instance_weight > 0 and self.model.neck != "fpn":
-            raise ValueError(f"loss.instance_weight {self.loss.instance_weight} > 0 needs "
+        instance = self.loss.instance
+        if instance.weight > 0 and self.model.neck != "fpn":
+            raise ValueError(f"loss.instance.weight {instance.weight} > 0 needs "
                              f"model.neck: fpn, got {self.model.neck!r} (RoIAlign reads the FPN "
-                             f"levels p{self.loss.roi_min_level}..p5, which share one width)")
+                             f"levels p{instance.roi_min_level}..p5, which share one width)")
         return self
 
     def class_id_uses(self) -> list[str]:
         """What of the pretraining reads class ids, in words (empty when nothing does)."""
         uses = []
-        objectives = self.loss.dense_weight > 0 or self.loss.instance_weight > 0
+        objectives = self.loss.dense.weight > 0 or self.loss.instance.weight > 0
         if self.loss.queue == "per_class" and objectives:
             uses.append("class ids (per-class queues)")
         if self.noise.kind == "wrong_class":
@@ -765,10 +897,16 @@ class Recipe(Section):
         return self
 
 
+def _keys_of(model: type[BaseModel]) -> dict[str, Any]:
+    """A section's fields by the key a recipe writes (the alias where there is one)."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
 def _section_at(path: tuple) -> type[BaseModel] | None:
     model: Any = Recipe
     for key in path:
-        field = getattr(model, "model_fields", {}).get(key)
+        field = _keys_of(model).get(key) if isinstance(model, type) and \
+            issubclass(model, BaseModel) else None
         if field is None:
             return None
         model = field.annotation
@@ -780,7 +918,7 @@ def _describe(error: dict, source: str) -> str:
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         section = _section_at(loc[:-1])
-        valid = sorted(section.model_fields) if section else []
+        valid = sorted(_keys_of(section)) if section else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"recipe {source}: {key}: unknown key ({hint}valid keys: {', '.join(valid)})"
@@ -792,9 +930,18 @@ def _describe(error: dict, source: str) -> str:
 
 
 def parse_recipe(data: dict, source: str = "<dict>") -> Recipe:
+    """``data`` validated. A former flat ``loss.*`` key (before the objectives' sections) is
+    one line naming its new place; a saved recipe of that time reads through
+    :func:`migrate_flat_loss` first."""
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {source}: expected a mapping of sections at the top level, "
                           f"got {type(data).__name__}")
+    loss = data.get("loss")
+    moved = _moved_keys(loss) if isinstance(loss, dict) else []
+    if moved:
+        raise RecipeError(f"recipe {source}: "
+                          f"{'; '.join(moved_key_message(k) for k in moved)} (each objective "
+                          "has its own loss section since issue #28)")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -104,7 +104,7 @@ def test_pretraining_threads_the_encoders_alignment():
         recipe = parse_recipe({
             "name": "t", "data": {"image_size": 80, "options": {"num_images": 4}},
             "augment": {"view_size": 64}, "model": {"backbone": backbone},
-            "loss": {"instance_weight": 1.0}, "train": {"batch_size": 2}}, "<test>")
+            "loss": {"instance": {"weight": 1.0}}, "train": {"batch_size": 2}}, "<test>")
         task = DensePretraining(recipe)
         assert task.encoder.cell_alignment == expected
         assert task.augment.cell_alignment == expected

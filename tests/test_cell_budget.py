@@ -22,7 +22,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 def test_last_stage_is_what_the_loss_counts(tmp_path, background):
     recipe = load_recipe(RECIPES / "xray_segloc.yaml",
                          [f"pairs.options.cache_dir={tmp_path}", "pairs.options.synthetic_n=16",
-                          f"loss.background={background}", "loss.samples_per_image=12",
+                          f"loss.dense.background={background}", "loss.dense.samples_per_image=12",
                           "pairs.options.device_composite=false"])
     builder = build_pair_builder(recipe)
     resolve_data_settings(recipe, builder)

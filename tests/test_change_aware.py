@@ -445,8 +445,8 @@ def test_step_with_pair_weights_and_noise_mask_has_no_host_sync():
     from densessl.bench.training import bench_recipe
 
     torch.manual_seed(0)
-    recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
-                          instance_queue_size=8, robust="truncate")
+    recipe = bench_recipe("resnet18", 64, 4, instance={"weight": 1.0, "queue_size": 8},
+                          dense={"queue_size": 16}, robust={"kind": "truncate"})
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     batch.pair_weight = torch.tensor([1.0, 0.5, 1.0, 0.5])
     batch.noise_mask_a = torch.rand(batch.valid_ab.shape) > 0.5
@@ -500,7 +500,7 @@ def fake_rows():
     for kind, robust, seed in itertools.product(base, bonus, (0, 1)):
         rows.append({"cell_id": f"{kind}-{robust}-{seed}", "status": "ok", "error": "",
                      "seconds": 1.0, "noise.kind": kind,
-                     "noise.amount": 0.0 if kind == "none" else 0.5, "loss.robust": robust,
+                     "noise.amount": 0.0 if kind == "none" else 0.5, "loss.robust.kind": robust,
                      "seed": seed,
                      "pretrained/linear_probe/mIoU": base[kind] + bonus[robust] + 0.01 * seed,
                      "random/linear_probe/mIoU": 0.3})
@@ -514,11 +514,11 @@ def test_robust_plot_is_written_with_one_bar_series_per_robust_value(tmp_path, m
     closed = []
     real_close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: (closed.append(fig), real_close(fig)))
-    keys = ["noise.kind", "noise.amount", "loss.robust", "seed"]
+    keys = ["noise.kind", "noise.amount", "loss.robust.kind", "seed"]
     paths = write_summary(tmp_path, rows, keys, {"x": "noise.amount", "over": ["seed"]})
     plot = tmp_path / "plots" / "robust_pretrained_linear_probe_mIoU.png"
     assert plot in paths and plot.stat().st_size > 1000
-    figure = next(f for f in closed if f._suptitle is None and "loss.robust" in
+    figure = next(f for f in closed if f._suptitle is None and "loss.robust.kind" in
                   f.axes[0].get_title())
     ax = figure.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
@@ -542,11 +542,12 @@ def test_robust_plot_is_written_with_one_bar_series_per_robust_value(tmp_path, m
 
 def test_robust_bars_mark_missing_cells():
     rows, _, _ = fake_rows()
-    rows = [r for r in rows if not (r["noise.kind"] == "mismatch" and r["loss.robust"] == "rince")]
+    rows = [r for r in rows
+            if not (r["noise.kind"] == "mismatch" and r["loss.robust.kind"] == "rince")]
     from densessl.sweep.report import summarize
 
-    summary = summarize(rows, ["noise.kind", "noise.amount", "loss.robust", "seed"])
-    groups, series = robust_bars(summary, ["noise.kind", "noise.amount", "loss.robust"],
+    summary = summarize(rows, ["noise.kind", "noise.amount", "loss.robust.kind", "seed"])
+    groups, series = robust_bars(summary, ["noise.kind", "noise.amount", "loss.robust.kind"],
                                  "pretrained/linear_probe/mIoU")
     assert math.isnan(series["rince"][groups.index("kind=mismatch, amount=0.5")][0])
     assert not math.isnan(series["none"][groups.index("kind=mismatch, amount=0.5")][0])

@@ -16,7 +16,7 @@ SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
 TINY = ["--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set",
         "train.num_workers=0", "--set", "data.options.num_images=8", "--set",
         "data.image_size=48", "--set", "augment.view_size=32", "--set",
-        "loss.dense_queue_size=1000", "--set", "loss.global_queue_size=16", "--set",
+        "loss.dense.queue_size=1000", "--set", "loss.global.queue_size=16", "--set",
         "model.split_bn_groups=2"]
 
 
@@ -74,7 +74,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     ("train.batch_size=many", "train.batch_size"),
     ("data.source=folder", "data.path is required"),
     ("pairs.builder=nope", "pairs.builder: unknown builder 'nope'"),
-    ("loss.temperature=-1", "loss.temperature"),
+    ("loss.dense.temperature=-1", "loss.dense.temperature"),
 ])
 def test_recipe_errors_are_one_clear_line(override, expected, tmp_path, capsys):
     assert main(["pretrain", SAME_IMAGE, "--out", str(tmp_path), "--set", override]) == 2

@@ -30,10 +30,10 @@ def test_inits_name_builtins_or_controls():
     with pytest.raises(RecipeError, match=r"finetune.inits: \['nope'\] are neither"):
         load_recipe(SAME_IMAGE, ["finetune.inits=[pretrained,nope]"])
     with pytest.raises(RecipeError, match=r"finetune.controls: \['random'\] are built-in"):
-        load_recipe(SAME_IMAGE, ['finetune.controls={random: {"loss.temperature": 0.5}}'])
+        load_recipe(SAME_IMAGE, ['finetune.controls={random: {"loss.dense.temperature": 0.5}}'])
     # a control's overrides are validated as a recipe, naming the control
     with pytest.raises(RecipeError, match=r"finetune.controls.hot .*invalid"):
-        load_recipe(SAME_IMAGE, ['finetune.controls={hot: {"loss.temperature": -1}}',
+        load_recipe(SAME_IMAGE, ['finetune.controls={hot: {"loss.dense.temperature": -1}}',
                                  "finetune.inits=[pretrained,hot]"])
 
 
@@ -51,14 +51,14 @@ def test_the_benchmark_control_reads_no_masks_and_no_classes():
 
 
 def test_a_control_is_pretrained_per_seed_and_scored_as_its_own_init(tmp_path):
-    control = {"loss.temperature": 0.5, "augment.geometry.crop_scale": [0.8, 1.0]}
+    control = {"loss.dense.temperature": 0.5, "augment.geometry.crop_scale": [0.8, 1.0]}
     overrides = TINY + [f"finetune.controls={json.dumps({'narrow': control})}",
                         "finetune.inits=[pretrained,narrow,random]",
                         "finetune.pretrain_seeds=[3,4]", "finetune.seeds=[0]"]
     results = run(SAME_IMAGE, tmp_path, overrides=overrides, log=lambda *a: None)
     for seed in (3, 4):
         saved = load_recipe(tmp_path / "pretrain_narrow" / f"seed{seed}" / "recipe.yaml")
-        assert saved.loss.temperature == 0.5 and saved.seed == seed
+        assert saved.loss.dense.temperature == 0.5 and saved.seed == seed
         assert tuple(saved.augment.geometry.crop_scale) == (0.8, 1.0)
     a = torch.load(tmp_path / "pretrain" / "seed3" / "encoder.pt")
     b = torch.load(tmp_path / "pretrain_narrow" / "seed3" / "encoder.pt")

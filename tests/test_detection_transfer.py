@@ -220,7 +220,7 @@ def test_insloc_pretraining_hands_its_box_head_to_the_detector(tmp_path):
     out = tmp_path / "run"
     pretrain(recipe, out, overrides=[
         "train.max_steps=2", "train.batch_size=4", "train.num_workers=0", "model.split_bn_groups=2",
-        "data.image_size=64", "augment.view_size=48", "loss.roi_head_fc_dim=32",
+        "data.image_size=64", "augment.view_size=48", "loss.instance.roi_head_fc_dim=32",
         f"pairs.options.cache_dir={tmp_path / 'cache'}"], progress=False)
     rec = load_recipe(recipe)
     meta = json.loads((out / "encoder.json").read_text())

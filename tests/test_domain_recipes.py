@@ -82,7 +82,7 @@ def test_xray_insloc_scores_on_the_synthetic_set_it_pastes_from(tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
     rc = main(["run", str(RECIPES / "xray_insloc.yaml"), "--out", str(out),
                *sets("pairs.options.synthetic_n=16", f"pairs.options.cache_dir={cache}",
-                     "loss.roi_head_fc_dim=32", *FAST)])
+                     "loss.instance.roi_head_fc_dim=32", *FAST)])
     assert rc == 0
     results = _results(out)
     assert results["data"]["path"] is None

@@ -385,7 +385,7 @@ def test_pretrains_on_a_folder_of_4_band_scenes(tmp_path):
                     "photometry": {"non_rgb": "per_channel"}},
         "model": {"backbone": "resnet18", "dense_dim": 16, "global_dim": 16,
                   "key_bn": "batch"},
-        "loss": {"dense_queue_size": 64, "global_queue_size": 16, "samples_per_image": 8},
+        "loss": {"dense": {"queue_size": 64, "samples_per_image": 8}, "global": {"queue_size": 16}},
         "train": {"batch_size": 4, "max_steps": 2, "num_workers": 0},
     }
     metrics = pretrain(recipe, tmp_path / "out")

@@ -33,7 +33,7 @@ FETCH = "torchvision.models.resnet18(weights='IMAGENET1K_V1')"
 
 PRETRAIN = ["data.image_size=32", "data.options.num_images=8", "augment.view_size=32",
             "train.max_steps=1", "train.batch_size=4", "train.num_workers=0",
-            "loss.dense_queue_size=64", "loss.global_queue_size=16", "model.split_bn_groups=2"]
+            "loss.dense.queue_size=64", "loss.global.queue_size=16", "model.split_bn_groups=2"]
 FINETUNE = ["finetune.image_size=32", "finetune.steps=2", "finetune.batch_size=4",
             "finetune.seeds=[0]", "finetune.num_threads=1", "finetune.tasks=[segmentation]",
             "finetune.options={num_train: 8, num_val: 4, num_source: 0}"]

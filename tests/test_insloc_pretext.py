@@ -161,10 +161,11 @@ def test_jitter_min_iou_and_degenerate_boxes():
         jitter_boxes(boxes, 48, 64, min_iou=1.0)
 
 
-def insloc_overrides(**extra):
-    return dict({"instance_weight": 1.0, "dense_queue_size": 16, "instance_queue_size": 8,
-                 "roi_levels": "all", "box_jitter": True, "roi_head": "conv",
-                 "roi_head_fc_dim": 32}, **extra)
+def insloc_overrides(**instance):
+    """InsLoc's pretext as bench_recipe's loss settings (``instance``: more of loss.instance)."""
+    return {"instance": {"weight": 1.0, "queue_size": 8, "roi_levels": "all", "box_jitter": True,
+                         "roi_head": "conv", "roi_head_fc_dim": 32, **instance},
+            "dense": {"queue_size": 16}}
 
 
 def captured_boxes(task, batch):
@@ -231,7 +232,7 @@ def test_conv_head_handles_zero_or_one_box_in_training(boxes):
 
 def test_conv_head_trains_one_step():
     torch.manual_seed(0)
-    recipe = bench_recipe("resnet18", 64, 4, **insloc_overrides(instance_queue_size=32))
+    recipe = bench_recipe("resnet18", 64, 4, **insloc_overrides(queue_size=32))
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
     head = task.model.online.instance_head
@@ -258,18 +259,20 @@ def test_conv_head_trains_one_step():
 def test_insloc_recipe_defaults_to_insloc_and_loss_config_to_the_lean_path():
     data = yaml.safe_load((RECIPES / "xray_insloc.yaml").read_text())
     loss = load_recipe(data).loss
-    assert (loss.roi_levels, loss.box_jitter, loss.box_jitter_levels, loss.roi_head) == (
-        "all", True, "coarsest", "conv")
-    assert loss.box_jitter_min_iou == 0.5
-    lean = LossConfig()
+    instance = loss.instance
+    assert (instance.roi_levels, instance.box_jitter, instance.box_jitter_levels,
+            instance.roi_head) == ("all", True, "coarsest", "conv")
+    assert instance.box_jitter_min_iou == 0.5
+    lean = LossConfig().instance
     assert (lean.roi_levels, lean.box_jitter, lean.roi_head) == ("by_size", False, "mlp")
 
 
 @pytest.mark.parametrize("loss, message", [
-    ({"roi_head": "conv", "roi_output_size": 1}, "roi_output_size >= 2"),
-    ({"box_jitter": True}, "box_jitter_levels: coarsest needs loss.roi_levels: all"),
-    ({"roi_levels": "every"}, "loss.roi_levels"),
-    ({"box_jitter_min_iou": 1.0}, "loss.box_jitter_min_iou"),
+    ({"instance": {"roi_head": "conv", "roi_output_size": 1}}, "roi_output_size >= 2"),
+    ({"instance": {"box_jitter": True}},
+     "box_jitter_levels: coarsest needs loss.instance.roi_levels: all"),
+    ({"instance": {"roi_levels": "every"}}, "loss.instance.roi_levels"),
+    ({"instance": {"box_jitter_min_iou": 1.0}}, "loss.instance.box_jitter_min_iou"),
 ])
 def test_bad_instance_options_name_the_key(loss, message):
     with pytest.raises(RecipeError, match=message):
@@ -287,7 +290,7 @@ def test_insloc_recipe_pretrains_one_step(tmp_path, capsys):
                      "--set", "train.max_steps=1", "--set", "train.batch_size=4",
                      "--set", "model.split_bn_groups=2",
                      "--set", "train.num_workers=0", "--set", "data.image_size=64",
-                     "--set", "augment.view_size=48", "--set", "loss.roi_head_fc_dim=64",
+                     "--set", "augment.view_size=48", "--set", "loss.instance.roi_head_fc_dim=64",
                      "--set", f"pairs.options.cache_dir={tmp_path / 'cache'}"])
     assert code == 0, capsys.readouterr().err
     final = json.loads((out / "metrics.json").read_text())["final"]

@@ -52,8 +52,8 @@ def _task_and_batch():
     from densessl.methods import DensePretraining
 
     torch.manual_seed(0)
-    recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, queue="per_class",
-                          dense_queue_size=16, instance_queue_size=8,
+    recipe = bench_recipe("resnet18", 64, 4, instance={"weight": 1.0, "queue_size": 8},
+                          dense={"queue_size": 16}, queue="per_class",
                           num_classes=12)  # pair_batch's random classes: 0..11
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     return DensePretraining(recipe), batch

@@ -192,9 +192,9 @@ def test_pyramid_levels_follow_the_objectives():
     x = torch.randn(2, 3, 64, 64)
     dense_only = bench_recipe("resnet18", 64, 2)
     assert set(build_encoder(dense_only)(x)["pyramid"]) == {"p3"}
-    with_p2 = bench_recipe("resnet18", 64, 2, instance_weight=1.0)
+    with_p2 = bench_recipe("resnet18", 64, 2, instance={"weight": 1.0})
     assert set(build_encoder(with_p2)(x)["pyramid"]) == {"p2", "p3", "p4", "p5"}
-    without_p2 = bench_recipe("resnet18", 64, 2, instance_weight=1.0, roi_min_level=3)
+    without_p2 = bench_recipe("resnet18", 64, 2, instance={"weight": 1.0, "roi_min_level": 3})
     assert set(build_encoder(without_p2)(x)["pyramid"]) == {"p3", "p4", "p5"}
     batch = pair_batch(without_p2, torch.device("cpu"), with_instances=True)
     loss, logs = DensePretraining(without_p2).compute_losses(batch)

@@ -2,7 +2,7 @@
 
 A pair of the ``noisy-seg`` source at change level d > 0 carries the pixels of source A whose
 content differs in B as ``noise_mask_a`` (``noisy`` when any), through the temporal builder,
-injected noise, collation and the view augmentation, so ``loss.robust``'s cell precision /
+injected noise, collation and the view augmentation, so ``loss.robust.kind``'s cell precision /
 recall score the criterion on the benchmark's own change. The references here are computed
 from the written PNGs (a plain per-pixel loop) and from the generator's object model (which
 objects the change events touched, where each is visible), never from the mask code.
@@ -164,8 +164,8 @@ def test_no_loss_reads_the_truth():
     from densessl.bench.training import bench_recipe
     from densessl.methods.dense_pretraining import DensePretraining
 
-    recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
-                          instance_queue_size=8, robust="rank")
+    recipe = bench_recipe("resnet18", 64, 4, instance={"weight": 1.0, "queue_size": 8},
+                          dense={"queue_size": 16}, robust={"kind": "rank"})
     results = []
     for truth in (False, True):
         torch.manual_seed(0)

@@ -139,7 +139,7 @@ def test_a_recipe_with_only_detcon_trains(tmp_path):
     from densessl.workflows.pretraining import pretrain
 
     overrides = ["pairs.options.synthetic_n=16", "model.split_bn_groups=2",
-                 "loss.dense_weight=0", "loss.instance_weight=0", "loss.global_weight=0",
+                 "loss.dense.weight=0", "loss.instance.weight=0", "loss.global.weight=0",
                  "loss.detcon.weight=1.0", "train.max_steps=2", "train.batch_size=4",
                  "train.num_workers=0", "train.log_every=1"]
     metrics = pretrain("demo", tmp_path / "run", overrides=overrides)

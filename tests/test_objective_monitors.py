@@ -24,12 +24,16 @@ B, H, STRIDE, DIM = 4, 8, 8, 128          # 4 images, 8×8 cells of a 64 px view
 
 
 def tiny_recipe(**loss):
+    """``loss``: loss settings by section (``dense={...}``, ...), merged over the ones here."""
+    sections = {"global_": {"weight": 0.0}, "dense": {"queue_size": 32}}
+    for key, value in loss.items():
+        sections[key] = {**sections.get(key, {}), **value} if isinstance(value, dict) else value
     return load_recipe({
         "name": "monitors",
         "data": {"image_size": 80, "options": {"num_images": B}},
         "augment": {"view_size": H * STRIDE},
         "model": {"backbone": "resnet18", "global_head": False, "key_bn": "batch"},
-        "loss": {"global_weight": 0.0, "dense_queue_size": 32, **loss},
+        "loss": sections,
         "train": {"batch_size": B},
     })
 
@@ -153,7 +157,8 @@ def test_background_ignore_on_a_uniform_bag_does_not_warn():
     dense = torch.randn(DIM)[None, :, None, None].repeat(B, 1, H, H)     # the uniform bag
     segment = class_map[:, None].expand(B, DIM, H, H) >= 0
     dense[segment] = torch.randn(int(segment.sum()))
-    task = DensePretraining(tiny_recipe(background="ignore", samples_per_image=16))
+    task = DensePretraining(tiny_recipe(
+        dense={"background": "ignore", "samples_per_image": 16}))
     stub_encoder(task, dense)
     final = train_steps(task, [pair_batch(class_map)] * 3)
     # what the monitors read before: every 2nd cell of the map, mostly bag → a false alarm
@@ -171,7 +176,8 @@ def test_queries_collapsed_on_a_diverse_bag_warn():
     segment = class_map[:, None].expand(B, DIM, H, H) >= 0
     dense[segment] = (torch.randn(DIM)[None, :, None, None].expand(B, DIM, H, H)
                       + 1e-4 * torch.randn(B, DIM, H, H))[segment]
-    task = DensePretraining(tiny_recipe(background="ignore", samples_per_image=16))
+    task = DensePretraining(tiny_recipe(
+        dense={"background": "ignore", "samples_per_image": 16}))
     stub_encoder(task, dense)
     train_steps(task, [pair_batch(class_map)] * 2)
     before = collapse_stats(*dense_cells(dense))
@@ -183,7 +189,8 @@ def test_queries_collapsed_on_a_diverse_bag_warn():
 def test_steps_without_queries_keep_the_last_known_values_and_never_known_is_unknown():
     torch.manual_seed(2)
     bag_only = pair_batch(torch.full((B, H, H), -1, dtype=torch.long))
-    task = DensePretraining(tiny_recipe(background="ignore", samples_per_image=16))
+    task = DensePretraining(tiny_recipe(
+        dense={"background": "ignore", "samples_per_image": 16}))
     stub_encoder(task, torch.randn(B, DIM, H, H))
     train_steps(task, [bag_only] * 2)
     final = task.final_stats()
@@ -232,7 +239,8 @@ def independent_mean(batches, per_image: int, ignore: bool) -> float:
 def test_dense_query_cells_per_image_is_the_run_mean(background):
     per_image = 20       # some images have more valid cells than this, some fewer
     batches = random_batches(5, seed=5)
-    task = DensePretraining(tiny_recipe(background=background, samples_per_image=per_image))
+    task = DensePretraining(tiny_recipe(
+        dense={"background": background, "samples_per_image": per_image}))
     stub_encoder(task, torch.randn(B, DIM, H, H))
     logs = train_steps(task, batches)
     expected = independent_mean(batches, per_image, background == "ignore")
@@ -246,7 +254,7 @@ def test_dense_query_cells_per_image_is_the_run_mean(background):
 
 def test_the_run_mean_survives_a_resume_through_the_checkpoint():
     batches = random_batches(6, seed=6)
-    recipe = tiny_recipe(background="ignore", samples_per_image=20)
+    recipe = tiny_recipe(dense={"background": "ignore", "samples_per_image": 20})
     first = DensePretraining(recipe)
     stub_encoder(first, torch.randn(B, DIM, H, H))
     train_steps(first, batches[:3])
@@ -282,8 +290,8 @@ def test_sparse_dense_message_prefers_the_run_mean():
 # ------------------------------------------------------------- real encoder, no host reads
 
 @pytest.mark.parametrize("loss", [
-    {"background": "ignore", "samples_per_image": 16},
-    {"dense_weight": 0.0, "instance_weight": 1.0, "instance_queue_size": 16},
+    {"dense": {"background": "ignore", "samples_per_image": 16}},
+    {"dense": {"weight": 0.0}, "instance": {"weight": 1.0, "queue_size": 16}},
 ], ids=["dense_ignore", "instance_only"])
 def test_monitors_of_the_objective_read_nothing_on_the_host(loss):
     torch.manual_seed(7)

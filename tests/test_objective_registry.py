@@ -24,14 +24,19 @@ from densessl.recipe import LossConfig, load_recipe
 
 
 def recipe(**loss):
+    """The test recipe; ``loss``: its loss settings by section (``dense={...}``, ``global_``,
+    ``instance``, ``robust``, ...), merged over the small queues here."""
+    sections = {"dense": {"queue_size": 32}, "global_": {"queue_size": 32},
+                "instance": {"queue_size": 32, "roi_canonical_scale": 64}}
+    for key, value in loss.items():
+        sections[key] = {**sections.get(key, {}), **value} if isinstance(value, dict) else value
     return load_recipe({
         "name": "objectives",
         "data": {"image_size": 80, "options": {"num_images": 4}},
         "augment": {"view_size": 64},
         "model": {"backbone": "resnet18", "neck": "fpn", "global_head": True,
                   "key_bn": "batch"},
-        "loss": {"dense_queue_size": 32, "global_queue_size": 32, "instance_queue_size": 32,
-                 "roi_canonical_scale": 64, **loss},
+        "loss": sections,
         "train": {"batch_size": 4},
     })
 
@@ -46,31 +51,26 @@ def test_entry_is_a_config_and_an_objective(name):
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_config_reads_the_loss_section_with_its_defaults(name):
+def test_config_reads_its_own_loss_section(name):
     config_class, _ = OBJECTIVES[name]
-    loss_fields = LossConfig.model_fields
-    if config_class.SECTION is not None:  # its own section, loss.<SECTION>
-        assert isinstance(loss_fields[config_class.SECTION].default, config_class)
-        assert objective_config(recipe(), name) == config_class()
-        return
-    assert set(config_class.FLAT) == set(config_class.model_fields)
-    for field, key in config_class.FLAT.items():
-        assert key in loss_fields, f"{name}.{field} reads loss.{key}, which does not exist"
-        # the config class's own default is the recipe's (a config built on its own agrees)
-        assert config_class.model_fields[field].default == loss_fields[key].default, \
-            f"{name}.{field}"
-    custom = recipe(temperature=0.1, robust="rank", rank_threshold=0.3)
+    # loss.<SECTION> as a recipe writes it (global: the attribute global_, alias global)
+    fields = {field.alias or key: field for key, field in LossConfig.model_fields.items()}
+    assert config_class.SECTION == name
+    assert isinstance(fields[name].default, config_class)
+    assert config_class() == fields[name].default  # the section's defaults are the class's
+    attribute = "global_" if name == "global" else name
+    custom = recipe(**{attribute: {"weight": 0.25}})
     config = objective_config(custom, name)
-    for field, key in config_class.FLAT.items():
-        assert getattr(config, field) == getattr(custom.loss, key)
+    assert config is custom.loss.section(name) and config.weight == 0.25
+    assert objective_config(recipe(), name).weight == config_class().weight
 
 
 def test_objectives_follow_the_weights_in_registry_order():
     assert [o.name for o in build_objectives(recipe())] == ["dense", "global"]
-    assert [o.name for o in build_objectives(recipe(instance_weight=0.5))] == \
+    assert [o.name for o in build_objectives(recipe(instance={"weight": 0.5}))] == \
         ["dense", "global", "instance"]
-    assert [o.name for o in build_objectives(recipe(dense_weight=0, global_weight=0,
-                                                    instance_weight=1))] == ["instance"]
+    assert [o.name for o in build_objectives(recipe(dense={"weight": 0}, global_={"weight": 0},
+                                                    instance={"weight": 1}))] == ["instance"]
     no_head = recipe().model_copy(deep=True)
     no_head.model.global_head = False  # the global objective needs the global head
     assert [o.name for o in build_objectives(no_head)] == ["dense"]
@@ -78,7 +78,7 @@ def test_objectives_follow_the_weights_in_registry_order():
 
 def test_task_registers_modules_under_the_old_names():
     torch.manual_seed(0)
-    task = DensePretraining(recipe(instance_weight=0.5))
+    task = DensePretraining(recipe(instance={"weight": 0.5}))
     assert [o.name for o in task.objectives] == ["dense", "global", "instance"]
     for objective in task.objectives:
         assert getattr(task, f"{objective.name}_loss") is objective.module
@@ -86,7 +86,7 @@ def test_task_registers_modules_under_the_old_names():
     for prefix in ("dense_loss.queue.keys", "global_loss.queue.keys",
                    "instance_loss.queue.keys", "model.online.instance_head."):
         assert any(k.startswith(prefix) for k in keys), prefix
-    dense_only = DensePretraining(recipe(global_weight=0))
+    dense_only = DensePretraining(recipe(global_={"weight": 0}))
     assert dense_only.global_loss is None and dense_only.instance_loss is None
 
 
@@ -104,7 +104,7 @@ def test_step_sums_the_weighted_terms_and_logs():
     from test_objective_monitors import pair_batch
 
     torch.manual_seed(0)
-    task = DensePretraining(recipe(global_weight=0, dense_weight=0.5))
+    task = DensePretraining(recipe(global_={"weight": 0}, dense={"weight": 0.5}))
     task.objectives.append(_Fixed(ObjectiveConfig(weight=0.25), task.recipe))
     total, logs = task.compute_losses(pair_batch(torch.zeros(4, 8, 8, dtype=torch.long)))
     assert logs["loss_fixed"] == 2.0

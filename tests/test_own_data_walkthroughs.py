@@ -25,7 +25,7 @@ TINY = ["train.max_steps=2", "train.batch_size=4", "train.num_workers=0",
         "model.split_bn_groups=2", "data.image_size=64", "augment.view_size=48",
         "finetune.image_size=64", "finetune.seeds=[0]", "finetune.steps=4",
         "finetune.detection_steps=2", "finetune.supervised_steps=2", "finetune.probe_steps=30",
-        "finetune.batch_size=4", "loss.dense_queue_size=64", "loss.global_queue_size=64"]
+        "finetune.batch_size=4", "loss.dense.queue_size=64", "loss.global.queue_size=64"]
 
 
 def sets(*items: str) -> list[str]:

@@ -127,7 +127,7 @@ def test_enqueue_writes_the_buffers_in_place():
 
 @pytest.mark.parametrize("background", ["negative", "own_class", "ignore"])
 def test_dense_background_modes_match_brute_force(background):
-    """loss.background: the queue's content and the loss against a loop over cells that
+    """loss.dense.background: the queue's content and the loss against a loop over cells that
     applies each mode's rule by hand (SegLoc's background: unknown, its own class, or out)."""
     torch.manual_seed(2)
     classes_n, t = 3, 0.5
@@ -187,4 +187,4 @@ def test_background_own_class_needs_per_class_queues():
     from densessl.recipe import parse_recipe
 
     with pytest.raises(RecipeError, match="own_class needs loss.queue: per_class"):
-        parse_recipe({"loss": {"background": "own_class", "queue": "single"}}, "<test>")
+        parse_recipe({"loss": {"dense": {"background": "own_class"}, "queue": "single"}}, "<test>")

@@ -139,8 +139,8 @@ def test_pretrain_carries_provenance_everywhere(folder, tmp_path):
             "--set", "data.provenance.exclude_flags=[contains_people]",
             "--set", "train.max_steps=1", "--set", "train.batch_size=4",
             "--set", "train.num_workers=0", "--set", "data.image_size=48",
-            "--set", "augment.view_size=32", "--set", "loss.dense_queue_size=100",
-            "--set", "loss.global_queue_size=8", "--set", "model.split_bn_groups=2"]
+            "--set", "augment.view_size=32", "--set", "loss.dense.queue_size=100",
+            "--set", "loss.global.queue_size=8", "--set", "model.split_bn_groups=2"]
     with pytest.warns(UserWarning, match="unknown or unrecognised licence"):
         assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -213,8 +213,8 @@ def test_export_carries_attribution_and_the_most_restrictive_terms(folder, tmp_p
                      "--set", f"data.manifest={manifest_path}",
                      "--set", "train.max_steps=1", "--set", "train.batch_size=4",
                      "--set", "train.num_workers=0", "--set", "data.image_size=48",
-                     "--set", "augment.view_size=32", "--set", "loss.dense_queue_size=100",
-                     "--set", "loss.global_queue_size=8", "--set", "model.split_bn_groups=2"]
+                     "--set", "augment.view_size=32", "--set", "loss.dense.queue_size=100",
+                     "--set", "loss.global.queue_size=8", "--set", "model.split_bn_groups=2"]
                     ) == 0
     exported = export_weights(out / "encoder.pt", "timm", tmp_path / "enc.timm.pt")
     copy = tmp_path / "enc.timm.pt.attribution.csv"

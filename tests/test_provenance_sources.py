@@ -259,7 +259,7 @@ def test_temporal_pretrain_carries_provenance_like_a_folder(xbd, tmp_path):
         f"data.path={root}", f"data.manifest={manifest}",
         f"data.provenance.exclude_flags=[{PEOPLE}]", "train.max_steps=1",
         "train.batch_size=4", "train.num_workers=0", "data.image_size=48",
-        "augment.view_size=32", "loss.dense_queue_size=100", "loss.global_queue_size=8",
+        "augment.view_size=32", "loss.dense.queue_size=100", "loss.global.queue_size=8",
         "model.split_bn_groups=2"], progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     prov = metrics["provenance"]
@@ -329,8 +329,8 @@ def test_cut_paste_pretrain_carries_provenance_like_a_folder(xray, tmp_path):
         "pairs.options.k=1", "pairs.options.num_pairs=8", f"data.manifest={manifest}",
         "data.provenance.require=[licence]", f"data.provenance.exclude_flags=[{PEOPLE}]",
         "train.max_steps=1", "train.batch_size=4", "train.num_workers=0",
-        "data.image_size=48", "augment.view_size=32", "loss.dense_queue_size=100",
-        "loss.global_queue_size=8", "model.split_bn_groups=2"], progress=False)
+        "data.image_size=48", "augment.view_size=32", "loss.dense.queue_size=100",
+        "loss.global.queue_size=8", "model.split_bn_groups=2"], progress=False)
     used = sorted({f for f in negatives + seg_files if passes(table, f)})
     prov = metrics["provenance"]
     assert prov["images_used"] == len(used)

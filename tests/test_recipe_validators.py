@@ -19,11 +19,11 @@ CASES = {
     "view_on_dense_grid": (["augment.view_size=60"],
                            r"augment\.view_size 60 is not a multiple of model\.dense_stride 8 "
                            r".*use 56 or 64"),
-    "instance_needs_fpn": (["loss.instance_weight=1.0", "model.neck=none"],
-                           r"loss\.instance_weight 1\.0 > 0 needs model\.neck: fpn, got 'none'"),
+    "instance_needs_fpn": (["loss.instance.weight=1.0", "model.neck=none"],
+                           r"loss\.instance\.weight 1\.0 > 0 needs model\.neck: fpn, got 'none'"),
     "label_free_reads_no_class_ids": (
-        ["finetune.label_free_set={loss.temperature: 0.1}"],
-        r"finetune\.label_free_set \{'loss\.temperature': 0\.1\}: the control still reads "
+        ["finetune.label_free_set={loss.dense.temperature: 0.1}"],
+        r"finetune\.label_free_set \{'loss\.dense\.temperature': 0\.1\}: the control still reads "
         r"class ids \(per-class queues\)"),
     "label_free_set_is_valid": (
         ["finetune.label_free_set={loss.queue: none}"],
@@ -66,11 +66,11 @@ def test_the_checks_accept_what_they_should(demo):
     # objective with the FPN; a control that reads no class ids (the demo's own)
     ok = load_recipe("demo", ["data.channels=4", "augment.mean=[0.1, 0.2, 0.3, 0.4]",
                               "augment.std=0.3", "augment.view_size=56", "model.dense_stride=8",
-                              "loss.instance_weight=1.0", "model.neck=fpn"])
+                              "loss.instance.weight=1.0", "model.neck=fpn"])
     assert ok.augment.view_size == 56
     # without the label_free init its set is not applied, so it is not checked either
     load_recipe("demo", ["finetune.inits=[pretrained]",
-                         "finetune.label_free_set={loss.temperature: 0.1}"])
+                         "finetune.label_free_set={loss.dense.temperature: 0.1}"])
 
 
 def test_densessl_recipe_also_applies_the_smp_input_rule(capsys):

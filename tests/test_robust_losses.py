@@ -266,19 +266,20 @@ def test_robust_terms_gradcheck_from_similarities(kind):
                                        ("rince_lambda", 0), ("rince_lambda", 2.0),
                                        ("truncate_fraction", 1.0),
                                        ("truncate_fraction", -0.1),
-                                       ("truncate_warmup_steps", -1), ("robust", "huber")])
+                                       ("truncate_warmup_steps", -1), ("kind", "huber")])
 def test_recipe_rejects_bad_robust_values(key, value):
-    with pytest.raises(RecipeError, match=rf"loss\.{key}: .*got {value!r}") as info:
-        parse_recipe({"loss": {"robust": "rince", key: value}})
+    with pytest.raises(RecipeError, match=rf"loss\.robust\.{key}: .*got {value!r}") as info:
+        parse_recipe({"loss": {"robust": {"kind": "rince", key: value}}})
     assert "\n" not in str(info.value)
 
 
 def test_recipe_robust_defaults():
     loss = parse_recipe({}).loss
-    assert (loss.robust, loss.rince_q, loss.rince_lambda, loss.truncate_fraction,
-            loss.truncate_warmup_steps) == ("none", 0.5, 0.01, 0.1, 0)
-    RobustPositives(loss.robust, loss.rince_q, loss.rince_lambda, loss.truncate_fraction,
-                    loss.truncate_warmup_steps)
+    robust = loss.robust
+    assert (robust.kind, robust.rince_q, robust.rince_lambda, robust.truncate_fraction,
+            robust.truncate_warmup_steps) == ("none", 0.5, 0.01, 0.1, 0)
+    RobustPositives(robust.kind, robust.rince_q, robust.rince_lambda, robust.truncate_fraction,
+                    robust.truncate_warmup_steps)
 
 
 # ---------------------------------------------------------------- noisy-pair detection
@@ -352,10 +353,10 @@ def test_sweep_summary_shows_the_detection_monitors(tmp_path):
     from densessl.sweep.report import write_summary
 
     rows = [{"cell_id": f"c{seed}", "status": "ok", "error": "", "seconds": 1.0,
-             "loss.robust": "truncate", "seed": seed,
+             "loss.robust.kind": "truncate", "seed": seed,
              "pretrain/dense_robust_precision": p, "pretrain/dense_robust_recall": r}
             for seed, (p, r) in enumerate([(0.8, 0.4), (0.6, 0.2)])]
-    write_summary(tmp_path, rows, ["loss.robust", "seed"], {"x": None, "over": ["seed"]})
+    write_summary(tmp_path, rows, ["loss.robust.kind", "seed"], {"x": None, "over": ["seed"]})
     table = (tmp_path / "summary.md").read_text()
     assert "pretrain/dense_robust_precision" in table and "pretrain/dense_robust_recall" in table
     std = 100 * math.sqrt(2 * 0.1**2)  # sample std of two values 0.2 apart

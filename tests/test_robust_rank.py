@@ -1,5 +1,5 @@
-"""``loss.robust: rank`` (issue #26): a query is dropped when more than ``rank_threshold`` of its
-own allowed negatives beat its positive. Checked against a float64 brute-force loop over the
+"""``loss.robust.kind: rank`` (issue #26): a query is dropped when more than ``rank_threshold``
+of its own allowed negatives beat its positive. Checked against a float64 brute-force loop over the
 queries (ranks counted by hand from q, k⁺ and the allowed negatives), the warm-up, masked
 negatives and padding rows, gradients, recipe checks and the noisy-pair monitor."""
 
@@ -308,16 +308,16 @@ def test_dropped_queries_get_no_gradient_and_the_rest_plain_info_nce():
 
 @pytest.mark.parametrize("value", [0, 1.0, -0.1, 1.5])
 def test_recipe_rejects_bad_rank_threshold(value):
-    with pytest.raises(RecipeError, match=rf"loss\.rank_threshold: .*got {value!r}"):
-        parse_recipe({"loss": {"robust": "rank", "rank_threshold": value}})
+    with pytest.raises(RecipeError, match=rf"loss\.robust\.rank_threshold: .*got {value!r}"):
+        parse_recipe({"loss": {"robust": {"kind": "rank", "rank_threshold": value}}})
     with pytest.raises(ValueError, match="rank_threshold"):
         RobustPositives("rank", rank_threshold=value)
 
 
 def test_recipe_rank_defaults():
-    loss = parse_recipe({"loss": {"robust": "rank"}}).loss
-    assert (loss.robust, loss.rank_threshold) == ("rank", 0.5)
-    assert RobustPositives("rank").rank_threshold == loss.rank_threshold
+    loss = parse_recipe({"loss": {"robust": {"kind": "rank"}}}).loss
+    assert (loss.robust.kind, loss.robust.rank_threshold) == ("rank", 0.5)
+    assert RobustPositives("rank").rank_threshold == loss.robust.rank_threshold
 
 
 def test_rank_singles_out_the_noisy_pairs():
@@ -354,9 +354,9 @@ def test_rank_training_step_has_no_host_sync(queue):
 
     torch.manual_seed(0)
     extra = {"queue": "per_class", "num_classes": 12} if queue == "per_class" else {}
-    recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
-                          instance_queue_size=8, robust="rank", truncate_warmup_steps=4,
-                          **extra)
+    recipe = bench_recipe("resnet18", 64, 4, instance={"weight": 1.0, "queue_size": 8},
+                          dense={"queue_size": 16},
+                          robust={"kind": "rank", "truncate_warmup_steps": 4}, **extra)
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
     for module in task.modules():
@@ -372,7 +372,7 @@ def test_recipe_rank_threshold_reaches_the_dense_objective():
     from densessl.recipe import load_recipe
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "same_image.yaml",
-                         ["loss.robust=rank", "loss.rank_threshold=0.3"])
+                         ["loss.robust.kind=rank", "loss.robust.rank_threshold=0.3"])
     task = DensePretraining(recipe)
     assert task.dense_loss.robust.kind == "rank"
     assert task.dense_loss.robust.rank_threshold == 0.3

@@ -211,7 +211,8 @@ def test_label_free_control_must_not_read_class_ids():
     assert pretraining_labels(load_recipe(SAME_IMAGE)) == "none"
     # refused when the recipe is read (a Recipe validator), before any run
     with pytest.raises(RecipeError, match="still reads .*class ids"):
-        load_recipe(str(RECIPES / "demo.yaml"), ["finetune.label_free_set={loss.temperature: 0.1}"])
+        load_recipe(str(RECIPES / "demo.yaml"),
+                    ["finetune.label_free_set={loss.dense.temperature: 0.1}"])
 
 
 def test_pretrain_seeds_are_one_or_one_per_seed():

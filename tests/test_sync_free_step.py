@@ -17,29 +17,26 @@ from torch._subclasses.fake_tensor import (
 from densessl.bench.training import bench_recipe
 from densessl.methods import DensePretraining
 
+INSTANCE = {"instance": {"weight": 1.0, "queue_size": 8}, "dense": {"queue_size": 16}}
+PER_CLASS = {"queue": "per_class", "num_classes": 12}
 CONFIGS = {
     "dense_global": {},
-    "dense_instance_per_class": {"instance_weight": 1.0, "queue": "per_class", "num_classes": 12,
-                                 "dense_queue_size": 16, "instance_queue_size": 8},
-    "dense_instance_single": {"instance_weight": 1.0, "dense_queue_size": 16,
-                              "instance_queue_size": 8},
+    "dense_instance_per_class": {**INSTANCE, **PER_CLASS},
+    "dense_instance_single": INSTANCE,
     # InsLoc's pretext: every level, query boxes jittered on the device, 4conv-1fc BN head
-    "instance_insloc": {"instance_weight": 1.0, "dense_queue_size": 16,
-                        "instance_queue_size": 8, "roi_levels": "all", "box_jitter": True,
-                        "roi_head": "conv", "roi_head_fc_dim": 32},
-    "instance_by_size_jitter": {"instance_weight": 1.0, "queue": "per_class", "num_classes": 12,
-                                "dense_queue_size": 16, "instance_queue_size": 8,
-                                "box_jitter": True, "box_jitter_levels": "all"},
+    "instance_insloc": {"instance": {"weight": 1.0, "queue_size": 8, "roi_levels": "all",
+                                     "box_jitter": True, "roi_head": "conv",
+                                     "roi_head_fc_dim": 32},
+                        "dense": {"queue_size": 16}},
+    "instance_by_size_jitter": {"instance": {"weight": 1.0, "queue_size": 8, "box_jitter": True,
+                                             "box_jitter_levels": "all"},
+                                "dense": {"queue_size": 16}, **PER_CLASS},
     # robust positives (issue #18): the truncation rank and the noisy-pair monitor too
-    "robust_truncate": {"instance_weight": 1.0, "dense_queue_size": 16,
-                        "instance_queue_size": 8, "robust": "truncate",
-                        "truncate_warmup_steps": 4},
-    "robust_rince_per_class": {"instance_weight": 1.0, "queue": "per_class", "num_classes": 12,
-                               "dense_queue_size": 16, "instance_queue_size": 8,
-                               "robust": "rince"},
+    "robust_truncate": {**INSTANCE, "robust": {"kind": "truncate", "truncate_warmup_steps": 4}},
+    "robust_rince_per_class": {**INSTANCE, "robust": {"kind": "rince"}, **PER_CLASS},
     # an objective added through the registry (issue #28): DetCon's mask-pooled contrast
-    "dense_detcon": {"dense_queue_size": 16, "detcon": {"weight": 1.0, "max_classes": 12,
-                                                        "background": "segment"}},
+    "dense_detcon": {"dense": {"queue_size": 16},
+                     "detcon": {"weight": 1.0, "max_classes": 12, "background": "segment"}},
 }
 
 
@@ -66,8 +63,8 @@ def test_training_step_has_no_host_sync(name):
 def test_the_check_catches_a_host_read():
     """The detector itself: the pre-#7 cell selection (boolean mask) and a per-level nonzero
     must be caught."""
-    recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
-                          instance_queue_size=8)
+    recipe = bench_recipe("resnet18", 64, 4, instance={"weight": 1.0, "queue_size": 8},
+                          dense={"queue_size": 16})
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)  # sync_free left at auto: a CPU run uses nonzero
     with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):

@@ -55,7 +55,7 @@ def _recipe(backbone, **model):
         "augment": {"view_size": 64, "mean": 0.5, "std": 0.25},
         "model": {"backbone": backbone, "neck_dim": 32, "dense_dim": 32, "global_dim": 32,
                   **model},
-        "loss": {"dense_queue_size": 64, "global_queue_size": 32},
+        "loss": {"dense": {"queue_size": 64}, "global": {"queue_size": 32}},
         "train": {"batch_size": 4},
     })
 
@@ -115,7 +115,7 @@ def test_models_without_the_strides_are_a_recipe_error():
                                                   ("convnext_atto", "shuffle", True)])
 def test_one_pretraining_step(name, key_bn, instance):
     torch.manual_seed(0)
-    loss_cfg = {"instance_weight": 1.0, "instance_queue_size": 32} if instance else {}
+    loss_cfg = {"instance": {"weight": 1.0, "queue_size": 32}} if instance else {}
     recipe = _recipe(f"timm:{name}", key_bn=key_bn, split_bn_groups=2)
     if instance:
         recipe = load_recipe(recipe, [f"loss.{k}={v}" for k, v in loss_cfg.items()])

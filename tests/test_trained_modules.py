@@ -43,8 +43,8 @@ DENSE_P3 = ["fpn.inner_blocks.1", "fpn.inner_blocks.2", "fpn.inner_blocks.3",
             "fpn.layer_blocks.1"]
 SAME_IMAGE = ["train.max_steps=2", "train.batch_size=4", "train.num_workers=0",
               "train.weight_decay=0", "data.options.num_images=8", "data.image_size=48",
-              "augment.view_size=32", "loss.dense_queue_size=1000",
-              "loss.global_queue_size=16", "model.split_bn_groups=2",
+              "augment.view_size=32", "loss.dense.queue_size=1000",
+              "loss.global.queue_size=16", "model.split_bn_groups=2",
               f"model.neck_dim={FPN_DIM}"]
 
 
@@ -284,7 +284,8 @@ def test_instance_objective_records_more_levels_than_dense_only(dense_run, tmp_p
     out = tmp_path / "insloc"
     overrides = ["train.max_steps=2", "train.batch_size=4", "train.num_workers=0",
                  "train.weight_decay=0", "model.split_bn_groups=2", "data.image_size=64",
-                 "augment.view_size=48", "loss.roi_head_fc_dim=32", f"model.neck_dim={FPN_DIM}",
+                 "augment.view_size=48", "loss.instance.roi_head_fc_dim=32",
+                 f"model.neck_dim={FPN_DIM}",
                  f"pairs.options.cache_dir={tmp_path / 'cache'}"]
     initial = _pretrain_with_reference(RECIPES / "xray_insloc.yaml", out, overrides,
                                        monkeypatch)
@@ -329,9 +330,10 @@ def test_observing_gradients_reads_nothing_on_the_host():
     from densessl.bench.training import bench_recipe
 
     torch.manual_seed(0)
-    recipe = bench_recipe("resnet18", 64, 4, instance_weight=1.0, dense_queue_size=16,
-                          instance_queue_size=8, roi_levels="all", box_jitter=True,
-                          roi_head="conv", roi_head_fc_dim=32)
+    recipe = bench_recipe("resnet18", 64, 4, dense={"queue_size": 16},
+                          instance={"weight": 1.0, "queue_size": 8, "roi_levels": "all",
+                                    "box_jitter": True, "roi_head": "conv",
+                                    "roi_head_fc_dim": 32})
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
     for module in task.modules():

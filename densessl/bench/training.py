@@ -68,7 +68,16 @@ class PeakMemory:
 
 
 #: queue sizes of configuration (3), per class: those of recipes/xray_segloc.yaml
-PER_CLASS_QUEUES = {"dense_queue_size": 512, "instance_queue_size": 256}
+PER_CLASS_QUEUES = {"dense_queue_size": 512, "instance_queue_size": 256}  # as recorded
+
+
+def per_class_loss(**instance) -> dict:
+    """The ``loss`` settings of configurations (2) and (3): dense + instance contrast with
+    per-class queues of :data:`PER_CLASS_QUEUES` (``instance``: more instance settings)."""
+    return {"queue": "per_class", "num_classes": BENCH_CLASSES,
+            "dense": {"queue_size": PER_CLASS_QUEUES["dense_queue_size"]},
+            "instance": {"weight": 1.0, "queue_size": PER_CLASS_QUEUES["instance_queue_size"],
+                         **instance}}
 #: class ids 0..BENCH_CLASSES-1 in the synthetic boxes and class maps of make_pair_batch
 BENCH_CLASSES = 12
 #: issue #7's GPU setting, the step the real-size data pipeline feeds (ResNet-50, 224-px views)
@@ -76,6 +85,8 @@ REAL_SETTING = {"backbone": "resnet50", "image_size": 224}
 
 
 def bench_recipe(backbone: str, image_size: int, batch_size: int, **loss) -> Recipe:
+    """The benchmark's recipe; ``loss``: its ``loss`` section (objective sections by name,
+    e.g. ``instance={"weight": 1.0}``, ``global_=...``; shared ``queue``, ``robust``)."""
     return load_recipe({
         "name": "bench",
         "data": {"image_size": int(image_size * 1.25), "options": {"num_images": batch_size}},
@@ -321,8 +332,7 @@ def real_setting_step_ms(device: torch.device, batch_size: int, precision: str,
     """Median step time (ms) of configuration (3) at :data:`REAL_SETTING`: dense + instance
     contrast with per-class queues on ResNet-50 at 224-px views, one step per round."""
     recipe = bench_recipe(REAL_SETTING["backbone"], REAL_SETTING["image_size"], batch_size,
-                          instance_weight=1.0, queue="per_class", num_classes=BENCH_CLASSES,
-                          **PER_CLASS_QUEUES)
+                          **per_class_loss())
     batch = make_pair_batch(recipe, device, with_instances=True, channels_last=channels_last)
     step, module = densessl_step_fn(recipe, device)
     if channels_last:
@@ -359,19 +369,17 @@ def run_bench(backbone: str = "resnet18", image_size: int = 128, batch_size: int
     configs["dense_detcon"] = lambda: densessl_step_fn(detcon, dev)
     # per-class ring sizes of the X-ray SegLoc recipes (14 rings × 512 ≈ the single dense
     # queue's 8,192 keys), so (2) and (3) contrast against about as many negatives
-    full = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
-                        queue="per_class", num_classes=BENCH_CLASSES, **PER_CLASS_QUEUES)
+    full = bench_recipe(backbone, image_size, batch_size, **per_class_loss())
     configs["dense_instance_per_class"] = lambda: densessl_step_fn(full, dev)
     # the same with RoIAlign from p3 up: what the stride-4 FPN level costs
-    from_p3 = bench_recipe(backbone, image_size, batch_size, instance_weight=1.0,
-                           queue="per_class", roi_min_level=3, num_classes=BENCH_CLASSES,
-                           **PER_CLASS_QUEUES)
+    from_p3 = bench_recipe(backbone, image_size, batch_size,
+                           **per_class_loss(roi_min_level=3))
     configs["dense_instance_per_class_from_p3"] = lambda: densessl_step_fn(from_p3, dev)
     results: dict = {"device": str(dev), "torch": torch.__version__, "backbone": backbone,
                      "image_size": image_size, "batch_size": batch_size, "precision": precision,
                      "channels_last": channels_last, "threads": torch.get_num_threads(),
                      "timing": f"median of {rounds} interleaved rounds of {steps} steps",
-                     "queues": {"moco_v2_lightly": 4096, "dense": base.loss.dense_queue_size,
+                     "queues": {"moco_v2_lightly": 4096, "dense": base.loss.dense.queue_size,
                                 "dense_instance_per_class": PER_CLASS_QUEUES},
                      "steps": {}}
     steps_by_name, memory = {}, {}

@@ -304,7 +304,7 @@ class GeoTiffTiles(Dataset):
             on the bench's 10,980² scene). Larger k is faster but
             less diverse: a batch of B holds only B / k regions, and windows of one 512²
             tile overlap heavily (two random 256² windows in it share ~44 % of their pixels
-            on average), so in-batch negatives (``loss.batch_negatives``) and the keys
+            on average), so in-batch negatives (``loss.dense.batch_negatives``) and the keys
             enqueued together come from the same ground; a batch of 16 with k = 16 is one
             tile. Keep ``train.batch_size`` and ``items_per_epoch`` multiples of k so groups
             are never split between batches (a split group decodes its tile twice). Pixels

@@ -270,7 +270,7 @@ class NoisySegPairs(Dataset):
         b = record["b"][self.key]
         image_a, label_a = _load(self.root, record["a"], self.image_size)
         image_b, label_b = _load(self.root, b, self.image_size)
-        # the benchmark's truth of its own change, for analysis (whether loss.robust
+        # the benchmark's truth of its own change, for analysis (whether loss.robust.kind
         # down-weights changed cells; no loss reads it): the pixels whose label differs or
         # whose picture differs (a look change, one object swapped for another of the same
         # class). The background and the unchanged objects are drawn identically and in the

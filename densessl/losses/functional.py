@@ -113,7 +113,7 @@ class NegativeTerm(NamedTuple):
     ``cos_sum``, ``count``: detached sums of the allowed cosines and their number over the
     weighted queries (for the ``neg_cos`` monitor); ``rank_counts``: given the N positive
     cosines, ``(above N, allowed N)`` — per query, how many allowed negatives of this group are
-    strictly more similar than the positive, and how many are allowed (``loss.robust: rank``;
+    strictly more similar than the positive, and how many are allowed (``loss.robust.kind: rank``;
     called only then, so the other objectives pay nothing for it).
     """
 
@@ -318,7 +318,7 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
             rank = None
             if robust.kind == "rank":
                 if any(t.rank_counts is None for t in terms):
-                    raise ValueError("loss.robust rank needs every negative term's "
+                    raise ValueError("loss.robust.kind rank needs every negative term's "
                                      "rank_counts (from ring_negatives / pairwise_negatives)")
                 counts = [t.rank_counts(pos_cos.detach()) for t in terms]
                 zero = pos.new_zeros(pos.shape, dtype=torch.float32).detach()

@@ -97,7 +97,7 @@ class LevelwiseInstanceContrast(nn.Module):
     level; the loss is the mean over levels.
 
     InsLoc sums its per-level losses (``level_loss_weights`` all 1.0 in
-    ``insloc_fpn_200ep.py``); the mean is that sum over ``L``, so ``loss.instance_weight`` keeps
+    ``insloc_fpn_200ep.py``); the mean is that sum over ``L``, so ``loss.instance.weight`` keeps
     one meaning whichever ``roi_levels`` is chosen.
 
     Args:

@@ -64,7 +64,7 @@ RINCE_DOWN_SHARE = 0.5
 
 @dataclass(frozen=True)
 class RobustPositives:
-    """Which robust form to use, with its parameters (``loss.robust`` and friends).
+    """Which robust form to use, with its parameters (the recipe's ``loss.robust`` section).
 
     Args:
         kind: ``none`` (InfoNCE), ``rince``, ``truncate`` or ``rank``.

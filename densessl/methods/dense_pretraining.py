@@ -31,7 +31,7 @@ from densessl.models import MomentumPair, cosine_momentum
 from densessl.models.split_batchnorm import convert_to_split_batchnorm
 from densessl.models.trained_modules import GradientRecord
 from densessl.models.weights import load_encoder
-from densessl.recipe import Recipe, parse_recipe
+from densessl.recipe import Recipe, migrate_flat_loss, parse_recipe
 from densessl.seeding import seed_step
 
 
@@ -43,7 +43,8 @@ class DensePretraining(pl.LightningModule):
         checkpoint restores over it)."""
         super().__init__()
         if isinstance(recipe, dict):
-            recipe = parse_recipe(recipe, "<checkpoint>")
+            # a checkpoint's recipe of before the objectives' loss sections reads migrated
+            recipe = parse_recipe(migrate_flat_loss(recipe), "<checkpoint>")
         if recipe.loss.queue == "per_class" and recipe.loss.num_classes is None:
             # the rings are sized here; densessl.workflows.pretraining resolves null from the
             # builder

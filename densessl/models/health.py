@@ -43,7 +43,7 @@ MIN_DENSE_CELLS_PER_IMAGE = 1.0
 
 def sparse_dense_message(metrics: dict) -> str | None:
     """A note when the dense objective had almost no query cells (valid, taking part) per
-    image, e.g. thin pasted segments with ``loss.background: ignore`` at small views: the
+    image, e.g. thin pasted segments with ``loss.dense.background: ignore`` at small views: the
     encoder is then trained by the other objectives, not the dense one.
 
     Reads ``dense_query_cells_per_image``, the mean over every image of the run (pretraining
@@ -62,7 +62,7 @@ def sparse_dense_message(metrics: dict) -> str | None:
         return None
     return (f"the dense objective had {per_image:.2f} query cells per image {when} "
             f"(< {MIN_DENSE_CELLS_PER_IMAGE:g}): it barely trains. Cells count only where the "
-            "correspondence is exact and, with loss.background: ignore, on pasted segments; "
+            "correspondence is exact and, with loss.dense.background: ignore, on pasted segments; "
             "larger views (augment.view_size) or pastes (pairs.options.scale_range) give more")
 
 

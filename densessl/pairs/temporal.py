@@ -202,7 +202,7 @@ class TemporalPairs(PairBuilder):
         if swapped:
             a, b, valid_a, valid_b = b, a, valid_b, valid_a
         # a source that knows what changed between the dates (noisy-seg) marks those pixels:
-        # analysis only (how loss.robust treats changed cells), never read by a loss; one
+        # analysis only (how loss.robust.kind treats changed cells), never read by a loss; one
         # pixel grid, so the mask holds for either date order. Every pair of such a source
         # carries its mask (all False at change 0), so batches always have one; the pair is
         # noisy when some change lies where both dates have data

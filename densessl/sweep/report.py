@@ -12,9 +12,9 @@ Both use :func:`densessl.eval.report.mean_std`.
 ``plots/<metric>.png``: the metric against the ``x`` grid key, one line per combination of the
 other grid keys (e.g. per noise kind), seed std as error bars, pretrained solid and the baseline
 init dashed in the same colour, so the pretrained-vs-random gap is read off one plot.
-``plots/robust_<metric>.png`` (when ``loss.robust`` is a grid key): grouped bars, one group per
-combination of the other grid keys (noise kind and amount), one bar per ``loss.robust`` value,
-mean ± seed std: robust vs plain InfoNCE for each noise kind.
+``plots/robust_<metric>.png`` (when ``loss.robust.kind`` is a grid key): grouped bars, one
+group per combination of the other grid keys (noise kind and amount), one bar per
+``loss.robust.kind`` value, mean ± seed std: robust vs plain InfoNCE for each noise kind.
 """
 
 from __future__ import annotations
@@ -32,12 +32,18 @@ from densessl.io import atomic_write, write_text
 
 FIXED = ("cell_id", "status", "error", "seconds")
 #: pretraining monitors shown in summary.md next to the headline metrics when a cell has them:
-#: how well loss.robust's down-weighted cells match the true noisy pairs (issue #18)
+#: how well loss.robust.kind's down-weighted cells match the true noisy pairs (issue #18)
 MONITORS = ("pretrain/dense_robust_fraction", "pretrain/dense_robust_precision",
             "pretrain/dense_robust_recall", "pretrain/dense_robust_cell_precision",
             "pretrain/dense_robust_cell_recall", "pretrain/dense_robust_cell_noisy_share")
-#: the grid key whose values the robust plot compares
-ROBUST_KEY = "loss.robust"
+#: the grid key whose values the robust plot compares (``loss.robust``: the flat key of
+#: sweeps run before the objectives' loss sections, whose results.csv still name it)
+ROBUST_KEYS = ("loss.robust.kind", "loss.robust")
+
+
+def robust_key(group_keys: list[str]) -> str | None:
+    """The robust grid key among ``group_keys``, if any."""
+    return next((k for k in ROBUST_KEYS if k in group_keys), None)
 
 
 def as_text(value: Any) -> str:
@@ -209,10 +215,11 @@ def plot_metric(summary: list[dict], group_keys: list[str], x: str | None, metri
 def robust_bars(summary: list[dict], group_keys: list[str], metric: str
                 ) -> tuple[list[str], dict[str, list[tuple[float, float]]]]:
     """What :func:`plot_robust` draws: the group labels (every combination of the grid keys
-    other than ``loss.robust``, e.g. ``kind=mismatch, amount=0.5``, in first-seen order) and,
-    per ``loss.robust`` value (first-seen order), ``(mean, std)`` of ``metric`` in each group
+    other than ``loss.robust.kind``, e.g. ``kind=mismatch, amount=0.5``, in first-seen order) and,
+    per ``loss.robust.kind`` value (first-seen order), ``(mean, std)`` of ``metric`` in each group
     (NaN where the sweep has no such cell)."""
-    others = [k for k in group_keys if k != ROBUST_KEY]
+    key = robust_key(group_keys)
+    others = [k for k in group_keys if k != key]
     groups: list[str] = []
     values: dict[str, dict[str, tuple[float, float]]] = {}
     for entry in summary:
@@ -220,7 +227,7 @@ def robust_bars(summary: list[dict], group_keys: list[str], metric: str
         if group not in groups:
             groups.append(group)
         mean = entry.get(metric, math.nan)
-        values.setdefault(str(entry.get(ROBUST_KEY, "")), {})[group] = (
+        values.setdefault(str(entry.get(key, "")), {})[group] = (
             mean, entry.get(f"{metric}:std", 0.0))
     return groups, {robust: [per.get(g, (math.nan, math.nan)) for g in groups]
                     for robust, per in values.items()}
@@ -228,7 +235,7 @@ def robust_bars(summary: list[dict], group_keys: list[str], metric: str
 
 def plot_robust(summary: list[dict], group_keys: list[str], metric: str, path: Path) -> Path:
     """One PNG: ``metric`` (%) as grouped bars, one group per noise setting, one bar per
-    ``loss.robust`` value, seed std as error bars (:func:`robust_bars`)."""
+    ``loss.robust.kind`` value, seed std as error bars (:func:`robust_bars`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,7 +253,7 @@ def plot_robust(summary: list[dict], group_keys: list[str], metric: str, path: P
     ax.set_ylabel(f"{metric.partition('/')[2] or metric} (%)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    ax.set_title(f"{metric}: loss.robust per noise setting, mean ± std over seeds", fontsize=8)
+    ax.set_title(f"{metric}: loss.robust.kind per noise setting, mean ± std over seeds", fontsize=8)
     return _save(fig, path)
 
 
@@ -277,10 +284,10 @@ def write_summary(out: Path, rows: list[dict], keys: list[str], report: dict) ->
             paths.append(plot_metric(summary, group_keys, x, metric,
                                      report.get("baseline", "random"),
                                      out / "plots" / f"{name}.png"))
-            if ROBUST_KEY in group_keys:
+            if robust_key(group_keys):
                 paths.append(plot_robust(summary, group_keys, metric,
                                          out / "plots" / f"robust_{name}.png"))
-    if ROBUST_KEY in group_keys:
+    if robust_key(group_keys):
         # how well each robust form finds the wrong cells (precision / recall per cell)
         for monitor in MONITORS[1:]:
             if any(monitor in e for e in summary):

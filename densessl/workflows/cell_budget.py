@@ -1,7 +1,7 @@
 """Where the dense objective's query cells go: ``densessl inspect-pairs RECIPE --cells``.
 
 The dense term trains only on cells of view A whose scene point is known exactly in view B
-(and, with ``loss.background: ignore``, that lie on a pasted segment). When a run reports few
+(and, with ``loss.dense.background: ignore``, that lie on a pasted segment). When a run reports few
 ``dense_query_cells_per_image`` (metrics.json), this table says which step loses them, so the
 fix (paste scale, view size, crop) is chosen from a measurement instead of by loosening the
 correspondence. Each stage keeps the cells of the one before that pass one more rule:
@@ -12,7 +12,7 @@ correspondence. Each stage keeps the cells of the one before that pass one more 
 4. ``exact in source B``: the base correspondence is exact there (``base_valid``: for cut-paste,
    the pixel shows one instance alone and fully, one pixel from any edge, in both sources);
 5. ``inside view B``: its point lands on source B's data inside view B: a query cell;
-6. ``drawn``: at most ``loss.samples_per_image`` of them are drawn per image.
+6. ``drawn``: at most ``loss.dense.samples_per_image`` of them are drawn per image.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def cell_budget(recipe, overrides: list[str] | None = None, count: int = 64,
                                  cell_alignment=backbone_cell_alignment(recipe))
     indices = torch.randperm(len(builder))[:count].tolist()
     batch = collate_pairs([builder[i] for i in indices])
-    return budget_of(batch, augment, recipe.loss.background, recipe.loss.samples_per_image)
+    return budget_of(batch, augment, recipe.loss.dense.background,
+                     recipe.loss.dense.samples_per_image)
 
 
 @torch.no_grad()

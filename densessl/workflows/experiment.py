@@ -37,7 +37,13 @@ from densessl.io import write_json
 from densessl.models.health import collapse_message, encoder_problems, sparse_dense_message
 from densessl.models.imagenet import imagenet_state, init_weights_state, normalisation_note
 from densessl.models.weights import EncoderInit, load_encoder_file
-from densessl.recipe import Recipe, load_recipe
+from densessl.recipe import (
+    Recipe,
+    load_recipe,
+    migrate_flat_loss,
+    parse_recipe,
+    read_recipe_dict,
+)
 from densessl.workflows.data_settings import inherit_data_settings, resolve_data_settings
 from densessl.workflows.validation import validate_recipe
 
@@ -78,7 +84,9 @@ def _weights_labels(path: Path) -> str:
     if not recipe_file.is_file():
         return "not recorded (no recipe.yaml next to the weights)"
     try:
-        return pretraining_labels(load_recipe(recipe_file))
+        # a run's saved recipe, maybe of before the objectives' loss sections: migrated
+        return pretraining_labels(parse_recipe(migrate_flat_loss(read_recipe_dict(recipe_file)),
+                                               str(recipe_file)))
     except DensesslError:
         return "not recorded (recipe.yaml next to the weights does not parse)"
 

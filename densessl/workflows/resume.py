@@ -17,7 +17,7 @@ import torch
 from densessl.data.cache import torch_load_problem
 from densessl.errors import DensesslError
 from densessl.models.weights import read_side_json
-from densessl.recipe import Recipe, parse_recipe
+from densessl.recipe import Recipe, migrate_flat_loss, parse_recipe
 
 # Recipe keys a resume may change: they do not change what is trained (the step budget, and
 # how often the run logs, saves and how it reacts to a non-finite step). Everything else
@@ -53,7 +53,8 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def recipe_differences(saved: dict, recipe: Recipe) -> list[str]:
     """``key: saved → new`` for every key that differs and changes the result."""
     try:  # fill keys added since the checkpoint was written with their defaults
-        saved = parse_recipe(saved, "<checkpoint>").model_dump(mode="json")
+        # flat loss keys of before the objectives' sections: moved (an exact mapping)
+        saved = parse_recipe(migrate_flat_loss(saved), "<checkpoint>").model_dump(mode="json")
     except DensesslError:
         pass
     old, new = _flatten(saved), _flatten(recipe.model_dump(mode="json"))

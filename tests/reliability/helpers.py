@@ -17,12 +17,12 @@ SAME_IMAGE = str(ROOT / "recipes" / "same_image.yaml")
 XRAY = str(ROOT / "recipes" / "xray_segloc.yaml")
 
 TINY = ["train.batch_size=4", "data.options.num_images=8", "data.image_size=48",
-        "augment.view_size=32", "loss.dense_queue_size=1000", "loss.global_queue_size=16",
+        "augment.view_size=32", "loss.dense.queue_size=1000", "loss.global.queue_size=16",
         "model.split_bn_groups=2"]
 # the per-class queue X-ray recipe (SegLoc: dense + instance contrast, 14 rings each)
 TINY_XRAY = ["train.batch_size=4", "model.split_bn_groups=2", "data.image_size=64",
-             "augment.view_size=48", "loss.roi_head_fc_dim=32", "loss.dense_queue_size=64",
-             "loss.instance_queue_size=16", "loss.samples_per_image=8"]
+             "augment.view_size=48", "loss.instance.roi_head_fc_dim=32", "loss.dense.queue_size=64",
+             "loss.instance.queue_size=16", "loss.dense.samples_per_image=8"]
 
 
 def sets(overrides: list[str]) -> list[str]:

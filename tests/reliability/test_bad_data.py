@@ -31,8 +31,8 @@ from tests.reliability.helpers import SAME_IMAGE
 UTM = CRS.from_epsg(32633)
 PATTERN = r"(?P<place>[a-z]+)_(?P<date>\d{8})\.tif$"
 TINY_RUN = ["train.batch_size=2", "train.max_steps=1", "train.num_workers=0",
-            "data.image_size=32", "augment.view_size=32", "loss.dense_queue_size=64",
-            "loss.global_queue_size=8", "model.split_bn_groups=1", "model.key_bn=batch"]
+            "data.image_size=32", "augment.view_size=32", "loss.dense.queue_size=64",
+            "loss.global.queue_size=8", "model.split_bn_groups=1", "model.key_bn=batch"]
 
 
 def one_line_error(capsys, argv: list[str], code: int = 2) -> str:

@@ -37,9 +37,9 @@ def _one_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("changes, named", [
-    (["loss.temperature=0.5"], ["loss.temperature"]),
+    (["loss.dense.temperature=0.5"], ["loss.dense.temperature"]),
     (["model.dense_dim=32", "model.backbone=resnet34"], ["model.dense_dim", "model.backbone"]),
-    (["loss.dense_queue_size=500"], ["loss.dense_queue_size"]),
+    (["loss.dense.queue_size=500"], ["loss.dense.queue_size"]),
     (["seed=1"], ["seed"]),
 ])
 def test_resume_with_changed_settings_is_refused_and_changes_nothing(finished, capsys,

@@ -53,9 +53,9 @@ def test_set_value_that_is_not_yaml(capsys):
     ["inspect-pairs", SAME_IMAGE], ["data", "stats", SAME_IMAGE]])
 def test_set_value_that_is_not_yaml_in_every_command(capsys, tmp_path, command):
     out = tmp_path / "out"
-    one_error(capsys, [*command, "--out", str(out), "--set", "loss.temperature={0.2"]
-              if command[0] != "data" else [*command, "--set", "loss.temperature={0.2"],
-              "--set loss.temperature", "not valid YAML")
+    one_error(capsys, [*command, "--out", str(out), "--set", "loss.dense.temperature={0.2"]
+              if command[0] != "data" else [*command, "--set", "loss.dense.temperature={0.2"],
+              "--set loss.dense.temperature", "not valid YAML")
     assert not out.exists()
 
 

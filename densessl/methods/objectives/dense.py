@@ -3,31 +3,13 @@ the exact correspondence ``grid_ab`` (:class:`densessl.losses.DenseContrast`).""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-from pydantic import Field
-
 from densessl.losses import DenseContrast
 from densessl.methods.objectives.base import Objective, ObjectiveOutput, StepInputs
-from densessl.methods.objectives.robust_fields import RobustObjectiveConfig
+from densessl.methods.objectives.robust_fields import robust_positives
+from densessl.recipe import DenseConfig
 
-
-class DenseObjectiveConfig(RobustObjectiveConfig):
-    FLAT: ClassVar[dict[str, str]] = {
-        "weight": "dense_weight", "temperature": "temperature",
-        "queue_size": "dense_queue_size", "samples_per_image": "samples_per_image",
-        "enqueue_per_image": "enqueue_per_image", "batch_negatives": "batch_negatives",
-        "queue": "queue", "num_classes": "num_classes", "background": "background",
-        **RobustObjectiveConfig.ROBUST_FLAT}
-    weight: float = Field(1.0, ge=0)
-    temperature: float = Field(0.2, gt=0)
-    queue_size: int = Field(8192, ge=0)
-    samples_per_image: int = Field(64, ge=1)
-    enqueue_per_image: int = Field(16, ge=0)
-    batch_negatives: bool = True
-    queue: Literal["single", "per_class"] = "single"
-    num_classes: int | None = Field(None, ge=1)
-    background: Literal["negative", "own_class", "ignore"] = "negative"
+#: ``loss.dense`` (densessl.recipe, which validates it when the recipe is read)
+DenseObjectiveConfig = DenseConfig
 
 
 class DenseObjective(Objective):
@@ -36,13 +18,14 @@ class DenseObjective(Objective):
     monitor_priority = 20
 
     def build(self, encoder):
-        c = self.config
+        c, loss = self.config, self.recipe.loss  # queue, num_classes, robust: shared
         self.module = DenseContrast(
             dim=self.recipe.model.dense_dim, queue_size=c.queue_size,
             temperature=c.temperature, samples_per_image=c.samples_per_image,
             batch_negatives=c.batch_negatives, enqueue_per_image=c.enqueue_per_image,
-            num_classes=c.num_classes if c.queue == "per_class" else None,
-            stride=encoder.stride, background=c.background, robust=c.robust_positives(),
+            num_classes=loss.num_classes if loss.queue == "per_class" else None,
+            stride=encoder.stride, background=c.background,
+            robust=robust_positives(loss.robust),
             alignment=encoder.cell_alignment)
         return self.module
 

@@ -3,21 +3,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-from pydantic import Field
-
 from densessl.losses import GlobalContrast
 from densessl.methods.objectives.base import Objective, ObjectiveOutput, StepInputs
-from densessl.recipe import ObjectiveConfig
+from densessl.recipe import GlobalConfig
 
-
-class GlobalObjectiveConfig(ObjectiveConfig):
-    FLAT: ClassVar[dict[str, str]] = {"weight": "global_weight", "temperature": "temperature",
-                                      "queue_size": "global_queue_size"}
-    weight: float = Field(0.5, ge=0)
-    temperature: float = Field(0.2, gt=0)
-    queue_size: int = Field(4096, ge=0)
+#: ``loss.global`` (densessl.recipe, which validates it when the recipe is read)
+GlobalObjectiveConfig = GlobalConfig
 
 
 class GlobalObjective(Objective):

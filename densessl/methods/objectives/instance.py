@@ -5,46 +5,17 @@ around its instance (the localisation pretext); the key always pools the true bo
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
 import torch
-from pydantic import Field
 
 from densessl.augment.box_jitter import jitter_boxes
 from densessl.losses import InstanceContrast, LevelwiseInstanceContrast
 from densessl.methods.objectives.base import Objective, ObjectiveOutput, StepInputs
-from densessl.methods.objectives.robust_fields import RobustObjectiveConfig
+from densessl.methods.objectives.robust_fields import robust_positives
 from densessl.models.instance_head import InstanceHead
+from densessl.recipe import InstanceConfig
 
-
-class InstanceObjectiveConfig(RobustObjectiveConfig):
-    FLAT: ClassVar[dict[str, str]] = {
-        "weight": "instance_weight", "temperature": "temperature",
-        "queue_size": "instance_queue_size", "queue": "queue", "num_classes": "num_classes",
-        "roi_output_size": "roi_output_size", "roi_canonical_scale": "roi_canonical_scale",
-        "roi_min_level": "roi_min_level", "roi_levels": "roi_levels", "roi_head": "roi_head",
-        "roi_head_fc_dim": "roi_head_fc_dim", "box_jitter": "box_jitter",
-        "box_jitter_min_iou": "box_jitter_min_iou", "box_jitter_levels": "box_jitter_levels",
-        **RobustObjectiveConfig.ROBUST_FLAT}
-    weight: float = Field(0.0, ge=0)
-    temperature: float = Field(0.2, gt=0)
-    queue_size: int = Field(4096, ge=1)
-    queue: Literal["single", "per_class"] = "single"
-    num_classes: int | None = Field(None, ge=1)
-    roi_output_size: int = Field(7, ge=1)
-    roi_canonical_scale: float = Field(224.0, gt=0)
-    roi_min_level: int = Field(2, ge=2, le=5)
-    roi_levels: Literal["by_size", "all"] = "by_size"
-    roi_head: Literal["mlp", "conv"] = "mlp"
-    roi_head_fc_dim: int = Field(1024, ge=8)
-    box_jitter: bool = False
-    box_jitter_min_iou: float = Field(0.5, ge=0, lt=1)
-    box_jitter_levels: Literal["coarsest", "all"] = "coarsest"
-
-    @property
-    def levels(self) -> list[str]:
-        """The FPN levels RoIAlign reads: ``p{roi_min_level}..p5``."""
-        return [f"p{k}" for k in range(self.roi_min_level, 6)]
+#: ``loss.instance`` (densessl.recipe, which validates it when the recipe is read)
+InstanceObjectiveConfig = InstanceConfig
 
 
 class InstanceObjective(Objective):
@@ -68,10 +39,10 @@ class InstanceObjective(Objective):
             alignment=encoder.cell_alignment)
 
     def build(self, encoder):
-        c = self.config
+        c, loss = self.config, self.recipe.loss  # queue, num_classes, robust: shared
         options = dict(dim=self.recipe.model.dense_dim, queue_size=c.queue_size,
-                       temperature=c.temperature, queue=c.queue, num_classes=c.num_classes,
-                       robust=c.robust_positives())
+                       temperature=c.temperature, queue=loss.queue, num_classes=loss.num_classes,
+                       robust=robust_positives(loss.robust))
         # all levels (InsLoc): one loss and one queue per level
         self.module = (InstanceContrast(**options) if c.roi_levels == "by_size"
                        else LevelwiseInstanceContrast(self.levels, **options))
