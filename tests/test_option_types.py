@@ -4,7 +4,6 @@ import inspect
 import re
 import typing
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -17,7 +16,7 @@ from densessl.errors import RecipeError
 from densessl.eval.labeled_data import EVAL_DATASETS
 from densessl.options import check_option_types, construct, matches
 from densessl.pairs import get_pair_builder
-from densessl.recipe import load_recipe
+from densessl.recipe import load_recipe, recipes_dir
 
 
 def factory(count: int = 1, rate: float = 0.5, flag: bool = False, name: str = "x",
@@ -74,11 +73,10 @@ def test_a_builder_option_of_the_wrong_type_is_a_recipe_error_before_building():
 def test_every_shipped_recipe_and_default_passes_the_check():
     # the check must not refuse what the project's own recipes write (lists for tuples, ints
     # for floats), nor the defaults the constructors declare
-    names = [p.name for p in resources.files("densessl").joinpath("recipes").iterdir()
-             if p.name.endswith(".yaml")]
+    names = [p.name for p in recipes_dir().iterdir() if p.name.endswith(".yaml")]
     assert len(names) >= 5
     for name in names:
-        path = Path(str(resources.files("densessl") / "recipes" / name))
+        path = recipes_dir() / name
         recipe = load_shipped_recipe(path)
         check_option_types(get_pair_builder(recipe.pairs.builder), recipe.pairs.options,
                            f"{name}: pairs.options", recipe.pairs.builder)
