@@ -5,6 +5,7 @@ real tiny pretrain → fine-tune cell.
 """
 
 import csv
+import json
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 
 from densessl.errors import RecipeError
 from densessl.sweep import cell_id, expand_grid, plan, run_sweep
-from densessl.sweep.report import read_results, summarize
+from densessl.sweep.report import read_results, summarize, write_results
 
 SPEC = {"name": "t", "base": "demo", "set": {"train.max_steps": 1},
         "grid": [{"noise.kind": ["none"], "seed": [0, 1]},
@@ -67,6 +68,68 @@ def test_resume_skips_finished_cells(tmp_path):
     assert unique_rows(tmp_path) == first
     assert (tmp_path / "summary.md").is_file()
     assert (tmp_path / "plots" / "pretrained_segmentation_fpn_100pct_mIoU.png").is_file()
+
+
+ROBUST_SPEC = {"name": "r", "base": "demo", "set": {"train.max_steps": 1},
+               "grid": {"loss.robust.kind": ["none", "rank"], "seed": [0, 1]},
+               "report": {"x": None}}
+
+
+def as_flat_loss_cell(cell_dir: Path, new_dir: Path) -> None:
+    """Rewrite a finished cell as a sweep from before the loss sections saved it: the
+    ``loss.robust`` section as the former flat keys (written out by hand here), the grid key
+    ``loss.robust`` and another folder name."""
+    saved = json.loads((cell_dir / "cell.json").read_text())
+    loss = saved["recipe"]["loss"]
+    robust = loss.pop("robust")
+    loss.update(robust=robust["kind"], rince_q=robust["rince_q"],
+                rince_lambda=robust["rince_lambda"],
+                truncate_fraction=robust["truncate_fraction"],
+                truncate_warmup_steps=robust["truncate_warmup_steps"],
+                rank_threshold=robust["rank_threshold"])
+    params = saved["params"]
+    params["loss.robust"] = params.pop("loss.robust.kind")
+    cell_dir.rename(new_dir)
+    (new_dir / "cell.json").write_text(json.dumps(saved))
+
+
+def test_cells_saved_before_the_loss_sections_are_kept_not_rerun(tmp_path):
+    run_sweep(ROBUST_SPEC, tmp_path, cell_fn=fake_cell, log=lambda *_: None)
+    before = {(r["loss.robust.kind"], r["seed"]): r for r in unique_rows(tmp_path)}
+    # the folder as an older densessl left it: old ids, old grid key, flat loss keys
+    old_rows = []
+    for n, row in enumerate(read_results(tmp_path / "results.csv")):
+        old_id = f"old{n:09d}"
+        as_flat_loss_cell(tmp_path / "cells" / row["cell_id"], tmp_path / "cells" / old_id)
+        row["loss.robust"] = row.pop("loss.robust.kind")
+        old_rows.append({**row, "cell_id": old_id})
+    # one saved cell trained something else (another lr): it must be rerun, not adopted
+    other = json.loads((tmp_path / "cells" / "old000000000" / "cell.json").read_text())
+    other["recipe"]["train"]["lr"] *= 2
+    (tmp_path / "cells" / "old000000000" / "cell.json").write_text(json.dumps(other))
+    write_results(tmp_path / "results.csv", old_rows, ["loss.robust", "seed"])
+
+    calls = []
+
+    def counting(recipe, cell_dir):
+        calls.append((recipe["loss"]["robust"]["kind"], recipe["seed"]))
+        return fake_cell(recipe, cell_dir)
+
+    run_sweep(ROBUST_SPEC, tmp_path, cell_fn=counting, log=lambda *_: None)
+    assert calls == [(old_rows[0]["loss.robust"], int(old_rows[0]["seed"]))]
+    rows = unique_rows(tmp_path)
+    planned = {i for _, _, i in plan(ROBUST_SPEC)[1]}
+    assert {r["cell_id"] for r in rows if r["cell_id"] in planned} == planned
+    for row in rows:
+        if row["cell_id"] not in planned:  # the unmatched old row stays, as for an edited grid
+            assert row["cell_id"] == "old000000000"
+            continue
+        key = (row["loss.robust.kind"], row["seed"])
+        metric = "pretrained/segmentation/fpn@100%/mIoU"
+        assert row[metric] == before[key][metric] and row["status"] == "ok"
+        saved = json.loads((tmp_path / "cells" / row["cell_id"] / "cell.json").read_text())
+        assert saved["params"]["loss.robust.kind"] == key[0]
+        assert "loss.robust" not in row or row["loss.robust"] == ""
 
 
 class SimulatedCrash(BaseException):

@@ -43,7 +43,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from densessl.errors import DensesslError, OutputError, RecipeError
 from densessl.io import make_folder, write_text, writing
 from densessl.models.weights import read_side_json
-from densessl.recipe import apply_overrides, demo_recipe_path, parse_recipe, read_recipe_dict
+from densessl.recipe import (
+    apply_overrides,
+    demo_recipe_path,
+    migrate_flat_loss,
+    parse_recipe,
+    read_recipe_dict,
+)
 from densessl.sweep.report import read_results, write_results, write_summary
 
 CellFn = Callable[[dict, Path], dict[str, float]]
@@ -224,6 +230,54 @@ def execute_cell(cell_fn: CellFn, recipe: dict, params: dict, cell_dir: Path) ->
     return row
 
 
+def _saved_recipe(cell_dir: Path) -> tuple[dict, dict] | None:
+    """(params, recipe as it resolves today) of a finished cell's ``cell.json``; None where it
+    is unreadable or no longer a valid recipe."""
+    try:
+        saved = json.loads((cell_dir / "cell.json").read_text())
+        recipe = parse_recipe(migrate_flat_loss(saved["recipe"]), str(cell_dir))
+    except (OSError, ValueError, KeyError, TypeError, RecipeError):
+        return None
+    return saved.get("params", {}), recipe.model_dump(mode="json")
+
+
+def adopt_saved_cells(out: Path, cells: list[tuple[dict, dict, str]], rows: dict[str, dict],
+                      keys: list[str], log: Callable[[str], None] = print) -> int:
+    """Keep the finished cells of this folder whose id changed only because the recipe format
+    did (a sweep run before the loss sections moved): a saved cell whose recipe, migrated and
+    resolved today, equals a planned cell's recipe computed exactly that cell. Its folder is
+    renamed to the new id, its ``cell.json`` rewritten and its row re-keyed with the new grid
+    values; ``rows`` is updated in place. Returns how many cells were adopted."""
+    planned = {i: (p, r) for p, r, i in cells}
+    waiting = {json.dumps(r, sort_keys=True): i for i, (p, r) in planned.items()
+               if rows.get(i, {}).get("status") != "ok"}
+    adopted = 0
+    for old_id, row in list(rows.items()):
+        cell_dir = out / "cells" / old_id
+        if old_id in planned or row.get("status") != "ok" or not cell_dir.is_dir():
+            continue
+        saved = _saved_recipe(cell_dir)
+        new_id = saved and waiting.pop(json.dumps(saved[1], sort_keys=True), None)
+        if not new_id:
+            continue
+        params, recipe = planned[new_id]
+        target = out / "cells" / new_id
+        if target.exists():
+            shutil.rmtree(target)  # an interrupted attempt at the new id
+        cell_dir.rename(target)
+        write_text(target / "cell.json", json.dumps({"params": params, "recipe": recipe},
+                                                    indent=2))
+        metrics = {k: v for k, v in row.items() if k not in saved[0] and k != "cell_id"}
+        del rows[old_id]
+        rows[new_id] = {"cell_id": new_id, **params, **metrics}
+        adopted += 1
+    if adopted:
+        write_results(out / "results.csv", list(rows.values()), keys)
+        log(f"  kept {adopted} finished cell(s) saved under an earlier recipe format "
+            "(same recipe once migrated)")
+    return adopted
+
+
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent dies, so a killed sweep leaves no workers
     holding memory (elsewhere a no-op)."""
@@ -297,6 +351,7 @@ def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
     keys = grid_keys(spec.grid)
     results_path = out / "results.csv"
     rows = {r["cell_id"]: r for r in read_results(results_path)}
+    adopt_saved_cells(out, cells, rows, keys, log)
     todo = [(p, r, i) for p, r, i in cells if rows.get(i, {}).get("status") != "ok"]
     log(f"sweep {spec.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
         f"{len(todo)} to run → {results_path}")
