@@ -178,8 +178,8 @@ def test_drop_channels_removes_exactly_the_listed(tmp_path):
 
 
 def test_finetune_drop_channels_zero_the_probe_features_and_nothing_else(tmp_path):
+    from densessl.data.labeled.build import build_eval_dataset
     from densessl.eval.finetune import ProbeCache
-    from densessl.eval.labeled_data import build_eval_dataset
     from densessl.models.weights import EncoderInit
     from densessl.recipe import load_recipe
 

@@ -9,9 +9,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from densessl import cli
-from densessl.data.coco import coco_labeled
+from densessl.data.labeled.build import build_eval_dataset
+from densessl.data.labeled.coco import coco_labeled
 from densessl.errors import DataError
-from densessl.eval.labeled_data import build_eval_dataset
 
 S = 48
 #: listed out of id order on purpose: classes follow the ids (3 → 1, 17 → 2)

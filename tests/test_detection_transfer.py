@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
+from densessl.data.labeled.build import build_eval_dataset
 from densessl.errors import RecipeError
 from densessl.eval.detection import build_detector
 from densessl.eval.finetune import detection_box_head_spec, detection_start, run_one
-from densessl.eval.labeled_data import build_eval_dataset
 from densessl.models import DenseEncoder
 from densessl.models.box_head import build_conv_fc_head, conv_fc_head_spec
 from densessl.models.instance_head import InstanceHead

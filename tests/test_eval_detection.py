@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from densessl.data.labeled.build import build_eval_dataset
 from densessl.eval.detection import build_detector, build_fpn_backbone
 from densessl.eval.finetune import evaluate_detector, train_detector
-from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.metrics import DetectionMetrics
 from densessl.models import DenseEncoder
 

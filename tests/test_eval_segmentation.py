@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from densessl.data.labeled import instances_from_mask
+from densessl.data.labeled.build import build_eval_dataset
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.finetune import check_data, evaluate_dense, label_subset, train_dense
-from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.linear_probe import LinearProbe
 from densessl.eval.metrics import SegmentationMetrics
 from densessl.eval.segmentation import build_segmentation_model

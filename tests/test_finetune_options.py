@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from densessl.data.labeled.build import build_eval_dataset
 from densessl.eval.finetune import param_groups, train_dense
-from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.segmentation import build_segmentation_model
 
 

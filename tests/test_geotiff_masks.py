@@ -16,9 +16,9 @@ from rasterio.warp import transform, transform_bounds
 from scipy import ndimage
 
 from densessl.cli import main
-from densessl.data.geotiff_masks import inspect_geotiff_masks
+from densessl.data.labeled.build import build_eval_dataset
+from densessl.data.labeled.geotiff_masks import inspect_geotiff_masks
 from densessl.errors import DataError
-from densessl.eval.labeled_data import build_eval_dataset
 
 UTM, WGS84 = CRS.from_epsg(32633), CRS.from_epsg(4326)
 RES, S = 10.0, 32

@@ -15,10 +15,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from densessl.contract import PairSample
-from densessl.data.noisy_seg import _load as load_noisy_seg
+from densessl.data.labeled.xbd import XBDSegmentation
+from densessl.data.noisy_seg import load_scene as load_noisy_seg
 from densessl.data.pidray import PIDRAY_CLASSES, PIDray
 from densessl.data.resize import resize_image, resize_labels
-from densessl.eval.xbd_labeled import XBDSegmentation
 from densessl.pairs import NoisyPairs, PairBuilder
 
 OUT = 64

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from densessl.data.labeled.build import build_eval_dataset
 from densessl.errors import DensesslError
 from densessl.eval.finetune import ProbeCache, floor_metrics, run_probe
-from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.linear_probe import (
     DenseLinearHead,
     LinearProbe,

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from densessl import cli
-from densessl.data.mask_folder import mask_folder_labeled
+from densessl.data.labeled.build import build_eval_dataset
+from densessl.data.labeled.mask_folder import mask_folder_labeled
 from densessl.errors import DataError, RecipeError
-from densessl.eval.labeled_data import build_eval_dataset
 
 S = 48
 

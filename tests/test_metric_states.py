@@ -10,9 +10,9 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.utilities.data import dim_zero_sum
 
+from densessl.data.labeled.xbd import DamageXView2
+from densessl.data.labeled.xview2 import XView2Score
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
-from densessl.eval.xbd_labeled import DamageXView2
-from densessl.eval.xview2 import XView2Score
 
 NAMES = ["bg", "a", "b", "c", "never"]  # "never" occurs in no prediction and no target
 
@@ -94,7 +94,7 @@ def _xview_images(seed=0, n=7):
 
 def _xview2_by_pixel_loop(images, ignore=255):
     """The official scorer's rules, restated pixel by pixel (module docstring of
-    densessl.eval.xview2): counts summed over images, then F1s and the harmonic mean."""
+    densessl.data.labeled.xview2): counts summed over images, then F1s and the harmonic mean."""
     loc = [0, 0, 0]
     dmg = [[0, 0, 0] for _ in range(4)]
     for loc_pred, damage_pred, target in images:

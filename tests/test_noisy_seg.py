@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from densessl.cli import main
+from densessl.data.labeled.noisy_seg import noisy_seg_labeled
 from densessl.data.noisy_seg import (
     NoisySegPairs,
     _new_object,
     change_objects,
-    noisy_seg_labeled,
     synthesize_noisy_seg,
 )
 from densessl.errors import DataError, RecipeError

@@ -11,9 +11,9 @@ import pytest
 from helpers import load_shipped_recipe
 
 from densessl.build import build_pair_builder, build_source_dataset
+from densessl.data.labeled.build import EVAL_DATASETS
 from densessl.data.registry import SOURCES
 from densessl.errors import RecipeError
-from densessl.eval.labeled_data import EVAL_DATASETS
 from densessl.options import check_option_types, construct, matches
 from densessl.pairs import get_pair_builder
 from densessl.recipe import load_recipe, recipes_dir

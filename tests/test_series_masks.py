@@ -14,7 +14,6 @@ import pytest
 import rasterio
 
 from densessl.data.geotiff import GeoTiffPairs
-from densessl.data.geotiff_masks import _same_grid
 from densessl.data.geotiff_synth import (
     _BARE_SOIL,
     LAND_COVER,
@@ -24,7 +23,8 @@ from densessl.data.geotiff_synth import (
     place_splits,
     synthesize_geotiff_series_masks,
 )
-from densessl.eval.labeled_data import build_eval_dataset
+from densessl.data.labeled.build import build_eval_dataset
+from densessl.data.labeled.geotiff_masks import _same_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "recipes" / "sweeps" / "temporal_dates.yaml"
@@ -141,8 +141,8 @@ def test_the_series_masks_dataset_refuses_a_path_and_too_few_places(tmp_path):
 
 
 def test_the_temporal_dates_sweep_resolves_to_nine_valid_cells():
+    from densessl.data.labeled.build import EVAL_DATASETS
     from densessl.data.registry import SOURCES
-    from densessl.eval.labeled_data import EVAL_DATASETS
     from densessl.options import check_option_types
     from densessl.sweep.runner import plan
 

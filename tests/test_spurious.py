@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from densessl.data.labeled.build import build_eval_dataset
 from densessl.errors import RecipeError
-from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.spurious import spurious_data
 from densessl.recipe import load_recipe
 from densessl.workflows.experiment import finetune

@@ -21,10 +21,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 import densessl.eval.finetune as finetune_module
 import densessl.workflows.pretraining as pretraining_module
+from densessl.data.labeled.build import build_eval_dataset
 from densessl.errors import RecipeError
 from densessl.eval.detection import build_detector, detector_modules
 from densessl.eval.finetune import detection_box_head_spec, detection_start, run_one
-from densessl.eval.labeled_data import build_eval_dataset
 from densessl.methods import DensePretraining
 from densessl.models.neck import FPNNeck
 from densessl.models.trained_modules import GradientRecord, module_units

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from densessl.eval.xview2 import XView2Score, f1_from_counts, harmonic_mean, xview2_score
+from densessl.data.labeled.xview2 import XView2Score, f1_from_counts, harmonic_mean, xview2_score
 
 # Image 1, 4×4. Damage target: one row per class, two building pixels each.
 TARGET_1 = np.array([[1, 1, 0, 0], [2, 2, 0, 0], [3, 3, 0, 0], [4, 4, 0, 0]])

@@ -4,12 +4,10 @@ Every module here registers itself (see :mod:`densessl.data.registry`); importin
 makes every source, synthesizer and inspector available to recipes and the CLI.
 """
 
-from densessl.data.coco import inspect_coco  # noqa: F401  (registers coco)
 from densessl.data.geotiff import GeoTiffPairs  # noqa: F401  (registers geotiff)
-from densessl.data.geotiff_masks import geotiff_masks  # noqa: F401  (registers geotiff_masks)
 from densessl.data.geotiff_tiles import GeoTiffTiles  # noqa: F401  (registers geotiff_tiles)
 from densessl.data.image_folder import ImageFolder
-from densessl.data.mask_folder import inspect_mask_folder  # noqa: F401  (registers mask_folder)
+from densessl.data.labeled import build as _labeled  # noqa: F401  (registers every labeled set)
 from densessl.data.noisy_seg import NoisySegPairs  # noqa: F401  (registers noisy-seg)
 from densessl.data.pidray import PIDray  # noqa: F401  (registers pidray source + inspector)
 from densessl.data.registry import (

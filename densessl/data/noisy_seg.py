@@ -32,7 +32,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from densessl.data.cache import cached_synthetic
-from densessl.data.labeled import LabeledData, instances_from_mask, register_eval_dataset
 from densessl.data.registry import register_source, register_synthesizer
 from densessl.data.resize import resize_image, resize_labels
 from densessl.data.synthetic import SHAPES, shape_mask, smooth_noise
@@ -216,7 +215,7 @@ def resolve_root(path: str | None, n: int | None, seed: int, cache_dir: str | No
     return cached_synthetic("noisy-seg", n, seed, cache_dir)
 
 
-def _load(root: Path, files: dict, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_scene(root: Path, files: dict, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     image = np.asarray(Image.open(root / files["image"]).convert("RGB"), dtype=np.float32)
     labels = np.asarray(Image.open(root / files["label"]), dtype=np.int64)
     tensor = torch.from_numpy(image / 255.0).permute(2, 0, 1).contiguous()
@@ -225,7 +224,7 @@ def _load(root: Path, files: dict, image_size: int) -> tuple[torch.Tensor, torch
     return resize_image(tensor, size), resize_labels(torch.from_numpy(labels.copy()), size)
 
 
-def _check_channels(channels: int) -> None:
+def check_channels(channels: int) -> None:
     if channels != 3:
         raise RecipeError(f"noisy-seg images are RGB; set data.channels: 3 (got {channels})")
 
@@ -252,7 +251,7 @@ class NoisySegPairs(Dataset):
     def __init__(self, path: str | None = None, change: float = 0.0, image_size: int = 64,
                  channels: int = 3, seed: int = 0, n: int | None = None,
                  dataset_seed: int | None = None, cache_dir: str | None = None) -> None:
-        _check_channels(channels)
+        check_channels(channels)
         self.root = resolve_root(path, n, seed if dataset_seed is None else dataset_seed,
                                  cache_dir)
         manifest = read_manifest(self.root)
@@ -268,8 +267,8 @@ class NoisySegPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.pairs[index]
         b = record["b"][self.key]
-        image_a, label_a = _load(self.root, record["a"], self.image_size)
-        image_b, label_b = _load(self.root, b, self.image_size)
+        image_a, label_a = load_scene(self.root, record["a"], self.image_size)
+        image_b, label_b = load_scene(self.root, b, self.image_size)
         # the benchmark's truth of its own change, for analysis (whether loss.robust.kind
         # down-weights changed cells; no loss reads it): the pixels whose label differs or
         # whose picture differs (a look change, one object swapped for another of the same
@@ -282,33 +281,3 @@ class NoisySegPairs(Dataset):
                 "mask_t0": label_a, "mask_t1": label_b, "changed_t0_t1": changed,
                 "meta": {"source": "noisy-seg", "index": index, "change": b["change"],
                          "changed_objects": b["changed_objects"]}}
-
-
-class NoisySegLabeled(Dataset):
-    """One labeled split (``train`` or ``test``) as eval sample dicts."""
-
-    def __init__(self, root: Path, records: list[dict], image_size: int) -> None:
-        self.root, self.records, self.image_size = root, records, image_size
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict:
-        image, mask = _load(self.root, self.records[index], self.image_size)
-        return {"image": image, "mask": mask, **instances_from_mask(mask)}
-
-
-@register_eval_dataset("noisy-seg")
-def noisy_seg_labeled(path: str | None = None, image_size: int = 64, channels: int = 3,
-                      seed: int = 0, n: int | None = None, dataset_seed: int | None = None,
-                      cache_dir: str | None = None) -> LabeledData:
-    """Labeled splits for ``finetune.dataset: noisy-seg``: train for fine-tuning, test held
-    out for scoring (reported as ``val``)."""
-    _check_channels(channels)
-    root = resolve_root(path, n, seed if dataset_seed is None else dataset_seed, cache_dir)
-    manifest = read_manifest(root)
-    return LabeledData(train=NoisySegLabeled(root, manifest["train"], image_size),
-                       val=NoisySegLabeled(root, manifest["test"], image_size),
-                       class_names=manifest["class_names"],
-                       keys={"image", "mask", "boxes", "labels", "instance_masks"},
-                       cards=[manifest.get("card", CARD)])

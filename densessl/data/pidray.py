@@ -10,7 +10,7 @@ Benchmark" (ICCV). Layout (see datasets/pidray/README.md)::
     (extended release: annotations/train.json + train/, annotations/test.json + test/)
 
 Masks are polygons, compressed RLE or uncompressed RLE (decoded with pycocotools; the COCO
-parsing is shared with the generic loader, :mod:`densessl.data.coco`). Every problem
+parsing is shared with the generic loader, :mod:`densessl.data.labeled.coco`). Every problem
 in the annotations is a :class:`DataError` naming the file and the entry, or with
 ``skip_bad=True`` a warning plus an entry in ``skipped_samples``.
 """
@@ -27,8 +27,8 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from densessl.data.bad_samples import ReadSkips
-from densessl.data.coco import load_coco_records, read_coco_json, render_annotations
 from densessl.data.decode import decode_image, warn_if_tiny
+from densessl.data.labeled.coco import load_coco_records, read_coco_json, render_annotations
 from densessl.data.registry import register_checker, register_inspector, register_source
 from densessl.data.resize import resize_image
 from densessl.errors import DataError
@@ -86,7 +86,7 @@ def read_image(path: Path, channels: int = 3, keep_uint8: bool = False) -> np.nd
 def load_coco(json_path: Path, image_dir: Path, skip_bad: bool = False,
               verify_images: bool = False) -> tuple[list[dict], list[str]]:
     """Validated records ``{"file", "id", "height", "width", "anns": [...]}`` + skipped list
-    (:func:`densessl.data.coco.load_coco_records`).
+    (:func:`densessl.data.labeled.coco.load_coco_records`).
 
     Each kept annotation has ``category_id`` in 1..12 (PIDray order, matched by category name),
     ``rle`` (compressed) and ``iscrowd``.

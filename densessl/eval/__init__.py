@@ -1,8 +1,9 @@
 """Downstream evaluation: fine-tune segmentation / detection heads and linear probes from an
 encoder, against random and supervised inits, over label fractions and seeds.
 
-``labeled_data`` (the labeled splits a recipe names; their registry is ``densessl.data.labeled``)
-→ ``inits`` (pretrained / random / supervised; weights read by ``densessl.models.weights``) →
+The labeled splits a recipe names come from ``densessl.data.labeled`` (every labeled dataset,
+its registry and ``build_eval_dataset``). Here: ``inits`` (pretrained / random / supervised;
+weights read by ``densessl.models.weights``) →
 ``segmentation`` / ``detection`` / ``linear_probe`` models → ``finetune`` loops → ``metrics`` →
 ``report`` (results.json / .md / .png). ``densessl.workflows.experiment`` ties them to pretraining.
 """
@@ -13,8 +14,8 @@ from densessl.data.labeled import (
     instances_from_mask,
     register_eval_dataset,
 )
+from densessl.data.labeled.build import build_eval_dataset
 from densessl.eval.inits import supervised_init
-from densessl.eval.labeled_data import build_eval_dataset
 from densessl.eval.metrics import DetectionMetrics, SegmentationMetrics
 from densessl.models.weights import EncoderInit, load_encoder_file
 

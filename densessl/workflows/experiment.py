@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from densessl.data.labeled.build import build_eval_dataset, check_finetune_path
 from densessl.errors import DensesslError, RecipeError
 from densessl.eval.finetune import check_data, evaluate_inits, floor_metrics
 from densessl.eval.inits import imagenet_init, imagenet_labels, supervised_init
-from densessl.eval.labeled_data import build_eval_dataset, check_finetune_path
 from densessl.eval.report import build_results, interval_unit, write_report
 from densessl.eval.segmentation import check_input_size
 from densessl.eval.spurious import spurious_data

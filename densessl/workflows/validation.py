@@ -110,7 +110,7 @@ def check_pretraining(recipe: Recipe) -> None:
 
 def check_finetuning(recipe: Recipe) -> None:
     """The names ``densessl finetune`` builds from: labeled dataset, its options, smp's rule."""
-    from densessl.eval.labeled_data import EVAL_DATASETS  # registers the built-in datasets
+    from densessl.data.labeled.build import EVAL_DATASETS  # registers the built-in datasets
     from densessl.eval.segmentation import check_input_size
     from densessl.options import check_options
 

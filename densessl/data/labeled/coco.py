@@ -57,7 +57,7 @@ from densessl.boxes import mask_edge_boxes
 from densessl.data.bad_samples import ReadSkips, report_bad
 from densessl.data.bit_depth import BitDepth, resolve_bit_depth
 from densessl.data.decode import decode_image, warn_if_tiny
-from densessl.data.labeled import LabeledData, register_eval_dataset
+from densessl.data.labeled.base import LabeledData, register_eval_dataset
 from densessl.data.registry import register_checker, register_inspector
 from densessl.data.resize import resize_image, resize_labels
 from densessl.errors import DataError

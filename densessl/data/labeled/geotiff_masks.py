@@ -44,8 +44,8 @@ from densessl.data.bit_depth import BitDepth, full_scale, resolve_bit_depth, sca
 from densessl.data.cache import cached_synthetic
 from densessl.data.geotiff import RasterHandles, RasterInfo, _read, _valid
 from densessl.data.geotiff_synth import LABELED_FOLDER, place_splits
-from densessl.data.labeled import LabeledData, instances_from_mask, register_eval_dataset
-from densessl.data.mask_folder import read_classes
+from densessl.data.labeled.base import LabeledData, instances_from_mask, register_eval_dataset
+from densessl.data.labeled.mask_folder import read_classes
 from densessl.data.registry import register_checker, register_inspector
 from densessl.errors import DataError, RecipeError
 

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from densessl.data.bit_depth import BitDepth, resolve_bit_depth
 from densessl.data.decode import decode_image, warn_if_tiny
-from densessl.data.labeled import LabeledData, instances_from_mask, register_eval_dataset
+from densessl.data.labeled.base import LabeledData, instances_from_mask, register_eval_dataset
 from densessl.data.registry import register_checker, register_inspector
 from densessl.data.resize import resize_image, resize_labels
 from densessl.errors import DataError

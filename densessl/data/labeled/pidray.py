@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from densessl.data.cache import cached_synthetic
-from densessl.data.labeled import LabeledData, register_eval_dataset
+from densessl.data.labeled.base import LabeledData, register_eval_dataset
 from densessl.data.pidray import PIDRAY_CARD, PIDRAY_CLASSES, PIDray, available_splits
 from densessl.data.xray_synth import synthesize_xray  # noqa: F401  (registers "xray" for the cache)
 from densessl.errors import DataError

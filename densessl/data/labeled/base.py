@@ -4,7 +4,7 @@ A labeled dataset is a factory registered with ``@register_eval_dataset("name")`
 it with ``finetune.dataset: name``) that returns a :class:`LabeledData`. The factory is called
 with keyword arguments from ``finetune.options`` plus, when its signature accepts them, ``path``,
 ``image_size``, ``channels`` and ``seed`` from the recipe
-(:func:`densessl.eval.labeled_data.build_eval_dataset`).
+(:func:`densessl.data.labeled.build.build_eval_dataset`).
 
 Every split yields sample dicts with fixed keys:
 
@@ -49,7 +49,7 @@ class LabeledData:
             ``train`` (then the supervised init has seen every training label).
         cards: dataset cards (name, licence, url) carried into results and model cards.
         extra_segmentation_metrics: hook for dataset-specific scores (e.g. the xView2 score from
-            ``densessl.eval.xview2`` for xBD damage): a factory of an object with
+            ``densessl.data.labeled.xview2`` for xBD damage): a factory of an object with
             ``update(preds: B×H×W long, target: B×H×W long)`` and ``compute() -> dict``.
         split_record: how the splits were made, for results.json: ``{"method": "files" |
             "seeded" | "scenes" | "blocks", ...}`` plus the items (stems, scenes or blocks)

@@ -3,7 +3,7 @@
 ``task: damage`` (default) segments the post-disaster image into background + the four damage
 classes (un-classified buildings are ignored) and also reports the xView2 score, computed with
 localization = "any damage class predicted" — the single-model variant of the official scorer
-(:mod:`densessl.eval.xview2`). ``task: buildings`` segments buildings on the pre image.
+(:mod:`densessl.data.labeled.xview2`). ``task: buildings`` segments buildings on the pre image.
 
 Splits: the release's folders when the data has them: scored on ``test`` (``hold`` when there is
 no ``test``; ``hold`` is the val split next to it), fine-tuned on ``train`` (else every folder
@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from densessl.data.cache import cached_synthetic
-from densessl.data.labeled import LabeledData, register_eval_dataset
+from densessl.data.labeled.base import LabeledData, register_eval_dataset
+from densessl.data.labeled.xview2 import XView2Score
 from densessl.data.resize import resize_image, resize_labels
 from densessl.data.xbd import XBD_CARD, XBDDataset
 from densessl.errors import DataError, RecipeError
-from densessl.eval.xview2 import XView2Score
 
 DAMAGE_CLASSES = ["background", "no-damage", "minor-damage", "major-damage", "destroyed"]
 
