@@ -262,13 +262,14 @@ class DenseContrast(nn.Module):
         loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight, self.robust, step,
                                         query_weight)
         down = stats.pop("down_weighted", None)
+        rank_fraction = stats.pop("rank_fraction", None)
         if down is not None:
             # slots are image-major with a fixed count per image: a reshape gives per-image sums
             n = weight.shape[0] // max(b, 1)
             self.last_robust_cells = {"cells": weight.reshape(b, n).sum(1),
                                       "down": (down.float() * weight).reshape(b, n).sum(1),
                                       "slot_cell": cell, "slot_keep": keep,
-                                      "slot_down": down & keep}
+                                      "slot_down": down & keep, "slot_rank": rank_fraction}
         stats["queue_filled"] = self.queue.filled.sum().detach()
 
         # every process enqueues (possibly nothing): the queue gathers across processes

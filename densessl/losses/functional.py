@@ -304,7 +304,9 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
         scalar float32 loss and detached ``stats``: ``pairs`` (Σ weight), ``pos_cos``,
         ``neg_cos`` (means over weighted queries / their allowed negatives). With an enabled
         ``robust`` also ``robust_fraction`` (share of the weight down-weighted) and
-        ``down_weighted``, the one per-query entry (N bool), for callers to pop.
+        ``down_weighted``, the one per-query entry (N bool), for callers to pop; with ``rank``
+        also ``rank_fraction`` (N float, popped the same way): the share of each query's
+        allowed negatives more similar to it than its positive, the score ``rank`` thresholds.
     """
     if weight is None:
         weight = query.new_ones(query.shape[0], dtype=torch.float32)
@@ -314,8 +316,8 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
         pos = pos_cos / temperature
         lse = torch.stack([pos, *(t.lse for t in terms)], dim=1).logsumexp(dim=1)
         total = weight.sum()
+        rank = None
         if robust is not None and robust.enabled:
-            rank = None
             if robust.kind == "rank":
                 if any(t.rank_counts is None for t in terms):
                     raise ValueError("loss.robust.kind rank needs every negative term's "
@@ -338,4 +340,6 @@ def weighted_info_nce(query: Tensor, positive: Tensor, terms: list[NegativeTerm]
             if down is not None:
                 stats["robust_fraction"] = (down.float() * weight).sum() / total.clamp_min(1)
                 stats["down_weighted"] = down
+            if rank is not None:  # per query: the share of its allowed negatives above its positive
+                stats["rank_fraction"] = rank[0] / rank[1].clamp_min(1)
     return loss, stats

@@ -81,7 +81,8 @@ class InstanceContrast(nn.Module):
                  pairwise_negatives(q, k, not_self & ~same_class, self.temperature, weight)]
         loss, stats = weighted_info_nce(q, k, terms, self.temperature, weight, self.robust, step,
                                         pair_weight)
-        stats.pop("down_weighted", None)  # per box; only the dense objective is analysed per cell
+        for per_box in ("down_weighted", "rank_fraction"):  # only the dense term is analysed
+            stats.pop(per_box, None)
         stats["boxes"] = stats.pop("pairs")
         stats["queue_filled"] = self.queue.filled.sum().detach().clone()
         if update_queue:

@@ -12,6 +12,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from lightly.models.utils import (
     batch_shuffle,
     batch_shuffle_distributed,
@@ -24,7 +25,7 @@ from densessl.build import build_augmentation, build_encoder
 from densessl.contract import PairBatch, SourceBatch
 from densessl.distributed import world_size
 from densessl.errors import RecipeError
-from densessl.methods.monitors import CollapseMonitor, dense_cells
+from densessl.methods.monitors import RANK_BINS, CollapseMonitor, dense_cells, rank_separation
 from densessl.methods.objectives import OBJECTIVES, Objective, StepInputs, build_objectives
 from densessl.methods.schedule import warmup_cosine
 from densessl.models import MomentumPair, cosine_momentum
@@ -82,6 +83,10 @@ class DensePretraining(pl.LightningModule):
         # noisy pairs, down-weighted wrong cells, wrong cells, query cells): the precision /
         # recall monitor against the benchmark's true noise, per pair and per cell
         self.register_buffer("robust_counts", torch.zeros(6), persistent=False)
+        # loss.robust.kind rank: run histograms (row 0 wrong cells, row 1 clean query cells) of
+        # the score the criterion thresholds, for dense_robust_rank_auroc
+        self.register_buffer("robust_rank_hist", torch.zeros(2, RANK_BINS), persistent=False)
+        self.register_buffer("robust_rank_sums", torch.zeros(2), persistent=False)
         # run totals of (dense query cells, images) over the training steps, for
         # dense_query_cells_per_image (metrics.json); saved in the checkpoint (not the state
         # dict) so a resumed run reports the whole run's mean
@@ -263,6 +268,13 @@ class DensePretraining(pl.LightningModule):
         ``dense_robust_cell_noisy_share``: wrong query cells / all query cells, the chance
         level of the cell precision (a criterion that drops cells at random scores it).
         NaN while a denominator is 0. Totals since this process started.
+
+        With ``loss.robust.kind: rank``, whether *any* threshold on its score could beat
+        chance: ``dense_robust_rank_wrong`` / ``_clean``, the mean score (share of a query's
+        allowed negatives more similar than its positive) of the wrong and of the clean query
+        cells, and ``dense_robust_rank_auroc``, the probability that a wrong cell scores above
+        a clean one (ties count half; scores binned in steps of 1/RANK_BINS): 0.5 when the
+        score carries nothing about the wrong pairs, 1 when a threshold separates them.
         """
         cells = self.dense_loss.last_robust_cells
         device = cells["down"].device
@@ -285,11 +297,26 @@ class DensePretraining(pl.LightningModule):
             counts = self.robust_counts
         else:
             counts = step
-        return {"dense_robust_precision": counts[0] / counts[1],
-                "dense_robust_recall": counts[0] / counts[2],
-                "dense_robust_cell_precision": counts[3] / counts[1],
-                "dense_robust_cell_recall": counts[3] / counts[4],
-                "dense_robust_cell_noisy_share": counts[4] / counts[5]}
+        out = {"dense_robust_precision": counts[0] / counts[1],
+               "dense_robust_recall": counts[0] / counts[2],
+               "dense_robust_cell_precision": counts[3] / counts[1],
+               "dense_robust_cell_recall": counts[3] / counts[4],
+               "dense_robust_cell_noisy_share": counts[4] / counts[5]}
+        score = cells.get("slot_rank")
+        if score is not None:
+            clean = keep & ~wrong
+            bins = (score.reshape(b, -1).float() * RANK_BINS).long().clamp(0, RANK_BINS - 1)
+            onehot = F.one_hot(bins, RANK_BINS).float()  # B×n×bins: fixed shapes
+            hist = torch.stack([(onehot * wrong[..., None]).sum((0, 1)),
+                                (onehot * clean[..., None]).sum((0, 1))])
+            sums = torch.stack([(score.reshape(b, -1) * wrong).sum(),
+                                (score.reshape(b, -1) * clean).sum()]).float()
+            if self.training:
+                self.robust_rank_hist += hist.to(self.robust_rank_hist)
+                self.robust_rank_sums += sums.to(self.robust_rank_sums)
+                hist, sums = self.robust_rank_hist, self.robust_rank_sums
+            out.update(rank_separation(hist, sums))
+        return out
 
     def instance_queries(self, batch: PairBatch, query: dict) -> torch.Tensor:
         return self.objective("instance").queries(batch, query, self.model)

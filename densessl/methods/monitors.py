@@ -182,3 +182,29 @@ class PairThroughputMonitor(pl.Callback):
         return {"pairs": pairs, "world_size": world_size, "train_seconds": round(self.total_s, 3),
                 "pairs_per_s": round(pairs / self.total_s, 3) if self.total_s else 0.0,
                 "data_wait_fraction": round(wait / self.total_s, 4) if self.total_s else 0.0}
+
+
+#: bins of the rank criterion's score in [0, 1] for dense_robust_rank_auroc
+RANK_BINS = 50
+
+
+def rank_separation(hist: torch.Tensor, sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How well a score separates wrong from clean query cells, from run histograms.
+
+    Args:
+        hist: 2×bins counts of the score's bins (row 0: wrong cells, row 1: clean cells).
+        sums: 2 sums of the (unbinned) scores of the wrong and of the clean cells.
+
+    Returns:
+        ``dense_robust_rank_wrong`` / ``_clean`` (mean scores) and ``dense_robust_rank_auroc``:
+        P(a wrong cell's bin > a clean cell's bin) + ½ P(same bin), the Mann-Whitney AUROC of
+        the binned score; NaN without wrong or without clean cells. Tensor ops only (no host
+        read), so it can be logged every step.
+    """
+    wrong, clean = hist[0].float(), hist[1].float()
+    n_wrong, n_clean = wrong.sum(), clean.sum()
+    below = torch.cumsum(clean, 0) - clean  # clean cells in strictly lower bins
+    auroc = (wrong * (below + 0.5 * clean)).sum() / (n_wrong * n_clean)
+    return {"dense_robust_rank_wrong": sums[0] / n_wrong,
+            "dense_robust_rank_clean": sums[1] / n_clean,
+            "dense_robust_rank_auroc": auroc}

@@ -35,7 +35,8 @@ FIXED = ("cell_id", "status", "error", "seconds")
 #: how well loss.robust.kind's down-weighted cells match the true noisy pairs (issue #18)
 MONITORS = ("pretrain/dense_robust_fraction", "pretrain/dense_robust_precision",
             "pretrain/dense_robust_recall", "pretrain/dense_robust_cell_precision",
-            "pretrain/dense_robust_cell_recall", "pretrain/dense_robust_cell_noisy_share")
+            "pretrain/dense_robust_cell_recall", "pretrain/dense_robust_cell_noisy_share",
+            "pretrain/dense_robust_rank_auroc")
 #: the grid key whose values the robust plot compares (``loss.robust``: the flat key of
 #: sweeps run before the objectives' loss sections, whose results.csv still name it)
 ROBUST_KEYS = ("loss.robust.kind", "loss.robust")
