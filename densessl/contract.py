@@ -250,6 +250,28 @@ class PairBatch:
         return self.view_a.shape[0]
 
 
+def add_random_instances(batch: PairBatch, view_size: int, num_classes: int,
+                         per_image: int = 4, seed: int = 0) -> PairBatch:
+    """Give ``batch`` seeded random instances, so the instance and class-aware objectives have
+    work on a batch whose builder made none (benchmarks, tests): ``per_image`` boxes per image
+    in A (the same instances in B, moved and shrunk), labels and a class map of view A's cells
+    (−1 included) in 0 .. ``num_classes`` − 1. Sets the fields in place and returns the batch."""
+    gen = torch.Generator().manual_seed(seed)
+    b, device = batch.batch_size, batch.view_a.device
+    xy = torch.rand(b * per_image, 2, generator=gen) * view_size * 0.6
+    wh = torch.rand(b * per_image, 2, generator=gen) * view_size * 0.3 + view_size * 0.1
+    boxes = torch.cat([xy, xy + wh], dim=1).to(device)
+    batch.boxes_a = boxes
+    batch.boxes_b = (boxes * 0.9 + 2).clamp(0, view_size)
+    batch.box_batch = torch.arange(b).repeat_interleave(per_image).to(device)
+    batch.box_label = torch.randint(0, num_classes, (b * per_image,), generator=gen).to(device)
+    batch.instance_ids = torch.arange(b * per_image, device=device)
+    cells = batch.grid_ab.shape[1]
+    batch.class_map_a = torch.randint(-1, num_classes, (b, cells, cells),
+                                      generator=gen).to(device)
+    return batch
+
+
 def _move(obj, device, non_blocking):
     changes = {}
     for f in fields(obj):

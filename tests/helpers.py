@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from densessl.augment.correspondence import pixel_to_normalized
 from densessl.cells import cell_centres
-from densessl.pairs import CutPastePairs
+from densessl.contract import PairSample
+from densessl.pairs import CutPastePairs, PairBuilder
 
 
 def identity_grid(b: int, h: int, w: int, stride: int = 8) -> torch.Tensor:
@@ -138,6 +139,7 @@ def pair_batch(recipe, device: torch.device, with_instances: bool = False):
     instances in B, moved and shrunk), random labels and a random class map (−1 included),
     seeded, with classes 0 .. PAIR_BATCH_CLASSES − 1."""
     from densessl.build import backbone_cell_alignment, build_augmentation, build_pair_builder
+    from densessl.contract import add_random_instances
     from densessl.pairs import collate_pairs
 
     builder = build_pair_builder(recipe)
@@ -146,20 +148,7 @@ def pair_batch(recipe, device: torch.device, with_instances: bool = False):
                                  cell_alignment=backbone_cell_alignment(recipe)).to(device)
     batch = augment(source)
     if with_instances:
-        gen = torch.Generator().manual_seed(0)
-        b, size = batch.batch_size, recipe.augment.view_size
-        per_image, classes = 4, PAIR_BATCH_CLASSES
-        xy = torch.rand(b * per_image, 2, generator=gen) * size * 0.6
-        wh = torch.rand(b * per_image, 2, generator=gen) * size * 0.3 + size * 0.1
-        boxes = torch.cat([xy, xy + wh], dim=1).to(device)
-        batch.boxes_a = boxes
-        batch.boxes_b = (boxes * 0.9 + 2).clamp(0, size)
-        batch.box_batch = torch.arange(b).repeat_interleave(per_image).to(device)
-        batch.box_label = torch.randint(0, classes, (b * per_image,), generator=gen).to(device)
-        batch.instance_ids = torch.arange(b * per_image, device=device)
-        cells = batch.grid_ab.shape[1]
-        batch.class_map_a = torch.randint(-1, classes, (b, cells, cells),
-                                          generator=gen).to(device)
+        add_random_instances(batch, recipe.augment.view_size, PAIR_BATCH_CLASSES)
     return batch
 
 
@@ -188,3 +177,78 @@ def load_shipped_recipe(path: Path, overrides: list[str] | None = None):
 
     needs_path = (read_recipe_dict(path).get("data") or {}).get("source") == "folder"
     return load_recipe(path, [f"data.path={USER_DATA_PATH}"] * needs_path + (overrides or []))
+
+
+def check_noise_mask_on_view_cells(batch, truth: list, channels: int, size: int):
+    """Augment ``batch`` (a collated SourceBatch with ``noise_mask_a``) with a rotating,
+    flipping 32-px view augmentation (grid stride 4: 8×8 cells) and check the view's
+    ``noise_mask_a`` cell by cell against the reference: each cell centre taken back through
+    view A's transform to its nearest source-A pixel, looked up in ``truth[b]`` (H×W bool, the
+    source's size ``size``). Cells on a pixel edge (a tie) are skipped. Returns (the PairBatch,
+    how many cells were checked)."""
+    from densessl.augment import ViewAugmentation
+    from densessl.augment.correspondence import apply_homography
+    from densessl.cells import cell_centres
+
+    augment = ViewAugmentation(channels, view_size=32, grid_stride=4,
+                               geometry=dict(crop_scale=(0.3, 1.0), hflip=0.5,
+                                             rotation_degrees=30, rotation_p=1.0),
+                               photometry=None, mean=0.0, std=1.0)
+    torch.manual_seed(0)
+    pair = augment(batch)
+    assert pair.noise_mask_a.shape == pair.valid_ab.shape
+    n = len(truth)
+    centres = cell_centres(8, 8, 4.0).expand(n, -1, -1, -1).double()
+    src = apply_homography(torch.linalg.inv(pair.matrix_a.double()), centres)
+    checked = 0
+    for b in range(n):
+        for i in range(8):
+            for j in range(8):
+                x, y = src[b, i, j].tolist()
+                if min(abs(x - round(x)), abs(y - round(y))) > 0.5 - 1e-3:
+                    continue  # on a pixel edge: nearest is a tie
+                xi, yi = int(round(x)), int(round(y))
+                want = 0 <= xi < size and 0 <= yi < size and bool(truth[b][yi, xi])
+                assert bool(pair.noise_mask_a[b, i, j]) == want
+                checked += 1
+    return pair, checked
+
+
+#: UniquePixels' source size
+UNIQUE_H = UNIQUE_W = 32
+
+
+class UniquePixels(PairBuilder):
+    """Sample i: every pixel of every sample has a distinct value; B = A (identity)."""
+
+    def __init__(self, n: int = 50, instances: bool = False):
+        self.n, self.instances = n, instances
+
+    def __len__(self):
+        return self.n
+
+    def build(self, index):
+        values = torch.arange(UNIQUE_H * UNIQUE_W, dtype=torch.float32)
+        values = values.reshape(1, UNIQUE_H, UNIQUE_W)
+        image = (values + index * UNIQUE_H * UNIQUE_W).repeat(2, 1, 1)
+        image[1] = -1.0  # channel 1 carries the instance class colour
+        if not self.instances:
+            return PairSample(source_a=image, source_b=image.clone())
+        label = index % 3
+        box = torch.tensor([[4.0, 4.0, 20.0, 20.0]])
+        image[1, 4:20, 4:20] = label
+        return PairSample(source_a=image, source_b=image.clone(), boxes_a=box, boxes_b=box,
+                          instance_ids=torch.tensor([0]), labels=torch.tensor([label]))
+
+
+#: shrink any walkthrough to seconds: the data, the model's budget, one seed
+WALKTHROUGH_TINY = ["train.max_steps=2", "train.batch_size=4", "train.num_workers=0",
+        "model.split_bn_groups=2", "data.image_size=64", "augment.view_size=48",
+        "finetune.image_size=64", "finetune.seeds=[0]", "finetune.steps=4",
+        "finetune.detection_steps=2", "finetune.supervised_steps=2", "finetune.probe_steps=30",
+        "finetune.batch_size=4", "loss.dense.queue_size=64", "loss.global.queue_size=64"]
+
+
+def set_args(*items: str) -> list[str]:
+    """``--set`` before each ``key=value``, for the CLI."""
+    return [arg for item in items for arg in ("--set", item)]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from densessl.bench.queues import compare_queues, synchronize
+from densessl.contract import add_random_instances
 from densessl.recipe import Recipe, load_recipe, packaged_recipe
 
 
@@ -124,20 +125,7 @@ def make_pair_batch(recipe: Recipe, device: torch.device, with_instances: bool =
         batch.view_a = batch.view_a.contiguous(memory_format=torch.channels_last)
         batch.view_b = batch.view_b.contiguous(memory_format=torch.channels_last)
     if with_instances:
-        gen = torch.Generator().manual_seed(0)
-        b, size = batch.batch_size, recipe.augment.view_size
-        per_image, classes = 4, BENCH_CLASSES
-        xy = torch.rand(b * per_image, 2, generator=gen) * size * 0.6
-        wh = torch.rand(b * per_image, 2, generator=gen) * size * 0.3 + size * 0.1
-        boxes = torch.cat([xy, xy + wh], dim=1).to(device)
-        batch.boxes_a = boxes
-        batch.boxes_b = (boxes * 0.9 + 2).clamp(0, size)  # same instances, moved and shrunk
-        batch.box_batch = torch.arange(b).repeat_interleave(per_image).to(device)
-        batch.box_label = torch.randint(0, classes, (b * per_image,), generator=gen).to(device)
-        batch.instance_ids = torch.arange(b * per_image, device=device)
-        cells = batch.grid_ab.shape[1]
-        batch.class_map_a = torch.randint(-1, classes, (b, cells, cells), generator=gen
-                                          ).to(device)
+        add_random_instances(batch, recipe.augment.view_size, BENCH_CLASSES)
     return batch
 
 

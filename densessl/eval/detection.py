@@ -185,7 +185,7 @@ def build_detector(arch: str, backbone: str, in_channels: int, num_classes: int,
     # 64-128 px images. image_size / 8 per level (12..192 px at 96 px, p2..p6): with / 16
     # (6 px on p2) half the PIDray-sized objects (8..43 px) had no anchor at IoU 0.5 and the
     # supervised detector reached AP50 0.47 at 150 steps, 0.74 with / 8 (issue 25, item 4;
-    # tests/test_finetune_learns.py).
+    # tests/eval/test_finetune_learns.py).
     base = max(4, image_size // 8)
     anchors = AnchorGenerator(sizes=tuple((base * 2**i,) for i in range(5)),
                               aspect_ratios=((0.5, 1.0, 2.0),) * 5)

@@ -1,7 +1,7 @@
 """Cell alignment (densessl.cells): ``"centre"`` cells (ResNets, stride-s cell i on pixel s·i)
 and ``"block"`` cells (ConvNeXt's patchify stem, on s·i + (s − 1)/2).
 
-Measured as in tests/test_cell_centres.py (the input gradient's centroid of a cell, random
+Measured as in tests/core/test_cell_centres.py (the input gradient's centroid of a cell, random
 init, averaged over inits) for a ConvNeXt, against where the correspondence grid now puts its
 cells, and against where the old ResNet placement would (3.5 px off at stride 8); the offset,
 the block-aligned FPN upsampling and RoIAlign's box shift against hand computations and

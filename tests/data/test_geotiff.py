@@ -6,48 +6,14 @@ import json
 import numpy as np
 import pytest
 import rasterio
-from rasterio.crs import CRS
-from rasterio.transform import from_origin, xy
-from rasterio.warp import calculate_default_transform, transform
+from geo_fixtures import ORIGIN, PATTERN, RES, UTM, ground_coordinate_raster, write_series
+from rasterio.transform import from_origin
 
 from densessl.cli import main
 from densessl.data import geotiff as geotiff_module
 from densessl.data.geotiff import GeoTiffPairs, inspect_geotiff
 from densessl.data.geotiff_synth import write_raster
 from densessl.errors import DataError
-
-UTM, MERCATOR = CRS.from_epsg(32633), CRS.from_epsg(3857)
-ORIGIN = (500000.0, 5000000.0)
-RES = 10.0
-PATTERN = r"(?P<place>[a-z]+)_(?P<date>\d{8})\.tif$"
-
-
-def ground_coordinate_raster(crs, dst_transform, width, height):
-    """2 bands: UTM easting / northing of each pixel centre (a 'colour' per ground point),
-    relative to ORIGIN so that float32 rasters keep centimetre precision."""
-    rows, cols = np.mgrid[0:height, 0:width]
-    xs, ys = xy(dst_transform, rows.ravel(), cols.ravel())
-    east, north = transform(crs, UTM, xs, ys)
-    return np.stack([np.reshape(east, (height, width)) - ORIGIN[0],
-                     np.reshape(north, (height, width)) - ORIGIN[1]]).astype(np.float64)
-
-
-def write_series(root, size=96, place="farm", origin=ORIGIN):
-    """Early date in UTM (uint... float64 coordinates, nodata stripe), later date in Web
-    Mercator with a NaN region; returns the early transform."""
-    root.mkdir(parents=True, exist_ok=True)
-    early_transform = from_origin(*origin, RES, RES)
-    early = ground_coordinate_raster(UTM, early_transform, size, size)
-    early[:, :, :10] = -9999  # nodata stripe on the west edge
-    write_raster(root / f"{place}_20200101.tif", early, UTM, early_transform, nodata=-9999)
-    bounds = (origin[0], origin[1] - size * RES, origin[0] + size * RES, origin[1])
-    late_transform, w, h = calculate_default_transform(UTM, MERCATOR, size, size, *bounds,
-                                                       resolution=RES * 1.2)
-    late = ground_coordinate_raster(MERCATOR, late_transform, w, h)
-    late[:, late[1] > -20 * RES] = np.nan  # the northern strip has no data
-    write_raster(root / f"{place}_20210101.tif", late.astype(np.float32), MERCATOR,
-                 late_transform, nodata=float("nan"))
-    return early_transform
 
 
 def denormalise(dataset, image):

@@ -16,7 +16,7 @@ from densessl.cli import main
 from densessl.data.manifest import ProvenanceFilter, canonical_licence
 from densessl.errors import DataError
 
-RECIPES = Path(__file__).parents[1] / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 PEOPLE = "contains_people"
 
 

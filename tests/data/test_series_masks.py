@@ -26,7 +26,7 @@ from densessl.data.geotiff_synth import (
 from densessl.data.labeled.build import build_eval_dataset
 from densessl.data.labeled.geotiff_masks import _same_grid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ROOT / "recipes" / "sweeps" / "temporal_dates.yaml"
 ROOF = np.linspace(0.35, 0.55, 4)
 BUILDING, BARE, FIELD = (LAND_COVER.index(c) for c in ("building", "bare_soil", "field"))

@@ -216,7 +216,7 @@ def test_insloc_pretraining_hands_its_box_head_to_the_detector(tmp_path):
 
     from densessl.workflows.pretraining import pretrain
 
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "xray_insloc.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "xray_insloc.yaml"
     out = tmp_path / "run"
     pretrain(recipe, out, overrides=[
         "train.max_steps=2", "train.batch_size=4", "train.num_workers=0", "model.split_bn_groups=2",

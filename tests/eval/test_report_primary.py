@@ -26,7 +26,7 @@ from densessl.eval.report import (
 )
 from densessl.recipe import load_recipe
 
-SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
+SAME_IMAGE = str(Path(__file__).parents[2] / "recipes" / "same_image.yaml")
 PROBE10, PROBE100 = "linear_probe@10%", "linear_probe@100%"
 
 

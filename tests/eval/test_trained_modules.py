@@ -34,7 +34,7 @@ from densessl.workflows.pretraining import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 FPN_DIM = 32
 ALL_FPN = [f"fpn.{kind}_blocks.{i}" for kind in ("inner", "layer") for i in range(4)]
 # dense-only at stride 8 reads p3: laterals of c3..c5 feed it, and p3's output conv; the p2
@@ -322,7 +322,7 @@ def test_exported_neck_card_warns_of_untrained_modules(dense_run, tmp_path):
 
 
 def test_observing_gradients_reads_nothing_on_the_host():
-    """The per-step observation costs no host-device sync (tests/test_sync_free_step.py's
+    """The per-step observation costs no host-device sync (tests/methods/test_sync_free_step.py's
     check: under FakeTensorMode any value read on the host raises)."""
     from helpers import pair_batch
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -29,6 +29,7 @@ from densessl.losses.robust import (
     robust_loss_terms,
 )
 from densessl.methods.dense_pretraining import DensePretraining
+from densessl.methods.monitors import RANK_BINS, rank_separation
 from densessl.recipe import parse_recipe
 
 T = 0.2
@@ -119,6 +120,68 @@ def test_dense_rank_matches_brute_force(per_class, threshold):
     assert loss.item() == pytest.approx(expected, rel=2e-5, abs=1e-6)
     assert stats["robust_fraction"].item() == pytest.approx(len(dropped) / sum(weights))
     assert loss_fn.last_robust_cells["down"].tolist() == [float(c) for c in per_image]
+
+
+def monitor_host(loss_fn) -> SimpleNamespace:
+    """What DensePretraining.robust_detection reads of the task, with fresh run totals."""
+    return SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6),
+                           robust_rank_hist=torch.zeros(2, RANK_BINS),
+                           robust_rank_sums=torch.zeros(2))
+
+
+def auroc_loop(wrong: list[float], clean: list[float]) -> float:
+    """Mann-Whitney over every (wrong, clean) pair of binned scores, ties half."""
+    def binned(v):
+        return min(int(v * RANK_BINS), RANK_BINS - 1)
+    wins = sum(1.0 if binned(a) > binned(c) else 0.5 if binned(a) == binned(c) else 0.0
+               for a in wrong for c in clean)
+    return wins / (len(wrong) * len(clean))
+
+
+@pytest.mark.parametrize("per_class", [False, True], ids=["one_queue", "per_class"])
+def test_rank_score_and_its_separation_match_loops(per_class):
+    """The score the criterion thresholds (``slot_rank``) is the brute-force rank fraction of
+    every query cell, and the run's dense_robust_rank_* monitors (means and AUROC of wrong vs
+    clean cells, accumulated over two batches) are those of a pairwise loop."""
+    robust = RobustPositives("rank", rank_threshold=0.5)
+    wrong_scores, clean_scores = [], []
+    for seed in (0, 1):
+        _, _, loss_fn, _, _, weights, fractions = dense_case(robust, per_class, seed=seed)
+        score = loss_fn.last_robust_cells["slot_rank"]
+        kept = [i for i, w in enumerate(weights) if w > 0]
+        assert score[kept].double().numpy() == pytest.approx([fractions[i] for i in kept],
+                                                             abs=1e-6)
+        n = len(weights) // 4
+        noisy = torch.tensor([False, True, False, False])  # image 1 is the wrong pair
+        wrong_scores += [fractions[i] for i in kept if i // n == 1]
+        clean_scores += [fractions[i] for i in kept if i // n != 1]
+        if seed == 0:
+            host = monitor_host(loss_fn)
+        else:
+            host.dense_loss = loss_fn
+        logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
+                                                                       noise_mask_a=None))
+    assert logs["dense_robust_rank_wrong"].item() == pytest.approx(np.mean(wrong_scores),
+                                                                   abs=1e-6)
+    assert logs["dense_robust_rank_clean"].item() == pytest.approx(np.mean(clean_scores),
+                                                                   abs=1e-6)
+    assert logs["dense_robust_rank_auroc"].item() == pytest.approx(
+        auroc_loop(wrong_scores, clean_scores), abs=1e-6)
+    assert logs["dense_robust_rank_auroc"].item() > 0.6  # the wrong pair's positives rank low
+
+
+def test_rank_separation_extremes():
+    """Perfect separation is 1, reversed 0, identical distributions 0.5, no wrong cell NaN."""
+    apart = torch.zeros(2, RANK_BINS)
+    apart[0, -1], apart[1, 0] = 3, 5
+    sums = torch.tensor([3.0, 0.0])
+    assert rank_separation(apart, sums)["dense_robust_rank_auroc"].item() == 1.0
+    assert rank_separation(apart.flip(0), sums)["dense_robust_rank_auroc"].item() == 0.0
+    same = torch.ones(2, RANK_BINS)
+    assert rank_separation(same, sums)["dense_robust_rank_auroc"].item() == pytest.approx(0.5)
+    none_wrong = torch.zeros(2, RANK_BINS)
+    none_wrong[1, 3] = 4
+    assert math.isnan(rank_separation(none_wrong, sums)["dense_robust_rank_auroc"].item())
 
 
 def test_instance_rank_matches_brute_force():
@@ -336,7 +399,7 @@ def test_rank_singles_out_the_noisy_pairs():
                             enqueue_per_image=0, robust=RobustPositives("rank",
                                                                         rank_threshold=0.2))
     loss_fn(q_dense, k_dense, identity_grid(b, h, w), valid)
-    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6))
+    host = monitor_host(loss_fn)
     logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
                                                                    noise_mask_a=None))
     assert logs["dense_robust_precision"].item() == 1.0
@@ -345,8 +408,8 @@ def test_rank_singles_out_the_noisy_pairs():
 
 @pytest.mark.parametrize("queue", ["single", "per_class"])
 def test_rank_training_step_has_no_host_sync(queue):
-    """The whole step under FakeTensorMode (as tests/test_sync_free_step.py): the rank counts,
-    the threshold and the monitor read no tensor value on the host."""
+    """The whole step under FakeTensorMode (as tests/methods/test_sync_free_step.py): the rank
+    counts, the threshold and the monitor read no tensor value on the host."""
     from helpers import pair_batch
     from test_sync_free_step import fake_step
 
@@ -371,7 +434,7 @@ def test_recipe_rank_threshold_reaches_the_dense_objective():
     from densessl.methods.dense_pretraining import DensePretraining
     from densessl.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "same_image.yaml",
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "same_image.yaml",
                          ["loss.robust.kind=rank", "loss.robust.rank_threshold=0.3"])
     task = DensePretraining(recipe)
     assert task.dense_loss.robust.kind == "rank"

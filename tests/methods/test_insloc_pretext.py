@@ -21,7 +21,7 @@ from densessl.methods import DensePretraining
 from densessl.models.instance_head import InstanceHead
 from densessl.recipe import LossConfig, load_recipe, parse_recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 LEVELS = ["p3", "p4", "p5"]
 
 

@@ -27,7 +27,7 @@ from densessl.recipe import load_recipe
 from densessl.workflows.experiment import finetune
 from densessl.workflows.pretraining import pretrain
 
-SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
+SAME_IMAGE = str(Path(__file__).parents[2] / "recipes" / "same_image.yaml")
 TV_FILE = "resnet18-f37072fd.pth"  # what torchvision.models.resnet18(weights=...) downloads
 FETCH = "torchvision.models.resnet18(weights='IMAGENET1K_V1')"
 

@@ -19,7 +19,7 @@ from densessl.pairs.correspondence import (
     instance_correspondence,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_section_code(title: str) -> str:

@@ -221,7 +221,7 @@ def test_bad_plans_and_mixed_batches():
 def test_xray_recipes_composite_on_the_device(name):
     from pathlib import Path
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml")
     assert recipe.pairs.builder == "cut_paste"
     assert recipe.pairs.options["device_composite"] is True
 

@@ -5,36 +5,14 @@ import pickle
 
 import pytest
 import torch
+from helpers import UniquePixels
 
 from densessl.build import build_pair_builder
-from densessl.contract import PairSample
 from densessl.errors import PairContractError, RecipeError
-from densessl.pairs import NoisyPairs, PairBuilder, collate_pairs
+from densessl.pairs import NoisyPairs, collate_pairs
 from densessl.recipe import load_recipe
 
 H = W = 32
-
-
-class UniquePixels(PairBuilder):
-    """Sample i: every pixel of every sample has a distinct value; B = A (identity)."""
-
-    def __init__(self, n: int = 50, instances: bool = False):
-        self.n, self.instances = n, instances
-
-    def __len__(self):
-        return self.n
-
-    def build(self, index):
-        values = torch.arange(H * W, dtype=torch.float32).reshape(1, H, W)
-        image = (values + index * H * W).repeat(2, 1, 1)
-        image[1] = -1.0  # channel 1 carries the instance class colour
-        if not self.instances:
-            return PairSample(source_a=image, source_b=image.clone())
-        label = index % 3
-        box = torch.tensor([[4.0, 4.0, 20.0, 20.0]])
-        image[1, 4:20, 4:20] = label
-        return PairSample(source_a=image, source_b=image.clone(), boxes_a=box, boxes_b=box,
-                          instance_ids=torch.tensor([0]), labels=torch.tensor([label]))
 
 
 def changed(sample):

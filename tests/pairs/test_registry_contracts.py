@@ -82,7 +82,7 @@ def test_the_library_registers_the_builders_it_documents():
 def painted(name):
     if name not in PAINTED:
         pytest.fail(f"pair builder {name!r} is registered but has no painted factory in "
-                    "tests/test_registry_contracts.py PAINTED: add one so it is held to the "
+                    "tests/pairs/test_registry_contracts.py PAINTED: add one so it is held to the "
                     "correspondence contract")
     torch.manual_seed(0)
     return PAINTED[name]()

@@ -2,9 +2,9 @@
 coordinates); after TemporalPairs and ViewAugmentation the colour at a cell of view A must be the
 colour at ``grid_ab`` in view B, and cells on nodata are never valid."""
 
+import geo_fixtures as g
 import numpy as np
 import pytest
-import test_geotiff as g  # sibling test module: its GeoTIFF fixture writer
 import torch
 import torch.nn.functional as F
 from PIL import Image

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "minimal_pretrain.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "minimal_pretrain.py"
 
 
 def _load_example():

@@ -15,7 +15,7 @@ from densessl.methods import DensePretraining
 from densessl.recipe import load_recipe
 from densessl.workflows.pretraining import check_class_ids
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SAME_IMAGE = str(RECIPES / "same_image.yaml")
 
 

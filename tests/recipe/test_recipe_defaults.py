@@ -15,7 +15,7 @@ from densessl.models import cosine_momentum
 from densessl.models.split_batchnorm import SplitBatchNorm2d
 from densessl.recipe import demo_recipe_path, load_recipe, read_recipe_dict
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
 def test_every_recipe_is_found():

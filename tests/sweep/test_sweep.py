@@ -276,7 +276,7 @@ def test_sweep_yaml_is_validated(tmp_path):
 def test_shipped_sweeps_are_valid():
     from densessl.sweep import cell_recipe, load_sweep
 
-    for path in Path(__file__).parents[1].glob("recipes/sweeps/*.yaml"):
+    for path in Path(__file__).parents[2].glob("recipes/sweeps/*.yaml"):
         spec, base, _ = load_sweep(path)
         for params in expand_grid(spec.grid):
             cell_recipe(base, params, str(path))
@@ -284,7 +284,7 @@ def test_shipped_sweeps_are_valid():
 
 @pytest.mark.slow
 def test_real_tiny_cell_end_to_end(tmp_path):
-    spec = {"name": "tiny", "base": str(Path(__file__).parents[1] / "recipes/same_image.yaml"),
+    spec = {"name": "tiny", "base": str(Path(__file__).parents[2] / "recipes/same_image.yaml"),
             "set": {"train.max_steps": 2, "train.batch_size": 4, "train.num_workers": 0,
                     "data.image_size": 32, "augment.view_size": 32,
                     "data.options": {"num_images": 8}, "loss.dense.queue_size": 64,

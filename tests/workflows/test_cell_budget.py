@@ -15,7 +15,7 @@ from densessl.recipe import load_recipe
 from densessl.workflows.cell_budget import STAGES, budget_of, cell_budget
 from densessl.workflows.data_settings import resolve_data_settings
 
-RECIPES = Path(__file__).parents[1] / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 @pytest.mark.parametrize("background", ["ignore", "negative"])

@@ -11,7 +11,7 @@ import yaml
 
 from densessl.cli import main
 
-SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
+SAME_IMAGE = str(Path(__file__).parents[2] / "recipes" / "same_image.yaml")
 
 TINY = ["--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set",
         "train.num_workers=0", "--set", "data.options.num_images=8", "--set",
@@ -108,7 +108,7 @@ def test_help_lists_every_subcommand(capsys):
 def test_bf16_mixed_channels_last_run_on_cpu(tmp_path):
     """The GPU settings of issue #7 also run on a CPU: Lightning's bf16-mixed autocast and
     channels_last views, with the X-ray recipe's per-class queues and instance objective."""
-    xray = str(Path(__file__).parents[1] / "recipes" / "xray_segloc.yaml")
+    xray = str(Path(__file__).parents[2] / "recipes" / "xray_segloc.yaml")
     out = tmp_path / "bf16"
     assert main(["pretrain", xray, "--out", str(out), "--set", "train.max_steps=2",
                  "--set", "train.batch_size=4", "--set", "train.num_workers=0",

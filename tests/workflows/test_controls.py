@@ -14,7 +14,7 @@ from densessl.errors import RecipeError
 from densessl.recipe import load_recipe
 from densessl.workflows.experiment import pretraining_labels, run
 
-RECIPES = Path(__file__).parents[1] / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 SAME_IMAGE = str(RECIPES / "same_image.yaml")
 TINY = [
     "data.image_size=32", "data.options.num_images=16", "augment.view_size=32",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
+SAME_IMAGE = str(Path(__file__).parents[2] / "recipes" / "same_image.yaml")
 
 
 @pytest.mark.slow

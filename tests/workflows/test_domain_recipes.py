@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_own_data_walkthroughs import TINY, sets, write_scenes
+from geo_fixtures import write_scenes
+from helpers import WALKTHROUGH_TINY as TINY
+from helpers import set_args as sets
 
 from densessl.cli import main
 from densessl.errors import RecipeError
 from densessl.recipe import load_recipe
 from densessl.workflows.experiment import check_finetune_dataset, finetune_data_defaults
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 PIDRAY_SUBSETS = {"easy", "hard", "hidden"}
 BOX = ("box_mAP", "box_AP50", "box_AP75", "box_AR100")
 #: two inits are enough to show the structure (one pretraining), on narrow heads

@@ -12,26 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import yaml
+from geo_fixtures import write_scenes
+from helpers import WALKTHROUGH_TINY as TINY
+from helpers import set_args as sets
 from PIL import Image
-from rasterio.transform import from_origin
 
 from densessl.cli import main
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-#: shrink any walkthrough to seconds: the data, the model's budget, one seed
-TINY = ["train.max_steps=2", "train.batch_size=4", "train.num_workers=0",
-        "model.split_bn_groups=2", "data.image_size=64", "augment.view_size=48",
-        "finetune.image_size=64", "finetune.seeds=[0]", "finetune.steps=4",
-        "finetune.detection_steps=2", "finetune.supervised_steps=2", "finetune.probe_steps=30",
-        "finetune.batch_size=4", "loss.dense.queue_size=64", "loss.global.queue_size=64"]
-
-
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 # ---------------------------------------------------------------- 12-bit X-ray PNGs + COCO
 def xray_image(rng, size: int, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
     """A 12-bit X-ray in a uint16 PNG: bright air (~3900 of 4095) with darker items."""
@@ -121,41 +110,6 @@ def test_data_stats_prints_the_mean_of_the_scaled_pixels(tmp_path, capsys):
 
 
 # ------------------------------------------- 4-band uint16 GeoTIFFs + masks in another CRS
-def write_scenes(root: Path, seed: int = 0, n: int = 3, size: int = 160) -> None:
-    """``scenes/s<i>.tif``: 4-band uint16 12-bit UTM scenes with a nodata (0) border, and
-    ``masks/s<i>.tif``: class ids 0..2 in EPSG:4326 at another resolution and extent (a
-    smaller box around the scene's middle), made from band 1 so the labels follow pixels."""
-    from rasterio.warp import transform_bounds
-
-    rng = np.random.default_rng(seed)
-    (root / "scenes").mkdir(parents=True)
-    (root / "masks").mkdir(parents=True)
-    for i in range(n):
-        tf = from_origin(500000 + 5000 * i, 5000000, 10, 10)
-        field = rng.normal(size=(size // 8, size // 8)).repeat(8, 0).repeat(8, 1)
-        data = np.stack([2000 + 800 * field + rng.normal(0, 50, (size, size))
-                         for _ in range(4)]).clip(1, 4095).astype(np.uint16)
-        data[:, :6, :] = 0  # nodata border
-        with rasterio.open(root / "scenes" / f"s{i}.tif", "w", driver="GTiff", width=size,
-                           height=size, count=4, dtype="uint16", crs="EPSG:32633", transform=tf,
-                           nodata=0, tiled=True, blockxsize=64, blockysize=64,
-                           compress="deflate") as dst:
-            dst.write(data)
-        west, south, east, north = transform_bounds(
-            "EPSG:32633", "EPSG:4326", *rasterio.transform.array_bounds(size, size, tf))
-        mh = mw = size // 2
-        mtf = from_origin(west, north, (east - west) / mw, (north - south) / mh)
-        # class from the scene's own field, sampled at the mask cells' centres
-        rows = np.clip(((np.arange(mh) + 0.5) * size / mh).astype(int), 0, size - 1)
-        cols = np.clip(((np.arange(mw) + 0.5) * size / mw).astype(int), 0, size - 1)
-        classes = np.digitize(field[np.ix_(rows, cols)], [-0.5, 0.5]).astype(np.uint8)
-        with rasterio.open(root / "masks" / f"s{i}.tif", "w", driver="GTiff", width=mw,
-                           height=mh, count=1, dtype="uint8", crs="EPSG:4326",
-                           transform=mtf) as dst:
-            dst.write(classes[None])
-    (root / "classes.txt").write_text("low\nmid\nhigh\n")
-
-
 @pytest.mark.slow
 def test_geotiff_scenes_with_mask_rasters_in_another_crs(tmp_path):
     root = tmp_path / "labeled"

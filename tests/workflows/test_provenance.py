@@ -19,7 +19,7 @@ from densessl.data.manifest import (
 )
 from densessl.errors import DataError
 
-SAME_IMAGE = str(Path(__file__).parents[1] / "recipes" / "same_image.yaml")
+SAME_IMAGE = str(Path(__file__).parents[2] / "recipes" / "same_image.yaml")
 
 # file, licence, author, flags (contains_people): the synthetic example manifest
 TABLE = [

@@ -8,7 +8,7 @@ import pytest
 
 from densessl.cli import main
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @pytest.mark.parametrize("recipe, channels", [("xbd_temporal.yaml", 3),

@@ -15,7 +15,7 @@ from densessl.eval.report import aggregate, results_table
 from densessl.models import ResNetBackbone
 from densessl.workflows.experiment import CollapseWarning, collapse_message, run
 
-RECIPES = Path(__file__).parents[1] / "recipes"
+RECIPES = Path(__file__).parents[2] / "recipes"
 SAME_IMAGE = str(RECIPES / "same_image.yaml")
 
 TINY = [
