@@ -51,6 +51,7 @@ from densessl.recipe import (
     read_recipe_dict,
 )
 from densessl.sweep.report import read_results, write_results, write_summary
+from densessl.workflows.validation import validate_recipe
 
 CellFn = Callable[[dict, Path], dict[str, float]]
 
@@ -189,7 +190,7 @@ def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
             print(*args, file=log_file, flush=True)
 
     try:
-        results = run(recipe, cell_dir, log=log)
+        results = run(recipe, cell_dir, log=log, validate=False)  # run_sweep validated it
     finally:
         log_file.close()
     metrics = flatten_results(results)
@@ -345,6 +346,10 @@ def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
     ones); it must be a module-level function when ``jobs`` > 1.
     """
     spec, cells = plan(sweep, overrides)
+    source = str(sweep) if not isinstance(sweep, dict) else "<dict>"
+    for params, recipe, _ in cells:  # every cell, before anything is written or runs
+        where = f"sweep {source} cell {json.dumps(params)}"
+        validate_recipe(parse_recipe(recipe, where), where)
     out = make_folder(Path(out))
     _check_numerics(out, jobs)
     write_text(out / "sweep.yaml", yaml.safe_dump(spec.model_dump(), sort_keys=False))

@@ -45,7 +45,7 @@ from densessl.recipe import (
     read_recipe_dict,
 )
 from densessl.workflows.data_settings import inherit_data_settings, resolve_data_settings
-from densessl.workflows.validation import validate_recipe
+from densessl.workflows.validation import recipe_source, validate_recipe
 
 
 class CollapseWarning(UserWarning):
@@ -174,19 +174,23 @@ def finetune(recipe: str | Path | dict | Recipe,
              overrides: list[str] | None = None, log=print, *,
              label_free_weights: str | Path | list[str | Path] | None = None,
              control_weights: dict[str, str | Path | list[str | Path]] | None = None,
-             force: bool = False, check_dataset: bool = True) -> dict[str, Any]:
+             force: bool = False, check_dataset: bool = True,
+             validate: bool = True) -> dict[str, Any]:
     """Fine-tune each init of ``finetune.inits`` (``pretrained`` = ``weights``, ``label_free``
     = ``label_free_weights``, a control of ``finetune.controls`` = ``control_weights[name]``;
     several files = one pretraining per seed, zipped with
     ``finetune.seeds``, or all with its one seed), score the floor, and write
     ``out/results.{json,md,png}`` (``label_efficiency.png`` with several fractions) plus
     ``out/runs.json`` (every seed). Returns the results. ``finetune.path: null`` follows the
-    pretraining data (:func:`finetune_data_defaults`); ``check_dataset``: refuse / warn about
+    pretraining data (:func:`finetune_data_defaults`); ``validate=False``: the caller already
+    validated the recipe (the CLI, :func:`run`); ``check_dataset``: refuse / warn about
     scoring on the synthetic shapes (:func:`check_finetune_dataset`; ``run`` did it already)."""
     from densessl.workflows.resume import check_writable
 
+    source = recipe_source(recipe)
     recipe = load_recipe(recipe, overrides)
-    validate_recipe(recipe, pretraining=False)  # the Python API refuses what the CLI refuses
+    if validate:  # the API entry refuses what the CLI refuses; run() and the CLI checked it
+        validate_recipe(recipe, source, pretraining=False)
     if check_dataset:
         check_finetune_dataset(recipe, log)
     recipe = finetune_data_defaults(recipe)
@@ -319,7 +323,8 @@ def _pretrain_all(recipe: Recipe, folder: Path, log, overwrite: bool = False) ->
     for seed in seeds:
         where = folder if len(seeds) == 1 else folder / f"seed{seed}"
         log(f"pretraining {recipe.train.max_steps} steps, seed {seed} → {where}")
-        metrics = pretrain(recipe.model_copy(update={"seed": seed}), where, overwrite=overwrite)
+        metrics = pretrain(recipe.model_copy(update={"seed": seed}), where, overwrite=overwrite,
+                           validate=False)  # run() validated it, controls included
         final = metrics["final"]
         log(f"  loss {final.get('loss', math.nan):.4f}, feature_std "
             f"{final.get('feature_std', math.nan):.3f}, mean_cosine "
@@ -353,15 +358,17 @@ def check_start_weights(recipe: Recipe, log=print) -> None:
 
 
 def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str] | None = None,
-        log=print, overwrite: bool = False) -> dict[str, Any]:
+        log=print, overwrite: bool = False, validate: bool = True) -> dict[str, Any]:
     """Pretrain into ``out/pretrain`` (and each control, ``label_free`` or one of
     ``finetune.controls``, into ``out/pretrain_<name>``; one folder ``seed<s>`` per
     pretraining seed when there are several), then :func:`finetune` every init into
     ``out``."""
     from densessl.workflows.resume import check_writable
 
+    source = recipe_source(recipe)
     recipe = load_recipe(recipe, overrides)
-    validate_recipe(recipe)  # a bad finetune key fails now, not after pretraining
+    if validate:  # once, for every stage: a bad finetune key fails now, not after pretraining
+        validate_recipe(recipe, source)
     check_finetune_dataset(recipe, log)  # never a silent score on the synthetic shapes
     recipe = finetune_data_defaults(recipe)  # finetune.path: null follows the pretraining data
     cfg = recipe.finetune
@@ -386,4 +393,4 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
     # never gets here (it stops with an error)
     label_free = controls.pop("label_free", None)
     return finetune(recipe, weights, out, log=log, label_free_weights=label_free,
-                    control_weights=controls, force=True, check_dataset=False)
+                    control_weights=controls, force=True, check_dataset=False, validate=False)

@@ -39,7 +39,7 @@ from densessl.workflows.resume import (
     read_checkpoint,
     remove_stale_temporaries,
 )
-from densessl.workflows.validation import validate_recipe
+from densessl.workflows.validation import recipe_source, validate_recipe
 
 
 def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:
@@ -265,7 +265,8 @@ class PeriodicCheckpoint(pl.Callback):
 
 def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
              overrides: list[str] | None = None, resume: bool = False,
-             progress: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
+             progress: bool | None = None, overwrite: bool = False,
+             validate: bool = True) -> dict[str, Any]:
     """Run dense contrastive pretraining and write the outputs into ``out``.
 
     Writes ``encoder.pt`` (+ ``encoder.json`` provenance), ``metrics.json``, ``recipe.yaml``
@@ -274,10 +275,14 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     training continues from ``checkpoints/last.ckpt`` up to ``train.max_steps`` and ends where
     the uninterrupted run would have; a recipe that differs in anything but
     ``train.max_steps`` and logging keys is refused. ``out`` holding a run is refused unless
-    ``resume`` or ``overwrite``. Returns the metrics dict.
+    ``resume`` or ``overwrite``. ``validate=False``: the caller has already run
+    :func:`~densessl.workflows.validation.validate_recipe` on this recipe (the CLI, ``run``).
+    Returns the metrics dict.
     """
+    source = recipe_source(recipe)
     recipe = load_recipe(recipe, overrides)
-    validate_recipe(recipe, finetuning=False)  # the Python API refuses what the CLI refuses
+    if validate:  # the API entry refuses what the CLI refuses; callers that checked skip it
+        validate_recipe(recipe, source, finetuning=False)
     out = Path(out)
     ckpt = out / "checkpoints" / "last.ckpt"
     # Everything that can refuse runs before anything in ``out`` is written or removed.

@@ -273,6 +273,17 @@ def test_sweep_yaml_is_validated(tmp_path):
     assert not (tmp_path / "o" / "results.csv").exists()  # nothing ran
 
 
+def test_python_api_sweep_checks_every_cell_before_writing(tmp_path):
+    """run_sweep itself (not only the CLI) refuses a cell no registry can build, before the
+    output folder exists or any cell runs."""
+    spec = {**SPEC, "grid": {"pairs.builder": ["cut_paste", "bogus"]}}
+    ran = []
+    with pytest.raises(RecipeError, match="pairs.builder: unknown builder 'bogus'"):
+        run_sweep(spec, tmp_path / "out", cell_fn=lambda r, d: ran.append(d) or {},
+                  log=lambda *_: None)
+    assert not (tmp_path / "out").exists() and not ran
+
+
 def test_shipped_sweeps_are_valid():
     from densessl.sweep import cell_recipe, load_sweep
 

@@ -236,11 +236,25 @@ def test_xbd_recipe_runs_end_to_end_with_the_xview2_score(tmp_path, monkeypatch)
     assert 0.0 <= scores["xview2_score"] <= 1.0
 
 
-def test_pretraining_seeds_zip_with_probe_seeds(tmp_path):
-    """Two pretraining seeds: two encoders, the i-th probe seed on the i-th encoder."""
+def test_pretraining_seeds_zip_with_probe_seeds(tmp_path, monkeypatch):
+    """Two pretraining seeds: two encoders, the i-th probe seed on the i-th encoder. The
+    recipe is validated once, at run()'s entry, not again by each pretraining and the
+    fine-tuning it starts."""
+    from densessl.workflows import validation
+
+    calls = {"pretraining": 0, "finetuning": 0}
+    for stage in calls:
+        original = getattr(validation, f"check_{stage}")
+
+        def counting(recipe, _original=original, _stage=stage):
+            calls[_stage] += 1
+            return _original(recipe)
+
+        monkeypatch.setattr(validation, f"check_{stage}", counting)
     overrides = TINY + ["finetune.tasks=[linear_probe]", "finetune.inits=[pretrained,random]",
                         "finetune.pretrain_seeds=[3,4]", "finetune.probe_steps=3"]
     results = run(SAME_IMAGE, tmp_path, overrides=overrides, log=lambda *a: None)
+    assert calls == {"pretraining": 1, "finetuning": 1}
     for seed in (3, 4):
         assert (tmp_path / "pretrain" / f"seed{seed}" / "encoder.pt").is_file()
     a, b = (torch.load(tmp_path / "pretrain" / f"seed{s}" / "encoder.pt") for s in (3, 4))
