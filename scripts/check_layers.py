@@ -7,8 +7,8 @@ holds the ``densessl`` package (default: this repository). Every ``import`` and
 under ``if TYPE_CHECKING:``, and resolved to the most specific ``densessl`` module it names.
 
 The rule. Each module sits in one layer, named by its first component under ``densessl``
-(``densessl/data/coco.py`` is in ``data``); an import may point to its own layer or to a lower
-one, never to a higher one. From the bottom up:
+(``densessl/data/labeled/coco.py`` is in ``data``); an import may point to its own layer or
+to a lower one, never to a higher one. From the bottom up:
 
  0. ``foundation`` - the top-level helpers every layer may use: ``errors.py``, ``io.py``,
     ``contract.py`` (PairSample / SourceBatch / PairBatch), ``cells.py``, ``boxes.py``,
