@@ -127,7 +127,7 @@ def test_run_warns_exactly_when_pretraining_collapsed(tmp_path, monkeypatch, fin
     from densessl.recipe import load_recipe
     from densessl.workflows.experiment import _pretrain_all
 
-    def fake_pretrain(recipe, out, overwrite=False):
+    def fake_pretrain(recipe, out, overwrite=False, validate=True):
         return {"final": final, "pairs_per_s": 1.0, "pairs": 16, "steps": 2}
 
     monkeypatch.setattr(densessl.workflows.pretraining, "pretrain", fake_pretrain)
