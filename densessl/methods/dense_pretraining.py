@@ -304,13 +304,12 @@ class DensePretraining(pl.LightningModule):
                "dense_robust_cell_noisy_share": counts[4] / counts[5]}
         score = cells.get("slot_rank")
         if score is not None:
-            clean = keep & ~wrong
-            bins = (score.reshape(b, -1).float() * RANK_BINS).long().clamp(0, RANK_BINS - 1)
+            score, clean = score.reshape(b, -1).float(), keep & ~wrong
+            bins = (score * RANK_BINS).long().clamp(0, RANK_BINS - 1)
             onehot = F.one_hot(bins, RANK_BINS).float()  # B×n×bins: fixed shapes
             hist = torch.stack([(onehot * wrong[..., None]).sum((0, 1)),
                                 (onehot * clean[..., None]).sum((0, 1))])
-            sums = torch.stack([(score.reshape(b, -1) * wrong).sum(),
-                                (score.reshape(b, -1) * clean).sum()]).float()
+            sums = torch.stack([(score * wrong).sum(), (score * clean).sum()])
             if self.training:
                 self.robust_rank_hist += hist.to(self.robust_rank_hist)
                 self.robust_rank_sums += sums.to(self.robust_rank_sums)

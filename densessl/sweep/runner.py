@@ -154,12 +154,9 @@ def cell_recipe(base: dict, params: dict, source: str) -> dict:
                            [f"{k}={json.dumps(v)}" for k, v in params.items()])
     where = f"{source} cell {json.dumps(params)}"
     recipe = parse_recipe(data, where)
-    from densessl.eval.segmentation import check_input_size  # lazy: imports smp and torch
-
-    try:  # refused before any cell pretrains, not by smp after each cell's pretraining
-        check_input_size(recipe)
-    except RecipeError as exc:
-        raise RecipeError(f"recipe {where}: {exc}") from None
+    # every name and rule a stage would refuse (registries, options, smp's input size), before
+    # any cell pretrains: run_cell then skips run()'s own check
+    validate_recipe(recipe, where)
     return recipe.model_dump(mode="json")
 
 
@@ -190,7 +187,7 @@ def run_cell(recipe: dict, cell_dir: Path) -> dict[str, float]:
             print(*args, file=log_file, flush=True)
 
     try:
-        results = run(recipe, cell_dir, log=log, validate=False)  # run_sweep validated it
+        results = run(recipe, cell_dir, log=log, validate=False)  # plan() validated it
     finally:
         log_file.close()
     metrics = flatten_results(results)
@@ -345,11 +342,7 @@ def run_sweep(sweep: str | Path | dict, out: str | Path, jobs: int = 1,
     ``cell_fn(recipe_dict, cell_dir) -> metrics`` is the per-cell work (tests inject cheap
     ones); it must be a module-level function when ``jobs`` > 1.
     """
-    spec, cells = plan(sweep, overrides)
-    source = str(sweep) if not isinstance(sweep, dict) else "<dict>"
-    for params, recipe, _ in cells:  # every cell, before anything is written or runs
-        where = f"sweep {source} cell {json.dumps(params)}"
-        validate_recipe(parse_recipe(recipe, where), where)
+    spec, cells = plan(sweep, overrides)  # every cell validated, before anything is written
     out = make_folder(Path(out))
     _check_numerics(out, jobs)
     write_text(out / "sweep.yaml", yaml.safe_dump(spec.model_dump(), sort_keys=False))

@@ -45,7 +45,7 @@ from densessl.recipe import (
     read_recipe_dict,
 )
 from densessl.workflows.data_settings import inherit_data_settings, resolve_data_settings
-from densessl.workflows.validation import recipe_source, validate_recipe
+from densessl.workflows.validation import load_valid_recipe
 
 
 class CollapseWarning(UserWarning):
@@ -187,10 +187,9 @@ def finetune(recipe: str | Path | dict | Recipe,
     scoring on the synthetic shapes (:func:`check_finetune_dataset`; ``run`` did it already)."""
     from densessl.workflows.resume import check_writable
 
-    source = recipe_source(recipe)
-    recipe = load_recipe(recipe, overrides)
-    if validate:  # the API entry refuses what the CLI refuses; run() and the CLI checked it
-        validate_recipe(recipe, source, pretraining=False)
+    # the API entry refuses what the CLI refuses; run() and the CLI checked it already
+    recipe = load_valid_recipe(recipe, overrides, pretraining=False) if validate \
+        else load_recipe(recipe, overrides)
     if check_dataset:
         check_finetune_dataset(recipe, log)
     recipe = finetune_data_defaults(recipe)
@@ -365,10 +364,8 @@ def run(recipe: str | Path | dict | Recipe, out: str | Path, overrides: list[str
     ``out``."""
     from densessl.workflows.resume import check_writable
 
-    source = recipe_source(recipe)
-    recipe = load_recipe(recipe, overrides)
-    if validate:  # once, for every stage: a bad finetune key fails now, not after pretraining
-        validate_recipe(recipe, source)
+    # once, for every stage: a bad finetune key fails now, not after pretraining
+    recipe = load_valid_recipe(recipe, overrides) if validate else load_recipe(recipe, overrides)
     check_finetune_dataset(recipe, log)  # never a silent score on the synthetic shapes
     recipe = finetune_data_defaults(recipe)  # finetune.path: null follows the pretraining data
     cfg = recipe.finetune

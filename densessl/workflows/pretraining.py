@@ -39,7 +39,7 @@ from densessl.workflows.resume import (
     read_checkpoint,
     remove_stale_temporaries,
 )
-from densessl.workflows.validation import recipe_source, validate_recipe
+from densessl.workflows.validation import load_valid_recipe
 
 
 def make_dataloader(recipe: Recipe, builder=None, start: int = 0) -> DataLoader:
@@ -279,10 +279,9 @@ def pretrain(recipe: str | Path | dict | Recipe, out: str | Path,
     :func:`~densessl.workflows.validation.validate_recipe` on this recipe (the CLI, ``run``).
     Returns the metrics dict.
     """
-    source = recipe_source(recipe)
-    recipe = load_recipe(recipe, overrides)
-    if validate:  # the API entry refuses what the CLI refuses; callers that checked skip it
-        validate_recipe(recipe, source, finetuning=False)
+    # the API entry refuses what the CLI refuses; callers that checked already skip it
+    recipe = load_valid_recipe(recipe, overrides, finetuning=False) if validate \
+        else load_recipe(recipe, overrides)
     out = Path(out)
     ckpt = out / "checkpoints" / "last.ckpt"
     # Everything that can refuse runs before anything in ``out`` is written or removed.

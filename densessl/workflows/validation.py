@@ -35,13 +35,12 @@ def load_valid_recipe(path_or_dict, overrides: list[str] | None = None, *,
                       pretraining: bool = True, finetuning: bool = True) -> Recipe:
     """:func:`~densessl.recipe.load_recipe`, then :func:`validate_recipe`."""
     recipe = load_recipe(path_or_dict, overrides)
-    validate_recipe(recipe, recipe_source(path_or_dict), pretraining=pretraining,
+    validate_recipe(recipe, _source(path_or_dict), pretraining=pretraining,
                     finetuning=finetuning)
     return recipe
 
 
-def recipe_source(path_or_dict) -> str:
-    """How error lines name a recipe given as a path, dict or Recipe."""
+def _source(path_or_dict) -> str:
     if isinstance(path_or_dict, (str, Path)):
         return str(path_or_dict)
     return "<Recipe>" if isinstance(path_or_dict, Recipe) else "<dict>"
