@@ -252,3 +252,57 @@ WALKTHROUGH_TINY = ["train.max_steps=2", "train.batch_size=4", "train.num_worker
 def set_args(*items: str) -> list[str]:
     """``--set`` before each ``key=value``, for the CLI."""
     return [arg for item in items for arg in ("--set", item)]
+
+
+def identity_pair_batch(class_map: torch.Tensor, valid: torch.Tensor | None = None,
+                        boxes_per_image: int = 0, stride: int = 8):
+    """A PairBatch with identity correspondence on ``class_map``'s H×H grid (B×H×H, −1 = the
+    bag): random 3-channel views of H·``stride`` px, ``boxes_per_image`` fixed boxes per
+    image, nothing noisy."""
+    from densessl.contract import PairBatch
+
+    b, h = class_map.shape[0], class_map.shape[1]
+    centres = (torch.arange(h) + 0.5) / h * 2 - 1
+    gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1).expand(b, h, h, 2).clone()
+    n = b * boxes_per_image
+    boxes = torch.tensor([[8.0, 8.0, 40.0, 40.0]]).repeat(n, 1) + torch.arange(n)[:, None] % 3
+    return PairBatch(
+        view_a=torch.randn(b, 3, h * stride, h * stride),
+        view_b=torch.randn(b, 3, h * stride, h * stride),
+        grid_ab=grid, valid_ab=torch.ones(b, h, h, dtype=torch.bool) if valid is None else valid,
+        boxes_a=boxes, boxes_b=boxes.clone(),
+        box_batch=torch.arange(b).repeat_interleave(boxes_per_image),
+        box_label=torch.full((n,), -1, dtype=torch.long), instance_ids=torch.arange(n),
+        class_map_a=class_map, noisy=torch.zeros(b, dtype=torch.bool),
+        matrix_a=torch.eye(3).expand(b, 3, 3), matrix_b=torch.eye(3).expand(b, 3, 3))
+
+
+def make_sync_free(task):
+    """Set every module's ``sync_free`` (what a GPU run picks by itself); returns ``task``."""
+    for module in task.modules():
+        if hasattr(module, "sync_free"):
+            module.sync_free = True
+    return task
+
+
+def fake_step(task, batch) -> None:
+    """One momentum update, loss and backward under FakeTensorMode: any op that reads a
+    tensor value on the host raises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        task.model.update(0.99)
+        loss, _ = task.compute_losses(batch)
+        loss.backward()
+
+
+def robust_monitor_host(loss_fn):
+    """What DensePretraining.robust_detection reads of the task, with fresh run totals."""
+    from types import SimpleNamespace
+
+    from densessl.methods.monitors import RANK_BINS
+
+    return SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6),
+                           robust_rank_hist=torch.zeros(2, RANK_BINS),
+                           robust_rank_sums=torch.zeros(2))

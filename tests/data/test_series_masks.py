@@ -165,7 +165,8 @@ def test_the_temporal_dates_sweep_resolves_to_nine_valid_cells():
 
 @pytest.mark.slow
 def test_run_on_the_synthetic_series_scores_its_masks(tmp_path, one_thread):
-    from test_own_data_walkthroughs import TINY, sets
+    from helpers import WALKTHROUGH_TINY as TINY
+    from helpers import set_args as sets
 
     from densessl.cli import main
 

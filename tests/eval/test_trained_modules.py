@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from helpers import make_sync_free
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 import densessl.eval.finetune as finetune_module
@@ -336,9 +337,7 @@ def test_observing_gradients_reads_nothing_on_the_host():
                                     "roi_head_fc_dim": 32})
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
-    for module in task.modules():
-        if hasattr(module, "sync_free"):
-            module.sync_free = True
+    make_sync_free(task)
     task.compute_losses(batch)[0].backward()  # a real step first, as in training
     task.on_before_optimizer_step(None)
     assert task.trained_modules() == {"neck": ALL_FPN, "box_head": ["0", "1", "2", "3", "5"]}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import identity_grid
+from helpers import identity_grid, robust_monitor_host
 
 from densessl.errors import RecipeError
 from densessl.losses import DenseContrast, InstanceContrast
@@ -306,7 +306,7 @@ def detection(robust, batch):
     loss_fn = DenseContrast(dim=q_dense.shape[1], queue_size=0, temperature=T,
                             samples_per_image=16, enqueue_per_image=0, robust=robust)
     loss_fn(q_dense, k_dense, grid, valid)
-    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6))
+    host = robust_monitor_host(loss_fn)
     logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
                                                                    noise_mask_a=None))
     return logs["dense_robust_precision"].item(), logs["dense_robust_recall"].item()
@@ -336,7 +336,7 @@ def test_detection_counts_accumulate_over_the_run():
     loss_fn = DenseContrast(dim=16, queue_size=0, temperature=T, samples_per_image=16,
                             enqueue_per_image=0,
                             robust=RobustPositives("truncate", truncate_fraction=0.5))
-    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6))
+    host = robust_monitor_host(loss_fn)
     loss_fn(q_dense, k_dense, grid, valid)
     DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy, noise_mask_a=None))
     # second step: no pair is noisy, so the truncated cells are all clean

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import identity_grid
+from helpers import fake_step, identity_grid, make_sync_free, robust_monitor_host
 
 from densessl.errors import RecipeError
 from densessl.losses import DenseContrast, InstanceContrast, functional
@@ -122,13 +122,6 @@ def test_dense_rank_matches_brute_force(per_class, threshold):
     assert loss_fn.last_robust_cells["down"].tolist() == [float(c) for c in per_image]
 
 
-def monitor_host(loss_fn) -> SimpleNamespace:
-    """What DensePretraining.robust_detection reads of the task, with fresh run totals."""
-    return SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6),
-                           robust_rank_hist=torch.zeros(2, RANK_BINS),
-                           robust_rank_sums=torch.zeros(2))
-
-
 def auroc_loop(wrong: list[float], clean: list[float]) -> float:
     """Mann-Whitney over every (wrong, clean) pair of binned scores, ties half."""
     def binned(v):
@@ -156,7 +149,7 @@ def test_rank_score_and_its_separation_match_loops(per_class):
         wrong_scores += [fractions[i] for i in kept if i // n == 1]
         clean_scores += [fractions[i] for i in kept if i // n != 1]
         if seed == 0:
-            host = monitor_host(loss_fn)
+            host = robust_monitor_host(loss_fn)
         else:
             host.dense_loss = loss_fn
         logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
@@ -399,7 +392,7 @@ def test_rank_singles_out_the_noisy_pairs():
                             enqueue_per_image=0, robust=RobustPositives("rank",
                                                                         rank_threshold=0.2))
     loss_fn(q_dense, k_dense, identity_grid(b, h, w), valid)
-    host = monitor_host(loss_fn)
+    host = robust_monitor_host(loss_fn)
     logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
                                                                    noise_mask_a=None))
     assert logs["dense_robust_precision"].item() == 1.0
@@ -411,7 +404,6 @@ def test_rank_training_step_has_no_host_sync(queue):
     """The whole step under FakeTensorMode (as tests/methods/test_sync_free_step.py): the rank
     counts, the threshold and the monitor read no tensor value on the host."""
     from helpers import pair_batch
-    from test_sync_free_step import fake_step
 
     from densessl.bench.training import bench_recipe
 
@@ -422,9 +414,7 @@ def test_rank_training_step_has_no_host_sync(queue):
                           robust={"kind": "rank", "truncate_warmup_steps": 4}, **extra)
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
-    for module in task.modules():
-        if hasattr(module, "sync_free"):
-            module.sync_free = True
+    make_sync_free(task)
     task.compute_losses(batch)
     fake_step(task, batch)
 

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from helpers import identity_pair_batch, make_sync_free
 from lightly.utils.debug import std_of_l2_normalized
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from densessl.contract import PairBatch
 from densessl.methods import DensePretraining
 from densessl.methods.monitors import collapse_stats, dense_cells
 from densessl.models.health import collapse_message, sparse_dense_message
@@ -36,25 +36,6 @@ def tiny_recipe(**loss):
         "loss": sections,
         "train": {"batch_size": B},
     })
-
-
-def pair_batch(class_map: torch.Tensor, valid: torch.Tensor | None = None,
-               boxes_per_image: int = 0) -> PairBatch:
-    """Identity correspondence on an H×H grid; ``class_map`` B×H×H (−1 = the bag)."""
-    centres = (torch.arange(H) + 0.5) / H * 2 - 1
-    gy, gx = torch.meshgrid(centres, centres, indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1).expand(B, H, H, 2).clone()
-    n = B * boxes_per_image
-    boxes = torch.tensor([[8.0, 8.0, 40.0, 40.0]]).repeat(n, 1) + torch.arange(n)[:, None] % 3
-    return PairBatch(
-        view_a=torch.randn(B, 3, H * STRIDE, H * STRIDE),
-        view_b=torch.randn(B, 3, H * STRIDE, H * STRIDE),
-        grid_ab=grid, valid_ab=torch.ones(B, H, H, dtype=torch.bool) if valid is None else valid,
-        boxes_a=boxes, boxes_b=boxes.clone(),
-        box_batch=torch.arange(B).repeat_interleave(boxes_per_image),
-        box_label=torch.full((n,), -1, dtype=torch.long), instance_ids=torch.arange(n),
-        class_map_a=class_map, noisy=torch.zeros(B, dtype=torch.bool),
-        matrix_a=torch.eye(3).expand(B, 3, 3), matrix_b=torch.eye(3).expand(B, 3, 3))
 
 
 def stub_encoder(task: DensePretraining, dense_a: torch.Tensor) -> None:
@@ -160,7 +141,7 @@ def test_background_ignore_on_a_uniform_bag_does_not_warn():
     task = DensePretraining(tiny_recipe(
         dense={"background": "ignore", "samples_per_image": 16}))
     stub_encoder(task, dense)
-    final = train_steps(task, [pair_batch(class_map)] * 3)
+    final = train_steps(task, [identity_pair_batch(class_map)] * 3)
     # what the monitors read before: every 2nd cell of the map, mostly bag → a false alarm
     before = collapse_stats(*dense_cells(dense))
     assert collapse_message({"final": {k: float(v) for k, v in before.items()}}) is not None
@@ -179,7 +160,7 @@ def test_queries_collapsed_on_a_diverse_bag_warn():
     task = DensePretraining(tiny_recipe(
         dense={"background": "ignore", "samples_per_image": 16}))
     stub_encoder(task, dense)
-    train_steps(task, [pair_batch(class_map)] * 2)
+    train_steps(task, [identity_pair_batch(class_map)] * 2)
     before = collapse_stats(*dense_cells(dense))
     assert collapse_message({"final": {k: float(v) for k, v in before.items()}}) is None
     message = collapse_message({"final": task.final_stats()})
@@ -188,7 +169,7 @@ def test_queries_collapsed_on_a_diverse_bag_warn():
 
 def test_steps_without_queries_keep_the_last_known_values_and_never_known_is_unknown():
     torch.manual_seed(2)
-    bag_only = pair_batch(torch.full((B, H, H), -1, dtype=torch.long))
+    bag_only = identity_pair_batch(torch.full((B, H, H), -1, dtype=torch.long))
     task = DensePretraining(tiny_recipe(
         dense={"background": "ignore", "samples_per_image": 16}))
     stub_encoder(task, torch.randn(B, DIM, H, H))
@@ -196,14 +177,14 @@ def test_steps_without_queries_keep_the_last_known_values_and_never_known_is_unk
     final = task.final_stats()
     assert "mean_cosine" not in final and "feature_std" not in final
     assert collapse_message({"final": final}) is None        # unknown, not collapse
-    known = train_steps(task, [pair_batch(segments_on_a_bag())])
+    known = train_steps(task, [identity_pair_batch(segments_on_a_bag())])
     after = train_steps(task, [bag_only])
     for key in ("feature_std", "mean_cosine"):
         assert math.isfinite(float(known[key])) and float(after[key]) == float(known[key])
         assert task.final_stats()[key] == float(known[key])
     # NaN features where queries exist still read as collapse (divergence is not hidden)
     stub_encoder(task, torch.full((B, DIM, H, H), float("nan")))
-    train_steps(task, [pair_batch(segments_on_a_bag())])
+    train_steps(task, [identity_pair_batch(segments_on_a_bag())])
     assert collapse_message({"final": task.final_stats()}) is not None
 
 
@@ -217,7 +198,7 @@ def random_batches(steps: int, seed: int):
         class_map[0] = -1                                   # an image with no segment at all
         # fewer valid cells from step to step: the last step alone is not the mean
         valid = torch.rand(B, H, H, generator=gen) < 0.9 - 0.18 * step
-        batches.append(pair_batch(class_map, valid))
+        batches.append(identity_pair_batch(class_map, valid))
     return batches
 
 
@@ -296,10 +277,8 @@ def test_sparse_dense_message_prefers_the_run_mean():
 def test_monitors_of_the_objective_read_nothing_on_the_host(loss):
     torch.manual_seed(7)
     task = DensePretraining(tiny_recipe(**loss))
-    for module in task.modules():
-        if hasattr(module, "sync_free"):
-            module.sync_free = True
-    batch = pair_batch(segments_on_a_bag(), boxes_per_image=2)
+    make_sync_free(task)
+    batch = identity_pair_batch(segments_on_a_bag(), boxes_per_image=2)
     train_steps(task, [batch])   # a real step first: queues hold keys
     if task.dense_loss is None:  # instance only: the monitors read the RoI queries
         queries = task.instance_queries(batch, task.model.encode(batch.view_a, "online"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import identity_pair_batch
 
 from densessl.methods import DensePretraining
 from densessl.methods.objectives import (
@@ -101,12 +102,10 @@ class _Fixed(Objective):
 
 
 def test_step_sums_the_weighted_terms_and_logs():
-    from test_objective_monitors import pair_batch
-
     torch.manual_seed(0)
     task = DensePretraining(recipe(global_={"weight": 0}, dense={"weight": 0.5}))
     task.objectives.append(_Fixed(ObjectiveConfig(weight=0.25), task.recipe))
-    total, logs = task.compute_losses(pair_batch(torch.zeros(4, 8, 8, dtype=torch.long)))
+    total, logs = task.compute_losses(identity_pair_batch(torch.zeros(4, 8, 8, dtype=torch.long)))
     assert logs["loss_fixed"] == 2.0
     assert torch.allclose(total, 0.5 * logs["loss_dense"] + 0.25 * 2.0, atol=1e-6)
     assert torch.equal(logs["loss"], total.detach())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import pair_batch
+from helpers import fake_step, make_sync_free, pair_batch
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -40,22 +40,13 @@ CONFIGS = {
 }
 
 
-def fake_step(task: DensePretraining, batch) -> None:
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        task.model.update(0.99)
-        loss, logs = task.compute_losses(batch)
-        loss.backward()
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_training_step_has_no_host_sync(name):
     torch.manual_seed(0)
     recipe = bench_recipe("resnet18", 64, 4, **CONFIGS[name])
     batch = pair_batch(recipe, torch.device("cpu"), with_instances=True)
     task = DensePretraining(recipe)
-    for module in task.modules():
-        if hasattr(module, "sync_free"):
-            module.sync_free = True  # what a GPU run picks by itself
+    make_sync_free(task)  # what a GPU run picks by itself
     task.compute_losses(batch)  # a real step first: queues hold keys, as in training
     fake_step(task, batch)
 

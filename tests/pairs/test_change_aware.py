@@ -19,7 +19,14 @@ import pytest
 import rasterio
 import torch
 import torch.nn.functional as F
-from helpers import UniquePixels, check_noise_mask_on_view_cells, identity_grid
+from helpers import (
+    UniquePixels,
+    check_noise_mask_on_view_cells,
+    fake_step,
+    identity_grid,
+    make_sync_free,
+    robust_monitor_host,
+)
 
 from densessl.data.geotiff import GeoTiffPairs
 from densessl.data.geotiff_synth import (
@@ -394,7 +401,7 @@ def test_cell_precision_recall_against_the_true_cells():
                             enqueue_per_image=0,
                             robust=RobustPositives("truncate", truncate_fraction=fraction))
     loss_fn(q_dense, k_dense, identity_grid(b, h, w), valid)
-    host = SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6))
+    host = robust_monitor_host(loss_fn)
     logs = DensePretraining.robust_detection(host, SimpleNamespace(noisy=noisy,
                                                                    noise_mask_a=mask))
     assert logs["dense_robust_cell_precision"].item() == 1.0
@@ -416,7 +423,6 @@ def test_cell_precision_recall_against_the_true_cells():
 
 def test_step_with_pair_weights_and_noise_mask_has_no_host_sync():
     from helpers import pair_batch
-    from test_sync_free_step import fake_step
 
     from densessl.bench.training import bench_recipe
 
@@ -428,9 +434,7 @@ def test_step_with_pair_weights_and_noise_mask_has_no_host_sync():
     batch.noise_mask_a = torch.rand(batch.valid_ab.shape) > 0.5
     batch.noisy = torch.tensor([False, True, False, True])
     task = DensePretraining(recipe)
-    for module in task.modules():
-        if hasattr(module, "sync_free"):
-            module.sync_free = True
+    make_sync_free(task)
     task.compute_losses(batch)
     fake_step(task, batch)
 
