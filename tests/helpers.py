@@ -306,3 +306,13 @@ def robust_monitor_host(loss_fn):
     return SimpleNamespace(dense_loss=loss_fn, training=True, robust_counts=torch.zeros(6),
                            robust_rank_hist=torch.zeros(2, RANK_BINS),
                            robust_rank_sums=torch.zeros(2))
+
+
+def randomise_bn(module):
+    """Non-trivial BatchNorm statistics, so a buffer that was not loaded shows; returns
+    ``module``."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return module

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+from helpers import randomise_bn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from densessl.data.labeled.build import build_eval_dataset
@@ -36,14 +37,6 @@ FPN = [f"fpn.{kind}_blocks.{i}" for kind in ("inner", "layer") for i in range(4)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _randomise_bn(module):
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return module
-
-
 def _pretrain_dir(path, neck="fpn", box_head=True, upsample="centred"):
     """A pretraining output as ``densessl pretrain`` exports it (export_encoder on an encoder
     carrying the instance objective's head)."""
@@ -52,7 +45,7 @@ def _pretrain_dir(path, neck="fpn", box_head=True, upsample="centred"):
     if box_head:
         enc.instance_head = InstanceHead(FPN_DIM, out_dim=16, output_size=ROI, head="conv",
                                          fc_dim=FC)
-    _randomise_bn(enc)
+    randomise_bn(enc)
     path.mkdir(parents=True, exist_ok=True)
     export_encoder(SimpleNamespace(encoder=enc), path, {"backbone": "resnet18",
                                                         "in_channels": 3})

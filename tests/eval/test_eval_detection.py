@@ -6,8 +6,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomise_bn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -18,15 +18,6 @@ from densessl.eval.metrics import DetectionMetrics
 from densessl.models import DenseEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def _randomise_bn(module):
-    """Non-trivial BatchNorm statistics, so a buffer that was not loaded shows."""
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return module
 
 
 def _centred_up(coarse, size):
@@ -59,7 +50,7 @@ def _reference_fpn(fpn, feats, upsample):
                                                   (3, "nearest")])
 def test_backbone_and_neck_load_exactly_and_match_our_encoder(in_channels, upsample):
     torch.manual_seed(0)
-    ours = _randomise_bn(DenseEncoder("resnet18", in_channels, neck="fpn", neck_dim=32,
+    ours = randomise_bn(DenseEncoder("resnet18", in_channels, neck="fpn", neck_dim=32,
                                       fpn_upsample=upsample)).eval()
     body = build_fpn_backbone("resnet18", in_channels, 32, ours.backbone.state_dict(),
                               ours.neck.state_dict(), fpn_upsample=upsample).eval()
